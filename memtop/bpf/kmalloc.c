@@ -1,0 +1,189 @@
+// memtop kmalloc probe: per-process kmalloc counters, aggregated in the kernel.
+//
+// Reads only tracepoint arguments (args->...) and BPF helpers, never kernel struct fields:
+// BCC has no CO-RE and the host's headers may not match the running kernel.
+//
+// Interrupt context: BPF tracepoint programs cannot read the record's common_flags (the kernel stores
+// the pt_regs pointer over the first 8 bytes for BPF), so a per-CPU nesting depth is kept from the
+// irq:softirq_* and irq:irq_handler_* tracepoints; a kmalloc seen while it is non-zero is charged to
+// the [irq] row, not to whatever task happened to be interrupted.
+//
+// Tunables are set only through validated -D cflags.
+
+#ifndef MAX_PIDS
+#define MAX_PIDS 16384
+#endif
+#ifndef SAMPLE_EVERY
+#define SAMPLE_EVERY 1
+#endif
+#ifndef MAX_CALL_SITES
+#define MAX_CALL_SITES 4096
+#endif
+#ifndef TAIL_RINGBUF_PAGES
+#define TAIL_RINGBUF_PAGES 64
+#endif
+#ifndef HAVE_SOFTIRQ_TP
+#define HAVE_SOFTIRQ_TP 1
+#endif
+#ifndef HAVE_HARDIRQ_TP
+#define HAVE_HARDIRQ_TP 1
+#endif
+
+// The key under which interrupt-context allocations are counted (no real tgid is this large).
+#define IRQ_TGID 0xffffffffU
+#define SIZE_BUCKETS 64
+#define COMM_LEN 16
+
+// Indexes into `counters`.
+#define CTR_PID_MAP_FULL 0
+#define CTR_SITE_MAP_FULL 1
+#define CTR_TAIL_LOST 2
+#define CTR_SAMPLED_EVENTS 3
+#define N_COUNTERS 4
+
+struct pid_stats {
+    u64 calls;
+    u64 bytes_alloc;
+    u64 bytes_req;
+    char comm[COMM_LEN];  // set when the entry is created: names processes that exit before a tick
+};
+
+struct site_stats {
+    u64 calls;
+    u64 bytes_alloc;
+    u64 bytes_req;
+};
+
+// The drilled-in process (slot 0): its call sites and sizes are collected, and while tail_min_bytes is
+// non-zero its individual kmallocs of at least that size are sent to user space.
+struct focus_cfg {
+    u32 tgid;       // 0 = no focus
+    u32 tail_on;    // 1 = send tail events
+    u64 tail_min_bytes;
+};
+
+struct tail_event {
+    u64 ts_ns;
+    u64 call_site;
+    u64 ptr;
+    u64 bytes_req;
+    u64 bytes_alloc;
+    u64 gfp_flags;
+    s32 node;
+    u32 tid;
+};
+
+BPF_PERCPU_HASH(pid_stats, u32, struct pid_stats, MAX_PIDS);
+BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+BPF_PERCPU_ARRAY(irq_depth, u32, 1);
+BPF_ARRAY(focus, struct focus_cfg, 1);
+BPF_PERCPU_HASH(focus_sites, u64, struct site_stats, MAX_CALL_SITES);
+BPF_PERCPU_ARRAY(focus_sizes, u64, SIZE_BUCKETS);
+BPF_RINGBUF_OUTPUT(tail_events, TAIL_RINGBUF_PAGES);
+
+static __always_inline void count(int idx) {
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
+static __always_inline void irq_enter(void) {
+    int zero = 0;
+    u32 *depth = irq_depth.lookup(&zero);
+    if (depth)
+        (*depth)++;
+}
+
+static __always_inline void irq_leave(void) {
+    int zero = 0;
+    u32 *depth = irq_depth.lookup(&zero);
+    if (depth && *depth)  // saturate: we may have attached between an entry and its exit
+        (*depth)--;
+}
+
+#if HAVE_SOFTIRQ_TP
+TRACEPOINT_PROBE(irq, softirq_entry) { irq_enter(); return 0; }
+TRACEPOINT_PROBE(irq, softirq_exit) { irq_leave(); return 0; }
+#endif
+#if HAVE_HARDIRQ_TP
+TRACEPOINT_PROBE(irq, irq_handler_entry) { irq_enter(); return 0; }
+TRACEPOINT_PROBE(irq, irq_handler_exit) { irq_leave(); return 0; }
+#endif
+
+static __always_inline u32 log2_bucket(u64 v) {
+    u32 b = bpf_log2l(v);
+    return b < SIZE_BUCKETS ? b : SIZE_BUCKETS - 1;
+}
+
+TRACEPOINT_PROBE(kmem, kmalloc) {
+    int zero = 0;
+    u32 *depth = irq_depth.lookup(&zero);
+    u32 tgid;
+    if (depth && *depth) {
+        tgid = IRQ_TGID;
+    } else {
+        tgid = bpf_get_current_pid_tgid() >> 32;
+    }
+    u64 bytes_alloc = args->bytes_alloc;
+    u64 bytes_req = args->bytes_req;
+
+    // The drilled-in process: every allocation (not sampled), only while a focus is set.
+    struct focus_cfg *f = focus.lookup(&zero);
+    if (f && f->tgid != 0 && f->tgid == tgid) {
+        u64 site = args->call_site;
+        struct site_stats *s = focus_sites.lookup(&site);
+        if (!s) {
+            struct site_stats init = {};
+            focus_sites.update(&site, &init);
+            s = focus_sites.lookup(&site);
+        }
+        if (s) {
+            s->calls++;
+            s->bytes_alloc += bytes_alloc;
+            s->bytes_req += bytes_req;
+        } else {
+            count(CTR_SITE_MAP_FULL);
+        }
+        int bucket = log2_bucket(bytes_alloc);
+        u64 *h = focus_sizes.lookup(&bucket);
+        if (h)
+            (*h)++;
+        if (f->tail_on && bytes_alloc >= f->tail_min_bytes) {
+            struct tail_event ev = {};
+            ev.ts_ns = bpf_ktime_get_ns();
+            ev.call_site = site;
+            ev.ptr = (u64)args->ptr;
+            ev.bytes_req = bytes_req;
+            ev.bytes_alloc = bytes_alloc;
+            ev.gfp_flags = args->gfp_flags;
+            ev.node = args->node;
+            ev.tid = (u32)bpf_get_current_pid_tgid();
+            if (tail_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
+                count(CTR_TAIL_LOST);
+        }
+    }
+
+#if SAMPLE_EVERY > 1
+    if (bpf_get_prandom_u32() % SAMPLE_EVERY != 0)
+        return 0;
+    count(CTR_SAMPLED_EVENTS);
+#endif
+
+    struct pid_stats *st = pid_stats.lookup(&tgid);
+    if (!st) {
+        struct pid_stats init = {};
+        if (tgid != IRQ_TGID)
+            bpf_get_current_comm(&init.comm, sizeof(init.comm));
+        // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.
+        pid_stats.insert(&tgid, &init);
+        st = pid_stats.lookup(&tgid);
+        if (!st) {
+            count(CTR_PID_MAP_FULL);
+            return 0;
+        }
+    }
+    st->calls++;
+    st->bytes_alloc += bytes_alloc;
+    st->bytes_req += bytes_req;
+    return 0;
+}

@@ -1,0 +1,75 @@
+"""Which cgroup layout this host uses, and where the memory controller lives.
+
+Hosts differ: pure cgroup v2 (cgroup2 at /sys/fs/cgroup), pure v1 (one mount per controller) and the
+systemd "hybrid" mix (v1 controllers plus cgroup2 at /sys/fs/cgroup/unified, usually without the memory
+controller). Detection is a pure function of the mounts text so every layout can be tested anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+LayoutKind = Literal["v1", "v2", "hybrid", "none"]
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    kind: LayoutKind
+    v1_memory_root: str | None  # mount point of the v1 memory controller hierarchy
+    v2_root: str | None  # mount point of the cgroup2 hierarchy
+
+
+def _unescape(field: str) -> str:
+    """/proc/self/mounts escapes space, tab, newline and backslash as octal (\\040 and so on)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def detect_layout(mounts_text: str) -> CgroupLayout:
+    """Classify the cgroup layout from the text of /proc/self/mounts (or /proc/mounts)."""
+    v1_memory_root: str | None = None
+    has_v1 = False
+    v2_roots: list[str] = []
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mount_point, fstype, options = _unescape(parts[1]), parts[2], parts[3].split(",")
+        if fstype == "cgroup":
+            has_v1 = True
+            if "memory" in options and v1_memory_root is None:
+                v1_memory_root = mount_point
+        elif fstype == "cgroup2":
+            v2_roots.append(mount_point)
+
+    v2_root = CGROUP_ROOT if CGROUP_ROOT in v2_roots else (v2_roots[0] if v2_roots else None)
+    kind: LayoutKind
+    if v2_root is not None and (v2_root == CGROUP_ROOT or not has_v1):
+        kind = "v2"
+    elif v2_root is not None:
+        kind = "hybrid"
+    elif has_v1:
+        kind = "v1"
+    else:
+        kind = "none"
+    return CgroupLayout(kind=kind, v1_memory_root=v1_memory_root, v2_root=v2_root)
+
+
+def current_layout() -> CgroupLayout:
+    """The layout seen by this process (its mount namespace)."""
+    try:
+        return detect_layout(Path("/proc/self/mounts").read_text())
+    except OSError:
+        return CgroupLayout(kind="none", v1_memory_root=None, v2_root=None)
+
+
+def v2_controllers(v2_root: str) -> list[str]:
+    """Controllers enabled at the root of a cgroup2 hierarchy; empty when unreadable."""
+    try:
+        return (Path(v2_root) / "cgroup.controllers").read_text().split()
+    except OSError:
+        return []

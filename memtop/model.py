@@ -1,0 +1,87 @@
+"""Plain records passed from the probe layer upward. No bcc, no textual: just data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The key under which interrupt-context allocations are counted (see memtop/bpf/kmalloc.c).
+IRQ_TGID = 0xFFFFFFFF
+IRQ_COMM = "[irq]"
+
+
+@dataclass(frozen=True)
+class KmallocCounters:
+    """Cumulative kmalloc totals of one process since the probe started (already scaled by sampling)."""
+
+    calls: int
+    bytes_alloc: int
+    bytes_req: int
+    comm: str = ""
+
+
+@dataclass(frozen=True)
+class KmallocReading:
+    """One read of the kmalloc probe's maps."""
+
+    per_tgid: dict[int, KmallocCounters]
+    sample_every: int = 1
+    pid_map_full_drops: int = 0
+    site_map_full_drops: int = 0
+    tail_lost: int = 0
+
+
+@dataclass(frozen=True)
+class CallSite:
+    address: int
+    symbol: str
+    calls: int
+    bytes_alloc: int
+    bytes_req: int
+
+
+@dataclass(frozen=True)
+class TailEvent:
+    """One kmalloc of the drilled-in process, as sent through the ring buffer."""
+
+    time: float  # wall clock, seconds since the epoch
+    tid: int
+    call_site: str
+    bytes_req: int
+    bytes_alloc: int
+    gfp_flags: int
+    gfp_text: str
+    node: int
+    ptr: int = 0
+
+
+@dataclass(frozen=True)
+class FocusReading:
+    """Per-call-site and size data of the drilled-in process, collected only for it."""
+
+    tgid: int
+    call_sites: tuple[CallSite, ...] = ()
+    size_log2_counts: tuple[int, ...] = ()  # index b counts allocations of 2**b .. 2**(b+1)-1 bytes
+    tail: tuple[TailEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProbeStatus:
+    status: str  # "running", "disabled", "error", "replay"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What /proc says about one process at one moment."""
+
+    pid: int
+    start_time: float  # seconds since the epoch; with pid, identifies a process across PID reuse
+    comm: str = ""
+    cmdline: str = ""
+    user: str = ""
+    state: str = ""
+    rss_bytes: int | None = None
+    vms_bytes: int | None = None
+    threads: int | None = None
+    cgroup_path: str = ""
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,100 @@
+"""The Probe base: compile one BPF program from memtop/bpf/, attach it, read it, detach it."""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+from typing import Any
+
+from memtop.errors import MemtopError
+from memtop.model import ProbeStatus
+
+log = logging.getLogger(__name__)
+
+
+def bpf_source(filename: str) -> str:
+    """The text of memtop/bpf/<filename>, as shipped in the package."""
+    return (importlib.resources.files("memtop") / "bpf" / filename).read_text()
+
+
+def int_cflag(name: str, value: int, low: int, high: int) -> str:
+    """A -DNAME=value flag for a validated integer: the only way user input reaches BPF C."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise MemtopError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    if not name.isidentifier() or not name.isupper():
+        raise ValueError(f"bad macro name {name!r}")
+    return f"-D{name}={value}"
+
+
+def import_bcc() -> Any:
+    """The real BCC module (python3-bpfcc), or a one-line MemtopError saying how to get it."""
+    try:
+        import bcc
+    except ImportError as exc:
+        raise MemtopError(
+            "BCC's Python bindings are not importable (apt install python3-bpfcc, and run from a venv "
+            f"made with --system-site-packages): {exc}"
+        ) from None
+    if not hasattr(bcc, "BPF"):
+        raise MemtopError(
+            "`import bcc` found a package without bcc.BPF: probably the unrelated PyPI package 'bcc'. "
+            "pip uninstall bcc; apt install python3-bpfcc"
+        )
+    return bcc
+
+
+class Probe:
+    """One BPF program. Subclasses set `name` and `source`, build cflags, and read their maps."""
+
+    name = "probe"
+    source = ""
+
+    def __init__(self) -> None:
+        self.bpf: Any = None
+        self.status = ProbeStatus("stopped", "")
+
+    def cflags(self) -> list[str]:
+        return []
+
+    def dump(self) -> str:
+        """The exact program text and flags this probe would compile (for --dump-bpf)."""
+        return f"// {self.name}: {self.source} cflags={' '.join(self.cflags())}\n{bpf_source(self.source)}"
+
+    def start(self) -> None:
+        bcc = import_bcc()
+        text = bpf_source(self.source)
+        try:
+            self.bpf = bcc.BPF(text=text, cflags=self.cflags())
+        except Exception as exc:  # BCC raises bare Exception for compile/load/attach failures
+            self.bpf = None
+            self.status = ProbeStatus("error", _one_line(exc))
+            raise MemtopError(f"{self.name} probe failed to load: {_one_line(exc)}") from None
+        self.status = ProbeStatus("running", self.describe())
+
+    def describe(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        """Detach and unload. Safe to call twice."""
+        bpf, self.bpf = self.bpf, None
+        if bpf is not None:
+            try:
+                bpf.cleanup()
+            except Exception as exc:  # pragma: no cover - best effort during shutdown
+                log.warning("%s probe cleanup: %s", self.name, exc)
+        if self.status.status == "running":
+            self.status = ProbeStatus("stopped", "")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else exc.__class__.__name__
+
+
+def percpu_items(table: Any) -> list[tuple[int, Any]]:
+    """All (integer key, per-CPU values) of a BPF map: one batch syscall when the kernel has it."""
+    try:
+        items = list(table.items_lookup_batch())
+    except Exception:
+        items = list(table.items())
+    return [(key if isinstance(key, int) else key.value, values) for key, values in items]

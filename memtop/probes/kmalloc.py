@@ -1,0 +1,178 @@
+"""The kmalloc probe (memtop/bpf/kmalloc.c): per-process kmalloc counters, drill-down call sites, tail."""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from typing import Any
+
+from memtop import tracefs
+from memtop.errors import MemtopError
+from memtop.gfp import decode_gfp, parse_gfp_table
+from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
+from memtop.probes.base import Probe, int_cflag, percpu_items
+
+SIZE_BUCKETS = 64
+CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED = range(4)
+MAX_SAMPLE_EVERY = 1_000_000
+
+
+class _FocusCfg(ctypes.Structure):
+    _fields_ = [("tgid", ctypes.c_uint32), ("tail_on", ctypes.c_uint32), ("tail_min_bytes", ctypes.c_uint64)]
+
+
+class _TailEvent(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("call_site", ctypes.c_uint64),
+        ("ptr", ctypes.c_uint64),
+        ("bytes_req", ctypes.c_uint64),
+        ("bytes_alloc", ctypes.c_uint64),
+        ("gfp_flags", ctypes.c_uint64),
+        ("node", ctypes.c_int32),
+        ("tid", ctypes.c_uint32),
+    ]
+
+
+def _sum_percpu(values: Any, fields: tuple[str, ...]) -> list[int]:
+    totals = [0] * len(fields)
+    for cpu_value in values:
+        for i, name in enumerate(fields):
+            totals[i] += getattr(cpu_value, name)
+    return totals
+
+
+class KmallocProbe(Probe):
+    name = "kmalloc"
+    source = "kmalloc.c"
+
+    def __init__(self, sample_every: int = 1, max_pids: int = 16384, tail_max: int = 2000) -> None:
+        super().__init__()
+        self.sample_every = sample_every
+        self.max_pids = max_pids
+        self.tail_max = tail_max
+        self._tail: list[TailEvent] = []
+        self._focus_tgid = 0
+        self._gfp_table: list[tuple[int, str]] = []
+        self._boot_offset = 0.0  # wall clock minus CLOCK_MONOTONIC, for tail timestamps
+        self._symbols: dict[int, str] = {}
+        self.irq_tracking = ""
+
+    def cflags(self) -> list[str]:
+        softirq = all(tracefs.tracepoint_exists("irq", e) for e in ("softirq_entry", "softirq_exit"))
+        hardirq = all(tracefs.tracepoint_exists("irq", e) for e in ("irq_handler_entry", "irq_handler_exit"))
+        self.irq_tracking = "+".join(n for n, ok in (("softirq", softirq), ("hardirq", hardirq)) if ok) or "none"
+        return [
+            int_cflag("SAMPLE_EVERY", self.sample_every, 1, MAX_SAMPLE_EVERY),
+            int_cflag("MAX_PIDS", self.max_pids, 64, 1 << 20),
+            int_cflag("HAVE_SOFTIRQ_TP", int(softirq), 0, 1),
+            int_cflag("HAVE_HARDIRQ_TP", int(hardirq), 0, 1),
+        ]
+
+    def start(self) -> None:
+        if not tracefs.tracepoint_exists("kmem", "kmalloc"):
+            raise MemtopError("tracepoint kmem:kmalloc is missing (is tracefs mounted? run `memtop doctor`)")
+        path = tracefs.tracepoint_dir("kmem", "kmalloc")
+        try:
+            fmt = (path / "format").read_text() if path else ""
+        except OSError:
+            fmt = ""
+        self._gfp_table = parse_gfp_table(fmt)
+        self._boot_offset = time.time() - time.monotonic()
+        super().start()
+        self.bpf["tail_events"].open_ring_buffer(self._on_tail_event)
+
+    def describe(self) -> str:
+        sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
+        return f"kmem:kmalloc, {sampling}, irq split: {self.irq_tracking}"
+
+    # -- the per-process counters ------------------------------------------------------------------
+
+    def read(self) -> KmallocReading:
+        """Cumulative totals per tgid (scaled by the sampling rate) and the drop counters."""
+        per_tgid: dict[int, KmallocCounters] = {}
+        scale = self.sample_every
+        for key, values in percpu_items(self.bpf["pid_stats"]):
+            calls = bytes_alloc = bytes_req = 0
+            comm = b""
+            for v in values:
+                calls += v.calls
+                bytes_alloc += v.bytes_alloc
+                bytes_req += v.bytes_req
+                if not comm and v.comm[0:1] not in (b"", b"\0"):
+                    comm = bytes(v.comm).split(b"\0", 1)[0]
+            per_tgid[key] = KmallocCounters(
+                calls * scale, bytes_alloc * scale, bytes_req * scale, comm.decode("utf-8", "replace")
+            )
+        counters = self.bpf["counters"]
+        sums = [sum(counters.getvalue(i)) for i in range(4)]
+        return KmallocReading(
+            per_tgid=per_tgid,
+            sample_every=self.sample_every,
+            pid_map_full_drops=sums[CTR_PID_MAP_FULL],
+            site_map_full_drops=sums[CTR_SITE_MAP_FULL],
+            tail_lost=sums[CTR_TAIL_LOST],
+        )
+
+    def forget(self, tgids: list[int]) -> None:
+        """Drop the kernel entries of processes that have exited (their totals are already read)."""
+        table = self.bpf["pid_stats"]
+        for tgid in tgids:
+            try:
+                del table[table.Key(tgid)]
+            except KeyError:
+                pass
+
+    # -- the drilled-in process ------------------------------------------------------------------------
+
+    def set_focus(self, tgid: int | None, tail_min_bytes: int | None = None) -> None:
+        """Collect call sites and sizes for `tgid` only (0/None: nobody); tail its kmallocs >= min bytes."""
+        tgid = tgid or 0
+        if tgid != self._focus_tgid:
+            self.bpf["focus_sites"].clear()
+            self.bpf["focus_sizes"].clear()
+            self._tail.clear()
+        self._focus_tgid = tgid
+        cfg = _FocusCfg(tgid, int(tail_min_bytes is not None and tgid != 0), max(0, tail_min_bytes or 0))
+        self.bpf["focus"][ctypes.c_int(0)] = cfg
+
+    def read_focus(self) -> FocusReading | None:
+        if not self._focus_tgid:
+            return None
+        self.bpf.ring_buffer_consume()
+        sites = []
+        for key, values in percpu_items(self.bpf["focus_sites"]):
+            calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
+            sites.append(CallSite(key, self.symbol(key), calls, bytes_alloc, bytes_req))
+        sites.sort(key=lambda s: s.bytes_alloc, reverse=True)
+        sizes_table = self.bpf["focus_sizes"]
+        # bpf_log2l(v) is floor(log2 v) + 1: shift so that index b counts sizes in [2**b, 2**(b+1)).
+        raw = [sum(sizes_table.getvalue(i)) for i in range(SIZE_BUCKETS)]
+        sizes = tuple([raw[0] + raw[1], *raw[2:], 0])
+        return FocusReading(self._focus_tgid, tuple(sites), sizes, tuple(self._tail))
+
+    def symbol(self, address: int) -> str:
+        name = self._symbols.get(address)
+        if name is None:
+            raw = self.bpf.ksym(address, show_offset=True) if self.bpf else b"[unknown]"
+            name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            self._symbols[address] = name
+        return name
+
+    def _on_tail_event(self, _ctx: Any, data: Any, _size: int) -> None:
+        ev = ctypes.cast(data, ctypes.POINTER(_TailEvent)).contents
+        self._tail.append(
+            TailEvent(
+                time=self._boot_offset + ev.ts_ns / 1e9,
+                tid=ev.tid,
+                call_site=self.symbol(ev.call_site),
+                bytes_req=ev.bytes_req,
+                bytes_alloc=ev.bytes_alloc,
+                gfp_flags=ev.gfp_flags,
+                gfp_text=decode_gfp(ev.gfp_flags, self._gfp_table),
+                node=ev.node,
+                ptr=ev.ptr,
+            )
+        )
+        if len(self._tail) > self.tail_max:
+            del self._tail[: len(self._tail) - self.tail_max]
