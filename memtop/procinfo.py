@@ -1,0 +1,93 @@
+"""What /proc says about a process (psutil), read by the live source on each tick. Never used by views."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+
+from memtop.model import ProcInfo
+
+
+def cgroup_path(pid: int, proc_root: Path = Path("/proc")) -> str:
+    """The process's cgroup: the v1 memory controller's path if mounted, else the unified (v2) one."""
+    try:
+        text = (proc_root / str(pid) / "cgroup").read_text()
+    except OSError:
+        return ""
+    return parse_proc_cgroup(text)
+
+
+def parse_proc_cgroup(text: str) -> str:
+    unified = ""
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if "memory" in controllers.split(","):
+            return path
+        if controllers == "" and not unified:
+            unified = path
+    return unified
+
+
+class ProcReader:
+    """Reads ProcInfo for PIDs, caching psutil handles so static fields are read once per process."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[psutil.Process, ProcInfo]] = {}
+
+    def read(self, pid: int) -> ProcInfo | None:
+        """Fresh info for `pid`, or None if no such process is running now."""
+        cached = self._cache.get(pid)
+        try:
+            if cached is not None:
+                proc, static = cached
+                if not proc.is_running():  # gone, or the PID now belongs to another process
+                    del self._cache[pid]
+                    return self.read(pid)
+            else:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    static = ProcInfo(
+                        pid=pid,
+                        start_time=proc.create_time(),
+                        comm=proc.name(),
+                        cmdline=" ".join(proc.cmdline()),
+                        user=_username(proc),
+                        cgroup_path=cgroup_path(pid),
+                    )
+                self._cache[pid] = (proc, static)
+            with proc.oneshot():
+                mem = proc.memory_info()
+                return ProcInfo(
+                    pid=pid,
+                    start_time=static.start_time,
+                    comm=static.comm,
+                    cmdline=static.cmdline,
+                    user=static.user,
+                    state=proc.status(),
+                    rss_bytes=mem.rss,
+                    vms_bytes=mem.vms,
+                    threads=proc.num_threads(),
+                    cgroup_path=static.cgroup_path,
+                )
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            self._cache.pop(pid, None)
+            return None
+        except psutil.AccessDenied:
+            return None
+
+    def forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+
+
+def _username(proc: psutil.Process) -> str:
+    try:
+        return proc.username()
+    except (KeyError, psutil.Error):  # a uid with no passwd entry (common inside containers)
+        try:
+            return str(proc.uids().real)
+        except psutil.Error:
+            return ""

@@ -1,0 +1,374 @@
+"""The in-memory store: pure Python, no bcc, no textual.
+
+Rates are a pure function of (previous totals, current totals, elapsed). Each process is keyed by
+(pid, start time) so that a reused PID becomes a new row; processes that exit are kept, marked, for
+`exited_keep_s`. Every tick produces an immutable Snapshot that views and exporters read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from memtop.model import (
+    IRQ_COMM,
+    IRQ_TGID,
+    FocusReading,
+    KmallocCounters,
+    KmallocReading,
+    ProbeStatus,
+    ProcInfo,
+)
+
+HISTORY_S = 600.0  # at least ten minutes of per-process rate history
+EXITED_KEEP_S = 60.0
+
+
+@dataclass(frozen=True, order=True)
+class ProcessKey:
+    pid: int
+    start_time: float
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    t: float  # seconds since the epoch
+    kmalloc_bytes_per_s: float
+    kmalloc_calls_per_s: float
+
+
+@dataclass(frozen=True)
+class ProcessRow:
+    """One process as every view, sort key and export sees it: the field names are the vocabulary."""
+
+    pid: int
+    start_time: float
+    comm: str
+    cmdline: str = ""
+    user: str = ""
+    state: str = ""
+    cgroup_path: str = ""
+    container_id: str | None = None
+    kmalloc_bytes_per_s: float = 0.0
+    kmalloc_calls_per_s: float = 0.0
+    kmalloc_bytes: int = 0
+    kmalloc_calls: int = 0
+    kmalloc_bytes_req: int = 0
+    rss_bytes: int | None = None
+    vms_bytes: int | None = None
+    threads: int | None = None
+    exited: bool = False
+    exited_at: float | None = None
+
+    @property
+    def key(self) -> ProcessKey:
+        return ProcessKey(self.pid, self.start_time)
+
+    @property
+    def is_irq(self) -> bool:
+        return self.pid == IRQ_TGID
+
+    @property
+    def kmalloc_avg_bytes(self) -> float | None:
+        """Average bytes per allocation over the process's whole observed life."""
+        return self.kmalloc_bytes / self.kmalloc_calls if self.kmalloc_calls else None
+
+    @property
+    def kmalloc_waste_pct(self) -> float | None:
+        """Share of allocated bytes not requested (slab rounding): (alloc - req) / alloc."""
+        if not self.kmalloc_bytes:
+            return None
+        return 100.0 * max(0, self.kmalloc_bytes - self.kmalloc_bytes_req) / self.kmalloc_bytes
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    hostname: str
+    kernel: str
+    boot_time: float | None = None
+
+
+@dataclass(frozen=True)
+class FocusDetail:
+    """The drilled-in process: its history and the data collected only for it."""
+
+    key: ProcessKey
+    history: tuple[HistoryPoint, ...] = ()
+    reading: FocusReading | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float  # seconds since the epoch
+    duration_s: float  # how long the data covers (since the source started)
+    interval_s: float
+    host: HostInfo
+    probes: Mapping[str, ProbeStatus]
+    processes: tuple[ProcessRow, ...]
+    kmalloc_bytes_per_s: float = 0.0
+    kmalloc_calls_per_s: float = 0.0
+    sample_every: int = 1
+    drops: Mapping[str, int] = field(default_factory=dict)
+    focus: FocusDetail | None = None
+    histories: Mapping[ProcessKey, tuple[HistoryPoint, ...]] = field(default_factory=dict)
+    replay: bool = False
+
+    def process(self, key: ProcessKey) -> ProcessRow | None:
+        for row in self.processes:
+            if row.key == key:
+                return row
+        return None
+
+
+@dataclass
+class _ProcState:
+    row: ProcessRow
+    kernel_calls: int = 0  # the kernel's cumulative counters at the last tick (baseline for deltas)
+    kernel_bytes: int = 0
+    kernel_bytes_req: int = 0
+    history: deque[HistoryPoint] = field(default_factory=deque)
+
+
+def counter_delta(previous: int, now: int) -> int:
+    """Growth of a cumulative counter; one that went backwards (its entry was reset) counts from 0."""
+    return now - previous if now >= previous else now
+
+
+
+class Store:
+    def __init__(
+        self,
+        host: HostInfo,
+        started_at: float,
+        interval_s: float = 1.0,
+        history_s: float = HISTORY_S,
+        exited_keep_s: float = EXITED_KEEP_S,
+    ) -> None:
+        self.host = host
+        self.started_at = started_at  # wall clock when the data starts
+        self.interval_s = interval_s
+        self.history_s = history_s
+        self.exited_keep_s = exited_keep_s
+        self._states: dict[ProcessKey, _ProcState] = {}
+        self._live_key: dict[int, ProcessKey] = {}  # pid -> key of the process now holding that pid
+        self._last_tick: float = started_at
+        self._totals = (0.0, 0.0)
+        self._sample_every = 1
+        self._drops: dict[str, int] = {}
+        self.probes: dict[str, ProbeStatus] = {}
+        self.focus_key: ProcessKey | None = None
+        self._focus_reading: FocusReading | None = None
+
+    # -- ingest ---------------------------------------------------------------------------------------
+
+    def ingest(
+        self, now: float, reading: KmallocReading, procs: Mapping[int, ProcInfo | None]
+    ) -> list[int]:
+        """Apply one probe reading taken at wall time `now`.
+
+        `procs` maps each tgid in the reading to what /proc says now (None: it has exited).
+        Returns the tgids whose kernel entries can be dropped (exited, totals now kept here).
+        """
+        elapsed = now - self._last_tick
+        self._last_tick = now
+        self._sample_every = reading.sample_every
+        self._drops = {
+            "pid_map_full": reading.pid_map_full_drops,
+            "call_site_map_full": reading.site_map_full_drops,
+            "tail_lost": reading.tail_lost,
+        }
+        forget: list[int] = []
+        total_bytes = total_calls = 0.0
+        seen: set[ProcessKey] = set()
+        for tgid, counters in reading.per_tgid.items():
+            info = procs.get(tgid)
+            state = self._state_for(tgid, counters, info, now)
+            seen.add(state.row.key)
+            d_calls = counter_delta(state.kernel_calls, counters.calls)
+            d_bytes = counter_delta(state.kernel_bytes, counters.bytes_alloc)
+            d_req = counter_delta(state.kernel_bytes_req, counters.bytes_req)
+            bytes_per_s = d_bytes / elapsed if elapsed > 0 else 0.0
+            calls_per_s = d_calls / elapsed if elapsed > 0 else 0.0
+            state.kernel_calls, state.kernel_bytes = counters.calls, counters.bytes_alloc
+            state.kernel_bytes_req = counters.bytes_req
+            total_bytes += bytes_per_s
+            total_calls += calls_per_s
+            row = state.row
+            updates: dict[str, object] = {
+                "kmalloc_bytes_per_s": bytes_per_s,
+                "kmalloc_calls_per_s": calls_per_s,
+                "kmalloc_bytes": row.kmalloc_bytes + d_bytes,
+                "kmalloc_calls": row.kmalloc_calls + d_calls,
+                "kmalloc_bytes_req": row.kmalloc_bytes_req + d_req,
+            }
+            if info is not None and tgid != IRQ_TGID:
+                updates.update(_live_fields(info))
+            elif tgid != IRQ_TGID and not row.exited:
+                updates.update(exited=True, exited_at=now)
+                forget.append(tgid)
+                self._live_key.pop(tgid, None)
+            state.row = replace(row, **updates)  # type: ignore[arg-type]
+            self._append_history(state, HistoryPoint(now, bytes_per_s, calls_per_s), now)
+
+        for key, state in list(self._states.items()):
+            if key in seen:
+                continue
+            row = state.row
+            if row.exited and row.exited_at is not None and now - row.exited_at > self.exited_keep_s:
+                del self._states[key]
+                continue
+            # No kernel entry any more (forgotten after exit): no allocations this tick.
+            state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
+            self._append_history(state, HistoryPoint(now, 0.0, 0.0), now)
+        self._totals = (total_bytes, total_calls)
+        return forget
+
+    def _state_for(
+        self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float
+    ) -> _ProcState:
+        key = self._live_key.get(tgid)
+        if key is not None and info is not None and tgid != IRQ_TGID and info.start_time != key.start_time:
+            # The PID was reused: the old process exited, this is a new one (a new row).
+            old = self._states.get(key)
+            if old is not None:
+                old.row = replace(old.row, exited=True, exited_at=now, kmalloc_bytes_per_s=0.0,
+                                  kmalloc_calls_per_s=0.0)
+                new_state = self._new_state(tgid, counters, info, now)
+                # Counts the kernel had before the reuse belong to the old process.
+                new_state.kernel_calls, new_state.kernel_bytes = old.kernel_calls, old.kernel_bytes
+                new_state.kernel_bytes_req = old.kernel_bytes_req
+                return new_state
+            key = None
+        if key is not None and key in self._states:
+            return self._states[key]
+        return self._new_state(tgid, counters, info, now)
+
+    def _new_state(self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float) -> _ProcState:
+        if tgid == IRQ_TGID:
+            row = ProcessRow(pid=tgid, start_time=0.0, comm=IRQ_COMM, cmdline="allocations in interrupt context")
+        elif info is not None:
+            row = ProcessRow(pid=tgid, start_time=info.start_time, comm=info.comm or counters.comm,
+                             **_live_fields(info))
+        else:
+            # Exited before we could look: all we have is the name the kernel recorded.
+            row = ProcessRow(pid=tgid, start_time=-now, comm=counters.comm or "?")
+        state = _ProcState(row=row)
+        self._states[row.key] = state
+        if info is not None or tgid == IRQ_TGID:
+            self._live_key[tgid] = row.key
+        return state
+
+    def _append_history(self, state: _ProcState, point: HistoryPoint, now: float) -> None:
+        history = state.history
+        history.append(point)
+        horizon = now - self.history_s
+        while history and history[0].t < horizon:
+            history.popleft()
+
+    # -- other inputs ---------------------------------------------------------------------------------
+
+    def set_focus(self, key: ProcessKey | None) -> None:
+        self.focus_key = key
+        self._focus_reading = None
+
+    def set_focus_reading(self, reading: FocusReading | None) -> None:
+        self._focus_reading = reading
+
+    # -- output ---------------------------------------------------------------------------------------
+
+    def history(self, key: ProcessKey) -> tuple[HistoryPoint, ...]:
+        state = self._states.get(key)
+        return tuple(state.history) if state else ()
+
+    def snapshot(self, now: float | None = None, include_histories: bool = False) -> Snapshot:
+        now = time.time() if now is None else now
+        focus = None
+        if self.focus_key is not None:
+            focus = FocusDetail(self.focus_key, self.history(self.focus_key), self._focus_reading)
+        histories = {k: tuple(s.history) for k, s in self._states.items()} if include_histories else {}
+        return Snapshot(
+            taken_at=now,
+            duration_s=max(0.0, now - self.started_at),
+            interval_s=self.interval_s,
+            host=self.host,
+            probes=dict(self.probes),
+            processes=tuple(s.row for s in self._states.values()),
+            kmalloc_bytes_per_s=self._totals[0],
+            kmalloc_calls_per_s=self._totals[1],
+            sample_every=self._sample_every,
+            drops=dict(self._drops),
+            focus=focus,
+            histories=histories,
+        )
+
+
+def _live_fields(info: ProcInfo) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "cmdline": info.cmdline,
+        "user": info.user,
+        "state": info.state,
+        "cgroup_path": info.cgroup_path,
+        "rss_bytes": info.rss_bytes,
+        "vms_bytes": info.vms_bytes,
+        "threads": info.threads,
+    }
+    if info.comm:
+        fields["comm"] = info.comm
+    return fields
+
+
+def whole_window_rates(snapshot: Snapshot) -> Snapshot:
+    """Rates over the snapshot's whole duration (totals / duration_s), as a headless snapshot reports them."""
+    window = snapshot.duration_s
+    if window <= 0:
+        return snapshot
+    rows = tuple(
+        replace(r, kmalloc_bytes_per_s=r.kmalloc_bytes / window, kmalloc_calls_per_s=r.kmalloc_calls / window)
+        for r in snapshot.processes
+    )
+    return replace(
+        snapshot,
+        processes=rows,
+        kmalloc_bytes_per_s=sum(r.kmalloc_bytes for r in rows) / window,
+        kmalloc_calls_per_s=sum(r.kmalloc_calls for r in rows) / window,
+    )
+
+
+# -- sorting and filtering on raw values ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SortKey:
+    column: str
+    reverse: bool = True
+
+
+def _sort_value(column: str) -> Callable[[ProcessRow], tuple[int, object]]:
+    def value(row: ProcessRow) -> tuple[int, object]:
+        v = getattr(row, column)
+        if v is None:
+            return (0, 0)  # unknowns sort below every known value
+        if isinstance(v, str):
+            return (1, v.lower())
+        return (1, v)
+
+    return value
+
+
+def sort_rows(rows: Iterable[ProcessRow], sort: SortKey) -> list[ProcessRow]:
+    """Sorted on raw values; ties broken by pid so the order is stable from tick to tick."""
+    ordered = sorted(rows, key=lambda r: r.pid)
+    return sorted(ordered, key=_sort_value(sort.column), reverse=sort.reverse)
+
+
+def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
+    """Rows whose command, command line or PID contains `text` (case-insensitive); empty text keeps all."""
+    needle = text.strip().lower()
+    if not needle:
+        return list(rows)
+    return [
+        r for r in rows
+        if needle in r.comm.lower() or needle in r.cmdline.lower() or (not r.is_irq and needle in str(r.pid))
+    ]
