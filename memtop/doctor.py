@@ -50,7 +50,9 @@ def check_bcc() -> Check:
         return Check("bcc", False, f"cannot import bcc ({type(exc).__name__}: {exc})", BCC_FIX)
     where = getattr(bcc, "__file__", None) or "?"
     if not hasattr(bcc, "BPF"):
-        return Check("bcc", False, f"'bcc' at {where} is not BCC (no bcc.BPF; PyPI's bcc is unrelated)", BCC_FIX)
+        return Check(
+            "bcc", False, f"'bcc' at {where} is not BCC (no bcc.BPF; PyPI's bcc is unrelated)", BCC_FIX
+        )
     version = getattr(bcc, "__version__", "?")
     origin = "python3-bpfcc" if "/dist-packages/" in where else "not from python3-bpfcc"
     return Check("bcc", True, f"BCC {version} at {where} ({origin})", "")
@@ -73,13 +75,23 @@ def check_kernel_headers(release: str | None = None, modules_dir: Path = Path("/
     )
 
 
+def _tracefs_root() -> Path | None:
+    """tracefs_root(), but None rather than PermissionError when a non-root user cannot look inside."""
+    try:
+        return tracefs.tracefs_root()
+    except OSError:
+        return None
+
+
 def check_tracefs() -> Check:
-    root = tracefs.tracefs_root()
+    root = _tracefs_root()
     if root is not None:
         return Check("tracefs", True, f"mounted at {root}", "")
     if os.path.ismount(tracefs.CANDIDATES[0]):
         return Check("tracefs", False, f"mounted at {tracefs.CANDIDATES[0]} but not readable", "run as root")
-    return Check("tracefs", False, "not mounted", "mount -t tracefs nodev /sys/kernel/tracing (or sudo make setup)")
+    return Check(
+        "tracefs", False, "not mounted", "mount -t tracefs nodev /sys/kernel/tracing (or sudo make setup)"
+    )
 
 
 def check_btf(path: Path = Path("/sys/kernel/btf/vmlinux")) -> Check:
@@ -91,9 +103,9 @@ def check_btf(path: Path = Path("/sys/kernel/btf/vmlinux")) -> Check:
 
 def check_tracepoint(use: TracepointUse, root: Path | None = None) -> Check:
     name = f"tracepoint {use.category}:{use.event}"
-    root = root or tracefs.tracefs_root()
+    root = root or _tracefs_root()
     if root is None:
-        return Check(name, False, use.why, "tracefs is not readable: see the tracefs check", use.required)
+        return Check(name, False, use.why, "tracefs is unavailable: see the tracefs check", use.required)
     if tracefs.tracepoint_exists(use.category, use.event, root):
         return Check(name, True, use.why, "", use.required)
     return Check(name, False, use.why, "this kernel lacks the tracepoint (built without it?)", use.required)
@@ -117,9 +129,15 @@ def check_cgroups(layout: cgroups.CgroupLayout | None = None) -> Check:
 
 
 def run_checks() -> list[Check]:
-    checks: list[Callable[[], Check]] = [check_privileges, check_bcc, check_kernel_headers, check_tracefs, check_btf]
+    checks: list[Callable[[], Check]] = [
+        check_privileges,
+        check_bcc,
+        check_kernel_headers,
+        check_tracefs,
+        check_btf,
+    ]
     results = [check() for check in checks]
-    root = tracefs.tracefs_root()
+    root = _tracefs_root()
     results.extend(check_tracepoint(use, root) for use in TRACEPOINTS)
     results.append(check_cgroups())
     return results

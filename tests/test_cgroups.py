@@ -1,0 +1,67 @@
+"""detect_layout on mounts texts captured from real hosts of each kind."""
+
+from __future__ import annotations
+
+from memtop.cgroups import CgroupLayout, current_layout, detect_layout
+
+V2 = """\
+sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
+cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate,memory_recursiveprot 0 0
+none /sys/fs/bpf bpf rw,nosuid,nodev,noexec,relatime,mode=700 0 0
+"""
+
+HYBRID = """\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,relatime,name=systemd 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+"""
+
+V1 = """\
+tmpfs /sys/fs/cgroup tmpfs ro,nosuid,nodev,noexec,mode=755 0 0
+cgroup /sys/fs/cgroup/systemd cgroup rw,nosuid,nodev,noexec,relatime,xattr,name=systemd 0 0
+cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,nosuid,nodev,noexec,relatime,cpu,cpuacct 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
+"""
+
+NONE = """\
+proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
+sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
+"""
+
+
+def test_v2() -> None:
+    assert detect_layout(V2) == CgroupLayout("v2", None, "/sys/fs/cgroup")
+
+
+def test_hybrid() -> None:
+    assert detect_layout(HYBRID) == CgroupLayout("hybrid", "/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified")
+
+
+def test_v1() -> None:
+    assert detect_layout(V1) == CgroupLayout("v1", "/sys/fs/cgroup/memory", None)
+
+
+def test_none() -> None:
+    assert detect_layout(NONE) == CgroupLayout("none", None, None)
+    assert detect_layout("") == CgroupLayout("none", None, None)
+
+
+def test_v1_memory_sharing_a_hierarchy_and_escaped_mount_point() -> None:
+    text = "cgroup /cg\\040roups/mem,cpu cgroup rw,memory,cpu 0 0\n"
+    assert detect_layout(text) == CgroupLayout("v1", "/cg roups/mem,cpu", None)
+
+
+def test_memory_as_substring_of_an_option_is_not_the_memory_controller() -> None:
+    text = "cgroup /sys/fs/cgroup/x cgroup rw,name=memory_like 0 0\n"
+    assert detect_layout(text).v1_memory_root is None
+
+
+def test_cgroup2_elsewhere_without_v1_is_v2() -> None:
+    assert detect_layout("cgroup2 /mnt/cg2 cgroup2 rw 0 0\n") == CgroupLayout("v2", None, "/mnt/cg2")
+
+
+def test_current_layout_reads_this_host() -> None:
+    assert current_layout().kind in ("v1", "v2", "hybrid", "none")
