@@ -16,8 +16,11 @@ CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 def tracefs_root() -> Path | None:
     """The mounted tracefs directory, or None when tracefs is not mounted anywhere we look."""
     for root in CANDIDATES:
-        if (root / "events").is_dir():
-            return root
+        try:
+            if (root / "events").is_dir():
+                return root
+        except OSError:  # e.g. /sys/kernel/tracing is mode 0700 for non-root users
+            continue
     return None
 
 
@@ -34,7 +37,10 @@ def tracepoint_dir(category: str, event: str, root: Path | None = None) -> Path 
     if root is None:
         return None
     path = root / "events" / category / event
-    return path if path.is_dir() else None
+    try:
+        return path if path.is_dir() else None
+    except OSError:
+        return None
 
 
 def tracepoint_exists(category: str, event: str, root: Path | None = None) -> bool:

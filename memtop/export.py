@@ -1,0 +1,316 @@
+"""JSON snapshots: written by the `e` key and `memtop snapshot`, read back by `memtop --replay`.
+
+The schema is versioned (`memtop.snapshot/1`, documented in docs/snapshot-schema.md); fields are only
+ever added within a version. Files are written atomically (temp file + rename), mode 0600, and never
+through a symlink.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from memtop import format as fmt
+from memtop.errors import MemtopError
+from memtop.model import CallSite, FocusReading, ProbeStatus, TailEvent
+from memtop.store import FocusDetail, HistoryPoint, HostInfo, ProcessKey, ProcessRow, Snapshot
+
+SCHEMA = "memtop.snapshot/1"
+MAX_REPLAY_BYTES = 256 * 1024 * 1024
+
+# ProcessRow fields written for every process, in this order (the issue's required ones first).
+PROCESS_FIELDS = (
+    "pid",
+    "comm",
+    "cmdline",
+    "cgroup_path",
+    "container_id",
+    "kmalloc_bytes_per_s",
+    "kmalloc_calls_per_s",
+    "kmalloc_bytes",
+    "kmalloc_calls",
+    "rss_bytes",
+    "start_time",
+    "user",
+    "state",
+    "kmalloc_bytes_req",
+    "vms_bytes",
+    "threads",
+    "exited",
+    "exited_at",
+)
+
+
+def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
+    processes = []
+    for row in snapshot.processes:
+        item = {name: getattr(row, name) for name in PROCESS_FIELDS}
+        history = snapshot.histories.get(row.key)
+        if history:
+            item["kmalloc_history"] = [[p.t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s] for p in history]
+        processes.append(item)
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "taken_at": fmt.iso_utc(snapshot.taken_at),
+        "taken_at_epoch": snapshot.taken_at,
+        "duration_s": snapshot.duration_s,
+        "interval_s": snapshot.interval_s,
+        "host": {
+            "hostname": snapshot.host.hostname,
+            "kernel": snapshot.host.kernel,
+            "boot_time": snapshot.host.boot_time,
+        },
+        "probes": {name: {"status": p.status, "detail": p.detail} for name, p in snapshot.probes.items()},
+        "sample_every": snapshot.sample_every,
+        "kmalloc_bytes_per_s": snapshot.kmalloc_bytes_per_s,
+        "kmalloc_calls_per_s": snapshot.kmalloc_calls_per_s,
+        "drops": dict(snapshot.drops),
+        "processes": processes,
+    }
+    if snapshot.focus is not None:
+        doc["focus"] = _focus_to_dict(snapshot.focus)
+    return doc
+
+
+def _focus_to_dict(focus: FocusDetail) -> dict[str, Any]:
+    reading = focus.reading
+    return {
+        "pid": focus.key.pid,
+        "start_time": focus.key.start_time,
+        "history": [[p.t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s] for p in focus.history],
+        "call_sites": [
+            {"symbol": s.symbol, "address": s.address, "calls": s.calls, "bytes_alloc": s.bytes_alloc,
+             "bytes_req": s.bytes_req}
+            for s in (reading.call_sites if reading else ())
+        ],
+        "size_log2_counts": list(reading.size_log2_counts) if reading else [],
+        "tail": [
+            {"time": e.time, "tid": e.tid, "call_site": e.call_site, "bytes_req": e.bytes_req,
+             "bytes_alloc": e.bytes_alloc, "gfp_flags": e.gfp_flags, "gfp_text": e.gfp_text, "node": e.node}
+            for e in (reading.tail if reading else ())
+        ],
+    }
+
+
+def write_snapshot(path: str | os.PathLike[str], snapshot: Snapshot) -> Path:
+    """Write atomically with mode 0600; refuse to write through a symlink. Returns the path written."""
+    target = Path(path)
+    if target.is_symlink():
+        raise MemtopError(f"refusing to write snapshot through a symlink: {target}")
+    if target.exists() and not target.is_file():
+        raise MemtopError(f"snapshot path exists and is not a regular file: {target}")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise MemtopError(f"snapshot directory does not exist: {directory}")
+    text = json.dumps(snapshot_to_dict(snapshot), indent=1, allow_nan=False, default=_json_default)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)  # mode 0600
+    except OSError as exc:
+        raise MemtopError(f"cannot write snapshot in {directory}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, target)  # rename replaces a link itself, never writes through it
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise MemtopError(f"cannot write snapshot {target}: {exc.strerror}") from None
+    return target
+
+
+def _json_default(value: Any) -> Any:
+    raise TypeError(f"not JSON-serializable: {type(value).__name__}")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+
+def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
+    """Load a snapshot file for replay; every problem becomes a one-line MemtopError."""
+    source = Path(path)
+    try:
+        if source.stat().st_size > MAX_REPLAY_BYTES:
+            raise MemtopError(f"replay file is too large (over {MAX_REPLAY_BYTES >> 20} MiB): {source}")
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MemtopError(f"replay file not found: {source}") from None
+    except IsADirectoryError:
+        raise MemtopError(f"replay file is a directory: {source}") from None
+    except PermissionError:
+        raise MemtopError(f"replay file is not readable (permission denied): {source}") from None
+    except UnicodeDecodeError:
+        raise MemtopError(f"replay file is not UTF-8 JSON: {source}") from None
+    except OSError as exc:
+        raise MemtopError(f"cannot read replay file {source}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MemtopError(f"replay file is not valid JSON ({exc.msg} at line {exc.lineno}): {source}") from None
+    try:
+        return snapshot_from_dict(doc)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MemtopError(f"replay file {source} does not match {SCHEMA}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
+    return str(exc)
+
+
+def _num(value: Any, name: str, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"field {name!r} must be a number, got {value!r}")
+    return value
+
+
+def _int(value: Any, name: str, optional: bool = False) -> int | None:
+    number = _num(value, name, optional)
+    return None if number is None else int(number)
+
+
+def _str(value: Any, name: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string, got {value!r}")
+    return value
+
+
+def snapshot_from_dict(doc: Any) -> Snapshot:
+    if not isinstance(doc, Mapping):
+        raise ValueError("top level is not a JSON object")
+    schema = doc.get("schema")
+    if schema != SCHEMA:
+        raise ValueError(f"schema is {schema!r}, expected {SCHEMA!r}")
+    host = doc["host"]
+    if not isinstance(host, Mapping):
+        raise ValueError("field 'host' must be an object")
+    taken_at = _num(doc.get("taken_at_epoch"), "taken_at_epoch", optional=True)
+    if taken_at is None:
+        taken_at = _parse_iso(_str(doc["taken_at"], "taken_at") or "")
+    processes = doc["processes"]
+    if not isinstance(processes, list):
+        raise ValueError("field 'processes' must be a list")
+    rows = []
+    histories: dict[ProcessKey, tuple[HistoryPoint, ...]] = {}
+    for i, item in enumerate(processes):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"processes[{i}] is not an object")
+        row = _row_from_dict(item, i)
+        rows.append(row)
+        if "kmalloc_history" in item:
+            histories[row.key] = _history(item["kmalloc_history"], f"processes[{i}].kmalloc_history")
+    probes_doc = doc.get("probes", {})
+    if not isinstance(probes_doc, Mapping):
+        raise ValueError("field 'probes' must be an object")
+    probes = {
+        str(name): ProbeStatus(str(p.get("status", "")), str(p.get("detail", "")))
+        for name, p in probes_doc.items()
+        if isinstance(p, Mapping)
+    }
+    drops = doc.get("drops", {})
+    return Snapshot(
+        taken_at=float(taken_at),
+        duration_s=float(_num(doc["duration_s"], "duration_s") or 0.0),
+        interval_s=float(_num(doc.get("interval_s", 1.0), "interval_s") or 1.0),
+        host=HostInfo(
+            hostname=_str(host["hostname"], "host.hostname") or "",
+            kernel=_str(host["kernel"], "host.kernel") or "",
+            boot_time=_num(host.get("boot_time"), "host.boot_time", optional=True),
+        ),
+        probes=probes,
+        processes=tuple(rows),
+        kmalloc_bytes_per_s=float(_num(doc.get("kmalloc_bytes_per_s", 0), "kmalloc_bytes_per_s") or 0.0),
+        kmalloc_calls_per_s=float(_num(doc.get("kmalloc_calls_per_s", 0), "kmalloc_calls_per_s") or 0.0),
+        sample_every=_int(doc.get("sample_every", 1), "sample_every") or 1,
+        drops={str(k): _int(v, f"drops.{k}") or 0 for k, v in drops.items()} if isinstance(drops, Mapping) else {},
+        focus=_focus_from_dict(doc["focus"]) if isinstance(doc.get("focus"), Mapping) else None,
+        histories=histories,
+        replay=True,
+    )
+
+
+def _row_from_dict(item: Mapping[str, Any], i: int) -> ProcessRow:
+    where = f"processes[{i}]"
+    return ProcessRow(
+        pid=_int(item["pid"], f"{where}.pid") or 0,
+        start_time=float(_num(item.get("start_time", 0.0), f"{where}.start_time") or 0.0),
+        comm=_str(item["comm"], f"{where}.comm") or "",
+        cmdline=_str(item.get("cmdline", ""), f"{where}.cmdline") or "",
+        user=_str(item.get("user", ""), f"{where}.user") or "",
+        state=_str(item.get("state", ""), f"{where}.state") or "",
+        cgroup_path=_str(item.get("cgroup_path", ""), f"{where}.cgroup_path") or "",
+        container_id=_str(item.get("container_id"), f"{where}.container_id", optional=True),
+        kmalloc_bytes_per_s=float(_num(item["kmalloc_bytes_per_s"], f"{where}.kmalloc_bytes_per_s") or 0.0),
+        kmalloc_calls_per_s=float(_num(item["kmalloc_calls_per_s"], f"{where}.kmalloc_calls_per_s") or 0.0),
+        kmalloc_bytes=_int(item["kmalloc_bytes"], f"{where}.kmalloc_bytes") or 0,
+        kmalloc_calls=_int(item["kmalloc_calls"], f"{where}.kmalloc_calls") or 0,
+        kmalloc_bytes_req=_int(item.get("kmalloc_bytes_req", 0), f"{where}.kmalloc_bytes_req") or 0,
+        rss_bytes=_int(item.get("rss_bytes"), f"{where}.rss_bytes", optional=True),
+        vms_bytes=_int(item.get("vms_bytes"), f"{where}.vms_bytes", optional=True),
+        threads=_int(item.get("threads"), f"{where}.threads", optional=True),
+        exited=bool(item.get("exited", False)),
+        exited_at=_num(item.get("exited_at"), f"{where}.exited_at", optional=True),
+    )
+
+
+def _history(value: Any, where: str) -> tuple[HistoryPoint, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a list")
+    points = []
+    for point in value:
+        if not isinstance(point, list) or len(point) != 3:
+            raise ValueError(f"{where} entries must be [time, bytes_per_s, calls_per_s]")
+        t, b, c = (float(_num(x, where) or 0.0) for x in point)
+        points.append(HistoryPoint(t, b, c))
+    return tuple(points)
+
+
+def _focus_from_dict(doc: Mapping[str, Any]) -> FocusDetail:
+    key = ProcessKey(_int(doc["pid"], "focus.pid") or 0, float(_num(doc.get("start_time", 0.0), "focus") or 0))
+    sites = tuple(
+        CallSite(
+            address=_int(s.get("address", 0), "focus.call_sites.address") or 0,
+            symbol=_str(s["symbol"], "focus.call_sites.symbol") or "",
+            calls=_int(s["calls"], "focus.call_sites.calls") or 0,
+            bytes_alloc=_int(s["bytes_alloc"], "focus.call_sites.bytes_alloc") or 0,
+            bytes_req=_int(s.get("bytes_req", 0), "focus.call_sites.bytes_req") or 0,
+        )
+        for s in doc.get("call_sites", [])
+    )
+    tail = tuple(
+        TailEvent(
+            time=float(_num(e["time"], "focus.tail.time") or 0.0),
+            tid=_int(e.get("tid", 0), "focus.tail.tid") or 0,
+            call_site=_str(e.get("call_site", ""), "focus.tail.call_site") or "",
+            bytes_req=_int(e["bytes_req"], "focus.tail.bytes_req") or 0,
+            bytes_alloc=_int(e["bytes_alloc"], "focus.tail.bytes_alloc") or 0,
+            gfp_flags=_int(e.get("gfp_flags", 0), "focus.tail.gfp_flags") or 0,
+            gfp_text=_str(e.get("gfp_text", ""), "focus.tail.gfp_text") or "",
+            node=_int(e.get("node", -1), "focus.tail.node") or 0,
+        )
+        for e in doc.get("tail", [])
+    )
+    sizes = tuple(_int(c, "focus.size_log2_counts") or 0 for c in doc.get("size_log2_counts", []))
+    reading = FocusReading(key.pid, sites, sizes, tail)
+    return FocusDetail(key, _history(doc.get("history", []), "focus.history"), reading)
+
+
+def _parse_iso(text: str) -> float:
+    import datetime as dt
+
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise ValueError(f"field 'taken_at' is not an ISO 8601 time: {text!r}") from None
