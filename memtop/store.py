@@ -249,8 +249,9 @@ class Store:
         if tgid == IRQ_TGID:
             row = ProcessRow(pid=tgid, start_time=0.0, comm=IRQ_COMM, cmdline="allocations in interrupt context")
         elif info is not None:
-            row = ProcessRow(pid=tgid, start_time=info.start_time, comm=info.comm or counters.comm,
-                             **_live_fields(info))
+            fields = _live_fields(info)
+            fields.setdefault("comm", counters.comm or "?")
+            row = ProcessRow(pid=tgid, start_time=info.start_time, **fields)  # type: ignore[arg-type]
         else:
             # Exited before we could look: all we have is the name the kernel recorded.
             row = ProcessRow(pid=tgid, start_time=-now, comm=counters.comm or "?")

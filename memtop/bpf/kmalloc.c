@@ -25,6 +25,9 @@
 #ifndef HAVE_SOFTIRQ_TP
 #define HAVE_SOFTIRQ_TP 1
 #endif
+#ifndef HAVE_EXEC_TP
+#define HAVE_EXEC_TP 1
+#endif
 #ifndef HAVE_HARDIRQ_TP
 #define HAVE_HARDIRQ_TP 1
 #endif
@@ -45,7 +48,12 @@ struct pid_stats {
     u64 calls;
     u64 bytes_alloc;
     u64 bytes_req;
-    char comm[COMM_LEN];  // set when the entry is created: names processes that exit before a tick
+};
+
+// Process names, set when a process's first kmalloc is counted and refreshed on exec: they name
+// processes that exit before the next tick (a fork's first kmalloc still carries the parent's name).
+struct comm_t {
+    char comm[COMM_LEN];
 };
 
 struct site_stats {
@@ -74,6 +82,7 @@ struct tail_event {
 };
 
 BPF_PERCPU_HASH(pid_stats, u32, struct pid_stats, MAX_PIDS);
+BPF_HASH(comms, u32, struct comm_t, MAX_PIDS);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 BPF_PERCPU_ARRAY(irq_depth, u32, 1);
 BPF_ARRAY(focus, struct focus_cfg, 1);
@@ -108,6 +117,16 @@ TRACEPOINT_PROBE(irq, softirq_exit) { irq_leave(); return 0; }
 #if HAVE_HARDIRQ_TP
 TRACEPOINT_PROBE(irq, irq_handler_entry) { irq_enter(); return 0; }
 TRACEPOINT_PROBE(irq, irq_handler_exit) { irq_leave(); return 0; }
+#endif
+
+#if HAVE_EXEC_TP
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct comm_t *c = comms.lookup(&tgid);
+    if (c)
+        bpf_get_current_comm(&c->comm, sizeof(c->comm));
+    return 0;
+}
 #endif
 
 static __always_inline u32 log2_bucket(u64 v) {
@@ -172,8 +191,11 @@ TRACEPOINT_PROBE(kmem, kmalloc) {
     struct pid_stats *st = pid_stats.lookup(&tgid);
     if (!st) {
         struct pid_stats init = {};
-        if (tgid != IRQ_TGID)
-            bpf_get_current_comm(&init.comm, sizeof(init.comm));
+        if (tgid != IRQ_TGID) {
+            struct comm_t c = {};
+            bpf_get_current_comm(&c.comm, sizeof(c.comm));
+            comms.update(&tgid, &c);
+        }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.
         pid_stats.insert(&tgid, &init);
         st = pid_stats.lookup(&tgid);

@@ -21,6 +21,7 @@ class TracepointUse:
 # stops live mode with a one-line error.
 TRACEPOINTS: tuple[TracepointUse, ...] = (
     TracepointUse("kmem", "kmalloc", True, "kmalloc rates per process"),
+    TracepointUse("sched", "sched_process_exec", False, "naming short-lived processes after exec"),
     TracepointUse("irq", "softirq_entry", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "softirq_exit", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "irq_handler_entry", False, "separating hardirq allocations into [irq]"),

@@ -67,6 +67,7 @@ class KmallocProbe(Probe):
             int_cflag("MAX_PIDS", self.max_pids, 64, 1 << 20),
             int_cflag("HAVE_SOFTIRQ_TP", int(softirq), 0, 1),
             int_cflag("HAVE_HARDIRQ_TP", int(hardirq), 0, 1),
+            int_cflag("HAVE_EXEC_TP", int(tracefs.tracepoint_exists("sched", "sched_process_exec")), 0, 1),
         ]
 
     def start(self) -> None:
@@ -92,18 +93,13 @@ class KmallocProbe(Probe):
         """Cumulative totals per tgid (scaled by the sampling rate) and the drop counters."""
         per_tgid: dict[int, KmallocCounters] = {}
         scale = self.sample_every
+        comms = {
+            (k if isinstance(k, int) else k.value): bytes(v.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+            for k, v in self.bpf["comms"].items()
+        }
         for key, values in percpu_items(self.bpf["pid_stats"]):
-            calls = bytes_alloc = bytes_req = 0
-            comm = b""
-            for v in values:
-                calls += v.calls
-                bytes_alloc += v.bytes_alloc
-                bytes_req += v.bytes_req
-                if not comm and v.comm[0:1] not in (b"", b"\0"):
-                    comm = bytes(v.comm).split(b"\0", 1)[0]
-            per_tgid[key] = KmallocCounters(
-                calls * scale, bytes_alloc * scale, bytes_req * scale, comm.decode("utf-8", "replace")
-            )
+            calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
+            per_tgid[key] = KmallocCounters(calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, ""))
         counters = self.bpf["counters"]
         sums = [sum(counters.getvalue(i)) for i in range(4)]
         return KmallocReading(
@@ -116,12 +112,13 @@ class KmallocProbe(Probe):
 
     def forget(self, tgids: list[int]) -> None:
         """Drop the kernel entries of processes that have exited (their totals are already read)."""
-        table = self.bpf["pid_stats"]
-        for tgid in tgids:
-            try:
-                del table[table.Key(tgid)]
-            except KeyError:
-                pass
+        for name in ("pid_stats", "comms"):
+            table = self.bpf[name]
+            for tgid in tgids:
+                try:
+                    del table[table.Key(tgid)]
+                except KeyError:
+                    pass
 
     # -- the drilled-in process ------------------------------------------------------------------------
 

@@ -1,0 +1,209 @@
+"""Command line: argparse -> validated Config; subcommands; preflight checks with one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from memtop import __version__, tracefs
+from memtop.config import MAX_DURATION_S, MAX_INTERVAL_S, MAX_SAMPLE_EVERY, MIN_INTERVAL_S, Config
+from memtop.errors import MemtopError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _float_in(low: float, high: float, what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, got {text!r}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low:g} and {high:g} seconds, got {text!r}")
+        return value
+
+    return parse
+
+
+def _int_in(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--interval", type=_float_in(MIN_INTERVAL_S, MAX_INTERVAL_S, "--interval"),
+                        default=1.0, metavar="SECONDS", help="refresh interval (default 1)")
+    parser.add_argument("--sample", type=_int_in(1, MAX_SAMPLE_EVERY, "--sample"), default=1, metavar="N",
+                        help="count 1 in N kmallocs per process and scale up (estimates; default 1 = all)")
+    parser.add_argument("--max-pids", type=_int_in(64, 1 << 20, "--max-pids"), default=16384, metavar="N",
+                        help="bound of the kernel's per-process map; overflow is counted as drops")
+    parser.add_argument("--tail-min-bytes", type=_int_in(0, 1 << 40, "--tail-min-bytes"), default=0,
+                        metavar="BYTES", help="drill-down tail shows only kmallocs of at least this size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="memtop", description="A top-like view of kernel memory allocations (eBPF).")
+    parser.add_argument("--version", action="version", version=f"memtop {__version__}")
+    _common(parser)
+    parser.add_argument("--replay", type=Path, metavar="FILE", help="open a snapshot file (no root needed)")
+    parser.add_argument("--dump-bpf", action="store_true", help="print the BPF programs and cflags, then exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    sub.add_parser("tui", help="the live dashboard (the default)")
+    snap = sub.add_parser("snapshot", help="collect for a while without the UI and write a JSON snapshot")
+    _common(snap)
+    snap.add_argument("-d", "--duration", type=_float_in(0.1, MAX_DURATION_S, "--duration"), default=5.0,
+                      metavar="SECONDS", help="how long to collect (default 5)")
+    snap.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write")
+    snap.add_argument("--pid", type=_int_in(1, 1 << 22, "--pid"), metavar="PID",
+                      help="also collect call sites, sizes and a tail for this process")
+    sub.add_parser("doctor", help="check this host for everything memtop needs")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        interval_s=args.interval,
+        sample_every=args.sample,
+        max_pids=args.max_pids,
+        tail_min_bytes=args.tail_min_bytes,
+        replay=getattr(args, "replay", None),
+        focus_pid=getattr(args, "pid", None),
+        duration_s=getattr(args, "duration", 5.0),
+        output=getattr(args, "output", None),
+    )
+
+
+def preflight_live() -> None:
+    """What live mode needs, checked up front so each failure is one clear line."""
+    if not tracefs.is_root_or_capable():
+        raise MemtopError("live mode needs root (or CAP_BPF and CAP_PERFMON): run `sudo memtop`, "
+                          "or open a snapshot with `memtop --replay FILE`")
+    from memtop.probes.base import import_bcc
+
+    import_bcc()
+    if tracefs.tracefs_root() is None:
+        raise MemtopError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing "
+                          "(or run `make setup`)")
+    from memtop.probes import TRACEPOINTS
+
+    for tp in TRACEPOINTS:
+        if tp.required and not tracefs.tracepoint_exists(tp.category, tp.event):
+            raise MemtopError(f"tracepoint {tp.category}:{tp.event} is missing on this kernel "
+                              f"(needed for {tp.why}); see `memtop doctor`")
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
+def run_snapshot(config: Config) -> int:
+    from memtop.export import write_snapshot
+    from memtop.sources import LiveSource
+    from memtop.store import ProcessKey, whole_window_rates
+
+    assert config.output is not None
+    preflight_live()
+    source = LiveSource(config)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        source.start()
+        if config.focus_pid is not None:
+            from memtop.procinfo import ProcReader
+
+            info = ProcReader().read(config.focus_pid)
+            if info is None:
+                raise MemtopError(f"no process with PID {config.focus_pid}")
+            source.set_focus(ProcessKey(config.focus_pid, info.start_time))
+        deadline = time.monotonic() + config.duration_s
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(config.interval_s, left))
+            source.tick()
+        snapshot = whole_window_rates(source.tick(include_histories=True))
+    except _Terminated:
+        print("memtop: terminated; probes detached, no snapshot written", file=sys.stderr)
+        return 143
+    finally:
+        source.close()
+        signal.signal(signal.SIGTERM, previous)
+    path = write_snapshot(config.output, snapshot)
+    print(f"memtop: wrote {path} ({len(snapshot.processes)} processes over {snapshot.duration_s:.1f}s)",
+          file=sys.stderr)
+    return 0
+
+
+def run_tui(config: Config) -> int:
+    from memtop.sources import LiveSource, ReplaySource, Source
+
+    source: Source
+    if config.replay is not None:
+        source = ReplaySource(config.replay)
+    else:
+        preflight_live()
+        live = LiveSource(config)
+        live.start()
+        source = live
+    try:
+        from memtop.app import MemtopApp
+
+        MemtopApp(source, config).run()
+    finally:
+        source.close()
+    return 0
+
+
+def dump_bpf(config: Config) -> int:
+    from memtop.probes.kmalloc import KmallocProbe
+
+    print(KmallocProbe(sample_every=config.sample_every, max_pids=config.max_pids).dump())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    try:
+        if args.command == "doctor":
+            from memtop.doctor import run_doctor
+
+            return run_doctor(sys.stdout)
+        if args.dump_bpf:
+            return dump_bpf(config)
+        if args.command == "snapshot":
+            return run_snapshot(config)
+        return run_tui(config)
+    except MemtopError as exc:
+        print(f"memtop: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
+        if os.environ.get("MEMTOP_DEBUG"):
+            raise
+        print(f"memtop: internal error: {exc.__class__.__name__}: {exc} (MEMTOP_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 70

@@ -1,0 +1,23 @@
+"""Validated options, as frozen dataclasses: everything downstream trusts these values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+MIN_INTERVAL_S = 0.1
+MAX_INTERVAL_S = 3600.0
+MAX_SAMPLE_EVERY = 1_000_000
+MAX_DURATION_S = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class Config:
+    interval_s: float = 1.0
+    sample_every: int = 1  # 1-in-N kmalloc sampling for the per-process counters
+    max_pids: int = 16384  # bound of the kernel's per-process map
+    tail_min_bytes: int = 0  # drill-down tail: only kmallocs of at least this many bytes
+    replay: Path | None = None
+    focus_pid: int | None = None  # headless snapshot: collect call sites etc. for this process
+    duration_s: float = 5.0  # headless snapshot window
+    output: Path | None = None

@@ -1,0 +1,142 @@
+"""Sources of Snapshots: LiveSource (probes on this kernel) and ReplaySource (a snapshot file).
+
+The UI and the headless exporter only ever call tick(), set_focus() and close(); they cannot tell
+which source they have, which is how the UI is tested without root.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+
+from memtop.config import Config
+from memtop.errors import MemtopError
+from memtop.export import read_snapshot
+from memtop.model import IRQ_TGID, ProbeStatus
+from memtop.store import HostInfo, ProcessKey, Snapshot, Store
+
+
+class Source(Protocol):
+    live: bool
+
+    def tick(self, include_histories: bool = False) -> Snapshot: ...
+
+    def set_focus(self, key: ProcessKey | None) -> None: ...
+
+    def set_interval(self, interval_s: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def host_info() -> HostInfo:
+    try:
+        boot: float | None = psutil.boot_time()
+    except (OSError, RuntimeError):
+        boot = None
+    return HostInfo(hostname=socket.gethostname(), kernel=platform.release(), boot_time=boot)
+
+
+class LiveSource:
+    """Probes on the running kernel, read on every tick. Thread-safe: the UI sets focus from its thread."""
+
+    live = True
+
+    def __init__(self, config: Config) -> None:
+        from memtop.probes.kmalloc import KmallocProbe  # the probe layer is the only one importing bcc
+        from memtop.procinfo import ProcReader
+
+        self.config = config
+        self.kmalloc = KmallocProbe(sample_every=config.sample_every, max_pids=config.max_pids)
+        self.probes = [self.kmalloc]
+        self.procs = ProcReader()
+        self.store = Store(host_info(), started_at=time.time(), interval_s=config.interval_s)
+        self._lock = threading.Lock()
+        self._focus: ProcessKey | None = None
+
+    def start(self) -> None:
+        """Start every probe; one that fails is marked with its reason. Raises if none could start."""
+        errors = []
+        for probe in self.probes:
+            try:
+                probe.start()
+            except MemtopError as exc:
+                probe.status = ProbeStatus("error", str(exc))
+                errors.append(str(exc))
+            self.store.probes[probe.name] = probe.status
+        if not any(p.status.status == "running" for p in self.probes):
+            self.close()
+            raise MemtopError("; ".join(errors) or "no probe could start")
+        self.store.started_at = time.time()
+
+    def tick(self, include_histories: bool = False) -> Snapshot:
+        with self._lock:
+            now = time.time()
+            reading = self.kmalloc.read()
+            procs = {
+                tgid: None if tgid == IRQ_TGID else self.procs.read(tgid) for tgid in reading.per_tgid
+            }
+            forget = self.store.ingest(now, reading, procs)
+            self.kmalloc.forget(forget)
+            for pid in forget:
+                self.procs.forget(pid)
+            if self._focus is not None:
+                self.store.set_focus_reading(self.kmalloc.read_focus())
+            for probe in self.probes:
+                self.store.probes[probe.name] = probe.status
+            return self.store.snapshot(now, include_histories=include_histories)
+
+    def set_focus(self, key: ProcessKey | None) -> None:
+        with self._lock:
+            self._focus = key
+            pid = key.pid if key is not None and key.pid != IRQ_TGID else None
+            if self.kmalloc.bpf is not None:
+                self.kmalloc.set_focus(pid, self.config.tail_min_bytes if pid else None)
+            self.store.set_focus(key)
+
+    def set_interval(self, interval_s: float) -> None:
+        self.store.interval_s = interval_s
+
+    def close(self) -> None:
+        """Detach every probe (safe to call more than once)."""
+        with self._lock:
+            for probe in self.probes:
+                probe.close()
+
+
+class ReplaySource:
+    """A snapshot file, shown as it was taken: paused, marked as replay."""
+
+    live = False
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.snapshot = read_snapshot(path)
+        self._focus: ProcessKey | None = None
+
+    def tick(self, include_histories: bool = False) -> Snapshot:
+        snap = self.snapshot
+        focus = None
+        if self._focus is not None:
+            if snap.focus is not None and snap.focus.key.pid == self._focus.pid:
+                focus = replace(snap.focus, key=self._focus)
+            else:
+                from memtop.store import FocusDetail
+
+                focus = FocusDetail(self._focus, snap.histories.get(self._focus, ()), None)
+        return replace(snap, focus=focus)
+
+    def set_focus(self, key: ProcessKey | None) -> None:
+        self._focus = key
+
+    def set_interval(self, interval_s: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
