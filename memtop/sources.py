@@ -103,6 +103,13 @@ class LiveSource:
     def set_interval(self, interval_s: float) -> None:
         self.store.interval_s = interval_s
 
+    def set_tail_min_bytes(self, min_bytes: int) -> None:
+        with self._lock:
+            self.config = replace(self.config, tail_min_bytes=min_bytes)
+            pid = self._focus.pid if self._focus is not None and self._focus.pid != IRQ_TGID else None
+            if pid and self.kmalloc.bpf is not None:
+                self.kmalloc.set_focus(pid, min_bytes)
+
     def close(self) -> None:
         """Detach every probe (safe to call more than once)."""
         with self._lock:

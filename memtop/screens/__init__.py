@@ -1,0 +1,1 @@
+"""Textual screens. They receive Snapshots (apply_snapshot) and never do I/O themselves."""

@@ -1,0 +1,58 @@
+"""The help screen: every key, generated from the bindings so it cannot fall out of date."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+# Keys handled by name rather than through a visible binding, described for the help screen.
+EXTRA_KEYS: tuple[tuple[str, str], ...] = (
+    ("↑ ↓ PgUp PgDn Home End", "move in the table"),
+    ("Enter", "drill into the selected process"),
+    ("Esc", "back / clear the filter"),
+)
+
+
+def key_display(key: str) -> str:
+    names = {
+        "question_mark": "?", "slash": "/", "plus": "+", "minus": "-", "escape": "Esc", "enter": "Enter",
+        "less_than_sign": "<", "greater_than_sign": ">", "left_square_bracket": "[",
+        "right_square_bracket": "]", "ctrl+c": "Ctrl+C",
+    }
+    return ", ".join(names.get(k.strip(), k.strip()) for k in key.split(","))
+
+
+def help_table(sections: list[tuple[str, list[tuple[str, str]]]]) -> Table:
+    table = Table(box=None, show_header=False, padding=(0, 2))
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column()
+    for title, rows in sections:
+        table.add_row(f"[bold underline]{title}[/]", "")
+        for key, description in rows:
+            table.add_row(key, description)
+        table.add_row("", "")
+    return table
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 76; height: 80%; border: thick $primary; background: $surface; padding: 1 2; }
+    """
+    BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "Close")]
+
+    def __init__(self, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:
+        super().__init__()
+        self.sections = sections
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(help_table(self.sections), id="help-text")
+
+
+def describe_bindings(bindings: list[Binding]) -> list[tuple[str, str]]:
+    return [(key_display(b.key), b.description or b.action) for b in bindings]

@@ -1,0 +1,159 @@
+"""The process drill-down: details, live kmalloc graph, size distribution, call sites, live tail."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Sparkline, Static
+
+from memtop import format as fmt
+from memtop.model import FocusReading
+from memtop.store import ProcessKey, ProcessRow, Snapshot
+from memtop.widgets import Column, HeaderBar, SortedTable, right
+
+if TYPE_CHECKING:
+    from memtop.app import MemtopApp
+
+CALL_SITE_COLUMNS = (
+    Column("symbol", "CALL SITE", lambda s: s.symbol, numeric=False, width=34),
+    Column("calls", "CALLS", lambda s: right(fmt.count(s.calls)), width=8),
+    Column("bytes_alloc", "BYTES", lambda s: right(fmt.size(s.bytes_alloc)), width=10),
+    Column("avg", "AVG", lambda s: right(fmt.size(s.bytes_alloc / s.calls if s.calls else None)), width=9),
+)
+TAIL_ROWS = 200
+
+
+def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Text:
+    if row is None:
+        return Text(f"PID {key.pid}: no longer in the data", style="dim")
+    state = f"exited {fmt.short_duration(snap.taken_at - row.exited_at)} ago" if (
+        row.exited and row.exited_at) else (row.state or "-")
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for label, value in (
+        ("command", row.comm),
+        ("cmdline", row.cmdline or "-"),
+        ("user", row.user or "-"),
+        ("state", state),
+        ("memory", f"RSS {fmt.size(row.rss_bytes)}  VMS {fmt.size(row.vms_bytes)}"),
+        ("threads", "-" if row.threads is None else str(row.threads)),
+        ("started", fmt.datetime(row.start_time)),
+        ("cgroup", row.cgroup_path or "-"),
+        ("kmalloc now", f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls"),
+        ("kmalloc total", f"{fmt.size(row.kmalloc_bytes)} in {fmt.count(row.kmalloc_calls)} calls, "
+                          f"avg {fmt.size(row.kmalloc_avg_bytes)}, waste {fmt.percent(row.kmalloc_waste_pct)}"),
+    ):
+        grid.add_row(label, value)
+    return grid  # type: ignore[return-value]
+
+
+def sizes_text(reading: FocusReading | None, width: int = 30) -> Text:
+    text = Text("kmalloc sizes (log2 buckets)\n", style="bold")
+    counts = reading.size_log2_counts if reading else ()
+    used = [(i, c) for i, c in enumerate(counts) if c]
+    if not used:
+        text.append("no allocations seen yet", style="dim")
+        return text
+    peak = max(c for _, c in used)
+    total = sum(c for _, c in used)
+    for i, c in used:
+        bar = "█" * max(1, round(width * c / peak))
+        text.append(f"{fmt.size_bucket(i):>19} ", style="dim")
+        text.append(bar.ljust(width), style="green")
+        text.append(f" {fmt.count(c):>6} {100 * c / total:5.1f}%\n")
+    return text
+
+
+def tail_text(reading: FocusReading | None, min_bytes: int, lost: int, live: bool) -> Text:
+    header = Text.assemble(
+        ("live tail", "bold"),
+        f"  kmallocs ≥ {fmt.size(min_bytes)}  ([ and ] change)  lost {lost}",
+        ("" if live else "  (recorded)", "dim"),
+        "\n",
+    )
+    events = list(reading.tail)[-TAIL_ROWS:] if reading else []
+    if not events:
+        header.append("no kmallocs of that size yet", style="dim")
+        return header
+    table = Text()
+    table.append(f"{'TIME':12} {'TID':>7} {'REQ':>9} {'ALLOC':>9} {'NODE':>4}  {'CALL SITE':32} GFP\n", style="bold")
+    for ev in reversed(events[-40:]):
+        node = "-" if ev.node < 0 else str(ev.node)
+        table.append(
+            f"{fmt.clock(ev.time):12} {ev.tid:>7} {fmt.size(ev.bytes_req):>9} {fmt.size(ev.bytes_alloc):>9} "
+            f"{node:>4}  {ev.call_site[:32]:32} {ev.gfp_text}\n"
+        )
+    return header + table
+
+
+class ProcessScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("left_square_bracket", "tail_min(-1)", "Tail min ÷2"),
+        Binding("right_square_bracket", "tail_min(1)", "Tail min ×2"),
+    ]
+
+    def __init__(self, key: ProcessKey) -> None:
+        super().__init__()
+        self.key = key
+
+    @property
+    def memtop(self) -> MemtopApp:
+        return self.app  # type: ignore[return-value]
+
+    def compose(self) -> ComposeResult:
+        yield HeaderBar(id="header")
+        with Horizontal(id="process-top"):
+            yield Static(id="details")
+            with Vertical(id="graph-box"):
+                yield Static(id="graph-label")
+                yield Sparkline([], id="graph")
+                yield Static(id="sizes")
+        with Horizontal(id="process-bottom"):
+            yield SortedTable(CALL_SITE_COLUMNS, id="call-sites")
+            yield Static(id="tail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#call-sites").focus()
+        self.refresh_view()
+
+    def refresh_view(self) -> None:
+        app = self.memtop
+        snap = app.snapshot
+        self.query_one(HeaderBar).show(snap, app.paused, app.interval_s)
+        if snap is None:
+            return
+        row = snap.process(self.key)
+        self.query_one("#details", Static).update(details_text(row, self.key, snap))
+        focus = snap.focus if snap.focus is not None and snap.focus.key == self.key else None
+        history = focus.history if focus else snap.histories.get(self.key, ())
+        values = [p.kmalloc_bytes_per_s for p in history]
+        span = history[-1].t - history[0].t if len(history) > 1 else 0.0
+        peak = max(values) if values else 0.0
+        self.query_one("#graph-label", Static).update(Text.assemble(
+            ("kmalloc bytes/s", "bold"),
+            f"  last {fmt.short_duration(span)}  now {fmt.size_rate(values[-1] if values else None)}"
+            f"  peak {fmt.size_rate(peak)}",
+        ))
+        self.query_one("#graph", Sparkline).data = values or [0.0]
+        reading = focus.reading if focus else None
+        self.query_one("#sizes", Static).update(sizes_text(reading))
+        sites = reading.call_sites if reading else ()
+        self.query_one("#call-sites", SortedTable).show_rows(
+            [(str(s.address), [c.render(s) for c in CALL_SITE_COLUMNS]) for s in sites[:200]]
+        )
+        self.query_one("#tail", Static).update(
+            tail_text(reading, app.tail_min_bytes, snap.drops.get("tail_lost", 0), not snap.replay)
+        )
+
+    def action_tail_min(self, direction: int) -> None:
+        self.memtop.change_tail_min(direction)
+        self.refresh_view()

@@ -1,0 +1,122 @@
+"""Widgets shared by the screens: the header bar and the sortable, diffing table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+from textual.widgets import DataTable, Static
+
+from memtop import format as fmt
+from memtop.store import Snapshot
+
+
+class HeaderBar(Static):
+    """Host, kernel, uptime, total kmalloc rate, interval, mode, probe status and drop counters."""
+
+    DEFAULT_CSS = """
+    HeaderBar { height: 2; background: $primary-background; color: $text; padding: 0 1; }
+    """
+
+    def show(self, snap: Snapshot | None, paused: bool, interval_s: float, exports: int = 0) -> None:
+        if snap is None:
+            self.update("memtop  starting…")
+            return
+        up = fmt.short_duration(snap.taken_at - snap.host.boot_time) if snap.host.boot_time else "-"
+        mode = Text(" REPLAY ", style="bold black on yellow") if snap.replay else (
+            Text(" PAUSED ", style="bold black on bright_yellow") if paused else Text(" LIVE ", style="bold black on green")
+        )
+        line1 = Text.assemble(
+            ("memtop ", "bold"), (snap.host.hostname, "bold cyan"), f"  kernel {snap.host.kernel}  up {up}  │ ",
+            ("kmalloc ", "bold"), (fmt.size_rate(snap.kmalloc_bytes_per_s), "bold"),
+            f" {fmt.count_rate(snap.kmalloc_calls_per_s)} calls  │ ",
+            f"every {interval_s:g}s" if not snap.replay else f"taken {fmt.datetime(snap.taken_at)}",
+            "  ", mode,
+        )
+        if snap.sample_every > 1:
+            line1.append(f"  sampled 1/{snap.sample_every}: estimates", style="bold yellow")
+        probes = "  ".join(
+            f"{name} {p.status}" + (f" ({p.detail})" if p.detail and p.status != "running" else "")
+            for name, p in snap.probes.items()
+        ) or "no probes"
+        drops = snap.drops
+        drop_text = (
+            f"drops: pid map {fmt.count(drops.get('pid_map_full', 0))}"
+            f" · call sites {fmt.count(drops.get('call_site_map_full', 0))}"
+            f" · tail lost {fmt.count(drops.get('tail_lost', 0))}"
+        )
+        drop_style = "bold red" if any(drops.values()) else ""
+        line2 = Text.assemble(f"probes: {probes}  │ ", (drop_text, drop_style))
+        line2.append(f"  │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
+        self.update(Text("\n").join([line1, line2]))
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: the field it shows (also its sort key), its label and how it is drawn."""
+
+    field: str
+    label: str
+    render: Callable[[Any], str]
+    numeric: bool = True
+    width: int | None = None
+
+
+class SortedTable(DataTable[Any]):
+    """A DataTable whose rows are (key, record) pairs re-rendered each tick.
+
+    Rows are diffed by key: when the order is unchanged only changed cells are updated, otherwise the
+    table is rebuilt and the cursor stays on the same record.
+    """
+
+    def __init__(self, columns: Sequence[Column], **kwargs: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.columns_spec = list(columns)
+        self._keys: list[str] = []
+        self._cells: dict[str, tuple[Any, ...]] = {}
+
+    def on_mount(self) -> None:
+        for col in self.columns_spec:
+            self.add_column(col.label, key=col.field, width=col.width)
+
+    def set_header_marks(self, sort_field: str, reverse: bool) -> None:
+        for col in self.columns_spec:
+            mark = (" ▼" if reverse else " ▲") if col.field == sort_field else ""
+            label = Text(col.label + mark, style="bold reverse" if mark else "bold")
+            column = self.columns.get(col.field)  # type: ignore[call-overload]
+            if column is not None:
+                column.label = label
+        self.refresh()
+
+    def show_rows(self, rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        keys = [k for k, _ in rows]
+        cursor_key = self.cursor_key()
+        if keys == self._keys:
+            for key, cells in rows:
+                old = self._cells.get(key)
+                if old != tuple(cells):
+                    for col, value, previous in zip(self.columns_spec, cells, old or (None,) * len(cells)):
+                        if value != previous:
+                            self.update_cell(key, col.field, value)
+                    self._cells[key] = tuple(cells)
+            return
+        scroll_y = self.scroll_y
+        self.clear()
+        for key, cells in rows:
+            self.add_row(*cells, key=key)
+        self._keys = keys
+        self._cells = {k: tuple(c) for k, c in rows}
+        if cursor_key in self._cells:
+            self.move_cursor(row=keys.index(cursor_key), animate=False, scroll=False)
+        self.scroll_to(y=scroll_y, animate=False)
+
+    def cursor_key(self) -> str | None:
+        if not self._keys or self.cursor_row < 0 or self.cursor_row >= len(self._keys):
+            return None
+        return self._keys[self.cursor_row]
+
+
+def right(text: str) -> Text:
+    return Text(text, justify="right")
