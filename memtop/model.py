@@ -27,7 +27,8 @@ class KmallocReading:
     sample_every: int = 1
     pid_map_full_drops: int = 0
     site_map_full_drops: int = 0
-    tail_lost: int = 0
+    tail_lost: int = 0  # ring buffer full
+    tail_rate_limited: int = 0  # over the tail's per-second budget: counted, not sent
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class LiveSource:
         if not any(p.status.status == "running" for p in self.probes):
             self.close()
             raise MemtopError("; ".join(errors) or "no probe could start")
-        self.store.started_at = time.time()
+        self.store.restart_clock(time.time())  # compiling took a while: count from attach time
 
     def tick(self, include_histories: bool = False) -> Snapshot:
         with self._lock:

@@ -178,6 +178,7 @@ class Store:
             "pid_map_full": reading.pid_map_full_drops,
             "call_site_map_full": reading.site_map_full_drops,
             "tail_lost": reading.tail_lost,
+            "tail_rate_limited": reading.tail_rate_limited,
         }
         forget: list[int] = []
         total_bytes = total_calls = 0.0
@@ -267,6 +268,10 @@ class Store:
         horizon = now - self.history_s
         while history and history[0].t < horizon:
             history.popleft()
+
+    def restart_clock(self, now: float) -> None:
+        """Data starts now (the probes just attached): the first rate is over (now, first tick)."""
+        self.started_at = self._last_tick = now
 
     # -- other inputs ---------------------------------------------------------------------------------
 

@@ -22,6 +22,9 @@
 #ifndef TAIL_RINGBUF_PAGES
 #define TAIL_RINGBUF_PAGES 64
 #endif
+#ifndef TAIL_MAX_PER_SEC
+#define TAIL_MAX_PER_SEC 200  // per CPU: a tail is read by a human; the rest is counted, not sent
+#endif
 #ifndef HAVE_SOFTIRQ_TP
 #define HAVE_SOFTIRQ_TP 1
 #endif
@@ -42,7 +45,8 @@
 #define CTR_SITE_MAP_FULL 1
 #define CTR_TAIL_LOST 2
 #define CTR_SAMPLED_EVENTS 3
-#define N_COUNTERS 4
+#define CTR_TAIL_RATE_LIMITED 4
+#define N_COUNTERS 5
 
 struct pid_stats {
     u64 calls;
@@ -89,6 +93,28 @@ BPF_ARRAY(focus, struct focus_cfg, 1);
 BPF_PERCPU_HASH(focus_sites, u64, struct site_stats, MAX_CALL_SITES);
 BPF_PERCPU_ARRAY(focus_sizes, u64, SIZE_BUCKETS);
 BPF_RINGBUF_OUTPUT(tail_events, TAIL_RINGBUF_PAGES);
+
+struct tail_window {
+    u64 start_ns;
+    u64 sent;
+};
+BPF_PERCPU_ARRAY(tail_budget, struct tail_window, 1);
+
+// At most TAIL_MAX_PER_SEC tail events per CPU per second.
+static __always_inline int tail_allowed(u64 now) {
+    int zero = 0;
+    struct tail_window *w = tail_budget.lookup(&zero);
+    if (!w)
+        return 0;
+    if (now - w->start_ns >= 1000000000ULL) {
+        w->start_ns = now;
+        w->sent = 0;
+    }
+    if (w->sent >= TAIL_MAX_PER_SEC)
+        return 0;
+    w->sent++;
+    return 1;
+}
 
 static __always_inline void count(int idx) {
     u64 *c = counters.lookup(&idx);
@@ -168,8 +194,13 @@ TRACEPOINT_PROBE(kmem, kmalloc) {
         if (h)
             (*h)++;
         if (f->tail_on && bytes_alloc >= f->tail_min_bytes) {
+            u64 now = bpf_ktime_get_ns();
+            if (!tail_allowed(now)) {
+                count(CTR_TAIL_RATE_LIMITED);
+                goto counters;
+            }
             struct tail_event ev = {};
-            ev.ts_ns = bpf_ktime_get_ns();
+            ev.ts_ns = now;
             ev.call_site = site;
             ev.ptr = (u64)args->ptr;
             ev.bytes_req = bytes_req;
@@ -182,6 +213,7 @@ TRACEPOINT_PROBE(kmem, kmalloc) {
         }
     }
 
+counters:;
 #if SAMPLE_EVERY > 1
     if (bpf_get_prandom_u32() % SAMPLE_EVERY != 0)
         return 0;

@@ -13,7 +13,7 @@ from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading
 from memtop.probes.base import Probe, int_cflag, percpu_items
 
 SIZE_BUCKETS = 64
-CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED = range(4)
+CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED = range(5)
 MAX_SAMPLE_EVERY = 1_000_000
 
 
@@ -101,13 +101,14 @@ class KmallocProbe(Probe):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
             per_tgid[key] = KmallocCounters(calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, ""))
         counters = self.bpf["counters"]
-        sums = [sum(counters.getvalue(i)) for i in range(4)]
+        sums = [sum(counters.getvalue(i)) for i in range(5)]
         return KmallocReading(
             per_tgid=per_tgid,
             sample_every=self.sample_every,
             pid_map_full_drops=sums[CTR_PID_MAP_FULL],
             site_map_full_drops=sums[CTR_SITE_MAP_FULL],
             tail_lost=sums[CTR_TAIL_LOST],
+            tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
         )
 
     def forget(self, tgids: list[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from rich.table import Table
@@ -27,6 +28,7 @@ CALL_SITE_COLUMNS = (
     Column("avg", "AVG", lambda s: right(fmt.size(s.bytes_alloc / s.calls if s.calls else None)), width=9),
 )
 TAIL_ROWS = 200
+TAIL_MAX_PER_SEC = 200  # the kernel-side tail budget (memtop/bpf/kmalloc.c)
 
 
 def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Text:
@@ -71,10 +73,11 @@ def sizes_text(reading: FocusReading | None, width: int = 30) -> Text:
     return text
 
 
-def tail_text(reading: FocusReading | None, min_bytes: int, lost: int, live: bool) -> Text:
+def tail_text(reading: FocusReading | None, min_bytes: int, drops: Mapping[str, int], live: bool) -> Text:
     header = Text.assemble(
         ("live tail", "bold"),
-        f"  kmallocs ≥ {fmt.size(min_bytes)}  ([ and ] change)  lost {lost}",
+        f"  kmallocs ≥ {fmt.size(min_bytes)}  ([ and ] change)  lost {fmt.count(drops.get('tail_lost', 0))}"
+        f"  over {TAIL_MAX_PER_SEC}/s per CPU (not shown) {fmt.count(drops.get('tail_rate_limited', 0))}",
         ("" if live else "  (recorded)", "dim"),
         "\n",
     )
@@ -151,7 +154,7 @@ class ProcessScreen(Screen[None]):
             [(str(s.address), [c.render(s) for c in CALL_SITE_COLUMNS]) for s in sites[:200]]
         )
         self.query_one("#tail", Static).update(
-            tail_text(reading, app.tail_min_bytes, snap.drops.get("tail_lost", 0), not snap.replay)
+            tail_text(reading, app.tail_min_bytes, snap.drops, not snap.replay)
         )
 
     def action_tail_min(self, direction: int) -> None:
