@@ -1,0 +1,180 @@
+"""Pilot (run_test) tests of the screens and keys, from a real recorded snapshot (no root needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from memtop.app import INTERVALS, MemtopApp
+from memtop.config import Config
+from memtop.export import read_snapshot
+from memtop.screens.help import HelpScreen
+from memtop.screens.main import PROCESS_COLUMNS, MainScreen, ProcessTable
+from memtop.screens.process import ProcessScreen
+from memtop.sources import ReplaySource
+from memtop.widgets import SortedTable
+
+from .conftest import REPLAY
+
+SIZE = (150, 40)
+
+
+def make_app(tmp_path: Path | None = None) -> MemtopApp:
+    return MemtopApp(ReplaySource(REPLAY), Config(), export_dir=tmp_path)
+
+
+def table_pids(app: MemtopApp) -> list[int]:
+    keys = app.screen.query_one(ProcessTable)._keys
+    return [int(k.split(":")[0]) for k in keys]
+
+
+def widget_text(app: MemtopApp, selector: str) -> str:
+    """What a Static shows, as plain text (its lines as rendered at the current size)."""
+    widget = app.screen.query_one(selector)
+    return "\n".join(strip.text for strip in widget.render_lines(widget.content_region.reset_offset))
+
+
+def fixture_doc() -> dict:
+    return json.loads(REPLAY.read_text())
+
+
+async def test_main_screen_lists_every_process_sorted_by_kmalloc_rate() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, MainScreen)
+        procs = fixture_doc()["processes"]
+        expected = [p["pid"] for p in sorted(procs, key=lambda p: (-p["kmalloc_bytes_per_s"], p["pid"]))]
+        assert table_pids(app) == expected
+        assert app.paused  # replay is paused
+
+
+async def test_a_key_per_column_sorts_and_again_reverses() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        pids = sorted(p["pid"] for p in fixture_doc()["processes"])
+        await pilot.press("1")  # PID, numeric: biggest first
+        assert app.sort.column == "pid"
+        assert table_pids(app) == pids[::-1]
+        await pilot.press("1")
+        assert table_pids(app) == pids
+        await pilot.press("r")
+        assert table_pids(app) == pids[::-1]
+        await pilot.press("3")  # COMMAND: alphabetical
+        comms = [app.snapshot.process(k).comm.lower() for k in _keys(app)]
+        assert comms == sorted(comms)
+        await pilot.press("9")  # RSS
+        assert app.sort.column == "rss_bytes"
+        await pilot.press("greater_than_sign")  # wraps to the first column
+        assert app.sort.column == PROCESS_COLUMNS[0].field
+
+
+def _keys(app: MemtopApp):
+    from memtop.store import ProcessKey
+
+    out = []
+    for k in app.screen.query_one(ProcessTable)._keys:
+        pid, start = k.split(":")
+        out.append(ProcessKey(int(pid), float(start)))
+    return out
+
+
+async def test_filter_by_command_and_pid_then_escape_clears() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        total = len(table_pids(app))
+        await pilot.press("slash", *"python")
+        await pilot.pause()
+        shown = [app.snapshot.process(k) for k in _keys(app)]
+        assert shown and all("python" in (r.comm + r.cmdline).lower() for r in shown)
+        assert len(shown) < total
+        await pilot.press("enter")  # keep the filter, back to the table
+        assert app.screen.query_one(ProcessTable).has_focus
+        await pilot.press("escape")
+        assert len(table_pids(app)) == total
+        focus_pid = str(fixture_doc()["focus"]["pid"])
+        await pilot.press("slash", *focus_pid, "enter")
+        shown = [app.snapshot.process(k) for k in _keys(app)]
+        assert int(focus_pid) in [r.pid for r in shown]
+        # the recorder's own command line names the PID too (memtop snapshot --pid N)
+        assert all(focus_pid in str(r.pid) or focus_pid in r.cmdline for r in shown)
+        assert len(shown) < total
+
+
+async def test_enter_drills_into_the_process_and_escape_returns() -> None:
+    app = make_app()
+    doc = fixture_doc()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("slash", *str(doc["focus"]["pid"]), "enter")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ProcessScreen)
+        assert app.screen.key.pid == doc["focus"]["pid"]
+        sites = app.screen.query_one("#call-sites", SortedTable)
+        assert sites.row_count >= 1
+        first_site = app.snapshot.focus.reading.call_sites[0]
+        assert first_site.symbol.startswith("listxattr")
+        details = widget_text(app, "#details")
+        assert "python" in details and "cmdline" in details and "started" in details
+        assert "listxattr" in widget_text(app, "#call-sites")
+        assert "256 B" in widget_text(app, "#sizes")
+        tail = widget_text(app, "#tail")
+        assert "listxattr" in tail and "GFP_KERNEL" in tail
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+async def test_help_lists_every_key() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        text = " ".join(f"{k} {d}" for _, rows in app.screen.sections for k, d in rows)
+        for key in ("q", "?", "p", "+", "-", "e", "/", "r", "<", ">", "Enter", "Esc", "[", "]", "Ctrl+C"):
+            assert key in text, key
+        for i, column in enumerate(PROCESS_COLUMNS):
+            assert f"sort by {column.label}" in text and str(i + 1) in text
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+async def test_pause_does_nothing_in_replay_and_interval_keys_step() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("p")
+        assert app.paused
+        assert app.interval_s == 1.0
+        await pilot.press("plus")
+        assert app.interval_s == INTERVALS[INTERVALS.index(1.0) + 1]
+        await pilot.press("minus", "minus")
+        assert app.interval_s == INTERVALS[INTERVALS.index(1.0) - 1]
+
+
+async def test_export_key_writes_a_snapshot_that_replays_the_same(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("e")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+    files = list(tmp_path.glob("memtop-*.json"))
+    assert len(files) == 1
+    again = read_snapshot(files[0])
+    original = read_snapshot(REPLAY)
+    assert [r.pid for r in again.processes] == [r.pid for r in original.processes]
+    assert files[0].stat().st_mode & 0o777 == 0o600
+
+
+async def test_q_quits() -> None:
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("q")
+        await pilot.pause()
+    assert app.return_code == 0 or app.return_code is None
+    assert not app.is_running

@@ -1,0 +1,142 @@
+from memtop.model import IRQ_TGID, KmallocCounters, KmallocReading, ProcInfo
+from memtop.store import (
+    HostInfo,
+    ProcessKey,
+    ProcessRow,
+    SortKey,
+    Store,
+    counter_delta,
+    filter_rows,
+    sort_rows,
+    whole_window_rates,
+)
+
+
+def reading(**per_pid: tuple[int, int, int]) -> KmallocReading:
+    return KmallocReading({int(k[1:]): KmallocCounters(*v, comm="k") for k, v in per_pid.items()})
+
+
+def info(pid: int, start: float = 100.0, comm: str = "proc") -> ProcInfo:
+    return ProcInfo(pid=pid, start_time=start, comm=comm, cmdline=f"{comm} --x", user="root", rss_bytes=4096)
+
+
+def new_store(**kw: float) -> Store:
+    return Store(HostInfo("h", "6.18"), started_at=1000.0, **kw)
+
+
+def test_counter_delta_handles_reset() -> None:
+    assert counter_delta(10, 25) == 15
+    assert counter_delta(10, 4) == 4
+
+
+def test_rates_are_deltas_over_elapsed() -> None:
+    store = new_store()
+    store.ingest(1002.0, reading(p7=(10, 1000, 800)), {7: info(7)})
+    row = store.snapshot(1002.0).processes[0]
+    assert row.kmalloc_bytes_per_s == 500.0 and row.kmalloc_calls_per_s == 5.0
+    store.ingest(1003.0, reading(p7=(40, 4000, 3000)), {7: info(7)})
+    row = store.snapshot(1003.0).processes[0]
+    assert row.kmalloc_bytes_per_s == 3000.0
+    assert row.kmalloc_calls_per_s == 30.0
+    assert row.kmalloc_bytes == 4000 and row.kmalloc_calls == 40
+    assert row.kmalloc_avg_bytes == 100.0
+    assert row.kmalloc_waste_pct == 25.0
+    assert row.comm == "proc" and row.user == "root" and row.rss_bytes == 4096
+
+
+def test_snapshot_totals_sum_processes() -> None:
+    store = new_store()
+    store.ingest(1001.0, reading(p1=(1, 100, 100), p2=(3, 300, 300)), {1: info(1), 2: info(2)})
+    snap = store.snapshot(1001.0)
+    assert snap.kmalloc_bytes_per_s == 400.0 and snap.kmalloc_calls_per_s == 4.0
+
+
+def test_reused_pid_is_a_new_row_and_old_one_is_marked_exited() -> None:
+    store = new_store()
+    store.ingest(1001.0, reading(p5=(10, 100, 100)), {5: info(5, start=1.0, comm="old")})
+    store.ingest(1002.0, reading(p5=(15, 150, 150)), {5: info(5, start=2.0, comm="new")})
+    rows = {r.comm: r for r in store.snapshot(1002.0).processes}
+    assert set(rows) == {"old", "new"}
+    assert rows["old"].exited and rows["old"].kmalloc_bytes == 100
+    assert not rows["new"].exited
+    assert rows["new"].kmalloc_bytes == 50  # only what happened after the reuse
+    assert rows["new"].key != rows["old"].key
+
+
+def test_exited_process_is_marked_forgotten_in_kernel_then_dropped() -> None:
+    store = new_store(exited_keep_s=10)
+    store.ingest(1001.0, reading(p9=(1, 64, 60)), {9: info(9)})
+    forget = store.ingest(1002.0, reading(p9=(2, 128, 120)), {9: None})
+    assert forget == [9]
+    row = store.snapshot(1002.0).processes[0]
+    assert row.exited and row.exited_at == 1002.0 and row.kmalloc_bytes == 128
+    store.ingest(1003.0, reading(), {})
+    assert store.snapshot(1003.0).processes[0].kmalloc_bytes_per_s == 0.0
+    store.ingest(1013.5, reading(), {})
+    assert store.snapshot(1013.5).processes == ()
+
+
+def test_process_that_exited_before_the_first_tick_keeps_its_kernel_name() -> None:
+    store = new_store()
+    forget = store.ingest(1001.0, KmallocReading({33: KmallocCounters(5, 500, 500, comm="ls")}), {33: None})
+    row = store.snapshot(1001.0).processes[0]
+    assert forget == [33] and row.comm == "ls" and row.exited and row.kmalloc_calls == 5
+
+
+def test_irq_row_never_exits() -> None:
+    store = new_store()
+    forget = store.ingest(1001.0, KmallocReading({IRQ_TGID: KmallocCounters(3, 300, 300)}), {IRQ_TGID: None})
+    row = store.snapshot(1001.0).processes[0]
+    assert forget == [] and row.is_irq and row.comm == "[irq]" and not row.exited
+
+
+def test_history_is_bounded_by_time() -> None:
+    store = new_store(history_s=10.0)
+    for t in range(1, 31):
+        store.ingest(1000.0 + t, reading(p1=(t, t * 10, t * 10)), {1: info(1)})
+    history = store.history(ProcessKey(1, 100.0))
+    assert len(history) == 11
+    assert history[0].t == 1020.0 and history[-1].kmalloc_bytes_per_s == 10.0
+
+
+def test_ten_minutes_of_history_at_the_fastest_interval() -> None:
+    store = new_store()
+    for i in range(1, 2500):
+        store.ingest(1000.0 + i * 0.25, reading(p1=(i, i, i)), {1: info(1)})
+    history = store.history(ProcessKey(1, 100.0))
+    assert history[-1].t - history[0].t >= 600.0 - 0.25
+
+
+def test_sort_on_raw_values_with_unknowns_last() -> None:
+    rows = [
+        ProcessRow(pid=1, start_time=0, comm="b", kmalloc_bytes_per_s=1024.0, rss_bytes=None),
+        ProcessRow(pid=2, start_time=0, comm="A", kmalloc_bytes_per_s=999.0, rss_bytes=10),
+        ProcessRow(pid=3, start_time=0, comm="c", kmalloc_bytes_per_s=1e6, rss_bytes=5),
+    ]
+    assert [r.pid for r in sort_rows(rows, SortKey("kmalloc_bytes_per_s"))] == [3, 1, 2]
+    assert [r.pid for r in sort_rows(rows, SortKey("comm", reverse=False))] == [2, 1, 3]
+    assert [r.pid for r in sort_rows(rows, SortKey("rss_bytes"))] == [2, 3, 1]
+    assert [r.pid for r in sort_rows(rows, SortKey("kmalloc_waste_pct"))] == [1, 2, 3]  # all None: by pid
+
+
+def test_filter_matches_command_cmdline_and_pid() -> None:
+    rows = [
+        ProcessRow(pid=123, start_time=0, comm="nginx", cmdline="nginx: worker"),
+        ProcessRow(pid=456, start_time=0, comm="python3", cmdline="python3 app.py"),
+        ProcessRow(pid=IRQ_TGID, start_time=0, comm="[irq]"),
+    ]
+    assert [r.pid for r in filter_rows(rows, "NGI")] == [123]
+    assert [r.pid for r in filter_rows(rows, "app.py")] == [456]
+    assert [r.pid for r in filter_rows(rows, "45")] == [456]
+    assert [r.pid for r in filter_rows(rows, "429")] == []  # the irq key's digits are not a PID
+    assert len(filter_rows(rows, "  ")) == 3
+
+
+def test_whole_window_rates() -> None:
+    store = new_store()
+    store.ingest(1001.0, reading(p1=(10, 1000, 1000)), {1: info(1)})
+    store.ingest(1004.0, reading(p1=(12, 1200, 1200)), {1: info(1)})
+    snap = whole_window_rates(store.snapshot(1004.0))
+    assert snap.duration_s == 4.0
+    assert snap.processes[0].kmalloc_bytes_per_s == 300.0
+    assert snap.kmalloc_calls_per_s == 3.0
