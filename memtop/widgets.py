@@ -47,7 +47,8 @@ class HeaderBar(Static):
             f" · call sites {fmt.count(drops.get('call_site_map_full', 0))}"
             f" · tail lost {fmt.count(drops.get('tail_lost', 0))}"
         )
-        drop_style = "bold red" if any(drops.values()) else ""
+        alarming = ("pid_map_full", "call_site_map_full", "tail_lost")  # data lost, unlike the tail's rate cap
+        drop_style = "bold red" if any(drops.get(k, 0) for k in alarming) else ""
         line2 = Text.assemble(f"probes: {probes}  │ ", (drop_text, drop_style))
         line2.append(f"  │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
         self.update(Text("\n").join([line1, line2]))

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from memtop.app import MemtopApp
 
 CALL_SITE_COLUMNS = (
-    Column("symbol", "CALL SITE", lambda s: s.symbol, numeric=False, width=34),
+    Column("symbol", "CALL SITE", lambda s: s.symbol, numeric=False, width=30),
     Column("calls", "CALLS", lambda s: right(fmt.count(s.calls)), width=8),
     Column("bytes_alloc", "BYTES", lambda s: right(fmt.size(s.bytes_alloc)), width=10),
     Column("avg", "AVG", lambda s: right(fmt.size(s.bytes_alloc / s.calls if s.calls else None)), width=9),
@@ -41,7 +41,7 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
     grid.add_column(overflow="fold")
     for label, value in (
         ("command", row.comm),
-        ("cmdline", row.cmdline or "-"),
+        ("cmdline", " ↵ ".join(row.cmdline.splitlines()) or "-"),
         ("user", row.user or "-"),
         ("state", state),
         ("memory", f"RSS {fmt.size(row.rss_bytes)}  VMS {fmt.size(row.vms_bytes)}"),
@@ -76,22 +76,24 @@ def sizes_text(reading: FocusReading | None, width: int = 30) -> Text:
 def tail_text(reading: FocusReading | None, min_bytes: int, drops: Mapping[str, int], live: bool) -> Text:
     header = Text.assemble(
         ("live tail", "bold"),
-        f"  kmallocs ≥ {fmt.size(min_bytes)}  ([ and ] change)  lost {fmt.count(drops.get('tail_lost', 0))}"
-        f"  over {TAIL_MAX_PER_SEC}/s per CPU (not shown) {fmt.count(drops.get('tail_rate_limited', 0))}",
+        f"  ≥ {fmt.size(min_bytes)} ([ ] change)  lost {fmt.count(drops.get('tail_lost', 0))}"
+        f"  over {TAIL_MAX_PER_SEC}/s/CPU skipped {fmt.count(drops.get('tail_rate_limited', 0))}",
         ("" if live else "  (recorded)", "dim"),
         "\n",
     )
+    header.no_wrap = True
+    header.overflow = "ellipsis"
     events = list(reading.tail)[-TAIL_ROWS:] if reading else []
     if not events:
         header.append("no kmallocs of that size yet", style="dim")
         return header
-    table = Text()
-    table.append(f"{'TIME':12} {'TID':>7} {'REQ':>9} {'ALLOC':>9} {'NODE':>4}  {'CALL SITE':32} GFP\n", style="bold")
+    table = Text(no_wrap=True, overflow="ellipsis")
+    table.append(f"{'TIME':12} {'TID':>7} {'REQ':>8} {'ALLOC':>8} {'NODE':>4} {'CALL SITE':26} GFP\n", style="bold")
     for ev in reversed(events[-40:]):
         node = "-" if ev.node < 0 else str(ev.node)
         table.append(
-            f"{fmt.clock(ev.time):12} {ev.tid:>7} {fmt.size(ev.bytes_req):>9} {fmt.size(ev.bytes_alloc):>9} "
-            f"{node:>4}  {ev.call_site[:32]:32} {ev.gfp_text}\n"
+            f"{fmt.clock(ev.time):12} {ev.tid:>7} {fmt.size(ev.bytes_req):>8} {fmt.size(ev.bytes_alloc):>8} "
+            f"{node:>4} {ev.call_site[:26]:26} {ev.gfp_text}\n"
         )
     return header + table
 

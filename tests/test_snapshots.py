@@ -1,0 +1,33 @@
+"""SVG snapshot tests of the layout, from the recorded replay fixture.
+
+Update after an intended change with: .venv/bin/python -m pytest tests/test_snapshots.py --snapshot-update
+(then look at the SVGs under tests/__snapshots__ before committing them).
+"""
+
+from memtop.app import MemtopApp
+from memtop.config import Config
+from memtop.sources import ReplaySource
+
+from .conftest import REPLAY
+
+SIZE = (150, 40)
+
+
+def app() -> MemtopApp:
+    return MemtopApp(ReplaySource(REPLAY), Config())
+
+
+def test_main_screen(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE)
+
+
+def test_process_drilldown(snap_compare) -> None:
+    import json
+
+    pid = json.loads(REPLAY.read_text())["focus"]["pid"]
+    keys = ["slash", *str(pid), "enter", "escape", "enter"]
+    assert snap_compare(app(), terminal_size=SIZE, press=keys)
+
+
+def test_help_screen(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["question_mark"])
