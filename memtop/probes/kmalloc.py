@@ -81,7 +81,7 @@ class KmallocProbe(Probe):
         self._gfp_table = parse_gfp_table(fmt)
         self._boot_offset = time.time() - time.monotonic()
         super().start()
-        self.bpf["tail_events"].open_ring_buffer(self._on_tail_event)
+        self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
 
     def describe(self) -> str:
         sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
@@ -95,12 +95,12 @@ class KmallocProbe(Probe):
         scale = self.sample_every
         comms = {
             (k if isinstance(k, int) else k.value): bytes(v.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
-            for k, v in self.bpf["comms"].items()
+            for k, v in self.bpf[b"comms"].items()
         }
-        for key, values in percpu_items(self.bpf["pid_stats"]):
+        for key, values in percpu_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
             per_tgid[key] = KmallocCounters(calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, ""))
-        counters = self.bpf["counters"]
+        counters = self.bpf[b"counters"]
         sums = [sum(counters.getvalue(i)) for i in range(5)]
         return KmallocReading(
             per_tgid=per_tgid,
@@ -127,23 +127,23 @@ class KmallocProbe(Probe):
         """Collect call sites and sizes for `tgid` only (0/None: nobody); tail its kmallocs >= min bytes."""
         tgid = tgid or 0
         if tgid != self._focus_tgid:
-            self.bpf["focus_sites"].clear()
-            self.bpf["focus_sizes"].clear()
+            self.bpf[b"focus_sites"].clear()
+            self.bpf[b"focus_sizes"].clear()
             self._tail.clear()
         self._focus_tgid = tgid
         cfg = _FocusCfg(tgid, int(tail_min_bytes is not None and tgid != 0), max(0, tail_min_bytes or 0))
-        self.bpf["focus"][ctypes.c_int(0)] = cfg
+        self.bpf[b"focus"][ctypes.c_int(0)] = cfg
 
     def read_focus(self) -> FocusReading | None:
         if not self._focus_tgid:
             return None
         self.bpf.ring_buffer_consume()
         sites = []
-        for key, values in percpu_items(self.bpf["focus_sites"]):
+        for key, values in percpu_items(self.bpf[b"focus_sites"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
             sites.append(CallSite(key, self.symbol(key), calls, bytes_alloc, bytes_req))
         sites.sort(key=lambda s: s.bytes_alloc, reverse=True)
-        sizes_table = self.bpf["focus_sizes"]
+        sizes_table = self.bpf[b"focus_sizes"]
         # bpf_log2l(v) is floor(log2 v) + 1: shift so that index b counts sizes in [2**b, 2**(b+1)).
         raw = [sum(sizes_table.getvalue(i)) for i in range(SIZE_BUCKETS)]
         sizes = tuple([raw[0] + raw[1], *raw[2:], 0])
