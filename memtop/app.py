@@ -119,10 +119,15 @@ class MemtopApp(App[None]):
         from memtop.screens.main import PROCESS_COLUMNS, MainScreen
         from memtop.screens.process import ProcessScreen
 
-        sort_keys = [(str(i + 1), f"sort by {c.label} (again: reverse)") for i, c in enumerate(PROCESS_COLUMNS)]
+        sort_keys = [
+            (str(i + 1), f"sort by {c.label} (again: reverse)") for i, c in enumerate(PROCESS_COLUMNS)
+        ]
         sections = [
-            ("Everywhere", describe_bindings([b for b in self.BINDINGS if b.key != "ctrl+c"])
-             + [("Ctrl+C", "quit")]),
+            (
+                "Everywhere",
+                [row for row in describe_bindings(self.BINDINGS) if row[0] != "Ctrl+C"]
+                + [("Ctrl+C", "quit")],
+            ),
             ("Processes", describe_bindings(MainScreen.BINDINGS) + sort_keys),
             ("Process details", describe_bindings(ProcessScreen.BINDINGS)),
         ]

@@ -32,7 +32,9 @@ def _float_in(low: float, high: float, what: str):  # type: ignore[no-untyped-de
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a number of seconds, got {text!r}") from None
         if not math.isfinite(value) or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be between {low:g} and {high:g} seconds, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{what} must be between {low:g} and {high:g} seconds, got {text!r}"
+            )
         return value
 
     return parse
@@ -52,14 +54,35 @@ def _int_in(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-i", "--interval", type=_float_in(MIN_INTERVAL_S, MAX_INTERVAL_S, "--interval"),
-                        default=1.0, metavar="SECONDS", help="refresh interval (default 1)")
-    parser.add_argument("--sample", type=_int_in(1, MAX_SAMPLE_EVERY, "--sample"), default=1, metavar="N",
-                        help="count 1 in N kmallocs per process and scale up (estimates; default 1 = all)")
-    parser.add_argument("--max-pids", type=_int_in(64, 1 << 20, "--max-pids"), default=16384, metavar="N",
-                        help="bound of the kernel's per-process map; overflow is counted as drops")
-    parser.add_argument("--tail-min-bytes", type=_int_in(0, 1 << 40, "--tail-min-bytes"), default=0,
-                        metavar="BYTES", help="drill-down tail shows only kmallocs of at least this size")
+    parser.add_argument(
+        "-i",
+        "--interval",
+        type=_float_in(MIN_INTERVAL_S, MAX_INTERVAL_S, "--interval"),
+        default=1.0,
+        metavar="SECONDS",
+        help="refresh interval (default 1)",
+    )
+    parser.add_argument(
+        "--sample",
+        type=_int_in(1, MAX_SAMPLE_EVERY, "--sample"),
+        default=1,
+        metavar="N",
+        help="count 1 in N kmallocs per process and scale up (estimates; default 1 = all)",
+    )
+    parser.add_argument(
+        "--max-pids",
+        type=_int_in(64, 1 << 20, "--max-pids"),
+        default=16384,
+        metavar="N",
+        help="bound of the kernel's per-process map; overflow is counted as drops",
+    )
+    parser.add_argument(
+        "--tail-min-bytes",
+        type=_int_in(0, 1 << 40, "--tail-min-bytes"),
+        default=0,
+        metavar="BYTES",
+        help="drill-down tail shows only kmallocs of at least this size",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,16 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"memtop {__version__}")
     _common(parser)
     parser.add_argument("--replay", type=Path, metavar="FILE", help="open a snapshot file (no root needed)")
-    parser.add_argument("--dump-bpf", action="store_true", help="print the BPF programs and cflags, then exit")
+    parser.add_argument(
+        "--dump-bpf", action="store_true", help="print the BPF programs and cflags, then exit"
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     sub.add_parser("tui", help="the live dashboard (the default)")
     snap = sub.add_parser("snapshot", help="collect for a while without the UI and write a JSON snapshot")
     _common(snap)
-    snap.add_argument("-d", "--duration", type=_float_in(0.1, MAX_DURATION_S, "--duration"), default=5.0,
-                      metavar="SECONDS", help="how long to collect (default 5)")
+    snap.add_argument(
+        "-d",
+        "--duration",
+        type=_float_in(0.1, MAX_DURATION_S, "--duration"),
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to collect (default 5)",
+    )
     snap.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="where to write")
-    snap.add_argument("--pid", type=_int_in(1, 1 << 22, "--pid"), metavar="PID",
-                      help="also collect call sites, sizes and a tail for this process")
+    snap.add_argument(
+        "--pid",
+        type=_int_in(1, 1 << 22, "--pid"),
+        metavar="PID",
+        help="also collect call sites, sizes and a tail for this process",
+    )
     sub.add_parser("doctor", help="check this host for everything memtop needs")
     return parser
 
@@ -97,20 +132,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def preflight_live() -> None:
     """What live mode needs, checked up front so each failure is one clear line."""
     if not tracefs.is_root_or_capable():
-        raise MemtopError("live mode needs root (or CAP_BPF and CAP_PERFMON): run `sudo memtop`, "
-                          "or open a snapshot with `memtop --replay FILE`")
+        raise MemtopError(
+            "live mode needs root (or CAP_BPF and CAP_PERFMON): run `sudo memtop`, "
+            "or open a snapshot with `memtop --replay FILE`"
+        )
     from memtop.probes.base import import_bcc
 
     import_bcc()
     if tracefs.tracefs_root() is None:
-        raise MemtopError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing "
-                          "(or run `make setup`)")
+        raise MemtopError(
+            "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing (or run `make setup`)"
+        )
     from memtop.probes import TRACEPOINTS
 
     for tp in TRACEPOINTS:
         if tp.required and not tracefs.tracepoint_exists(tp.category, tp.event):
-            raise MemtopError(f"tracepoint {tp.category}:{tp.event} is missing on this kernel "
-                              f"(needed for {tp.why}); see `memtop doctor`")
+            raise MemtopError(
+                f"tracepoint {tp.category}:{tp.event} is missing on this kernel "
+                f"(needed for {tp.why}); see `memtop doctor`"
+            )
 
 
 class _Terminated(Exception):
@@ -151,8 +191,10 @@ def run_snapshot(config: Config) -> int:
         source.close()
         signal.signal(signal.SIGTERM, previous)
     path = write_snapshot(config.output, snapshot)
-    print(f"memtop: wrote {path} ({len(snapshot.processes)} processes over {snapshot.duration_s:.1f}s)",
-          file=sys.stderr)
+    print(
+        f"memtop: wrote {path} ({len(snapshot.processes)} processes over {snapshot.duration_s:.1f}s)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -204,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: still one line unless asked for the traceback
         if os.environ.get("MEMTOP_DEBUG"):
             raise
-        print(f"memtop: internal error: {exc.__class__.__name__}: {exc} (MEMTOP_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(
+            f"memtop: internal error: {exc.__class__.__name__}: {exc} (MEMTOP_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 70

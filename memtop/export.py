@@ -84,14 +84,27 @@ def _focus_to_dict(focus: FocusDetail) -> dict[str, Any]:
         "start_time": focus.key.start_time,
         "history": [[p.t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s] for p in focus.history],
         "call_sites": [
-            {"symbol": s.symbol, "address": s.address, "calls": s.calls, "bytes_alloc": s.bytes_alloc,
-             "bytes_req": s.bytes_req}
+            {
+                "symbol": s.symbol,
+                "address": s.address,
+                "calls": s.calls,
+                "bytes_alloc": s.bytes_alloc,
+                "bytes_req": s.bytes_req,
+            }
             for s in (reading.call_sites if reading else ())
         ],
         "size_log2_counts": list(reading.size_log2_counts) if reading else [],
         "tail": [
-            {"time": e.time, "tid": e.tid, "call_site": e.call_site, "bytes_req": e.bytes_req,
-             "bytes_alloc": e.bytes_alloc, "gfp_flags": e.gfp_flags, "gfp_text": e.gfp_text, "node": e.node}
+            {
+                "time": e.time,
+                "tid": e.tid,
+                "call_site": e.call_site,
+                "bytes_req": e.bytes_req,
+                "bytes_alloc": e.bytes_alloc,
+                "gfp_flags": e.gfp_flags,
+                "gfp_text": e.gfp_text,
+                "node": e.node,
+            }
             for e in (reading.tail if reading else ())
         ],
     }
@@ -153,7 +166,9 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MemtopError(f"replay file is not valid JSON ({exc.msg} at line {exc.lineno}): {source}") from None
+        raise MemtopError(
+            f"replay file is not valid JSON ({exc.msg} at line {exc.lineno}): {source}"
+        ) from None
     try:
         return snapshot_from_dict(doc)
     except (KeyError, TypeError, ValueError) as exc:
@@ -234,7 +249,9 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         kmalloc_bytes_per_s=float(_num(doc.get("kmalloc_bytes_per_s", 0), "kmalloc_bytes_per_s") or 0.0),
         kmalloc_calls_per_s=float(_num(doc.get("kmalloc_calls_per_s", 0), "kmalloc_calls_per_s") or 0.0),
         sample_every=_int(doc.get("sample_every", 1), "sample_every") or 1,
-        drops={str(k): _int(v, f"drops.{k}") or 0 for k, v in drops.items()} if isinstance(drops, Mapping) else {},
+        drops={str(k): _int(v, f"drops.{k}") or 0 for k, v in drops.items()}
+        if isinstance(drops, Mapping)
+        else {},
         focus=_focus_from_dict(doc["focus"]) if isinstance(doc.get("focus"), Mapping) else None,
         histories=histories,
         replay=True,
@@ -278,7 +295,9 @@ def _history(value: Any, where: str) -> tuple[HistoryPoint, ...]:
 
 
 def _focus_from_dict(doc: Mapping[str, Any]) -> FocusDetail:
-    key = ProcessKey(_int(doc["pid"], "focus.pid") or 0, float(_num(doc.get("start_time", 0.0), "focus") or 0))
+    key = ProcessKey(
+        _int(doc["pid"], "focus.pid") or 0, float(_num(doc.get("start_time", 0.0), "focus") or 0)
+    )
     sites = tuple(
         CallSite(
             address=_int(s.get("address", 0), "focus.call_sites.address") or 0,

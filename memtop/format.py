@@ -71,7 +71,7 @@ def datetime(ts: float | None) -> str:
 
 
 def iso_utc(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def size_bucket(index: int) -> str:

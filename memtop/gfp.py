@@ -46,7 +46,7 @@ def _eval_const(expr: str) -> int:
 
 
 def parse_gfp_table(print_fmt: str) -> list[tuple[int, str]]:
-    """(mask, name) pairs in the order the kernel's print fmt lists them; entries it cannot read are skipped."""
+    """(mask, name) pairs in the print fmt's order; entries that cannot be read are skipped."""
     start = print_fmt.find("__print_flags(REC->gfp_flags")
     if start < 0:
         return []
@@ -62,7 +62,7 @@ def parse_gfp_table(print_fmt: str) -> list[tuple[int, str]]:
 
 
 def decode_gfp(flags: int, table: list[tuple[int, str]]) -> str:
-    """"GFP_KERNEL|__GFP_ZERO" style text; unknown leftover bits are shown in hex; 0 is "none"."""
+    """ "GFP_KERNEL|__GFP_ZERO" style text; unknown leftover bits are shown in hex; 0 is "none"."""
     if flags == 0:
         return "none"
     if not table:

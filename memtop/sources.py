@@ -79,9 +79,7 @@ class LiveSource:
         with self._lock:
             now = time.time()
             reading = self.kmalloc.read()
-            procs = {
-                tgid: None if tgid == IRQ_TGID else self.procs.read(tgid) for tgid in reading.per_tgid
-            }
+            procs = {tgid: None if tgid == IRQ_TGID else self.procs.read(tgid) for tgid in reading.per_tgid}
             forget = self.store.ingest(now, reading, procs)
             self.kmalloc.forget(forget)
             for pid in forget:

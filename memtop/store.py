@@ -136,7 +136,6 @@ def counter_delta(previous: int, now: int) -> int:
     return now - previous if now >= previous else now
 
 
-
 class Store:
     def __init__(
         self,
@@ -163,9 +162,7 @@ class Store:
 
     # -- ingest ---------------------------------------------------------------------------------------
 
-    def ingest(
-        self, now: float, reading: KmallocReading, procs: Mapping[int, ProcInfo | None]
-    ) -> list[int]:
+    def ingest(self, now: float, reading: KmallocReading, procs: Mapping[int, ProcInfo | None]) -> list[int]:
         """Apply one probe reading taken at wall time `now`.
 
         `procs` maps each tgid in the reading to what /proc says now (None: it has exited).
@@ -234,8 +231,9 @@ class Store:
             # The PID was reused: the old process exited, this is a new one (a new row).
             old = self._states.get(key)
             if old is not None:
-                old.row = replace(old.row, exited=True, exited_at=now, kmalloc_bytes_per_s=0.0,
-                                  kmalloc_calls_per_s=0.0)
+                old.row = replace(
+                    old.row, exited=True, exited_at=now, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0
+                )
                 new_state = self._new_state(tgid, counters, info, now)
                 # Counts the kernel had before the reuse belong to the old process.
                 new_state.kernel_calls, new_state.kernel_bytes = old.kernel_calls, old.kernel_bytes
@@ -246,9 +244,13 @@ class Store:
             return self._states[key]
         return self._new_state(tgid, counters, info, now)
 
-    def _new_state(self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float) -> _ProcState:
+    def _new_state(
+        self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float
+    ) -> _ProcState:
         if tgid == IRQ_TGID:
-            row = ProcessRow(pid=tgid, start_time=0.0, comm=IRQ_COMM, cmdline="allocations in interrupt context")
+            row = ProcessRow(
+                pid=tgid, start_time=0.0, comm=IRQ_COMM, cmdline="allocations in interrupt context"
+            )
         elif info is not None:
             fields = _live_fields(info)
             fields.setdefault("comm", counters.comm or "?")
@@ -375,6 +377,7 @@ def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
     if not needle:
         return list(rows)
     return [
-        r for r in rows
+        r
+        for r in rows
         if needle in r.comm.lower() or needle in r.cmdline.lower() or (not r.is_irq and needle in str(r.pid))
     ]

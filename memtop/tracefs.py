@@ -70,7 +70,9 @@ def parse_format(text: str) -> dict[str, Field]:
         type_, _, name = decl.rpartition(" ")
         name = name.split("[", 1)[0]
         try:
-            fields[name] = Field(name, type_.strip(), int(parts.get("offset", "0")), int(parts.get("size", "0")))
+            fields[name] = Field(
+                name, type_.strip(), int(parts.get("offset", "0")), int(parts.get("size", "0"))
+            )
         except ValueError:
             continue
     return fields
@@ -96,8 +98,11 @@ def is_root_or_capable() -> bool:
             if line.startswith("CapEff:"):
                 caps = int(line.split()[1], 16)
                 cap_sys_admin, cap_perfmon, cap_bpf = 21, 38, 39
-                has = lambda bit: bool(caps & (1 << bit))  # noqa: E731
-                return has(cap_sys_admin) or (has(cap_bpf) and has(cap_perfmon))
+                return _has(caps, cap_sys_admin) or (_has(caps, cap_bpf) and _has(caps, cap_perfmon))
     except (OSError, ValueError, IndexError):
         pass
     return False
+
+
+def _has(caps: int, bit: int) -> bool:
+    return bool(caps & (1 << bit))

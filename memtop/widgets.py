@@ -25,29 +25,46 @@ class HeaderBar(Static):
             self.update("memtop  starting…")
             return
         up = fmt.short_duration(snap.taken_at - snap.host.boot_time) if snap.host.boot_time else "-"
-        mode = Text(" REPLAY ", style="bold black on yellow") if snap.replay else (
-            Text(" PAUSED ", style="bold black on bright_yellow") if paused else Text(" LIVE ", style="bold black on green")
+        mode = (
+            Text(" REPLAY ", style="bold black on yellow")
+            if snap.replay
+            else (
+                Text(" PAUSED ", style="bold black on bright_yellow")
+                if paused
+                else Text(" LIVE ", style="bold black on green")
+            )
         )
         line1 = Text.assemble(
-            ("memtop ", "bold"), (snap.host.hostname, "bold cyan"), f"  kernel {snap.host.kernel}  up {up}  │ ",
-            ("kmalloc ", "bold"), (fmt.size_rate(snap.kmalloc_bytes_per_s), "bold"),
+            ("memtop ", "bold"),
+            (snap.host.hostname, "bold cyan"),
+            f"  kernel {snap.host.kernel}  up {up}  │ ",
+            ("kmalloc ", "bold"),
+            (fmt.size_rate(snap.kmalloc_bytes_per_s), "bold"),
             f" {fmt.count_rate(snap.kmalloc_calls_per_s)} calls  │ ",
             f"every {interval_s:g}s" if not snap.replay else f"taken {fmt.datetime(snap.taken_at)}",
-            "  ", mode,
+            "  ",
+            mode,
         )
         if snap.sample_every > 1:
             line1.append(f"  sampled 1/{snap.sample_every}: estimates", style="bold yellow")
-        probes = "  ".join(
-            f"{name} {p.status}" + (f" ({p.detail})" if p.detail and p.status != "running" else "")
-            for name, p in snap.probes.items()
-        ) or "no probes"
+        probes = (
+            "  ".join(
+                f"{name} {p.status}" + (f" ({p.detail})" if p.detail and p.status != "running" else "")
+                for name, p in snap.probes.items()
+            )
+            or "no probes"
+        )
         drops = snap.drops
         drop_text = (
             f"drops: pid map {fmt.count(drops.get('pid_map_full', 0))}"
             f" · call sites {fmt.count(drops.get('call_site_map_full', 0))}"
             f" · tail lost {fmt.count(drops.get('tail_lost', 0))}"
         )
-        alarming = ("pid_map_full", "call_site_map_full", "tail_lost")  # data lost, unlike the tail's rate cap
+        alarming = (
+            "pid_map_full",
+            "call_site_map_full",
+            "tail_lost",
+        )  # data lost, unlike the tail's rate cap
         drop_style = "bold red" if any(drops.get(k, 0) for k in alarming) else ""
         line2 = Text.assemble(f"probes: {probes}  │ ", (drop_text, drop_style))
         line2.append(f"  │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
@@ -60,7 +77,7 @@ class Column:
 
     field: str
     label: str
-    render: Callable[[Any], str]
+    render: Callable[[Any], str | Text]
     numeric: bool = True
     width: int | None = None
 
@@ -98,7 +115,9 @@ class SortedTable(DataTable[Any]):
             for key, cells in rows:
                 old = self._cells.get(key)
                 if old != tuple(cells):
-                    for col, value, previous in zip(self.columns_spec, cells, old or (None,) * len(cells)):
+                    for col, value, previous in zip(
+                        self.columns_spec, cells, old or (None,) * len(cells), strict=True
+                    ):
                         if value != previous:
                             self.update_cell(key, col.field, value)
                     self._cells[key] = tuple(cells)

@@ -24,8 +24,22 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "raw.json"
             subprocess.run(
-                [sys.executable, "-m", "memtop", "snapshot", "--duration", "5", "--interval", "0.5",
-                 "--tail-min-bytes", "256", "--pid", str(worker.pid), "--output", str(raw)],
+                [
+                    sys.executable,
+                    "-m",
+                    "memtop",
+                    "snapshot",
+                    "--duration",
+                    "5",
+                    "--interval",
+                    "0.5",
+                    "--tail-min-bytes",
+                    "256",
+                    "--pid",
+                    str(worker.pid),
+                    "--output",
+                    str(raw),
+                ],
                 check=True,
             )
             doc = json.loads(raw.read_text())

@@ -1,6 +1,6 @@
 """Regenerate screenshots/*.svg by rendering the real app from a replay file.
 
-    .venv/bin/python scripts/screenshots.py [REPLAY_FILE]   (default: tests/data/replay.json)
+.venv/bin/python scripts/screenshots.py [REPLAY_FILE]   (default: tests/data/replay.json)
 """
 
 from __future__ import annotations

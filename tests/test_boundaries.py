@@ -3,8 +3,19 @@
 import subprocess
 import sys
 
-PURE = ["memtop.store", "memtop.model", "memtop.format", "memtop.export", "memtop.gfp", "memtop.config",
-        "memtop.sources", "memtop.tracefs", "memtop.procinfo", "memtop.doctor", "memtop.cgroups"]
+PURE = [
+    "memtop.store",
+    "memtop.model",
+    "memtop.format",
+    "memtop.export",
+    "memtop.gfp",
+    "memtop.config",
+    "memtop.sources",
+    "memtop.tracefs",
+    "memtop.procinfo",
+    "memtop.doctor",
+    "memtop.cgroups",
+]
 
 
 def test_pure_modules_import_neither_textual_nor_bcc() -> None:

@@ -5,6 +5,7 @@ Each test creates its own cgroups (v1 memory and, where mounted, cgroup2) and re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -54,7 +55,7 @@ def v2_root() -> Path | None:
     return None
 
 
-class TestCgroup:
+class CgroupFixture:
     """A cgroup of the test's own in each hierarchy present; processes are moved in at start."""
 
     def __init__(self, name: str) -> None:
@@ -80,10 +81,8 @@ class TestCgroup:
             for _ in range(50):
                 procs = (d / "cgroup.procs").read_text().split()
                 for pid in procs:
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                 try:
                     d.rmdir()
                     break
@@ -92,8 +91,8 @@ class TestCgroup:
 
 
 @pytest.fixture
-def cgroup() -> Iterator[TestCgroup]:
-    cg = TestCgroup(f"memtop-test-{uuid.uuid4().hex[:8]}")
+def cgroup() -> Iterator[CgroupFixture]:
+    cg = CgroupFixture(f"memtop-test-{uuid.uuid4().hex[:8]}")
     assert cg.dirs, "no cgroup hierarchy to create a test cgroup in"
     try:
         yield cg
@@ -102,9 +101,12 @@ def cgroup() -> Iterator[TestCgroup]:
 
 
 class Workload:
-    def __init__(self, cgroup: TestCgroup) -> None:
+    def __init__(self, cgroup: CgroupFixture) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WORKLOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, "-c", WORKLOAD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
             preexec_fn=cgroup.enter,
         )
         assert self.proc.stdout is not None
@@ -164,7 +166,7 @@ def live(config: Config):  # type: ignore[no-untyped-def]
 # -- the live source --------------------------------------------------------------------------------
 
 
-def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: TestCgroup) -> None:
+def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: CgroupFixture) -> None:
     source = live(Config(interval_s=0.5, tail_min_bytes=256))
     ours = prog_ids_held_by(os.getpid())
     assert len(ours) >= 2  # kmalloc + exec (+ irq programs)
@@ -181,7 +183,7 @@ def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: T
     assert not (ours & loaded_prog_ids()), "probes still loaded after close()"
 
     row = snap.process(work.key)
-    assert row is not None, "workload missing from the snapshot"
+    assert row is not None, (work.key, [r for r in snap.processes if r.pid == work.key.pid])
     assert row.comm == "python3" or row.comm.startswith("python")
     assert row.cgroup_path == cgroup.path
     assert CALLS <= row.kmalloc_calls <= CALLS + 5_000
@@ -189,8 +191,13 @@ def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: T
     # the rates, integrated over the ticks, add back up to the totals
     history = snap.focus.history if snap.focus else ()
     assert len(history) >= 2
-    integrated = sum(p.kmalloc_calls_per_s * (p.t - prev.t) for prev, p in zip(history, history[1:]))
-    assert abs(integrated - (row.kmalloc_calls - _first_tick_calls(snap, history))) <= 0.01 * row.kmalloc_calls + 5
+    integrated = sum(
+        p.kmalloc_calls_per_s * (p.t - prev.t) for prev, p in zip(history, history[1:], strict=False)
+    )
+    assert (
+        abs(integrated - (row.kmalloc_calls - _first_tick_calls(snap, history)))
+        <= 0.01 * row.kmalloc_calls + 5
+    )
 
     reading = snap.focus.reading if snap.focus else None
     assert reading is not None
@@ -210,7 +217,7 @@ def _first_tick_calls(snap: Snapshot, history) -> float:  # type: ignore[no-unty
     return history[0].kmalloc_calls_per_s * (history[0].t - (snap.taken_at - snap.duration_s))
 
 
-def test_sampling_scales_estimates(cgroup: TestCgroup) -> None:
+def test_sampling_scales_estimates(cgroup: CgroupFixture) -> None:
     source = live(Config(interval_s=0.5, sample_every=4))
     work = Workload(cgroup)
     try:
@@ -223,7 +230,7 @@ def test_sampling_scales_estimates(cgroup: TestCgroup) -> None:
         source.close()
     assert snap.sample_every == 4
     row = snap.process(work.key)
-    assert row is not None
+    assert row is not None, (work.key, [r for r in snap.processes if r.pid == work.key.pid])
     assert 0.9 * CALLS <= row.kmalloc_calls <= 1.15 * CALLS
     assert "1 in 4 sampled" in snap.probes["kmalloc"].detail
 
@@ -266,11 +273,12 @@ def test_full_pid_map_counts_drops() -> None:
     assert len([r for r in snap.processes if not r.is_irq]) <= 64
 
 
-def test_exited_short_lived_process_is_kept_named_and_marked(cgroup: TestCgroup) -> None:
+def test_exited_short_lived_process_is_kept_named_and_marked(cgroup: CgroupFixture) -> None:
     source = live(Config(interval_s=0.5))
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import os\nfor _ in range(2000): os.listxattr('/')"], preexec_fn=cgroup.enter
+            [sys.executable, "-c", "import os\nfor _ in range(2000): os.listxattr('/')"],
+            preexec_fn=cgroup.enter,
         )
         proc.wait(timeout=30)
         snap = source.tick()
@@ -285,14 +293,28 @@ def test_exited_short_lived_process_is_kept_named_and_marked(cgroup: TestCgroup)
 # -- the CLI: headless snapshot and the TUI's exits --------------------------------------------------
 
 
-def test_headless_snapshot_with_focus(cgroup: TestCgroup, tmp_path: Path) -> None:
+def test_headless_snapshot_with_focus(cgroup: CgroupFixture, tmp_path: Path) -> None:
     work = Workload(cgroup)
     out = tmp_path / "snap.json"
     try:
         cli = subprocess.Popen(
-            [sys.executable, "-m", "memtop", "snapshot", "--duration", "4", "--interval", "0.5",
-             "--pid", str(work.proc.pid), "--output", str(out)],
-            cwd=REPO, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "memtop",
+                "snapshot",
+                "--duration",
+                "4",
+                "--interval",
+                "0.5",
+                "--pid",
+                str(work.proc.pid),
+                "--output",
+                str(out),
+            ],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         ids = wait_for(lambda: _kmalloc_attached(cli.pid), what="memtop's probes to attach")
         work.run()
@@ -324,8 +346,19 @@ def _kmalloc_attached(pid: int) -> set[int]:
 
 def test_sigterm_during_headless_snapshot_detaches(tmp_path: Path) -> None:
     cli = subprocess.Popen(
-        [sys.executable, "-m", "memtop", "snapshot", "--duration", "600", "--output", str(tmp_path / "s.json")],
-        cwd=REPO, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "memtop",
+            "snapshot",
+            "--duration",
+            "600",
+            "--output",
+            str(tmp_path / "s.json"),
+        ],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     ids = wait_for(lambda: _kmalloc_attached(cli.pid), what="memtop's probes to attach")
     cli.send_signal(signal.SIGTERM)
@@ -340,8 +373,15 @@ def test_sigterm_during_headless_snapshot_detaches(tmp_path: Path) -> None:
 def test_tui_exit_detaches_every_probe(how: str) -> None:
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
-    tui = subprocess.Popen([sys.executable, "-m", "memtop", "--interval", "0.5"], cwd=REPO, env=env,
-                           stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    tui = subprocess.Popen(
+        [sys.executable, "-m", "memtop", "--interval", "0.5"],
+        cwd=REPO,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     output = bytearray()
 

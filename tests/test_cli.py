@@ -13,7 +13,9 @@ import pytest
 from .conftest import REPLAY, REPO
 
 
-def run(*args: str, env: dict[str, str] | None = None, user: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, env: dict[str, str] | None = None, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "memtop", *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
@@ -65,7 +67,8 @@ def test_replay_wrong_schema(tmp_path: Path) -> None:
 
 
 needs_setpriv = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to switch to an unprivileged user"
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root to switch to an unprivileged user",
 )
 
 
@@ -91,8 +94,9 @@ def test_live_mode_as_non_root_is_refused() -> None:
 @needs_setpriv
 def test_snapshot_as_non_root_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o777)
-    assert_one_line_error(run("snapshot", "-d", "1", "-o", str(tmp_path / "s.json"), user="65534"),
-                          "live mode needs root")
+    assert_one_line_error(
+        run("snapshot", "-d", "1", "-o", str(tmp_path / "s.json"), user="65534"), "live mode needs root"
+    )
 
 
 def _fake_bcc(tmp_path: Path, body: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import time
 from typing import Any
@@ -61,7 +62,9 @@ class KmallocProbe(Probe):
     def cflags(self) -> list[str]:
         softirq = all(tracefs.tracepoint_exists("irq", e) for e in ("softirq_entry", "softirq_exit"))
         hardirq = all(tracefs.tracepoint_exists("irq", e) for e in ("irq_handler_entry", "irq_handler_exit"))
-        self.irq_tracking = "+".join(n for n, ok in (("softirq", softirq), ("hardirq", hardirq)) if ok) or "none"
+        self.irq_tracking = (
+            "+".join(n for n, ok in (("softirq", softirq), ("hardirq", hardirq)) if ok) or "none"
+        )
         return [
             int_cflag("SAMPLE_EVERY", self.sample_every, 1, MAX_SAMPLE_EVERY),
             int_cflag("MAX_PIDS", self.max_pids, 64, 1 << 20),
@@ -94,12 +97,16 @@ class KmallocProbe(Probe):
         per_tgid: dict[int, KmallocCounters] = {}
         scale = self.sample_every
         comms = {
-            (k if isinstance(k, int) else k.value): bytes(v.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+            (k if isinstance(k, int) else k.value): bytes(v.comm)
+            .split(b"\0", 1)[0]
+            .decode("utf-8", "replace")
             for k, v in self.bpf[b"comms"].items()
         }
         for key, values in percpu_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
-            per_tgid[key] = KmallocCounters(calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, ""))
+            per_tgid[key] = KmallocCounters(
+                calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, "")
+            )
         counters = self.bpf[b"counters"]
         sums = [sum(counters.getvalue(i)) for i in range(5)]
         return KmallocReading(
@@ -116,10 +123,8 @@ class KmallocProbe(Probe):
         for name in ("pid_stats", "comms"):
             table = self.bpf[name]
             for tgid in tgids:
-                try:
+                with contextlib.suppress(KeyError):
                     del table[table.Key(tgid)]
-                except KeyError:
-                    pass
 
     # -- the drilled-in process ------------------------------------------------------------------------
 

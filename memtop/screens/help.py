@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.table import Table
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -19,9 +21,17 @@ EXTRA_KEYS: tuple[tuple[str, str], ...] = (
 
 def key_display(key: str) -> str:
     names = {
-        "question_mark": "?", "slash": "/", "plus": "+", "minus": "-", "escape": "Esc", "enter": "Enter",
-        "less_than_sign": "<", "greater_than_sign": ">", "left_square_bracket": "[",
-        "right_square_bracket": "]", "ctrl+c": "Ctrl+C",
+        "question_mark": "?",
+        "slash": "/",
+        "plus": "+",
+        "minus": "-",
+        "escape": "Esc",
+        "enter": "Enter",
+        "less_than_sign": "<",
+        "greater_than_sign": ">",
+        "left_square_bracket": "[",
+        "right_square_bracket": "]",
+        "ctrl+c": "Ctrl+C",
     }
     return ", ".join(names.get(k.strip(), k.strip()) for k in key.split(","))
 
@@ -41,7 +51,9 @@ def help_table(sections: list[tuple[str, list[tuple[str, str]]]]) -> Table:
 class HelpScreen(ModalScreen[None]):
     DEFAULT_CSS = """
     HelpScreen { align: center middle; }
-    HelpScreen > VerticalScroll { width: 76; height: 80%; border: thick $primary; background: $surface; padding: 1 2; }
+    HelpScreen > VerticalScroll {
+        width: 76; height: 80%; border: thick $primary; background: $surface; padding: 1 2;
+    }
     """
     BINDINGS = [Binding("escape,q,question_mark", "app.pop_screen", "Close")]
 
@@ -54,5 +66,9 @@ class HelpScreen(ModalScreen[None]):
             yield Static(help_table(self.sections), id="help-text")
 
 
-def describe_bindings(bindings: list[Binding]) -> list[tuple[str, str]]:
-    return [(key_display(b.key), b.description or b.action) for b in bindings]
+def describe_bindings(bindings: Sequence[Binding | tuple[str, ...]]) -> list[tuple[str, str]]:
+    rows = []
+    for b in bindings:
+        binding = b if isinstance(b, Binding) else Binding(b[0], b[1], b[2] if len(b) > 2 else "")
+        rows.append((key_display(binding.key), binding.description or binding.action))
+    return rows

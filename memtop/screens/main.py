@@ -32,8 +32,12 @@ PROCESS_COLUMNS: tuple[Column, ...] = (
     Column("pid", "PID", lambda r: right("-" if r.is_irq else str(r.pid)), width=8),
     Column("user", "USER", lambda r: r.user or "-", numeric=False, width=10),
     Column("comm", "COMMAND", _comm, numeric=False, width=20),
-    Column("kmalloc_bytes_per_s", "KMALLOC/s", lambda r: right(fmt.size_rate(r.kmalloc_bytes_per_s)), width=12),
-    Column("kmalloc_calls_per_s", "CALLS/s", lambda r: right(fmt.count_rate(r.kmalloc_calls_per_s)), width=10),
+    Column(
+        "kmalloc_bytes_per_s", "KMALLOC/s", lambda r: right(fmt.size_rate(r.kmalloc_bytes_per_s)), width=12
+    ),
+    Column(
+        "kmalloc_calls_per_s", "CALLS/s", lambda r: right(fmt.count_rate(r.kmalloc_calls_per_s)), width=10
+    ),
     Column("kmalloc_avg_bytes", "AVG", lambda r: right(fmt.size(r.kmalloc_avg_bytes)), width=9),
     Column("kmalloc_waste_pct", "WASTE", lambda r: right(fmt.percent(r.kmalloc_waste_pct)), width=7),
     Column("kmalloc_bytes", "TOTAL", lambda r: right(fmt.size(r.kmalloc_bytes)), width=10),
@@ -71,9 +75,8 @@ class MainScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
-        with TabbedContent(id="tabs"):
-            with TabPane("Processes", id="processes"), Vertical():
-                yield ProcessTable(PROCESS_COLUMNS, id="process-table")
+        with TabbedContent(id="tabs"), TabPane("Processes", id="processes"), Vertical():
+            yield ProcessTable(PROCESS_COLUMNS, id="process-table")
         yield Input(placeholder="filter by command or PID — Enter keeps it, Esc clears", id="filter")
         yield Footer()
 

@@ -34,8 +34,11 @@ TAIL_MAX_PER_SEC = 200  # the kernel-side tail budget (memtop/bpf/kmalloc.c)
 def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Text:
     if row is None:
         return Text(f"PID {key.pid}: no longer in the data", style="dim")
-    state = f"exited {fmt.short_duration(snap.taken_at - row.exited_at)} ago" if (
-        row.exited and row.exited_at) else (row.state or "-")
+    state = (
+        f"exited {fmt.short_duration(snap.taken_at - row.exited_at)} ago"
+        if (row.exited and row.exited_at)
+        else (row.state or "-")
+    )
     grid = Table.grid(padding=(0, 1))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column(overflow="fold")
@@ -48,9 +51,15 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
         ("threads", "-" if row.threads is None else str(row.threads)),
         ("started", fmt.datetime(row.start_time)),
         ("cgroup", row.cgroup_path or "-"),
-        ("kmalloc now", f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls"),
-        ("kmalloc total", f"{fmt.size(row.kmalloc_bytes)} in {fmt.count(row.kmalloc_calls)} calls, "
-                          f"avg {fmt.size(row.kmalloc_avg_bytes)}, waste {fmt.percent(row.kmalloc_waste_pct)}"),
+        (
+            "kmalloc now",
+            f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls",
+        ),
+        (
+            "kmalloc total",
+            f"{fmt.size(row.kmalloc_bytes)} in {fmt.count(row.kmalloc_calls)} calls, "
+            f"avg {fmt.size(row.kmalloc_avg_bytes)}, waste {fmt.percent(row.kmalloc_waste_pct)}",
+        ),
     ):
         grid.add_row(label, value)
     return grid  # type: ignore[return-value]
@@ -88,7 +97,9 @@ def tail_text(reading: FocusReading | None, min_bytes: int, drops: Mapping[str, 
         header.append("no kmallocs of that size yet", style="dim")
         return header
     table = Text(no_wrap=True, overflow="ellipsis")
-    table.append(f"{'TIME':12} {'TID':>7} {'REQ':>8} {'ALLOC':>8} {'NODE':>4} {'CALL SITE':26} GFP\n", style="bold")
+    table.append(
+        f"{'TIME':12} {'TID':>7} {'REQ':>8} {'ALLOC':>8} {'NODE':>4} {'CALL SITE':26} GFP\n", style="bold"
+    )
     for ev in reversed(events[-40:]):
         node = "-" if ev.node < 0 else str(ev.node)
         table.append(
@@ -143,11 +154,13 @@ class ProcessScreen(Screen[None]):
         values = [p.kmalloc_bytes_per_s for p in history]
         span = history[-1].t - history[0].t if len(history) > 1 else 0.0
         peak = max(values) if values else 0.0
-        self.query_one("#graph-label", Static).update(Text.assemble(
-            ("kmalloc bytes/s", "bold"),
-            f"  last {fmt.short_duration(span)}  now {fmt.size_rate(values[-1] if values else None)}"
-            f"  peak {fmt.size_rate(peak)}",
-        ))
+        self.query_one("#graph-label", Static).update(
+            Text.assemble(
+                ("kmalloc bytes/s", "bold"),
+                f"  last {fmt.short_duration(span)}  now {fmt.size_rate(values[-1] if values else None)}"
+                f"  peak {fmt.size_rate(peak)}",
+            )
+        )
         self.query_one("#graph", Sparkline).data = values or [0.0]
         reading = focus.reading if focus else None
         self.query_one("#sizes", Static).update(sizes_text(reading))
