@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 
 from memtop import format as fmt
+from memtop.screens import MemtopScreen
 from memtop.store import ProcessKey, ProcessRow, Snapshot, SortKey, filter_rows, sort_rows
 from memtop.widgets import Column, HeaderBar, SortedTable, right
-
-if TYPE_CHECKING:
-    from memtop.app import MemtopApp
 
 
 def _comm(row: ProcessRow) -> Text:
@@ -54,7 +51,7 @@ class ProcessTable(SortedTable):
     BINDINGS = [Binding(str(i + 1), f"app.sort({i})", show=False) for i in range(len(PROCESS_COLUMNS))]
 
 
-class MainScreen(Screen[None]):
+class MainScreen(MemtopScreen):
     BINDINGS = [
         Binding("enter", "drill", "Details", show=True),
         Binding("slash", "filter", "Filter"),
@@ -69,10 +66,6 @@ class MainScreen(Screen[None]):
         self.filter_text = ""
         self._rows: dict[str, ProcessRow] = {}
 
-    @property
-    def memtop(self) -> MemtopApp:
-        return self.app  # type: ignore[return-value]
-
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
         with TabbedContent(id="tabs"), TabPane("Processes", id="processes"), Vertical():
@@ -84,15 +77,7 @@ class MainScreen(Screen[None]):
         self.query_one(ProcessTable).focus()
         self.refresh_view()
 
-    def refresh_view(self) -> None:
-        app = self.memtop
-        snap = app.snapshot
-        self.query_one(HeaderBar).show(snap, app.paused, app.interval_s)
-        if snap is None:
-            return
-        self.show_processes(snap)
-
-    def show_processes(self, snap: Snapshot) -> None:
+    def show_snapshot(self, snap: Snapshot) -> None:
         table = self.query_one(ProcessTable)
         sort = self.memtop.sort
         rows = sort_rows(filter_rows(snap.processes, self.filter_text), sort)

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Footer, Sparkline, Static
 
 from memtop import format as fmt
 from memtop.model import FocusReading
+from memtop.screens import MemtopScreen
 from memtop.store import ProcessKey, ProcessRow, Snapshot
 from memtop.widgets import Column, HeaderBar, SortedTable, right
-
-if TYPE_CHECKING:
-    from memtop.app import MemtopApp
 
 CALL_SITE_COLUMNS = (
     Column("symbol", "CALL SITE", lambda s: s.symbol, numeric=False, width=30),
@@ -109,7 +105,7 @@ def tail_text(reading: FocusReading | None, min_bytes: int, drops: Mapping[str, 
     return header + table
 
 
-class ProcessScreen(Screen[None]):
+class ProcessScreen(MemtopScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("left_square_bracket", "tail_min(-1)", "Tail min ÷2"),
@@ -119,10 +115,6 @@ class ProcessScreen(Screen[None]):
     def __init__(self, key: ProcessKey) -> None:
         super().__init__()
         self.key = key
-
-    @property
-    def memtop(self) -> MemtopApp:
-        return self.app  # type: ignore[return-value]
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
@@ -141,12 +133,8 @@ class ProcessScreen(Screen[None]):
         self.query_one("#call-sites").focus()
         self.refresh_view()
 
-    def refresh_view(self) -> None:
+    def show_snapshot(self, snap: Snapshot) -> None:
         app = self.memtop
-        snap = app.snapshot
-        self.query_one(HeaderBar).show(snap, app.paused, app.interval_s)
-        if snap is None:
-            return
         row = snap.process(self.key)
         self.query_one("#details", Static).update(details_text(row, self.key, snap))
         focus = snap.focus if snap.focus is not None and snap.focus.key == self.key else None
