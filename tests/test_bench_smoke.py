@@ -1,0 +1,87 @@
+"""Smoke test of bench/kmalloc_bench.py: the workload builds, and a short run prints the results table.
+
+No timing is asserted: this only checks that the benchmark still runs end to end against the real probe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "kmalloc_bench.py"
+
+
+def _cannot_run(reason: str) -> None:
+    if os.environ.get("MEMTOP_REQUIRE_BPF") == "1":
+        pytest.fail(f"MEMTOP_REQUIRE_BPF=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kmalloc_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+def _table_cell(stdout: str, row_prefix: str, column: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == row_prefix:
+            return cells[header.index(column)]
+    raise AssertionError(f"no {row_prefix!r} row in:\n{stdout}")
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(60)
+def test_bench_builds_workload_and_prints_table(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        _cannot_run("not running as root")
+    for tool in ("gcc", "bpftool"):
+        if shutil.which(tool) is None:
+            _cannot_run(f"{tool} is not installed")
+
+    bench = _load_bench()
+    workload = bench.build_workload(tmp_path)
+    iterations, elapsed = bench.run_workload(workload, 0.2)
+    assert iterations > 0 and iterations % 1024 == 0
+    assert elapsed >= 0.2
+
+    result_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--seconds",
+            "0.5",
+            "--rounds",
+            "1",
+            "--attempts",
+            "1",
+            "--json",
+            str(result_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| mode |" in proc.stdout
+    assert _table_cell(proc.stdout, "none", "iterations/s (median)") != "–"
+    assert float(_table_cell(proc.stdout, "memtop probe", "kmalloc prog ns/event")) > 0
+    assert "remain loaded" in proc.stdout
+    assert result_json.exists()
