@@ -64,7 +64,7 @@ class Probe:
         bcc = import_bcc()
         text = bpf_source(self.source)
         try:
-            self.bpf = bcc.BPF(text=text, cflags=self.cflags())
+            self.bpf = bcc.BPF(text=text.encode(), cflags=self.cflags())
         except Exception as exc:  # BCC raises bare Exception for compile/load/attach failures
             self.bpf = None
             self.status = ProbeStatus("error", _one_line(exc))

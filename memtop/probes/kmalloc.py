@@ -120,7 +120,7 @@ class KmallocProbe(Probe):
 
     def forget(self, tgids: list[int]) -> None:
         """Drop the kernel entries of processes that have exited (their totals are already read)."""
-        for name in ("pid_stats", "comms"):
+        for name in (b"pid_stats", b"comms"):
             table = self.bpf[name]
             for tgid in tgids:
                 with contextlib.suppress(KeyError):
