@@ -4,9 +4,9 @@
 A small C program calls listxattr(path, buf, 256) in a tight loop: on current kernels each call does one
 kmalloc (call site listxattr+0x7d), millions of them a second. Each round runs it three times: with no
 tracing, with memtop's KmallocProbe attached (read once a second from a thread, as the app does), and with
-the probe plus kernel.bpf_stats_enabled=1. The script reports the median iterations/s, the probe's slowdown
-(from the runs without bpf_stats, whose accounting has a cost of its own), and from the bpf_stats runs the
-kernel's account of the BPF programs: nanoseconds per event and events per second.
+the probe plus the kernel's BPF run-time statistics ("bpf_stats"). The script reports the median
+iterations/s, the probe's slowdown (from the runs without bpf_stats, whose accounting has a cost of its
+own), and from the bpf_stats runs the kernel's account of the BPF programs: ns per event and events/s.
 
 Needs root. Usage: sudo make bench, or sudo .venv/bin/python bench/kmalloc_bench.py --help
 """
@@ -14,6 +14,8 @@ Needs root. Usage: sudo make bench, or sudo .venv/bin/python bench/kmalloc_bench
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import platform
@@ -178,32 +180,52 @@ def prog_stats(ids: set[int]) -> dict[int, ProgStats]:
     return stats
 
 
-class BpfStatsSysctl:
-    """kernel.bpf_stats_enabled, switched per run; the old value is written back at the end, also on failure.
+BPF_ENABLE_STATS = 32  # enum bpf_cmd in linux/bpf.h
+BPF_STATS_RUN_TIME = 0
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
 
-    The accounting is not free (two clock reads per program run), so throughput is measured with it off
-    and the per-event cost in separate runs with it on.
+
+class RunTimeStats:
+    """The kernel's BPF run-time accounting (run_time_ns, run_cnt), on for the `with` block.
+
+    It holds the fd that bpf(BPF_ENABLE_STATS) returns. The kernel counts the holders (and
+    kernel.bpf_stats_enabled=1 as one more), so the accounting goes off again when the fd is closed, even if
+    this process is killed, and two benchmarks at once cannot undo each other, as they could by writing the
+    sysctl and restoring it. Where the bpf syscall's number is not known, it falls back to the sysctl and
+    writes the old value back on exit, also on failure.
     """
 
     def __init__(self) -> None:
-        self.old: str | None = None
+        self.fd = -1
+        self.sysctl_old: str | None = None
 
-    def __enter__(self) -> BpfStatsSysctl:
-        try:
-            self.old = BPF_STATS_SYSCTL.read_text().strip()
-        except OSError as exc:
-            raise BenchError(f"cannot read {BPF_STATS_SYSCTL}: {exc.strerror}") from None
+    def __enter__(self) -> RunTimeStats:
+        number = SYS_BPF.get(platform.machine())
+        if number is None:
+            try:
+                old = BPF_STATS_SYSCTL.read_text().strip()
+                BPF_STATS_SYSCTL.write_text("1\n")
+            except OSError as exc:
+                raise BenchError(f"cannot switch on {BPF_STATS_SYSCTL}: {exc.strerror}") from None
+            self.sysctl_old = old
+            return self
+        libc = ctypes.CDLL(None, use_errno=True)
+        attr = (ctypes.c_uint32 * 4)(BPF_STATS_RUN_TIME)  # union bpf_attr: .enable_stats.type, rest zero
+        fd = libc.syscall(
+            ctypes.c_long(number), ctypes.c_int(BPF_ENABLE_STATS), ctypes.byref(attr), ctypes.sizeof(attr)
+        )
+        if fd < 0:
+            raise BenchError(f"bpf(BPF_ENABLE_STATS) failed: {os.strerror(ctypes.get_errno())}")
+        self.fd = fd
         return self
 
-    def set(self, enabled: bool) -> None:
-        try:
-            BPF_STATS_SYSCTL.write_text("1\n" if enabled else "0\n")
-        except OSError as exc:
-            raise BenchError(f"cannot write {BPF_STATS_SYSCTL}: {exc.strerror}") from None
-
     def __exit__(self, *exc: object) -> None:
-        if self.old is not None:
-            BPF_STATS_SYSCTL.write_text(self.old + "\n")
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.sysctl_old is not None:
+            BPF_STATS_SYSCTL.write_text(self.sysctl_old + "\n")
+            self.sysctl_old = None
 
 
 def own_prog_ids() -> dict[str, int]:
@@ -325,13 +347,15 @@ def run_probe(
         irq_ids = {i for name, i in ids.items() if name in IRQ_TRACEPOINTS}
         foreign = foreign_attachments()
         reader.start()
-        before = prog_stats(set(ids.values())) if with_stats else {}
+        before = prog_stats(set(ids.values()))
         t0 = time.monotonic()
         proc = start_workload(workload, seconds)
         iterations, elapsed = finish_workload(proc, seconds)
         window = time.monotonic() - t0
-        after = prog_stats(set(ids.values())) if with_stats else {}
+        after = prog_stats(set(ids.values()))
         foreign = sorted(set(foreign + foreign_attachments()))
+        if not with_stats and after[kmalloc_id].run_cnt > before[kmalloc_id].run_cnt:
+            foreign.append("BPF run-time stats on (kernel.bpf_stats_enabled=1 or another BPF_ENABLE_STATS)")
         reader.stop()
         if reader.error is not None:
             raise BenchError(f"probe.read() failed on the reader thread: {reader.error}")
@@ -549,20 +573,21 @@ def bench(args: argparse.Namespace) -> int:
     load_before = Path("/proc/loadavg").read_text().split()[0]
     probe_class()  # fail early, before building anything
     try:
-        with tempfile.TemporaryDirectory(prefix="memtop-bench-") as tmp, BpfStatsSysctl() as bpf_stats:
+        with tempfile.TemporaryDirectory(prefix="memtop-bench-") as tmp:
             workload = build_workload(Path(tmp))
             log(f"workload built; {args.rounds} round(s) of {args.seconds:g} s per mode, samples {samples}")
             for round_no in range(1, args.rounds + 1):
                 for sample in samples:
                     for mode in (NONE, PROBE, PROBE_STATS):
-                        bpf_stats.set(mode == PROBE_STATS)
                         for attempt in range(1, args.attempts + 1):
-                            if mode == NONE:
-                                run = run_none(workload, args.seconds, round_no)
-                            else:
-                                run = run_probe(
-                                    workload, args.seconds, round_no, sample, mode == PROBE_STATS, all_ids
-                                )
+                            stats = RunTimeStats() if mode == PROBE_STATS else contextlib.nullcontext()
+                            with stats:
+                                if mode == NONE:
+                                    run = run_none(workload, args.seconds, round_no)
+                                else:
+                                    run = run_probe(
+                                        workload, args.seconds, round_no, sample, mode == PROBE_STATS, all_ids
+                                    )
                             run.attempt = attempt
                             log(_progress(run))
                             if not run.foreign or attempt == args.attempts:
@@ -585,7 +610,7 @@ def bench(args: argparse.Namespace) -> int:
 
     summary = summarize(runs, samples)
     skewed = [r for r in runs if r.foreign]
-    foreign_pids = sorted({f.split(" on ")[0] for r in skewed for f in r.foreign})
+    reasons = sorted({f.split(" on ")[0] if f.startswith("pid ") else f for r in skewed for f in r.foreign})
     print(markdown_table(summary))
     print()
     print(machine_line(info))
@@ -601,7 +626,7 @@ def bench(args: argparse.Namespace) -> int:
     if skewed:
         print(
             f"WARNING: {len(skewed)} of {len(runs)} runs had other tracers on the measured tracepoints "
-            f"even after {args.attempts} attempt(s) ({', '.join(foreign_pids)}): their numbers are skewed."
+            f"even after {args.attempts} attempt(s) ({'; '.join(reasons)}): their numbers are skewed."
         )
 
     if args.json:
@@ -654,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             "kmalloc_bench.py: bpftool not found (apt install bpftool, or sudo make setup)", file=sys.stderr
         )
         return 1
-    # SIGTERM unwinds like Ctrl-C, so the probe is closed and bpf_stats_enabled restored.
+    # SIGTERM unwinds like Ctrl-C, so the probe is closed (and a sysctl fallback restored).
     signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     try:
         return bench(args)
