@@ -84,7 +84,18 @@ class KmallocProbe(Probe):
         self._gfp_table = parse_gfp_table(fmt)
         self._boot_offset = time.time() - time.monotonic()
         super().start()
+        self._reset_irq_depth()
         self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
+
+    def _reset_irq_depth(self) -> None:
+        """Zero the per-CPU interrupt depth now that every program is attached.
+
+        BCC attaches each *_entry program before its *_exit: an interrupt that began and ended in that gap
+        left its CPU's depth at 1, charging every later kmalloc there to [irq]. After this reset an exit
+        can only follow its own entry; one of a handler already running saturates at 0.
+        """
+        depth = self.bpf[b"irq_depth"]
+        depth[depth.Key(0)] = depth.Leaf()
 
     def describe(self) -> str:
         sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
