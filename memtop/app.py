@@ -179,11 +179,9 @@ class MemtopApp(App[None]):
 
         self.source.set_focus(key)
         self.push_screen(ProcessScreen(key), callback=lambda _: self._focus_closed())
-        if self.source.live and not self.paused:
+        # Fetch the focused data now (a paused live view stays frozen until resumed).
+        if not (self.source.live and self.paused):
             self.collect()
-        elif self.snapshot is not None:
-            self.snapshot = self.source.tick() if not self.source.live else self.snapshot
-            self.call_after_refresh(self.redraw)
 
     def _focus_closed(self) -> None:
         self.source.set_focus(None)
@@ -194,9 +192,7 @@ class MemtopApp(App[None]):
             self.tail_min_bytes = min(TAIL_MIN_MAX, current * 2 if current else 8)
         else:
             self.tail_min_bytes = current // 2 if current > 8 else 0
-        setter = getattr(self.source, "set_tail_min_bytes", None)
-        if setter is not None:
-            setter(self.tail_min_bytes)
+        self.source.set_tail_min_bytes(self.tail_min_bytes)
 
     def action_export(self) -> None:
         self.export_snapshot()

@@ -173,9 +173,7 @@ def run_snapshot(config: Config) -> int:
     try:
         source.start()
         if config.focus_pid is not None:
-            from memtop.procinfo import ProcReader
-
-            info = ProcReader().read(config.focus_pid)
+            info = source.procs.read(config.focus_pid)
             if info is None:
                 raise MemtopError(f"no process with PID {config.focus_pid}")
             source.set_focus(ProcessKey(config.focus_pid, info.start_time))

@@ -32,6 +32,8 @@ class Source(Protocol):
 
     def set_interval(self, interval_s: float) -> None: ...
 
+    def set_tail_min_bytes(self, min_bytes: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -142,6 +144,9 @@ class ReplaySource:
 
     def set_interval(self, interval_s: float) -> None:
         pass
+
+    def set_tail_min_bytes(self, min_bytes: int) -> None:
+        pass  # a recording's tail is what it is
 
     def close(self) -> None:
         pass

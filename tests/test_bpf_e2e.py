@@ -163,16 +163,17 @@ def live(config: Config):  # type: ignore[no-untyped-def]
     return source
 
 
-# -- the live source --------------------------------------------------------------------------------
-
-
-def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: CgroupFixture) -> None:
-    source = live(Config(interval_s=0.5, tail_min_bytes=256))
+def observe_workload(
+    config: Config, cgroup: CgroupFixture, focus: bool = False
+) -> tuple[Snapshot, Workload, set[int]]:
+    """Attach, tick, run the workload, tick again, detach. Returns the snapshot, the workload and
+    the IDs of the BPF programs the source held (for checking they are gone)."""
+    source = live(config)
     ours = prog_ids_held_by(os.getpid())
-    assert len(ours) >= 2  # kmalloc + exec (+ irq programs)
     work = Workload(cgroup)
     try:
-        source.set_focus(work.key)
+        if focus:
+            source.set_focus(work.key)
         source.tick()
         work.run()
         time.sleep(0.3)
@@ -180,6 +181,15 @@ def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: C
     finally:
         work.stop()
         source.close()
+    return snap, work, ours
+
+
+# -- the live source --------------------------------------------------------------------------------
+
+
+def test_live_source_reports_the_workload_its_call_site_sizes_and_tail(cgroup: CgroupFixture) -> None:
+    snap, work, ours = observe_workload(Config(interval_s=0.5, tail_min_bytes=256), cgroup, focus=True)
+    assert len(ours) >= 2  # kmalloc + exec (+ irq programs)
     assert not (ours & loaded_prog_ids()), "probes still loaded after close()"
 
     row = snap.process(work.key)
@@ -218,16 +228,7 @@ def _first_tick_calls(snap: Snapshot, history) -> float:  # type: ignore[no-unty
 
 
 def test_sampling_scales_estimates(cgroup: CgroupFixture) -> None:
-    source = live(Config(interval_s=0.5, sample_every=4))
-    work = Workload(cgroup)
-    try:
-        source.tick()
-        work.run()
-        time.sleep(0.3)
-        snap = source.tick()
-    finally:
-        work.stop()
-        source.close()
+    snap, work, _ = observe_workload(Config(interval_s=0.5, sample_every=4), cgroup)
     assert snap.sample_every == 4
     row = snap.process(work.key)
     assert row is not None, (work.key, [r for r in snap.processes if r.pid == work.key.pid])

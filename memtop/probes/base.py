@@ -91,8 +91,9 @@ def _one_line(exc: BaseException) -> str:
     return text[-1] if text else exc.__class__.__name__
 
 
-def percpu_items(table: Any) -> list[tuple[int, Any]]:
-    """All (integer key, per-CPU values) of a BPF map: one batch syscall when the kernel has it."""
+def map_items(table: Any) -> list[tuple[int, Any]]:
+    """All (integer key, value) pairs of a BPF hash (per-CPU: a value per CPU), in one batch syscall
+    when the kernel has it rather than two syscalls per entry."""
     try:
         items = list(table.items_lookup_batch())
     except Exception:

@@ -11,7 +11,7 @@ from memtop import tracefs
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
 from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
-from memtop.probes.base import Probe, int_cflag, percpu_items
+from memtop.probes.base import Probe, int_cflag, map_items
 
 SIZE_BUCKETS = 64
 CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED = range(5)
@@ -108,12 +108,10 @@ class KmallocProbe(Probe):
         per_tgid: dict[int, KmallocCounters] = {}
         scale = self.sample_every
         comms = {
-            (k if isinstance(k, int) else k.value): bytes(v.comm)
-            .split(b"\0", 1)[0]
-            .decode("utf-8", "replace")
-            for k, v in self.bpf[b"comms"].items()
+            key: bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+            for key, value in map_items(self.bpf[b"comms"])
         }
-        for key, values in percpu_items(self.bpf[b"pid_stats"]):
+        for key, values in map_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
             per_tgid[key] = KmallocCounters(
                 calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, "")
@@ -155,7 +153,7 @@ class KmallocProbe(Probe):
             return None
         self.bpf.ring_buffer_consume()
         sites = []
-        for key, values in percpu_items(self.bpf[b"focus_sites"]):
+        for key, values in map_items(self.bpf[b"focus_sites"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
             sites.append(CallSite(key, self.symbol(key), calls, bytes_alloc, bytes_req))
         sites.sort(key=lambda s: s.bytes_alloc, reverse=True)
