@@ -5,7 +5,6 @@ Each test creates its own cgroups (v1 memory and, where mounted, cgroup2) and re
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pty
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,13 +22,13 @@ from memtop.config import Config
 from memtop.model import IRQ_TGID
 from memtop.store import ProcessKey, Snapshot
 
+from .cgroup_util import TestCgroup as CgroupFixture
+from .cgroup_util import test_cgroup, unique_name
 from .conftest import REPO
 
 pytestmark = pytest.mark.bpf
 
 CALLS = 50_000  # listxattr calls by the workload: one 256-byte kmalloc each (call site listxattr)
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
-V2_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
 
 WORKLOAD = f"""
 import os, sys, tempfile
@@ -48,56 +46,10 @@ sys.stdin.read()
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def v2_root() -> Path | None:
-    for root in V2_ROOTS:
-        if (root / "cgroup.procs").exists() and (root / "cgroup.controllers").exists():
-            return root
-    return None
-
-
-class CgroupFixture:
-    """A cgroup of the test's own in each hierarchy present; processes are moved in at start."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.dirs: list[Path] = []
-        for root in (V1_MEMORY, v2_root()):
-            if root is not None and root.is_dir():
-                d = root / name
-                d.mkdir()
-                self.dirs.append(d)
-
-    @property
-    def path(self) -> str:
-        return "/" + self.name
-
-    def enter(self) -> None:
-        """Runs in the child between fork and exec: join every hierarchy's cgroup."""
-        for d in self.dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
-
-    def remove(self) -> None:
-        for d in self.dirs:
-            for _ in range(50):
-                procs = (d / "cgroup.procs").read_text().split()
-                for pid in procs:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-                try:
-                    d.rmdir()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-
-
 @pytest.fixture
 def cgroup() -> Iterator[CgroupFixture]:
-    cg = CgroupFixture(f"memtop-test-{uuid.uuid4().hex[:8]}")
-    assert cg.dirs, "no cgroup hierarchy to create a test cgroup in"
-    try:
+    with test_cgroup(unique_name()) as cg:
         yield cg
-    finally:
-        cg.remove()
 
 
 class Workload:
