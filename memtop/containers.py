@@ -1,0 +1,742 @@
+"""Which container (and Kubernetes pod) a cgroup belongs to, what the runtime calls it, and its memory.
+
+Everything here works from plain text and plain files, so it is testable anywhere:
+
+- `parse_cgroup_path` turns a cgroup path (as /proc/PID/cgroup shows it) into a `ContainerRef`, or None for
+  the host. It is called for every process on every tick, so it is a cached, regex-free scan of the path's
+  components from the innermost outwards: the innermost recognised container wins, which is what a
+  container nested in another one (kind, docker-in-docker) needs.
+- `MetadataReader` finds names in the runtimes' own state files (no daemon or API server is asked), with
+  every id validated before it becomes part of a file path.
+- `read_cgroup_memory` / `memcg_oom_kills` read the memory controller's files of a cgroup (v1 or v2).
+- `CgroupIdResolver` maps a cgroup2 id (what `bpf_get_current_cgroup_id()` returns: the directory's inode
+  number) back to its path, so allocations by processes that already exited still find their container.
+
+Path forms recognised (each has a test in tests/test_containers.py):
+
+- Docker: cgroupfs `/docker/<id>`, systemd `.../docker-<id>.scope` (also under kubepods: dockershim).
+- Kubernetes, cgroupfs: `/kubepods[/<qos>]/pod<uid>/<id>` (runtime "cri": the path cannot tell containerd
+  from CRI-O or Docker; the metadata can) and CRI-O's `.../pod<uid>/crio-<id>`.
+- Kubernetes, systemd: `.../kubepods[-<qos>]-pod<uid_with_underscores>.slice/<prefix>-<id>.scope` where
+  prefix is cri-containerd, crio or docker (dockershim), also below a prefixed slice such as kind's
+  `kubelet-kubepods-...`; and the systemd cgroupsPath written out literally as one directory
+  (`kubepods-...-pod<uid>.slice:cri-containerd:<id>`) when a runtime uses the cgroupfs driver with
+  systemd-style paths.
+- Podman: `libpod-<id>.scope` (machine.slice, rootless under user@UID.service) and cgroupfs
+  `/libpod_parent/libpod-<id>`. nerdctl: `nerdctl-<id>.scope` (containerd).
+- LXC/LXD: `lxc.payload.<name>` (LXC >= 4), `lxc.payload/<name>` (3.1-3.2), `lxc/<name>` (older).
+
+Not containers (host infrastructure, resolved to whatever encloses them): conmon scopes
+(`libpod-conmon-<id>.scope`, `crio-conmon-<id>.scope`, `/libpod_parent/conmon`), LXC monitors
+(`lxc.monitor.<name>`, `lxc.monitor/<name>`, `lxc.pivot`), and a process sitting in a pod's own cgroup
+outside any container (a pod slice has no processes of its own in a healthy cluster; on the host it is
+grouped by `host_unit`, which for the systemd driver is the pod slice itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from memtop.cgroups import CgroupLayout
+from memtop.errors import MemtopError
+
+RUNTIMES = ("docker", "containerd", "cri-o", "podman", "lxc", "cri")
+
+_HEX = "0123456789abcdef"
+_MAX_PARSE_CHARS = 16384  # longer paths are still parsed, but not cached
+_DELETED = " (deleted)"  # cgroup2 appends this in /proc/PID/cgroup once the cgroup has been removed
+
+# `<prefix><64 hex>.scope` as systemd-driven runtimes name a container's scope.
+_SCOPE_PREFIXES = (
+    ("cri-containerd-", "containerd"),
+    ("docker-", "docker"),
+    ("crio-", "cri-o"),
+    ("libpod-", "podman"),
+    ("nerdctl-", "containerd"),
+)
+# `<prefix><64 hex>` without ".scope": the cgroupfs drivers of CRI-O and Podman.
+_DIR_PREFIXES = (("crio-", "cri-o"), ("libpod-", "podman"))
+# `<slice>:<prefix>:<64 hex>`: a systemd cgroupsPath created literally by a cgroupfs driver.
+_COLON_PREFIXES = {"cri-containerd": "containerd", "crio": "cri-o", "docker": "docker", "libpod": "podman"}
+_QOS_CLASSES = ("burstable", "besteffort")
+_UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
+_LXC_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.+")
+
+
+@dataclass(frozen=True)
+class ContainerRef:
+    """A container as its cgroup path tells it: enough to group processes and find names later."""
+
+    runtime: str  # one of RUNTIMES
+    container_id: str  # 64 lower-case hex; for LXC/LXD the container's name
+    cgroup_path: str  # the container's own cgroup (the path up to and including its scope/dir)
+    pod_uid: str = ""  # Kubernetes pod UID with dashes ("" outside Kubernetes)
+    qos: str = ""  # "guaranteed" | "burstable" | "besteffort" under kubepods, else ""
+
+    @property
+    def short_id(self) -> str:
+        """What `docker ps` shows: the first 12 hex digits (an LXC name is already short)."""
+        return self.container_id if self.runtime == "lxc" else self.container_id[:12]
+
+
+def is_container_id(text: str) -> bool:
+    """64 lower-case hex digits: the only shape of id that is ever joined into a state-file path."""
+    return len(text) == 64 and not text.strip(_HEX)
+
+
+def is_safe_lxc_name(text: str) -> bool:
+    """An LXC/LXD name that is safe as one path component (no "/", no leading dot, no "..")."""
+    return 0 < len(text) <= 255 and text[0] != "." and all(c in _LXC_NAME_CHARS for c in text)
+
+
+def _pod_uid(text: str) -> str:
+    """A pod UID in canonical form (dashes), or "" if `text` is not one.
+
+    UUIDs are the common case; static (mirror) pods have a 32-hex-digit hash instead.
+    """
+    text = text.replace("_", "-")
+    if len(text) == 36:
+        if text[8] == text[13] == text[18] == text[23] == "-" and not text.replace("-", "").strip(_HEX):
+            return text if text.count("-") == 4 else ""
+        return ""
+    if len(text) == 32 and not text.strip(_HEX):
+        return text
+    return ""
+
+
+def _pod_of_slice(name: str) -> tuple[str, str] | None:
+    """(pod_uid, qos) of a systemd pod slice such as `kubepods-burstable-pod<uid>.slice`."""
+    if not name.endswith(".slice"):
+        return None
+    tokens = name[: -len(".slice")].split("-")
+    if len(tokens) < 2 or not tokens[-1].startswith("pod") or "kubepods" not in tokens:
+        return None
+    uid = _pod_uid(tokens[-1][3:])
+    if not uid:
+        return None
+    level = tokens[-2]
+    if level in _QOS_CLASSES:
+        return uid, level
+    if level == "kubepods":
+        return uid, "guaranteed"
+    return None
+
+
+def _pod_of_parent(parts: list[str], parent: int) -> tuple[str, str] | None:
+    """(pod_uid, qos) when parts[parent] is a pod's cgroup (systemd slice or cgroupfs `pod<uid>`)."""
+    if parent < 0:
+        return None
+    name = parts[parent]
+    if name.endswith(".slice"):
+        return _pod_of_slice(name)
+    if not name.startswith("pod"):
+        return None
+    uid = _pod_uid(name[3:])
+    if not uid or parent < 1:
+        return None
+    above = parts[parent - 1]
+    if above == "kubepods":
+        return uid, "guaranteed"
+    if above in _QOS_CLASSES and parent >= 2 and parts[parent - 2] == "kubepods":
+        return uid, above
+    return None
+
+
+def _container_at(parts: list[str], i: int) -> tuple[str, str, tuple[str, str] | None] | None:
+    """(runtime, container_id, pod) if component i is a container's own cgroup, else None."""
+    name = parts[i]
+    if is_container_id(name):
+        if i > 0 and parts[i - 1] == "docker":
+            return "docker", name, None
+        pod = _pod_of_parent(parts, i - 1)
+        return ("cri", name, pod) if pod is not None else None
+    if name.endswith(".scope"):
+        stem = name[: -len(".scope")]
+        for prefix, runtime in _SCOPE_PREFIXES:
+            if stem.startswith(prefix) and is_container_id(stem[len(prefix) :]):
+                return runtime, stem[len(prefix) :], _pod_of_parent(parts, i - 1)
+        return None  # includes libpod-conmon-<id>.scope and crio-conmon-<id>.scope
+    if name.startswith("lxc.payload.") and len(name) > len("lxc.payload."):
+        return "lxc", name[len("lxc.payload.") :], None
+    if i > 0 and parts[i - 1] in ("lxc.payload", "lxc"):
+        return "lxc", name, None
+    for prefix, runtime in _DIR_PREFIXES:
+        if name.startswith(prefix) and is_container_id(name[len(prefix) :]):
+            return runtime, name[len(prefix) :], _pod_of_parent(parts, i - 1)
+    if ":" in name:
+        fields_ = name.split(":")
+        if len(fields_) == 3 and fields_[1] in _COLON_PREFIXES and is_container_id(fields_[2]):
+            return _COLON_PREFIXES[fields_[1]], fields_[2], _pod_of_slice(fields_[0])
+    return None
+
+
+def _components(path: str) -> list[str] | None:
+    """The path's components, or None when it cannot be a real cgroup path ("." or ".." in it)."""
+    if path.endswith(_DELETED):
+        path = path[: -len(_DELETED)]
+    parts = [p for p in path.split("/") if p]
+    if "." in parts or ".." in parts:
+        return None
+    return parts
+
+
+def _parse_cgroup_path(path: str) -> ContainerRef | None:
+    parts = _components(path)
+    if not parts:
+        return None
+    for i in range(len(parts) - 1, -1, -1):
+        found = _container_at(parts, i)
+        if found is not None:
+            runtime, container_id, pod = found
+            uid, qos = pod if pod is not None else ("", "")
+            return ContainerRef(runtime, container_id, "/" + "/".join(parts[: i + 1]), uid, qos)
+    return None
+
+
+_parse_cached = lru_cache(maxsize=8192)(_parse_cgroup_path)
+
+
+def parse_cgroup_path(path: str) -> ContainerRef | None:
+    """The container whose cgroup `path` is in (or below), or None for the host. Never raises."""
+    if not isinstance(path, str):
+        return None
+    if len(path) > _MAX_PARSE_CHARS:
+        return _parse_cgroup_path(path)
+    return _parse_cached(path)
+
+
+def _host_unit(path: str) -> str:
+    parts = _components(path)
+    for name in reversed(parts or ()):
+        for suffix in _UNIT_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return name
+    return ""
+
+
+_host_unit_cached = lru_cache(maxsize=4096)(_host_unit)
+
+
+def host_unit(path: str) -> str:
+    """The innermost systemd unit of a host cgroup ("ssh.service", "session-3.scope"), "" if none."""
+    if not isinstance(path, str):
+        return ""
+    if len(path) > _MAX_PARSE_CHARS:
+        return _host_unit(path)
+    return _host_unit_cached(path)
+
+
+def container_of_proc_cgroup(text: str) -> ContainerRef | None:
+    """The container of a process from its /proc/PID/cgroup text (v1, v2 or hybrid).
+
+    Tries the memory controller's line first (where memtop reads usage on v1), then the unified line,
+    then name=systemd, then the rest: the first that resolves to a container wins.
+    """
+    memory: list[str] = []
+    unified: list[str] = []
+    systemd: list[str] = []
+    others: list[str] = []
+    for line in text.splitlines():
+        fields_ = line.split(":", 2)
+        if len(fields_) != 3:
+            continue
+        _, controllers, path = fields_
+        names = controllers.split(",")
+        if "memory" in names:
+            memory.append(path)
+        elif controllers == "":
+            unified.append(path)
+        elif "name=systemd" in names:
+            systemd.append(path)
+        else:
+            others.append(path)
+    for path in (*memory, *unified, *systemd, *others):
+        ref = parse_cgroup_path(path)
+        if ref is not None:
+            return ref
+    return None
+
+
+# -- names from the runtimes' state files ---------------------------------------------------------
+
+MAX_STATE_FILE_BYTES = 4 << 20  # a config.json is a few KiB; anything this big is not one
+MAX_INDEX_FILE_BYTES = 32 << 20  # containers/storage's containers.json lists every container
+MAX_CONTAINERD_NAMESPACES = 64
+MAX_CACHED_META = 4096
+
+
+@dataclass(frozen=True)
+class ContainerMeta:
+    """What the runtime calls a container; every field may be empty."""
+
+    name: str = ""  # docker Name (no leading "/"), k8s container name, podman name, lxc name
+    pod_name: str = ""
+    namespace: str = ""
+    image: str = ""
+    runtime: str = ""  # the runtime whose state files had this id (resolves "cri")
+
+
+EMPTY_META = ContainerMeta()
+
+
+@dataclass(frozen=True)
+class RuntimeRoots:
+    """Where each runtime keeps its per-container state; configurable so tests can use fixture trees."""
+
+    docker: Path = Path("/var/lib/docker/containers")  # <id>/config.v2.json
+    containerd: Path = Path("/run/containerd/io.containerd.runtime.v2.task")  # <namespace>/<id>/config.json
+    crio: Path = Path("/var/lib/containers/storage/overlay-containers")  # <id>/userdata/config.json
+    podman: Path = Path("/var/lib/containers/storage/overlay-containers")  # + containers.json for names
+    lxc: Path = Path("/var/lib/lxc")  # <name>/config
+
+    @classmethod
+    def from_overrides(cls, overrides: Mapping[str, str]) -> RuntimeRoots:
+        """Defaults with some roots replaced, e.g. {"docker": "/srv/docker/containers"}."""
+        known = [f.name for f in fields(cls)]
+        values: dict[str, Path] = {}
+        for key, value in overrides.items():
+            field = "crio" if key == "cri-o" else key
+            if field not in known:
+                raise MemtopError(f"unknown container runtime {key!r} (expected one of: {', '.join(known)})")
+            if not value:
+                raise MemtopError(f"empty state directory for container runtime {key!r}")
+            values[field] = Path(value)
+        return cls(**values)
+
+
+def _read_capped(path: Path, cap: int) -> bytes | None:
+    """The bytes of a regular file, or None if missing, unreadable, not a regular file or over `cap`.
+
+    O_NONBLOCK keeps a FIFO planted in a state directory from hanging the collector.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                return None
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path, cap: int = MAX_STATE_FILE_BYTES) -> Any:
+    """Parsed JSON, or None when the file is missing, unreadable, oversized or not valid JSON."""
+    data = _read_capped(path, cap)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _str_map(value: Any) -> dict[str, str]:
+    """The string-to-string entries of a JSON object (labels, annotations); anything else is dropped."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def parse_k8s_name(name: str) -> tuple[str, str, str] | None:
+    """(container, pod, namespace) from a `k8s_<container>_<pod>_<namespace>_<uid>_<attempt>` name.
+
+    Dockershim and CRI-O name containers this way; none of the parts may contain "_" in Kubernetes.
+    """
+    parts = name.lstrip("/").split("_")
+    if len(parts) != 6 or parts[0] != "k8s" or not all(parts[1:4]):
+        return None
+    return parts[1], parts[2], parts[3]
+
+
+def _docker_meta(config: Any) -> ContainerMeta | None:
+    """Docker's config.v2.json: Name, Config.Image, Config.Labels (dockershim adds io.kubernetes.*)."""
+    if not isinstance(config, dict):
+        return None
+    inner = config.get("Config")
+    inner = inner if isinstance(inner, dict) else {}
+    labels = _str_map(inner.get("Labels"))
+    name = _str(config.get("Name")).lstrip("/")
+    pod_name = labels.get("io.kubernetes.pod.name", "")
+    namespace = labels.get("io.kubernetes.pod.namespace", "")
+    k8s_name = labels.get("io.kubernetes.container.name", "")
+    if not k8s_name and (parsed := parse_k8s_name(name)) is not None:
+        k8s_name, pod_name, namespace = parsed
+    image = _str(inner.get("Image")) or _str(config.get("Image"))
+    return ContainerMeta(k8s_name or name, pod_name, namespace, image, "docker")
+
+
+def _containerd_meta(spec: Any) -> ContainerMeta | None:
+    """containerd's task bundle config.json: an OCI spec whose annotations the CRI plugin fills in."""
+    if not isinstance(spec, dict):
+        return None
+    notes = _str_map(spec.get("annotations"))
+    kind = notes.get("io.kubernetes.cri.container-type", "")
+    name = notes.get("io.kubernetes.cri.container-name", "")
+    if kind == "sandbox" and not name:
+        name = "POD"  # the pause container, named as dockershim and CRI-O name theirs
+    if not name:
+        name = notes.get("nerdctl/name", "")
+    return ContainerMeta(
+        name=name,
+        pod_name=notes.get("io.kubernetes.cri.sandbox-name", ""),
+        namespace=notes.get("io.kubernetes.cri.sandbox-namespace", ""),
+        image=notes.get("io.kubernetes.cri.image-name", ""),
+        runtime="containerd",
+    )
+
+
+def _storage_meta(spec: Any, entry: Mapping[str, Any] | None) -> ContainerMeta | None:
+    """CRI-O or Podman (both keep containers in containers/storage): userdata/config.json annotations
+    plus, for names, the storage index entry (containers.json)."""
+    notes = _str_map(spec.get("annotations")) if isinstance(spec, dict) else {}
+    if not notes and entry is None:
+        return None
+    manager = notes.get("io.container.manager", "")
+    names = entry.get("names") if entry is not None else None
+    index_name = names[0] if isinstance(names, list) and names and isinstance(names[0], str) else ""
+    index_meta: dict[str, Any] = {}
+    if entry is not None and isinstance(entry.get("metadata"), str):
+        with contextlib.suppress(ValueError, RecursionError):
+            loaded = json.loads(entry["metadata"])
+            if isinstance(loaded, dict):
+                index_meta = loaded
+    if manager in ("cri-o", "libpod"):
+        is_crio = manager == "cri-o"
+    elif notes:  # older CRI-O wrote no io.container.manager
+        is_crio = "io.kubernetes.pod.name" in notes or any(
+            k.startswith("io.kubernetes.cri-o.") for k in notes
+        )
+    else:
+        is_crio = "pod-name" in index_meta or index_name.startswith("k8s_")
+    image = notes.get("io.kubernetes.cri-o.ImageName", "") or _str(index_meta.get("image-name"))
+    if not is_crio:
+        return ContainerMeta(name=index_name or _str(index_meta.get("name")), image=image, runtime="podman")
+    name = notes.get("io.kubernetes.container.name", "")
+    pod_name = notes.get("io.kubernetes.pod.name", "")
+    namespace = notes.get("io.kubernetes.pod.namespace", "")
+    if not name and notes.get("io.kubernetes.cri-o.ContainerType") == "sandbox":
+        name = "POD"
+    for fallback in (notes.get("io.kubernetes.cri-o.ContainerName", ""), index_name):
+        parsed = parse_k8s_name(fallback) if not (name and pod_name and namespace) else None
+        if parsed is not None:
+            name, pod_name, namespace = name or parsed[0], pod_name or parsed[1], namespace or parsed[2]
+    return ContainerMeta(name, pod_name, namespace, image, "cri-o")
+
+
+def _lxc_meta(config: bytes, name: str) -> ContainerMeta:
+    """LXC's <name>/config: key = value lines; the template comment says which image it came from."""
+    text = config.decode("utf-8", "replace")
+    image = ""
+    for line in text.splitlines():
+        if line.startswith("# Parameters passed to the template:"):
+            args = line.split(":", 1)[1].split()
+            opts = {args[k]: args[k + 1] for k in range(len(args) - 1) if args[k].startswith("-")}
+            dist = opts.get("--dist") or opts.get("-d", "")
+            release = opts.get("--release") or opts.get("-r", "")
+            image = f"{dist}:{release}" if dist and release else dist
+            break
+    return ContainerMeta(name=name, image=image, runtime="lxc")
+
+
+class MetadataReader:
+    """Names for containers from runtime state files, cached per container id.
+
+    A miss (no state file yet, unreadable, corrupt) is remembered for `retry_s` seconds and then tried
+    again, since a container seen in its first moments may not have its state written yet.
+    """
+
+    def __init__(self, roots: RuntimeRoots = RuntimeRoots(), retry_s: float = 30.0) -> None:
+        self.roots = roots
+        self.retry_s = retry_s
+        self._found: OrderedDict[tuple[str, str], ContainerMeta] = OrderedDict()
+        self._missed: dict[tuple[str, str], float] = {}
+        self._index_cache: tuple[tuple[int, int], dict[str, Mapping[str, Any]]] | None = None
+        self._index_path: Path | None = None
+
+    def lookup(self, ref: ContainerRef, now: float | None = None) -> ContainerMeta:
+        """Names for `ref`, or an empty ContainerMeta when the host has none (yet). Never raises."""
+        now = time.monotonic() if now is None else now
+        key = (ref.runtime, ref.container_id)
+        found = self._found.get(key)
+        if found is not None:
+            return found
+        missed_at = self._missed.get(key)
+        if missed_at is not None and now - missed_at < self.retry_s:
+            return EMPTY_META
+        try:
+            meta = self._read(ref)
+        except Exception:  # a bad state file must never take the collector down
+            meta = None
+        if meta is None:
+            self._missed[key] = now
+            if len(self._missed) > MAX_CACHED_META:
+                self._missed.pop(next(iter(self._missed)))
+            return EMPTY_META
+        self._missed.pop(key, None)
+        self._found[key] = meta
+        if len(self._found) > MAX_CACHED_META:
+            self._found.popitem(last=False)
+        return meta
+
+    def forget(self, container_id: str) -> None:
+        """Drop what is known of a container that is gone (its id may come back with other names)."""
+        for key in [k for k in (*self._found, *self._missed) if k[1] == container_id]:
+            self._found.pop(key, None)
+            self._missed.pop(key, None)
+
+    def _read(self, ref: ContainerRef) -> ContainerMeta | None:
+        if ref.runtime == "lxc":
+            return self._read_lxc(ref.container_id)
+        if not is_container_id(ref.container_id):
+            return None
+        cid = ref.container_id
+        readers = {
+            "docker": (self._read_docker,),
+            "containerd": (self._read_containerd,),
+            "cri-o": (self._read_crio,),
+            "podman": (self._read_podman,),
+            "cri": (self._read_containerd, self._read_crio, self._read_docker),
+        }.get(ref.runtime, ())
+        for read in readers:
+            meta = read(cid)
+            if meta is not None:
+                return meta
+        return None
+
+    def _read_docker(self, cid: str) -> ContainerMeta | None:
+        return _docker_meta(_read_json(self.roots.docker / cid / "config.v2.json"))
+
+    def _read_containerd(self, cid: str) -> ContainerMeta | None:
+        for namespace in self._containerd_namespaces():
+            path = self.roots.containerd / namespace / cid / "config.json"
+            spec = _read_json(path)
+            if spec is not None:
+                return _containerd_meta(spec)
+        return None
+
+    def _containerd_namespaces(self) -> Iterator[str]:
+        """k8s.io first (the CRI plugin's), then moby (Docker >= 23), then the rest, sorted."""
+        try:
+            with os.scandir(self.roots.containerd) as entries:
+                names = sorted(
+                    e.name for e in entries if is_safe_lxc_name(e.name) and e.is_dir(follow_symlinks=False)
+                )
+        except (OSError, ValueError):
+            return
+        names = names[:MAX_CONTAINERD_NAMESPACES]
+        preferred = [n for n in ("k8s.io", "moby") if n in names]
+        yield from preferred
+        yield from (n for n in names if n not in preferred)
+
+    def _storage_index(self, root: Path) -> dict[str, Mapping[str, Any]]:
+        """containers/storage's containers.json by id, re-read only when the file changes."""
+        path = root / "containers.json"
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            return {}
+        signature = (st.st_mtime_ns, st.st_size)
+        if self._index_cache is not None and self._index_path == path and self._index_cache[0] == signature:
+            return self._index_cache[1]
+        loaded = _read_json(path, MAX_INDEX_FILE_BYTES)
+        index: dict[str, Mapping[str, Any]] = {}
+        if isinstance(loaded, list):
+            for entry in loaded:
+                if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                    index[entry["id"]] = entry
+        self._index_cache, self._index_path = (signature, index), path
+        return index
+
+    def _read_storage(self, root: Path, cid: str) -> ContainerMeta | None:
+        spec = _read_json(root / cid / "userdata" / "config.json")
+        return _storage_meta(spec, self._storage_index(root).get(cid))
+
+    def _read_crio(self, cid: str) -> ContainerMeta | None:
+        return self._read_storage(self.roots.crio, cid)
+
+    def _read_podman(self, cid: str) -> ContainerMeta | None:
+        return self._read_storage(self.roots.podman, cid)
+
+    def _read_lxc(self, name: str) -> ContainerMeta | None:
+        if not is_safe_lxc_name(name):
+            return None
+        config = _read_capped(self.roots.lxc / name / "config", MAX_STATE_FILE_BYTES)
+        return _lxc_meta(config, name) if config is not None else None
+
+
+# -- a cgroup's memory ------------------------------------------------------------------------------
+
+V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE (about 2**63)
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    usage_bytes: int | None
+    limit_bytes: int | None  # None = unlimited (or unknown when usage is None too)
+
+
+def _cgroup_dir(cgroup_path: str, layout: CgroupLayout) -> tuple[Path, bool] | None:
+    """(directory, is_v1) of a cgroup in the hierarchy that has the memory controller."""
+    parts = [p for p in cgroup_path.split("/") if p]
+    if ".." in parts or "." in parts or any("\0" in p for p in parts):
+        return None
+    if layout.v1_memory_root:
+        return Path(layout.v1_memory_root, *parts), True
+    if layout.v2_root:
+        return Path(layout.v2_root, *parts), False
+    return None
+
+
+def _read_small(path: Path) -> str | None:
+    data = _read_capped(path, 1 << 16)
+    return data.decode("ascii", "replace") if data is not None else None
+
+
+def _read_int(path: Path) -> int | None:
+    text = _read_small(path)
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def read_cgroup_memory(cgroup_path: str, layout: CgroupLayout) -> CgroupMemory:
+    """Usage and limit: v1 memory.usage_in_bytes / limit_in_bytes, else v2 memory.current / memory.max."""
+    where = _cgroup_dir(cgroup_path, layout)
+    if where is None:
+        return CgroupMemory(None, None)
+    directory, is_v1 = where
+    if is_v1:
+        usage = _read_int(directory / "memory.usage_in_bytes")
+        limit = _read_int(directory / "memory.limit_in_bytes")
+        return CgroupMemory(usage, limit if limit is not None and limit < V1_UNLIMITED else None)
+    usage = _read_int(directory / "memory.current")
+    max_text = _read_small(directory / "memory.max")
+    limit = None
+    if max_text is not None and max_text.strip() != "max":
+        try:
+            limit = int(max_text.strip())
+        except ValueError:
+            limit = None
+    return CgroupMemory(usage, limit)
+
+
+def _keyed_value(text: str, key: str) -> int | None:
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def memcg_oom_kills(cgroup_path: str, layout: CgroupLayout) -> int | None:
+    """How many processes the OOM killer took from this cgroup (v1 memory.oom_control, v2 memory.events)."""
+    where = _cgroup_dir(cgroup_path, layout)
+    if where is None:
+        return None
+    directory, is_v1 = where
+    text = _read_small(directory / ("memory.oom_control" if is_v1 else "memory.events"))
+    return _keyed_value(text, "oom_kill") if text is not None else None
+
+
+# -- cgroup2 id -> path ----------------------------------------------------------------------------
+
+MAX_CGROUPS_SCANNED = 200_000
+MAX_STALE_IDS = 65_536
+
+
+class CgroupIdResolver:
+    """cgroup2 id (= the directory's inode number, what bpf_get_current_cgroup_id() returns) -> path.
+
+    Ids are never reused while the system runs, so a cgroup that disappeared keeps its last known path
+    (bounded): allocations by a container that just exited still resolve to it.
+    """
+
+    def __init__(self, v2_root: str | None, min_rescan_s: float = 1.0) -> None:
+        self.v2_root = v2_root
+        self.min_rescan_s = min_rescan_s
+        self._paths: dict[int, str] = {}
+        self._last_scan: float | None = None
+        self.scans = 0  # how many times the hierarchy was walked (for tests and the doctor)
+
+    def path(self, cgroup_id: int, now: float | None = None) -> str:
+        """The cgroup path ("/" for the root, "/a/b" below it), or "" when unknown."""
+        if self.v2_root is None:
+            return ""
+        known = self._paths.get(cgroup_id)
+        if known is not None:
+            return known
+        now = time.monotonic() if now is None else now
+        if self._last_scan is not None and now - self._last_scan < self.min_rescan_s:
+            return ""  # unknown until the next rescan is due
+        self._rescan(now)
+        return self._paths.get(cgroup_id, "")
+
+    def _rescan(self, now: float) -> None:
+        self._last_scan = now
+        self.scans += 1
+        fresh = scan_cgroup_ids(self.v2_root) if self.v2_root is not None else {}
+        stale = {k: v for k, v in self._paths.items() if k not in fresh}
+        if len(stale) > MAX_STALE_IDS:
+            stale = dict(list(stale.items())[-MAX_STALE_IDS:])
+        stale.update(fresh)
+        self._paths = stale
+
+
+def scan_cgroup_ids(v2_root: str) -> dict[int, str]:
+    """Every cgroup directory below `v2_root` by inode number, walked without following symlinks."""
+    ids: dict[int, str] = {}
+    try:
+        ids[os.stat(v2_root, follow_symlinks=False).st_ino] = "/"
+    except (OSError, ValueError):
+        return ids
+    stack: list[tuple[str, str]] = [(v2_root, "")]
+    while stack and len(ids) < MAX_CGROUPS_SCANNED:
+        directory, relative = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    path = f"{relative}/{entry.name}"
+                    try:
+                        ids[entry.stat(follow_symlinks=False).st_ino] = path
+                    except OSError:
+                        continue  # removed while we looked
+                    stack.append((entry.path, path))
+        except OSError:
+            continue
+    return ids
