@@ -242,6 +242,8 @@ def container_of_proc_cgroup(text: str) -> ContainerRef | None:
     Tries the memory controller's line first (where memtop reads usage on v1), then the unified line,
     then name=systemd, then the rest: the first that resolves to a container wins.
     """
+    if not isinstance(text, str):
+        return None
     memory: list[str] = []
     unified: list[str] = []
     systemd: list[str] = []
@@ -487,6 +489,7 @@ class MetadataReader:
         key = (ref.runtime, ref.container_id)
         found = self._found.get(key)
         if found is not None:
+            self._found.move_to_end(key)  # least recently seen containers are evicted first
             return found
         missed_at = self._missed.get(key)
         if missed_at is not None and now - missed_at < self.retry_s:
@@ -496,6 +499,7 @@ class MetadataReader:
         except Exception:  # a bad state file must never take the collector down
             meta = None
         if meta is None:
+            self._missed.pop(key, None)  # re-insert: the oldest misses are dropped first
             self._missed[key] = now
             if len(self._missed) > MAX_CACHED_META:
                 self._missed.pop(next(iter(self._missed)))

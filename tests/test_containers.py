@@ -407,6 +407,7 @@ def test_proc_cgroup_falls_back_to_unified_then_systemd_then_others() -> None:
 def test_proc_cgroup_host_and_garbage() -> None:
     assert container_of_proc_cgroup("9:name=systemd:/\n4:memory:/\n0::/\n") is None
     assert container_of_proc_cgroup("") is None
+    assert container_of_proc_cgroup(None) is None  # type: ignore[arg-type]
     assert container_of_proc_cgroup("garbage\n\n::\nno colons at all\n") is None
     # a path containing ':' (the literal systemd cgroupsPath form) survives the line split
     text = f"4:memory:/system.slice/containerd.service/kubepods-pod{UID_}.slice:cri-containerd:{ID}\n"
