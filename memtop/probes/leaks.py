@@ -1,0 +1,611 @@
+"""The leak probes: outstanding allocations by stack, kernel-wide (leaks_kernel.c) or for one process
+(leaks_user.c). Both aggregate in the kernel per (stack, process); read() sums those aggregates, walks and
+symbolizes their stacks, scans the address map for ages, prunes what went to zero and returns a LeakReading.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import errno
+import os
+import resource
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+from memtop import tracefs
+from memtop.errors import MemtopError
+from memtop.leaks import (
+    AGE_EDGES_S,
+    DROP_NAMES,
+    KIND_KERNEL,
+    KIND_KERNEL_PAGES,
+    KIND_USER,
+    MAX_SAMPLE_RATE,
+    STACK_LOST,
+    AdaptiveSampler,
+    LeakReading,
+    StackOutstanding,
+)
+from memtop.probes.base import Probe, _one_line, import_bcc, int_cflag
+
+# Indexes into the programs' `counters` array (see leaks_kernel.c / leaks_user.c).
+COUNTER_NAMES = (
+    "alloc_events",
+    "tracked",
+    "free_events",
+    "frees_matched",
+    "alloc_map_full",
+    "aggregate_map_full",
+    "stack_collisions",
+    "stack_lost",
+    "missed_frees",
+    "aggregate_missing",
+    "pending_map_full",  # user program only
+)
+
+ALLOC_INFO = struct.Struct("<QQIiII")  # struct alloc_info: size, ts_ns, tgid, stack_id, weight, source
+AGG_KEY = struct.Struct("<iIII")  # struct agg_key: stack_id, tgid, source, pad
+AGG_VALUE = struct.Struct("<qq")  # struct agg_value (one per possible CPU): bytes, allocations
+
+AGE_SCAN_EVERY_READ_MAX = 32_768  # above this many tracked allocations, ages are refreshed less often
+AGE_SCAN_SLOW_INTERVAL_S = 5.0
+STACK_SWEEP_INTERVAL_S = 30.0  # how often unreferenced stacks are removed from the stack map
+
+
+def _edges_ns() -> tuple[int, ...]:
+    return tuple(int(edge * 1e9) for edge in AGE_EDGES_S)
+
+
+def raw_batch_lookup(table: Any) -> tuple[bytes, bytes, int]:
+    """Every (key, value) of a BPF hash as two raw byte strings and a count, in as few bpf() calls as the
+    kernel allows: parsing raw bytes with struct is what keeps a scan of 100k entries cheap."""
+    from bcc.libbcc import lib
+
+    capacity = table.max_entries
+    key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+    keys = ctypes.create_string_buffer(key_size * capacity)
+    values = ctypes.create_string_buffer(value_size * capacity)
+    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    total = 0
+    while total < capacity:
+        count = ctypes.c_uint32(capacity - total)
+        result = lib.bpf_lookup_batch(
+            table.map_fd,
+            ctypes.byref(in_batch) if total else None,
+            ctypes.byref(out_batch),
+            ctypes.byref(keys, key_size * total),
+            ctypes.byref(values, value_size * total),
+            ctypes.byref(count),
+        )
+        err = ctypes.get_errno()
+        total += count.value
+        if result != 0:
+            if err == errno.ENOENT:  # the end of the map
+                break
+            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+        if count.value == 0:
+            break
+        in_batch.value = out_batch.value
+    return keys.raw[: key_size * total], values.raw[: value_size * total], total
+
+
+class _Ages:
+    """Per (stack_id, tgid, source): the oldest timestamp and the age bins, from one scan of `allocs`."""
+
+    def __init__(self) -> None:
+        self.oldest: dict[tuple[int, int, int], int] = {}
+        self.bins: dict[tuple[int, int, int], list[list[int]]] = {}
+        self.now_ns = 0
+        self.entries = 0
+
+
+def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
+    """Oldest timestamps and age bins of the tracked allocations (raw alloc_info records)."""
+    ages = _Ages()
+    ages.now_ns = now_ns
+    ages.entries = count
+    edges = _edges_ns()
+    oldest, bins = ages.oldest, ages.bins
+    for size, ts_ns, tgid, stack_id, weight, source in ALLOC_INFO.iter_unpack(
+        values[: count * ALLOC_INFO.size]
+    ):
+        key = (stack_id, tgid, source)
+        if ts_ns < oldest.get(key, 1 << 64):
+            oldest[key] = ts_ns
+        index = max(0, bisect.bisect_right(edges, now_ns - ts_ns) - 1)
+        per_bin = bins.get(key)
+        if per_bin is None:
+            per_bin = bins[key] = [[0, 0] for _ in edges]
+        per_bin[index][0] += weight
+        per_bin[index][1] += size * weight
+    return ages
+
+
+class _LeakProbe(Probe):
+    """What the kernel-wide and the per-process leak probes share: reading, symbolizing and pruning."""
+
+    counter_slots = 10
+
+    def __init__(self, max_allocs: int, max_stacks: int, max_aggregates: int) -> None:
+        super().__init__()
+        self.max_allocs = max_allocs
+        self.max_stacks = max_stacks
+        self.max_aggregates = max_aggregates
+        self.sample_rate = 1
+        self._frames: dict[int, tuple[str, ...]] = {}  # stack id -> symbolized frames
+        self._symbols: dict[int, str] = {}
+        self._zero_before: set[bytes] = set()  # aggregate keys that were empty at the previous read
+        self._referenced_before: set[int] = set()
+        self._tgids_before: set[int] = set()
+        self._last_sweep = 0.0
+        self._ages = _Ages()
+        self._last_age_scan = 0.0
+        self._comms: dict[int, str] = {}
+
+    def cflags(self) -> list[str]:
+        return [
+            int_cflag("MAX_ALLOCS", self.max_allocs, 1024, 1 << 22),
+            int_cflag("MAX_STACKS", self.max_stacks, 256, 1 << 20),
+            int_cflag("MAX_AGGREGATES", self.max_aggregates, 256, 1 << 20),
+        ]
+
+    # -- subclass hooks ------------------------------------------------------------------------------
+
+    def kind_of(self, source: int) -> str:
+        raise NotImplementedError
+
+    def symbolize(self, address: int) -> str:
+        raise NotImplementedError
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def _set_sample_rate(self, rate: int) -> None:
+        config = self.bpf[b"config"]
+        value = config[ctypes.c_int(0)]
+        value.sample_every = rate
+        config[ctypes.c_int(0)] = value
+        self.sample_rate = rate
+
+    def counters(self) -> dict[str, int]:
+        table = self.bpf[b"counters"]
+        return {COUNTER_NAMES[i]: sum(table.getvalue(i)) for i in range(self.counter_slots)}
+
+    def _aggregates(self) -> dict[bytes, tuple[int, int]]:
+        """Summed (bytes, allocations) per raw agg_key."""
+        keys, values, count = raw_batch_lookup(self.bpf[b"outstanding"])
+        per_entry = len(values) // count if count else 0
+        totals = {}
+        for i in range(count):
+            raw_key = keys[i * AGG_KEY.size : (i + 1) * AGG_KEY.size]
+            outstanding = allocations = 0
+            for b, a in AGG_VALUE.iter_unpack(values[i * per_entry : (i + 1) * per_entry]):
+                outstanding += b
+                allocations += a
+            totals[raw_key] = (outstanding, allocations)
+        return totals
+
+    def _read_ages(self, now_ns: int, tracked_now: int) -> _Ages:
+        """A fresh scan of the address map, or the previous one when the map is large and it is recent."""
+        now = time.monotonic()
+        if tracked_now > AGE_SCAN_EVERY_READ_MAX and now - self._last_age_scan < AGE_SCAN_SLOW_INTERVAL_S:
+            return self._ages
+        _keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+        self._ages = scan_ages(values, count, now_ns)
+        self._last_age_scan = now
+        return self._ages
+
+    def stack_frames(self, stack_id: int) -> tuple[str, ...]:
+        if stack_id < 0:
+            return (STACK_LOST,)
+        frames = self._frames.get(stack_id)
+        if frames is None:
+            try:
+                addresses = list(self.bpf[b"stacks"].walk(stack_id))
+            except KeyError:  # swept away, or never stored: try again next read
+                return (STACK_LOST,)
+            frames = tuple(self.symbol(address) for address in addresses) or (STACK_LOST,)
+            self._frames[stack_id] = frames
+        return frames
+
+    def symbol(self, address: int) -> str:
+        name = self._symbols.get(address)
+        if name is None:
+            name = self._symbols[address] = self.symbolize(address)
+        return name
+
+    def comm(self, tgid: int) -> str:
+        name = self._comms.get(tgid)
+        if name is None:
+            name = ""
+            with contextlib.suppress(KeyError):
+                raw = self.bpf[b"comms"][ctypes.c_uint32(tgid)]
+                name = bytes(raw.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+            if not name:
+                with contextlib.suppress(OSError):
+                    name = Path(f"/proc/{tgid}/comm").read_text().strip()
+            self._comms[tgid] = name
+        return name
+
+    def _read(self, reading_kind: str) -> LeakReading:
+        now_ns = time.monotonic_ns()
+        counters = self.counters()
+        tracked_now = max(
+            0,
+            counters["tracked"]
+            - counters["alloc_map_full"]
+            - counters["aggregate_map_full"]
+            - counters["frees_matched"]
+            - counters["missed_frees"],
+        )
+        aggregates = self._aggregates()
+        ages = self._read_ages(now_ns, tracked_now)
+        stacks = []
+        empty: set[bytes] = set()
+        referenced: set[int] = set()
+        tgids: set[int] = set()
+        for raw_key, (outstanding, allocations) in aggregates.items():
+            stack_id, tgid, source, _pad = AGG_KEY.unpack(raw_key)
+            if outstanding == 0 and allocations == 0:
+                empty.add(raw_key)
+                continue
+            referenced.add(stack_id)
+            tgids.add(tgid)
+            age_key = (stack_id, tgid, source)
+            bins = ages.bins.get(age_key)
+            stacks.append(
+                StackOutstanding(
+                    kind=self.kind_of(source),
+                    stack_id=stack_id,
+                    pid=tgid,
+                    comm=self.comm(tgid),
+                    outstanding_bytes=outstanding,
+                    allocations=allocations,
+                    oldest_ns=ages.oldest.get(age_key),
+                    frames=self.stack_frames(stack_id),
+                    age_bins=tuple((a, b) for a, b in bins) if bins is not None else (),
+                )
+            )
+        self._prune(empty, referenced, tgids)
+        drops = {name: counters.get(name, 0) for name in DROP_NAMES}
+        return LeakReading(
+            kind=reading_kind,
+            stacks=tuple(stacks),
+            sample_rate=self.sample_rate,
+            now_ns=now_ns,
+            drops=drops,
+            alloc_events=counters["alloc_events"],
+            tracked=counters["tracked"],
+            tracked_now=tracked_now,
+        )
+
+    def _prune(self, empty: set[bytes], referenced: set[int], tgids: set[int]) -> None:
+        """Delete aggregates that stayed empty over two reads, their processes' names, and (now and then)
+        stacks that no aggregate has referenced over two reads. A BPF program racing with a delete loses at
+        most one allocation's accounting (counted as aggregate_missing when it is freed)."""
+        outstanding = self.bpf[b"outstanding"]
+        for raw_key in empty & self._zero_before:
+            with contextlib.suppress(KeyError):
+                del outstanding[outstanding.Key.from_buffer_copy(raw_key)]
+        self._zero_before = empty
+        comms = self.bpf[b"comms"]
+        for tgid in self._tgids_before - tgids:
+            self._comms.pop(tgid, None)
+            if tgid not in tgids:
+                with contextlib.suppress(KeyError):
+                    del comms[ctypes.c_uint32(tgid)]
+        self._tgids_before = tgids
+        now = time.monotonic()
+        if now - self._last_sweep >= STACK_SWEEP_INTERVAL_S:
+            self._last_sweep = now
+            keep = referenced | self._referenced_before
+            table = self.bpf[b"stacks"]
+            for key in list(table.keys()):
+                if key.value not in keep:
+                    with contextlib.suppress(KeyError):
+                        del table[key]
+                    self._frames.pop(key.value, None)
+        self._referenced_before = referenced
+
+    def map_fill(self, tracked_now: int) -> float:
+        return tracked_now / self.max_allocs
+
+
+# -- kernel-wide -------------------------------------------------------------------------------------------
+
+KERNEL_TRACEPOINTS = ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free")
+PAGE_TRACEPOINTS = ("mm_page_alloc", "mm_page_free", "mm_page_free_batched")
+
+
+class KernelLeakProbe(_LeakProbe):
+    """Outstanding kmalloc / kmem_cache_alloc objects (and optionally pages) by kernel stack and process.
+
+    sample_every None: adaptive 1-in-N (AdaptiveSampler, within a budget of tracked allocations per second);
+    an integer fixes N.
+    """
+
+    name = "leaks"
+    source = "leaks_kernel.c"
+
+    def __init__(
+        self,
+        sample_every: int | None = None,
+        page_level: bool = False,
+        max_allocs: int = 131072,
+        max_stacks: int = 16384,
+        max_aggregates: int = 32768,
+        sampler: AdaptiveSampler | None = None,
+    ) -> None:
+        super().__init__(max_allocs, max_stacks, max_aggregates)
+        if sample_every is not None:
+            int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)  # validates: one-line MemtopError
+        self.fixed_sample_every = sample_every
+        self.page_level = page_level
+        self.sampler = None if sample_every is not None else (sampler or AdaptiveSampler())
+        self.sample_rate = sample_every if sample_every is not None else self.sampler.rate  # type: ignore[union-attr]
+
+    def cflags(self) -> list[str]:
+        page_shift = resource.getpagesize().bit_length() - 1
+        return [
+            *super().cflags(),
+            int_cflag("PAGE_LEVEL", int(self.page_level), 0, 1),
+            int_cflag("PAGE_SHIFT_BITS", page_shift, 10, 20),
+        ]
+
+    def start(self) -> None:
+        needed = KERNEL_TRACEPOINTS + (PAGE_TRACEPOINTS if self.page_level else ())
+        missing = [f"kmem:{event}" for event in needed if not tracefs.tracepoint_exists("kmem", event)]
+        if missing:
+            raise MemtopError(
+                f"tracepoint {', '.join(missing)} missing: the leaks probe needs it (run `memtop doctor`)"
+            )
+        super().start()
+        self._set_sample_rate(self.sample_rate)
+
+    def describe(self) -> str:
+        how = "adaptive" if self.sampler is not None else "fixed"
+        pages = ", pages" if self.page_level else ""
+        return f"kmem slab alloc/free{pages}, 1 in {self.sample_rate} tracked ({how})"
+
+    @property
+    def effective_sample_rate(self) -> int:
+        return self.sample_rate
+
+    def kind_of(self, source: int) -> str:
+        return KIND_KERNEL_PAGES if source == 1 else KIND_KERNEL
+
+    def symbolize(self, address: int) -> str:
+        raw = self.bpf.ksym(address, show_offset=True)
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+    def read(self) -> LeakReading:
+        reading = self._read(KIND_KERNEL)
+        if self.sampler is not None:
+            rate = self.sampler.update(
+                time.monotonic(), reading.alloc_events, self.map_fill(reading.tracked_now)
+            )
+            if rate != self.sample_rate:
+                self._set_sample_rate(rate)
+                self.status = type(self.status)("running", self.describe())
+        return reading
+
+
+# -- one process ------------------------------------------------------------------------------------------
+
+# (symbol, entry program, return program or None). Symbols at the same address (glibc's memalign is
+# aligned_alloc) are attached once.
+ALLOCATOR_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("malloc", "malloc_enter", "alloc_return"),
+    ("calloc", "calloc_enter", "alloc_return"),
+    ("realloc", "realloc_enter", "alloc_return"),
+    ("reallocarray", "reallocarray_enter", "alloc_return"),
+    ("posix_memalign", "posix_memalign_enter", "posix_memalign_return"),
+    ("aligned_alloc", "aligned_alloc_enter", "alloc_return"),
+    ("memalign", "aligned_alloc_enter", "alloc_return"),
+    ("valloc", "valloc_enter", "alloc_return"),
+    ("pvalloc", "valloc_enter", "alloc_return"),
+    ("free", "free_enter", None),
+)
+# Looked for in the allocator's object, else in libc (where jemalloc & co get their pages from).
+MAPPING_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
+    ("mmap", "mmap_enter", "mmap_return"),
+    ("mmap64", "mmap_enter", "mmap_return"),
+    ("munmap", "munmap_enter", None),
+)
+
+
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (field 22 of /proc/PID/stat), None if it is gone or a
+    zombie: with the pid, it tells the process apart from a later one that reuses the pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def mapped_objects(pid: int) -> list[str]:
+    """Paths of the files mapped executable into a process, its executable first (paths as the process
+    sees them, inside its own mount namespace)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError as exc:
+        raise MemtopError(f"cannot read /proc/{pid}/maps: {exc.strerror}") from None
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = ""
+    paths: list[str] = []
+    for line in maps.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "x" not in parts[1]:
+            continue
+        path = parts[5]
+        if path.startswith("/") and not path.endswith(" (deleted)") and path not in paths:
+            paths.append(path)
+    if exe in paths:
+        paths.remove(exe)
+        paths.insert(0, exe)
+    return paths
+
+
+MAPPING_NAMES = frozenset(name for name, _, _ in MAPPING_FUNCTIONS)
+
+
+def _host_path(pid: int, path: str) -> str:
+    """The path of a file a process has mapped, seen from here through its root (containers included)."""
+    return f"/proc/{pid}/root{path}"
+
+
+def _is_libc(path: str) -> bool:
+    base = os.path.basename(path)
+    return base.startswith(("libc.so", "libc-", "libc.musl", "ld-musl"))
+
+
+def _is_dynamic_linker(path: str) -> bool:
+    return os.path.basename(path).startswith(("ld-linux", "ld64.so", "ld.so"))
+
+
+class UserLeakProbe(_LeakProbe):
+    """Outstanding heap allocations of one process by user stack: uprobes on the allocator it has mapped
+    (found through /proc/PID/root, so it works inside containers), anonymous mmaps by tracepoint."""
+
+    name = "leaks-user"
+    source = "leaks_user.c"
+    counter_slots = 11
+
+    def __init__(
+        self,
+        pid: int,
+        sample_every: int = 1,
+        max_allocs: int = 262144,
+        max_stacks: int = 16384,
+        max_aggregates: int = 32768,
+    ) -> None:
+        super().__init__(max_allocs, max_stacks, max_aggregates)
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise MemtopError(f"PID must be a positive integer, got {pid!r}")
+        int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)
+        self.pid = pid
+        self.sample_rate = sample_every
+        self.start_time = process_start_time(pid)
+        if self.start_time is None:
+            raise MemtopError(f"no process with PID {pid}")
+        self.allocator = ""  # the object whose malloc is probed, as the process sees it
+        self.mapper = ""  # the object whose mmap is probed ("" when none was found)
+        self.attached: list[str] = []
+
+    def find_functions(self) -> list[tuple[str, dict[str, int]]]:
+        """[(path as the host sees it, {function: address})] to probe: the object that defines the process's
+        malloc (the executable itself when it is static or links an allocator in, else a library other than
+        libc such as jemalloc or tcmalloc, else libc), then where its mmap comes from (the same object, or
+        libc)."""
+        bcc = import_bcc()
+        candidates = [p for p in mapped_objects(self.pid) if not _is_dynamic_linker(p)]
+        ordered = candidates[:1] + [p for p in candidates[1:] if not _is_libc(p)]
+        ordered += [p for p in candidates[1:] if _is_libc(p)]
+        names = [name for name, _, _ in ALLOCATOR_FUNCTIONS + MAPPING_FUNCTIONS]
+        pattern = ("^(" + "|".join(names) + ")$").encode()
+        found: dict[str, dict[str, int]] = {}
+        for path in ordered:
+            try:
+                symbols = bcc.BPF.get_user_functions_and_addresses(
+                    _host_path(self.pid, path).encode(), pattern
+                )
+            except Exception:  # unreadable or not ELF: not an allocator
+                continue
+            found[path] = {name.decode(): address for name, address in symbols}
+            if not self.allocator and "malloc" in found[path] and "free" in found[path]:
+                self.allocator = path
+            if self.allocator and "mmap" in found.get(self.allocator, {}):
+                self.mapper = self.allocator
+                break
+            if self.allocator and _is_libc(path) and "mmap" in found[path]:
+                self.mapper = path
+                break
+        if not self.allocator:
+            raise MemtopError(f"no malloc/free found in the objects process {self.pid} has mapped")
+        allocator = {k: v for k, v in found[self.allocator].items() if k not in dict.fromkeys(MAPPING_NAMES)}
+        targets = [(_host_path(self.pid, self.allocator), allocator)]
+        if self.mapper:
+            mapping = {k: v for k, v in found[self.mapper].items() if k in MAPPING_NAMES}
+            targets.append((_host_path(self.pid, self.mapper), mapping))
+        return targets
+
+    def start(self) -> None:
+        targets = self.find_functions()
+        super().start()
+        try:
+            config = self.bpf[b"config"]
+            value = config[ctypes.c_int(0)]
+            value.sample_every = self.sample_rate
+            config[ctypes.c_int(0)] = value
+            for host_path, functions in targets:
+                self._attach(host_path, functions)
+        except Exception as exc:
+            self.close()
+            if isinstance(exc, MemtopError):
+                raise
+            raise MemtopError(
+                f"leaks-user probe failed to attach to PID {self.pid}: {_one_line(exc)}"
+            ) from None
+        self.status = type(self.status)("running", self.describe())
+
+    def _attach(self, host_path: str, functions: dict[str, int]) -> None:
+        seen: set[int] = set()
+        for symbol, entry, ret in ALLOCATOR_FUNCTIONS + MAPPING_FUNCTIONS:
+            address = functions.get(symbol)
+            if address is None or address in seen:
+                continue
+            seen.add(address)
+            self.bpf.attach_uprobe(
+                name=host_path.encode(), sym=symbol.encode(), fn_name=entry.encode(), pid=self.pid
+            )
+            if ret is not None:
+                self.bpf.attach_uretprobe(
+                    name=host_path.encode(), sym=symbol.encode(), fn_name=ret.encode(), pid=self.pid
+                )
+            self.attached.append(symbol)
+
+    def describe(self) -> str:
+        where = os.path.basename(self.allocator)
+        if self.mapper and self.mapper != self.allocator:
+            where += f" + {os.path.basename(self.mapper)}"
+        mmap = "" if self.mapper else ", no mmap tracking"
+        functions = ", ".join(self.attached)
+        return f"pid {self.pid}: uprobes on {where} ({functions}){mmap}, 1 in {self.sample_rate} tracked"
+
+    @property
+    def alive(self) -> bool:
+        """False once the process has exited (or its pid belongs to another process now)."""
+        return process_start_time(self.pid) == self.start_time
+
+    def kind_of(self, source: int) -> str:
+        return KIND_USER
+
+    def symbolize(self, address: int) -> str:
+        raw = self.bpf.sym(address, self.pid, show_module=True, show_offset=True)
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+    def read(self) -> LeakReading:
+        return self._read(KIND_USER)
+
+    def close(self) -> None:
+        super().close()
+        _drop_symbol_cache(self.pid)
+
+
+def _drop_symbol_cache(pid: int) -> None:
+    """BCC keeps a symbol cache per pid for the life of the interpreter; a later process reusing the pid
+    must not be symbolized with this one's."""
+    with contextlib.suppress(Exception):
+        import bcc
+
+        caches: dict[int, Any] = bcc.BPF._sym_caches
+        caches.pop(pid, None)
