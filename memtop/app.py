@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from textual import work
@@ -22,6 +23,7 @@ from memtop.config import Config
 from memtop.errors import MemtopError
 from memtop.sources import Source
 from memtop.store import ProcessKey, Snapshot, SortKey
+from memtop.widgets import Column
 
 INTERVALS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0)
 TAIL_MIN_MAX = 1 << 22
@@ -51,6 +53,7 @@ class MemtopApp(App[None]):
         Binding("plus", "interval(1)", "Slower", show=False),
         Binding("minus", "interval(-1)", "Faster", show=False),
         Binding("e", "export", "Export"),
+        Binding("c", "toggle_host", "Containers only"),
     ]
 
     def __init__(self, source: Source, config: Config, export_dir: Path | None = None) -> None:
@@ -62,7 +65,9 @@ class MemtopApp(App[None]):
         self.paused = not source.live
         self.interval_s = config.interval_s
         self.tail_min_bytes = config.tail_min_bytes
-        self.sort = SortKey("kmalloc_bytes_per_s", reverse=True)
+        # The sort order of each kind of table, kept here so it survives screens and tables being rebuilt.
+        self.sorts: dict[str, SortKey] = {}
+        self.hide_host = config.hide_host
         self._timer: Timer | None = None
         self.ticks = 0
 
@@ -115,20 +120,37 @@ class MemtopApp(App[None]):
     # -- actions ---------------------------------------------------------------------------------------
 
     def action_help(self) -> None:
+        from memtop.screens.container import ContainerScreen
         from memtop.screens.help import HelpScreen, describe_bindings
-        from memtop.screens.main import PROCESS_COLUMNS, MainScreen
+        from memtop.screens.main import MainScreen
         from memtop.screens.process import ProcessScreen
+        from memtop.screens.tables import SORTABLE_TABLES
+        from memtop.widgets import SORT_DIGITS, SortedTable
 
-        sort_keys = [
-            (str(i + 1), f"sort by {c.label} (again: reverse)") for i, c in enumerate(PROCESS_COLUMNS)
-        ]
         sections = [
             (
                 "Everywhere",
                 [row for row in describe_bindings(self.BINDINGS) if row[0] != "Ctrl+C"]
                 + [("Ctrl+C", "quit")],
             ),
-            ("Processes", describe_bindings(MainScreen.BINDINGS) + sort_keys),
+            (
+                "Main screen",
+                describe_bindings(MainScreen.BINDINGS) + [("Tab, Shift+Tab", "next/previous tab")],
+            ),
+            (
+                "Any table",
+                [row for row in describe_bindings(SortedTable.BINDINGS) if row[0] not in SORT_DIGITS],
+            ),
+        ]
+        for _group, title, columns in SORTABLE_TABLES:
+            sections.append(
+                (
+                    f"{title}: sort keys",
+                    [(SORT_DIGITS[i], f"sort by {c.label} (again: reverse)") for i, c in enumerate(columns)],
+                )
+            )
+        sections += [
+            ("Container details", describe_bindings(ContainerScreen.BINDINGS)),
             ("Process details", describe_bindings(ProcessScreen.BINDINGS)),
         ]
         self.push_screen(HelpScreen(sections))
@@ -153,26 +175,51 @@ class MemtopApp(App[None]):
         self.redraw()
         self.schedule_next()
 
-    def action_sort(self, index: int) -> None:
-        from memtop.screens.main import PROCESS_COLUMNS
+    @property
+    def sort(self) -> SortKey:
+        """The Processes table's order."""
+        return self.sort_for("processes")
 
-        column = PROCESS_COLUMNS[index]
-        if self.sort.column == column.field:
-            self.sort = SortKey(column.field, not self.sort.reverse)
+    def sort_for(self, group: str) -> SortKey:
+        from memtop.screens.tables import DEFAULT_SORTS
+
+        return self.sorts.get(group) or DEFAULT_SORTS.get(group, SortKey("kmalloc_bytes_per_s"))
+
+    def sort_table(self, group: str, columns: Sequence[Column], index: int) -> None:
+        column = columns[index]
+        current = self.sort_for(group)
+        if current.column == column.field:
+            self.sorts[group] = SortKey(column.field, not current.reverse)
         else:  # numbers start biggest-first, names alphabetically
-            self.sort = SortKey(column.field, reverse=column.numeric)
+            self.sorts[group] = SortKey(column.field, reverse=column.numeric)
         self.redraw()
 
-    def action_sort_shift(self, step: int) -> None:
-        from memtop.screens.main import PROCESS_COLUMNS
+    def sort_table_shift(self, group: str, columns: Sequence[Column], step: int) -> None:
+        fields = [c.field for c in columns]
+        current = self.sort_for(group).column
+        index = (fields.index(current) + step) % len(fields) if current in fields else 0
+        self.sort_table(group, columns, index)
 
-        fields = [c.field for c in PROCESS_COLUMNS]
-        index = (fields.index(self.sort.column) + step) % len(fields) if self.sort.column in fields else 0
-        self.action_sort(index)
-
-    def action_sort_reverse(self) -> None:
-        self.sort = SortKey(self.sort.column, not self.sort.reverse)
+    def sort_table_reverse(self, group: str) -> None:
+        current = self.sort_for(group)
+        self.sorts[group] = SortKey(current.column, not current.reverse)
         self.redraw()
+
+    def action_toggle_host(self) -> None:
+        self.hide_host = not self.hide_host
+        self.notify("host processes hidden" if self.hide_host else "host processes shown", timeout=2)
+        self.redraw()
+
+    def open_container(self, container_id: str) -> None:
+        from memtop.screens.container import ContainerScreen
+
+        self.source.set_focus_container(container_id)
+        self.push_screen(ContainerScreen(container_id), callback=lambda _: self._container_closed())
+        if not (self.source.live and self.paused):
+            self.collect()
+
+    def _container_closed(self) -> None:
+        self.source.set_focus_container(None)
 
     def open_process(self, key: ProcessKey) -> None:
         from memtop.screens.process import ProcessScreen

@@ -83,6 +83,33 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="drill-down tail shows only kmallocs of at least this size",
     )
+    parser.add_argument(
+        "--runtime-root",
+        type=_runtime_root,
+        action="append",
+        default=[],
+        metavar="RUNTIME=DIR",
+        help="where a container runtime keeps its state files, for container names "
+        f"(RUNTIME: {', '.join(RUNTIME_ROOT_NAMES)}; repeatable)",
+    )
+    parser.add_argument(
+        "--containers-only",
+        action="store_true",
+        help="start with host processes hidden (the c key toggles it)",
+    )
+
+
+RUNTIME_ROOT_NAMES = ("docker", "containerd", "crio", "podman", "lxc")
+
+
+def _runtime_root(text: str) -> tuple[str, str]:
+    name, sep, directory = text.partition("=")
+    if not sep or name not in RUNTIME_ROOT_NAMES or not directory:
+        raise argparse.ArgumentTypeError(
+            f"--runtime-root must be RUNTIME=DIR with RUNTIME one of {', '.join(RUNTIME_ROOT_NAMES)}, "
+            f"got {text!r}"
+        )
+    return name, directory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +153,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         focus_pid=getattr(args, "pid", None),
         duration_s=getattr(args, "duration", 5.0),
         output=getattr(args, "output", None),
+        runtime_roots=tuple(args.runtime_root),
+        hide_host=args.containers_only,
     )
 
 

@@ -21,3 +21,5 @@ class Config:
     focus_pid: int | None = None  # headless snapshot: collect call sites etc. for this process
     duration_s: float = 5.0  # headless snapshot window
     output: Path | None = None
+    runtime_roots: tuple[tuple[str, str], ...] = ()  # (runtime, state directory) overrides
+    hide_host: bool = False  # start with host processes hidden (only containers' processes shown)

@@ -18,7 +18,15 @@ from typing import Any
 from memtop import format as fmt
 from memtop.errors import MemtopError
 from memtop.model import CallSite, FocusReading, ProbeStatus, TailEvent
-from memtop.store import FocusDetail, HistoryPoint, HostInfo, ProcessKey, ProcessRow, Snapshot
+from memtop.store import (
+    ContainerRow,
+    FocusDetail,
+    HistoryPoint,
+    HostInfo,
+    ProcessKey,
+    ProcessRow,
+    Snapshot,
+)
 
 SCHEMA = "memtop.snapshot/1"
 MAX_REPLAY_BYTES = 256 * 1024 * 1024
@@ -30,6 +38,7 @@ PROCESS_FIELDS = (
     "cmdline",
     "cgroup_path",
     "container_id",
+    "container",
     "kmalloc_bytes_per_s",
     "kmalloc_calls_per_s",
     "kmalloc_bytes",
@@ -46,14 +55,47 @@ PROCESS_FIELDS = (
 )
 
 
+# ContainerRow fields written for every container (the required ones first).
+CONTAINER_FIELDS = (
+    "id",
+    "name",
+    "runtime",
+    "pod_uid",
+    "pod_name",
+    "namespace",
+    "qos",
+    "cgroup_path",
+    "pids",
+    "kmalloc_bytes_per_s",
+    "kmalloc_calls_per_s",
+    "memory_bytes",
+    "memory_limit_bytes",
+    "image",
+    "kmalloc_bytes",
+    "kmalloc_calls",
+)
+
+
+def _history_list(points: tuple[HistoryPoint, ...]) -> list[list[Any]]:
+    return [[p.t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s, p.memory_bytes] for p in points]
+
+
 def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
     processes = []
     for row in snapshot.processes:
         item = {name: getattr(row, name) for name in PROCESS_FIELDS}
         history = snapshot.histories.get(row.key)
         if history:
-            item["kmalloc_history"] = [[p.t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s] for p in history]
+            item["kmalloc_history"] = _history_list(history)
         processes.append(item)
+    containers = []
+    for crow in snapshot.containers:
+        citem: dict[str, Any] = {name: getattr(crow, name) for name in CONTAINER_FIELDS}
+        citem["pids"] = list(crow.pids)
+        chistory = snapshot.container_histories.get(crow.id)
+        if chistory:
+            citem["history"] = _history_list(chistory)
+        containers.append(citem)
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "taken_at": fmt.iso_utc(snapshot.taken_at),
@@ -71,6 +113,7 @@ def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
         "kmalloc_calls_per_s": snapshot.kmalloc_calls_per_s,
         "drops": dict(snapshot.drops),
         "processes": processes,
+        "containers": containers,
     }
     if snapshot.focus is not None:
         doc["focus"] = _focus_to_dict(snapshot.focus)
@@ -82,7 +125,7 @@ def _focus_to_dict(focus: FocusDetail) -> dict[str, Any]:
     return {
         "pid": focus.key.pid,
         "start_time": focus.key.start_time,
-        "history": [[p.t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s] for p in focus.history],
+        "history": _history_list(focus.history),
         "call_sites": [
             {
                 "symbol": s.symbol,
@@ -235,6 +278,18 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         if isinstance(p, Mapping)
     }
     drops = doc.get("drops", {})
+    containers_doc = doc.get("containers", [])
+    if not isinstance(containers_doc, list):
+        raise ValueError("field 'containers' must be a list")
+    containers = []
+    container_histories: dict[str, tuple[HistoryPoint, ...]] = {}
+    for i, item in enumerate(containers_doc):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"containers[{i}] is not an object")
+        crow = _container_from_dict(item, i)
+        containers.append(crow)
+        if "history" in item:
+            container_histories[crow.id] = _history(item["history"], f"containers[{i}].history")
     return Snapshot(
         taken_at=float(taken_at),
         duration_s=float(_num(doc["duration_s"], "duration_s") or 0.0),
@@ -255,6 +310,41 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         focus=_focus_from_dict(doc["focus"]) if isinstance(doc.get("focus"), Mapping) else None,
         histories=histories,
         replay=True,
+        containers=tuple(containers),
+        container_histories=container_histories,
+    )
+
+
+def _container_from_dict(item: Mapping[str, Any], i: int) -> ContainerRow:
+    where = f"containers[{i}]"
+
+    def text(name: str) -> str:
+        return _str(item.get(name, ""), f"{where}.{name}", optional=True) or ""
+
+    pids = item.get("pids", [])
+    if not isinstance(pids, list):
+        raise ValueError(f"field {where}.pids must be a list")
+    return ContainerRow(
+        id=_str(item["id"], f"{where}.id") or "",
+        runtime=text("runtime"),
+        cgroup_path=text("cgroup_path"),
+        name=text("name"),
+        pod_uid=text("pod_uid"),
+        pod_name=text("pod_name"),
+        namespace=text("namespace"),
+        qos=text("qos"),
+        image=text("image"),
+        pids=tuple(_int(p, f"{where}.pids") or 0 for p in pids),
+        kmalloc_bytes_per_s=float(
+            _num(item.get("kmalloc_bytes_per_s", 0), f"{where}.kmalloc_bytes_per_s") or 0
+        ),
+        kmalloc_calls_per_s=float(
+            _num(item.get("kmalloc_calls_per_s", 0), f"{where}.kmalloc_calls_per_s") or 0
+        ),
+        kmalloc_bytes=_int(item.get("kmalloc_bytes", 0), f"{where}.kmalloc_bytes") or 0,
+        kmalloc_calls=_int(item.get("kmalloc_calls", 0), f"{where}.kmalloc_calls") or 0,
+        memory_bytes=_int(item.get("memory_bytes"), f"{where}.memory_bytes", optional=True),
+        memory_limit_bytes=_int(item.get("memory_limit_bytes"), f"{where}.memory_limit_bytes", optional=True),
     )
 
 
@@ -269,6 +359,7 @@ def _row_from_dict(item: Mapping[str, Any], i: int) -> ProcessRow:
         state=_str(item.get("state", ""), f"{where}.state") or "",
         cgroup_path=_str(item.get("cgroup_path", ""), f"{where}.cgroup_path") or "",
         container_id=_str(item.get("container_id"), f"{where}.container_id", optional=True),
+        container=_str(item.get("container", ""), f"{where}.container", optional=True) or "",
         kmalloc_bytes_per_s=float(_num(item["kmalloc_bytes_per_s"], f"{where}.kmalloc_bytes_per_s") or 0.0),
         kmalloc_calls_per_s=float(_num(item["kmalloc_calls_per_s"], f"{where}.kmalloc_calls_per_s") or 0.0),
         kmalloc_bytes=_int(item["kmalloc_bytes"], f"{where}.kmalloc_bytes") or 0,
@@ -287,10 +378,11 @@ def _history(value: Any, where: str) -> tuple[HistoryPoint, ...]:
         raise ValueError(f"{where} must be a list")
     points = []
     for point in value:
-        if not isinstance(point, list) or len(point) != 3:
-            raise ValueError(f"{where} entries must be [time, bytes_per_s, calls_per_s]")
-        t, b, c = (float(_num(x, where) or 0.0) for x in point)
-        points.append(HistoryPoint(t, b, c))
+        if not isinstance(point, list) or len(point) not in (3, 4):
+            raise ValueError(f"{where} entries must be [time, bytes_per_s, calls_per_s, memory_bytes]")
+        t, b, c = (float(_num(x, where) or 0.0) for x in point[:3])
+        memory = _int(point[3], where, optional=True) if len(point) == 4 else None
+        points.append(HistoryPoint(t, b, c, memory))
     return tuple(points)
 
 

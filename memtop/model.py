@@ -17,6 +17,8 @@ class KmallocCounters:
     bytes_alloc: int
     bytes_req: int
     comm: str = ""
+    cgroup_id: int = 0  # cgroup2 id at the process's first kmalloc or its last exec (0: unknown)
+    cgroup_path: str = ""  # that id resolved to a path ("" if it could not be)
 
 
 @dataclass(frozen=True)

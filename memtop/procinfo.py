@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -37,16 +38,25 @@ class ProcReader:
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[psutil.Process, ProcInfo]] = {}
+        self._cgroup_ids: dict[int, int] = {}
 
-    def read(self, pid: int) -> ProcInfo | None:
-        """Fresh info for `pid`, or None if no such process is running now."""
+    def read(self, pid: int, cgroup_id: int = 0) -> ProcInfo | None:
+        """Fresh info for `pid`, or None if no such process is running now.
+
+        Static fields are read once per process; its cgroup again whenever `cgroup_id` (the kernel's view,
+        refreshed at exec) changes, since runtimes move a process into its container's cgroup after fork.
+        """
         cached = self._cache.get(pid)
         try:
             if cached is not None:
                 proc, static = cached
                 if not proc.is_running():  # gone, or the PID now belongs to another process
                     del self._cache[pid]
-                    return self.read(pid)
+                    return self.read(pid, cgroup_id)
+                if cgroup_id and self._cgroup_ids.get(pid, cgroup_id) != cgroup_id:
+                    static = replace(static, cgroup_path=cgroup_path(pid))
+                    self._cache[pid] = (proc, static)
+                self._cgroup_ids[pid] = cgroup_id
             else:
                 proc = psutil.Process(pid)
                 with proc.oneshot():
@@ -59,6 +69,7 @@ class ProcReader:
                         cgroup_path=cgroup_path(pid),
                     )
                 self._cache[pid] = (proc, static)
+                self._cgroup_ids[pid] = cgroup_id
             with proc.oneshot():
                 mem = proc.memory_info()
                 return ProcInfo(
@@ -74,13 +85,14 @@ class ProcReader:
                     cgroup_path=static.cgroup_path,
                 )
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            self._cache.pop(pid, None)
+            self.forget(pid)
             return None
         except psutil.AccessDenied:
             return None
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)
+        self._cgroup_ids.pop(pid, None)
 
 
 def _username(proc: psutil.Process) -> str:

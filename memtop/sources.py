@@ -30,6 +30,8 @@ class Source(Protocol):
 
     def set_focus(self, key: ProcessKey | None) -> None: ...
 
+    def set_focus_container(self, container_id: str | None) -> None: ...
+
     def set_interval(self, interval_s: float) -> None: ...
 
     def set_tail_min_bytes(self, min_bytes: int) -> None: ...
@@ -51,11 +53,21 @@ class LiveSource:
     live = True
 
     def __init__(self, config: Config) -> None:
+        from memtop.cgroups import current_layout
+        from memtop.containers import CgroupIdResolver, RuntimeRoots
+        from memtop.containerwatch import ContainerWatcher
         from memtop.probes.kmalloc import KmallocProbe  # the probe layer is the only one importing bcc
         from memtop.procinfo import ProcReader
 
         self.config = config
-        self.kmalloc = KmallocProbe(sample_every=config.sample_every, max_pids=config.max_pids)
+        layout = current_layout()
+        self.cgroup_ids = CgroupIdResolver(layout.v2_root)
+        self.containers = ContainerWatcher(layout, RuntimeRoots.from_overrides(dict(config.runtime_roots)))
+        self.kmalloc = KmallocProbe(
+            sample_every=config.sample_every,
+            max_pids=config.max_pids,
+            resolve_cgroup_id=self.cgroup_ids.path,
+        )
         self.probes = [self.kmalloc]
         self.procs = ProcReader()
         self.store = Store(host_info(), started_at=time.time(), interval_s=config.interval_s)
@@ -81,8 +93,12 @@ class LiveSource:
         with self._lock:
             now = time.time()
             reading = self.kmalloc.read()
-            procs = {tgid: None if tgid == IRQ_TGID else self.procs.read(tgid) for tgid in reading.per_tgid}
+            procs = {
+                tgid: None if tgid == IRQ_TGID else self.procs.read(tgid, counters.cgroup_id)
+                for tgid, counters in reading.per_tgid.items()
+            }
             forget = self.store.ingest(now, reading, procs)
+            self.store.set_containers(self.containers.states(self.store.container_refs().values()))
             self.kmalloc.forget(forget)
             for pid in forget:
                 self.procs.forget(pid)
@@ -99,6 +115,10 @@ class LiveSource:
             if self.kmalloc.bpf is not None:
                 self.kmalloc.set_focus(pid, self.config.tail_min_bytes if pid else None)
             self.store.set_focus(key)
+
+    def set_focus_container(self, container_id: str | None) -> None:
+        with self._lock:
+            self.store.focus_container = container_id
 
     def set_interval(self, interval_s: float) -> None:
         self.store.interval_s = interval_s
@@ -141,6 +161,9 @@ class ReplaySource:
 
     def set_focus(self, key: ProcessKey | None) -> None:
         self._focus = key
+
+    def set_focus_container(self, container_id: str | None) -> None:
+        pass  # a recording holds the histories it was written with
 
     def set_interval(self, interval_s: float) -> None:
         pass

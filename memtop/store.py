@@ -11,7 +11,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
+from memtop.containers import ContainerMeta, ContainerRef, parse_cgroup_path
 from memtop.model import (
     IRQ_COMM,
     IRQ_TGID,
@@ -37,6 +39,7 @@ class HistoryPoint:
     t: float  # seconds since the epoch
     kmalloc_bytes_per_s: float
     kmalloc_calls_per_s: float
+    memory_bytes: int | None = None  # a process's RSS, a container's cgroup memory usage
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class ProcessRow:
     user: str = ""
     state: str = ""
     cgroup_path: str = ""
-    container_id: str | None = None
+    container_id: str | None = None  # None: the host
+    container: str = ""  # the container's name, or its short id when it has none
     kmalloc_bytes_per_s: float = 0.0
     kmalloc_calls_per_s: float = 0.0
     kmalloc_bytes: int = 0
@@ -91,6 +95,57 @@ class HostInfo:
 
 
 @dataclass(frozen=True)
+class ContainerState:
+    """What the live source learned about one container by I/O (state files, cgroup files)."""
+
+    ref: ContainerRef
+    meta: ContainerMeta = ContainerMeta()
+    memory_bytes: int | None = None
+    memory_limit_bytes: int | None = None  # None: unlimited (or unknown)
+    pids: tuple[int, ...] = ()  # processes in its cgroup now (None of the probes needed to see them)
+
+
+@dataclass(frozen=True)
+class ContainerRow:
+    """One container as the Containers panel, its sort keys and the snapshot see it."""
+
+    id: str
+    runtime: str
+    cgroup_path: str
+    name: str = ""
+    pod_uid: str = ""
+    pod_name: str = ""
+    namespace: str = ""
+    qos: str = ""
+    image: str = ""
+    pids: tuple[int, ...] = ()
+    kmalloc_bytes_per_s: float = 0.0
+    kmalloc_calls_per_s: float = 0.0
+    kmalloc_bytes: int = 0  # since memtop started, including processes that have exited
+    kmalloc_calls: int = 0
+    memory_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12] if self.runtime != "lxc" else self.id
+
+    @property
+    def label(self) -> str:
+        return self.name or self.short_id
+
+    @property
+    def processes(self) -> int:
+        return len(self.pids)
+
+    @property
+    def memory_pct(self) -> float | None:
+        if self.memory_bytes is None or not self.memory_limit_bytes:
+            return None
+        return 100.0 * self.memory_bytes / self.memory_limit_bytes
+
+
+@dataclass(frozen=True)
 class FocusDetail:
     """The drilled-in process: its history and the data collected only for it."""
 
@@ -114,6 +169,14 @@ class Snapshot:
     focus: FocusDetail | None = None
     histories: Mapping[ProcessKey, tuple[HistoryPoint, ...]] = field(default_factory=dict)
     replay: bool = False
+    containers: tuple[ContainerRow, ...] = ()
+    container_histories: Mapping[str, tuple[HistoryPoint, ...]] = field(default_factory=dict)
+
+    def container(self, container_id: str) -> ContainerRow | None:
+        for row in self.containers:
+            if row.id == container_id:
+                return row
+        return None
 
     def process(self, key: ProcessKey) -> ProcessRow | None:
         for row in self.processes:
@@ -159,6 +222,11 @@ class Store:
         self.probes: dict[str, ProbeStatus] = {}
         self.focus_key: ProcessKey | None = None
         self._focus_reading: FocusReading | None = None
+        self._refs: dict[str, ContainerRef] = {}  # every container any row has been attributed to
+        self._container_totals: dict[str, list[float]] = {}  # id -> [bytes/s, calls/s, bytes, calls]
+        self._container_states: dict[str, ContainerState] = {}
+        self._container_history: dict[str, deque[HistoryPoint]] = {}
+        self.focus_container: str | None = None  # its history goes in every snapshot
 
     # -- ingest ---------------------------------------------------------------------------------------
 
@@ -180,6 +248,8 @@ class Store:
         forget: list[int] = []
         total_bytes = total_calls = 0.0
         seen: set[ProcessKey] = set()
+        for totals in self._container_totals.values():
+            totals[0] = totals[1] = 0.0
         for tgid, counters in reading.per_tgid.items():
             info = procs.get(tgid)
             state = self._state_for(tgid, counters, info, now)
@@ -202,13 +272,16 @@ class Store:
                 "kmalloc_bytes_req": row.kmalloc_bytes_req + d_req,
             }
             if info is not None and tgid != IRQ_TGID:
-                updates.update(_live_fields(info))
+                updates.update(_live_fields(info, counters))
             elif tgid != IRQ_TGID and not row.exited:
                 updates.update(exited=True, exited_at=now)
                 forget.append(tgid)
                 self._live_key.pop(tgid, None)
             state.row = replace(row, **updates)  # type: ignore[arg-type]
-            self._append_history(state, HistoryPoint(now, bytes_per_s, calls_per_s), now)
+            self._count_for_container(state.row, bytes_per_s, calls_per_s, d_bytes, d_calls)
+            self._append_history(
+                state.history, HistoryPoint(now, bytes_per_s, calls_per_s, state.row.rss_bytes), now
+            )
 
         for key, state in list(self._states.items()):
             if key in seen:
@@ -219,9 +292,31 @@ class Store:
                 continue
             # No kernel entry any more (forgotten after exit): no allocations this tick.
             state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
-            self._append_history(state, HistoryPoint(now, 0.0, 0.0), now)
+            self._append_history(state.history, HistoryPoint(now, 0.0, 0.0, None), now)
         self._totals = (total_bytes, total_calls)
+        for container_id in self._refs:
+            totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
+            cstate = self._container_states.get(container_id)
+            history = self._container_history.setdefault(container_id, deque())
+            memory = cstate.memory_bytes if cstate else None
+            self._append_history(history, HistoryPoint(now, totals[0], totals[1], memory), now)
         return forget
+
+    def _count_for_container(
+        self, row: ProcessRow, bytes_per_s: float, calls_per_s: float, d_bytes: int, d_calls: int
+    ) -> None:
+        if row.container_id is None:
+            return
+        if row.container_id not in self._refs:
+            ref = parse_cgroup_path(row.cgroup_path)
+            if ref is None:
+                return
+            self._refs[ref.container_id] = ref
+        totals = self._container_totals.setdefault(row.container_id, [0.0, 0.0, 0, 0])
+        totals[0] += bytes_per_s
+        totals[1] += calls_per_s
+        totals[2] += d_bytes
+        totals[3] += d_calls
 
     def _state_for(
         self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float
@@ -252,20 +347,26 @@ class Store:
                 pid=tgid, start_time=0.0, comm=IRQ_COMM, cmdline="allocations in interrupt context"
             )
         elif info is not None:
-            fields = _live_fields(info)
+            fields = _live_fields(info, counters)
             fields.setdefault("comm", counters.comm or "?")
             row = ProcessRow(pid=tgid, start_time=info.start_time, **fields)  # type: ignore[arg-type]
         else:
-            # Exited before we could look: all we have is the name the kernel recorded.
-            row = ProcessRow(pid=tgid, start_time=-now, comm=counters.comm or "?")
+            # Exited before we could look: all we have is what the kernel recorded, its name and cgroup.
+            ref = parse_cgroup_path(counters.cgroup_path) if counters.cgroup_path else None
+            row = ProcessRow(
+                pid=tgid,
+                start_time=-now,
+                comm=counters.comm or "?",
+                cgroup_path=counters.cgroup_path,
+                container_id=ref.container_id if ref else None,
+            )
         state = _ProcState(row=row)
         self._states[row.key] = state
         if info is not None or tgid == IRQ_TGID:
             self._live_key[tgid] = row.key
         return state
 
-    def _append_history(self, state: _ProcState, point: HistoryPoint, now: float) -> None:
-        history = state.history
+    def _append_history(self, history: deque[HistoryPoint], point: HistoryPoint, now: float) -> None:
         history.append(point)
         horizon = now - self.history_s
         while history and history[0].t < horizon:
@@ -284,6 +385,59 @@ class Store:
     def set_focus_reading(self, reading: FocusReading | None) -> None:
         self._focus_reading = reading
 
+    def container_history(self, container_id: str) -> tuple[HistoryPoint, ...]:
+        return tuple(self._container_history.get(container_id, ()))
+
+    def container_refs(self) -> dict[str, ContainerRef]:
+        """Every container a process has been attributed to (the source looks up their state)."""
+        return dict(self._refs)
+
+    def set_containers(self, states: Mapping[str, ContainerState]) -> None:
+        """The containers on the host now, with what the source read about them; those no longer present
+        and with no process rows left are forgotten."""
+        for container_id, cstate in states.items():
+            self._refs.setdefault(container_id, cstate.ref)
+        live_ids = {r.row.container_id for r in self._states.values() if r.row.container_id}
+        for container_id in list(self._refs):
+            if container_id not in states and container_id not in live_ids:
+                for table in (self._refs, self._container_totals, self._container_history):
+                    table.pop(container_id, None)  # type: ignore[attr-defined]
+        self._container_states = dict(states)
+
+    def container_rows(self) -> tuple[ContainerRow, ...]:
+        rows = []
+        live_pids: dict[str, list[int]] = {}
+        for state in self._states.values():
+            row = state.row
+            if row.container_id and not row.exited:
+                live_pids.setdefault(row.container_id, []).append(row.pid)
+        for container_id, ref in self._refs.items():
+            cstate = self._container_states.get(container_id)
+            meta = cstate.meta if cstate else ContainerMeta()
+            totals = self._container_totals.get(container_id, [0.0, 0.0, 0, 0])
+            pids = cstate.pids if cstate and cstate.pids else tuple(sorted(live_pids.get(container_id, ())))
+            rows.append(
+                ContainerRow(
+                    id=container_id,
+                    runtime=meta.runtime or ref.runtime,
+                    cgroup_path=ref.cgroup_path,
+                    name=meta.name,
+                    pod_uid=ref.pod_uid,
+                    pod_name=meta.pod_name,
+                    namespace=meta.namespace,
+                    qos=ref.qos,
+                    image=meta.image,
+                    pids=pids,
+                    kmalloc_bytes_per_s=totals[0],
+                    kmalloc_calls_per_s=totals[1],
+                    kmalloc_bytes=int(totals[2]),
+                    kmalloc_calls=int(totals[3]),
+                    memory_bytes=cstate.memory_bytes if cstate else None,
+                    memory_limit_bytes=cstate.memory_limit_bytes if cstate else None,
+                )
+            )
+        return tuple(rows)
+
     # -- output ---------------------------------------------------------------------------------------
 
     def history(self, key: ProcessKey) -> tuple[HistoryPoint, ...]:
@@ -296,28 +450,45 @@ class Store:
         if self.focus_key is not None:
             focus = FocusDetail(self.focus_key, self.history(self.focus_key), self._focus_reading)
         histories = {k: tuple(s.history) for k, s in self._states.items()} if include_histories else {}
+        containers = self.container_rows()
+        labels = {c.id: c.label for c in containers}
+        processes = tuple(
+            replace(s.row, container=labels.get(s.row.container_id, ""))
+            if s.row.container_id and s.row.container != labels.get(s.row.container_id, "")
+            else s.row
+            for s in self._states.values()
+        )
         return Snapshot(
             taken_at=now,
             duration_s=max(0.0, now - self.started_at),
             interval_s=self.interval_s,
             host=self.host,
             probes=dict(self.probes),
-            processes=tuple(s.row for s in self._states.values()),
+            processes=processes,
             kmalloc_bytes_per_s=self._totals[0],
             kmalloc_calls_per_s=self._totals[1],
             sample_every=self._sample_every,
             drops=dict(self._drops),
             focus=focus,
             histories=histories,
+            containers=containers,
+            container_histories={
+                k: tuple(v)
+                for k, v in self._container_history.items()
+                if include_histories or k == self.focus_container
+            },
         )
 
 
-def _live_fields(info: ProcInfo) -> dict[str, object]:
+def _live_fields(info: ProcInfo, counters: KmallocCounters) -> dict[str, object]:
+    cgroup = info.cgroup_path or counters.cgroup_path
+    ref = parse_cgroup_path(cgroup) if cgroup else None
     fields: dict[str, object] = {
         "cmdline": info.cmdline,
         "user": info.user,
         "state": info.state,
-        "cgroup_path": info.cgroup_path,
+        "cgroup_path": cgroup,
+        "container_id": ref.container_id if ref else None,
         "rss_bytes": info.rss_bytes,
         "vms_bytes": info.vms_bytes,
         "threads": info.threads,
@@ -353,8 +524,8 @@ class SortKey:
     reverse: bool = True
 
 
-def _sort_value(column: str) -> Callable[[ProcessRow], tuple[int, object]]:
-    def value(row: ProcessRow) -> tuple[int, object]:
+def _sort_value(column: str) -> Callable[[object], tuple[int, object]]:
+    def value(row: object) -> tuple[int, object]:
         v = getattr(row, column)
         if v is None:
             return (0, 0)  # unknowns sort below every known value
@@ -365,19 +536,40 @@ def _sort_value(column: str) -> Callable[[ProcessRow], tuple[int, object]]:
     return value
 
 
-def sort_rows(rows: Iterable[ProcessRow], sort: SortKey) -> list[ProcessRow]:
-    """Sorted on raw values; ties broken by pid so the order is stable from tick to tick."""
-    ordered = sorted(rows, key=lambda r: r.pid)
+R = TypeVar("R")
+
+
+def sort_rows(rows: Iterable[R], sort: SortKey, tiebreak: Callable[[R], Any] | None = None) -> list[R]:
+    """Sorted on raw values; ties broken by pid (or `tiebreak`) so the order is stable tick to tick."""
+    ordered = sorted(rows, key=tiebreak or (lambda r: getattr(r, "pid", 0)))
     return sorted(ordered, key=_sort_value(sort.column), reverse=sort.reverse)
 
 
 def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
-    """Rows whose command, command line or PID contains `text` (case-insensitive); empty text keeps all."""
+    """Rows whose command, command line, PID or container contains `text` (case-insensitive);
+    empty text keeps all."""
     needle = text.strip().lower()
     if not needle:
         return list(rows)
     return [
         r
         for r in rows
-        if needle in r.comm.lower() or needle in r.cmdline.lower() or (not r.is_irq and needle in str(r.pid))
+        if needle in r.comm.lower()
+        or needle in r.cmdline.lower()
+        or (not r.is_irq and needle in str(r.pid))
+        or (r.container_id is not None and needle in f"{r.container.lower()} {r.container_id}")
+    ]
+
+
+def filter_containers(rows: Iterable[ContainerRow], text: str) -> list[ContainerRow]:
+    """Containers whose name, id, pod, namespace or runtime contains `text` (case-insensitive)."""
+    needle = text.strip().lower()
+    if not needle:
+        return list(rows)
+    return [
+        c
+        for c in rows
+        if any(needle in v.lower() for v in (c.name, c.pod_name, c.namespace, c.runtime, c.image))
+        or c.id.startswith(needle)
+        or c.pod_uid.startswith(needle)
     ]

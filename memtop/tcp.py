@@ -37,6 +37,14 @@ REASON_CLOSED = "closed"  # no kernel error: the application closed the socket (
 REASON_NO_PORT = "no local port"  # failed before a source port was bound (EADDRNOTAVAIL and the like)
 
 
+def address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as inet_ntop writes it: IPv4-mapped IPv6 as ::ffff:a.b.c.d (ipaddress before Python
+    3.13 writes ::ffff:7f00:1)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"::ffff:{address.ipv4_mapped}"
+    return str(address)
+
+
 def failure_reason(error: int, rst_seen: bool, sport: int) -> str:
     """The reason shown for a failed connect, from what the tracepoints could tell.
 
@@ -592,7 +600,7 @@ class _Fields:
             raise self._bad(name, "an IP address") from None
         if family not in (0, parsed.version):
             raise self._bad(name, f"an IPv{family} address (family {family})")
-        return str(parsed)
+        return address_text(parsed)
 
 
 def row_from_json(item: Any, where: str = "tcp_connect item") -> TcpRow:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.text import Text
+from textual.binding import Binding
 from textual.widgets import DataTable, Static
 
 from memtop import format as fmt
@@ -82,16 +83,29 @@ class Column:
     width: int | None = None
 
 
+SORT_DIGITS = "1234567890"  # the key for column i (the tenth column is 0)
+
+
 class SortedTable(DataTable[Any]):
     """A DataTable whose rows are (key, record) pairs re-rendered each tick.
 
     Rows are diffed by key: when the order is unchanged only changed cells are updated, otherwise the
-    table is rebuilt and the cursor stays on the same record.
+    table is rebuilt and the cursor stays on the same record. A table with a `sort_group` sorts with the
+    digit keys (one per column, again reverses), r (reverse) and < > (previous/next column); the sort
+    order itself lives in the app, so it survives the table being rebuilt.
     """
 
-    def __init__(self, columns: Sequence[Column], **kwargs: Any) -> None:
+    BINDINGS = [
+        *(Binding(d, f"sort_column({i})", show=False) for i, d in enumerate(SORT_DIGITS)),
+        Binding("r", "sort_reverse", "Reverse", show=False),
+        Binding("less_than_sign", "sort_shift(-1)", "Sort ←", show=False),
+        Binding("greater_than_sign", "sort_shift(1)", "Sort →", show=False),
+    ]
+
+    def __init__(self, columns: Sequence[Column], sort_group: str | None = None, **kwargs: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.columns_spec = list(columns)
+        self.sort_group = sort_group
         self._keys: list[str] = []
         self._cells: dict[str, tuple[Any, ...]] = {}
 
@@ -109,6 +123,8 @@ class SortedTable(DataTable[Any]):
         self.refresh()
 
     def show_rows(self, rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        # Plain strings become Text, never markup: names come from processes, cgroups and state files.
+        rows = [(k, [Text(c) if isinstance(c, str) else c for c in cells]) for k, cells in rows]
         keys = [k for k, _ in rows]
         cursor_key = self.cursor_key()
         if keys == self._keys:
@@ -131,6 +147,18 @@ class SortedTable(DataTable[Any]):
         if cursor_key in self._cells:
             self.move_cursor(row=keys.index(cursor_key), animate=False, scroll=False)
         self.scroll_to(y=scroll_y, animate=False)
+
+    def action_sort_column(self, index: int) -> None:
+        if self.sort_group is not None and index < len(self.columns_spec):
+            self.app.sort_table(self.sort_group, self.columns_spec, index)  # type: ignore[attr-defined]
+
+    def action_sort_reverse(self) -> None:
+        if self.sort_group is not None:
+            self.app.sort_table_reverse(self.sort_group)  # type: ignore[attr-defined]
+
+    def action_sort_shift(self, step: int) -> None:
+        if self.sort_group is not None:
+            self.app.sort_table_shift(self.sort_group, self.columns_spec, step)  # type: ignore[attr-defined]
 
     def cursor_key(self) -> str | None:
         if not self._keys or self.cursor_row < 0 or self.cursor_row >= len(self._keys):

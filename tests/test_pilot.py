@@ -12,7 +12,8 @@ from memtop.screens.help import HelpScreen
 from memtop.screens.main import PROCESS_COLUMNS, MainScreen, ProcessTable
 from memtop.screens.process import ProcessScreen
 from memtop.sources import ReplaySource
-from memtop.widgets import SortedTable
+from memtop.screens.tables import CONTAINER_COLUMNS
+from memtop.widgets import SORT_DIGITS, SortedTable
 
 from .conftest import REPLAY
 
@@ -64,7 +65,9 @@ async def test_a_key_per_column_sorts_and_again_reverses() -> None:
         await pilot.press("3")  # COMMAND: alphabetical
         comms = [app.snapshot.process(k).comm.lower() for k in _keys(app)]
         assert comms == sorted(comms)
-        await pilot.press("9")  # RSS
+        await pilot.press("4")  # CONTAINER: alphabetical
+        assert app.sort.column == "container"
+        await pilot.press("0")  # the tenth column: RSS
         assert app.sort.column == "rss_bytes"
         await pilot.press("greater_than_sign")  # wraps to the first column
         assert app.sort.column == PROCESS_COLUMNS[0].field
@@ -136,8 +139,9 @@ async def test_help_lists_every_key() -> None:
         text = " ".join(f"{k} {d}" for _, rows in app.screen.sections for k, d in rows)
         for key in ("q", "?", "p", "+", "-", "e", "/", "r", "<", ">", "Enter", "Esc", "[", "]", "Ctrl+C"):
             assert key in text, key
-        for i, column in enumerate(PROCESS_COLUMNS):
-            assert f"sort by {column.label}" in text and str(i + 1) in text
+        for columns in (PROCESS_COLUMNS, CONTAINER_COLUMNS):
+            for i, column in enumerate(columns):
+                assert f"sort by {column.label}" in text and SORT_DIGITS[i] in text
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
 

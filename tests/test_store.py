@@ -140,3 +140,61 @@ def test_whole_window_rates() -> None:
     assert snap.duration_s == 4.0
     assert snap.processes[0].kmalloc_bytes_per_s == 300.0
     assert snap.kmalloc_calls_per_s == 3.0
+
+
+# -- containers ---------------------------------------------------------------------------------------
+
+DOCKER_ID = "a" * 64
+OTHER_ID = "b" * 64
+
+
+def test_processes_are_attributed_to_containers_and_containers_sum_them() -> None:
+    from memtop.containers import ContainerMeta, parse_cgroup_path
+    from memtop.store import ContainerState
+
+    store = new_store()
+    procs = {
+        1: ProcInfo(pid=1, start_time=1.0, comm="web", cgroup_path=f"/docker/{DOCKER_ID}"),
+        2: ProcInfo(pid=2, start_time=1.0, comm="worker", cgroup_path=f"/docker/{DOCKER_ID}/sub"),
+        3: ProcInfo(pid=3, start_time=1.0, comm="sshd", cgroup_path="/system.slice/ssh.service"),
+    }
+    store.ingest(1001.0, reading(p1=(1, 100, 100), p2=(3, 300, 300), p3=(5, 500, 500)), procs)
+    ref = parse_cgroup_path(f"/docker/{DOCKER_ID}")
+    assert ref is not None
+    assert set(store.container_refs()) == {DOCKER_ID}
+    store.set_containers(
+        {
+            DOCKER_ID: ContainerState(ref, ContainerMeta(name="web-1"), 2048, 4096, (1, 2)),
+            OTHER_ID: ContainerState(parse_cgroup_path(f"/docker/{OTHER_ID}"), ContainerMeta(), 10, None, ()),
+        }
+    )
+    snap = store.snapshot(1001.0)
+    rows = {r.pid: r for r in snap.processes}
+    assert rows[1].container_id == rows[2].container_id == DOCKER_ID and rows[3].container_id is None
+    assert rows[1].container == "web-1"
+    web = snap.container(DOCKER_ID)
+    assert web is not None
+    assert web.kmalloc_bytes_per_s == 400.0 and web.kmalloc_calls == 4 and web.pids == (1, 2)
+    assert web.memory_pct == 50.0 and web.label == "web-1"
+    idle = snap.container(OTHER_ID)
+    assert idle is not None and idle.kmalloc_bytes == 0 and idle.memory_limit_bytes is None
+    assert idle.label == OTHER_ID[:12]
+
+
+def test_container_totals_survive_the_exit_of_its_processes() -> None:
+    store = new_store(exited_keep_s=1.0)
+    cg = f"/kubepods/besteffort/pod0a1b2c3d-0000-4000-8000-000000000001/{DOCKER_ID}"
+    # exited before memtop could look: only the kernel's name and cgroup
+    counters = KmallocCounters(10, 1000, 1000, comm="short", cgroup_id=42, cgroup_path=cg)
+    store.ingest(1001.0, KmallocReading({9: counters}), {9: None})
+    snap = store.snapshot(1001.0)
+    row = snap.processes[0]
+    assert row.exited and row.container_id == DOCKER_ID and row.cgroup_path == cg
+    container = snap.container(DOCKER_ID)
+    assert container is not None and container.kmalloc_bytes == 1000
+    assert container.pod_uid == "0a1b2c3d-0000-4000-8000-000000000001" and container.qos == "besteffort"
+    store.ingest(1005.0, KmallocReading({}), {})
+    snap = store.snapshot(1005.0)
+    assert not snap.processes  # the exited row is gone
+    container = snap.container(DOCKER_ID)
+    assert container is not None and container.kmalloc_bytes == 1000 and container.kmalloc_bytes_per_s == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import subprocess
@@ -18,6 +19,7 @@ from memtop.tcp import (
     TcpKey,
     TcpReading,
     TcpRow,
+    address_text,
     bucket_lower_bound,
     bucket_upper_bound,
     failure_reason,
@@ -360,6 +362,14 @@ def test_slow_from_json_rejects_bad_input(change: dict[str, object]) -> None:
 
 
 # -- failure reasons -------------------------------------------------------------------------------
+
+
+def test_addresses_are_written_as_inet_ntop_does() -> None:
+    assert address_text(ipaddress.ip_address("::ffff:7f00:1")) == "::ffff:127.0.0.1"
+    assert address_text(ipaddress.ip_address("2001:db8::1")) == "2001:db8::1"
+    assert address_text(ipaddress.ip_address("10.0.0.1")) == "10.0.0.1"
+    item = {**rows_to_json(_rows()[:1])[0], "family": 6, "daddr": "::FFFF:7f00:1"}
+    assert row_from_json(item).daddr == "::ffff:127.0.0.1"
 
 
 def test_failure_reason_prefers_the_reported_error() -> None:

@@ -54,10 +54,13 @@ struct pid_stats {
     u64 bytes_req;
 };
 
-// Process names, set when a process's first kmalloc is counted and refreshed on exec: they name
-// processes that exit before the next tick (a fork's first kmalloc still carries the parent's name).
+// Process names and cgroups, set when a process's first kmalloc is counted and refreshed on exec: they
+// name and attribute processes that exit before the next tick (a fork's first kmalloc still carries the
+// parent's name; exec runs after a container runtime has moved the process into its cgroup).
+// cgroup_id is the cgroup2 id (the directory's inode number), resolved to a path in user space.
 struct comm_t {
     char comm[COMM_LEN];
+    u64 cgroup_id;
 };
 
 struct site_stats {
@@ -149,8 +152,10 @@ TRACEPOINT_PROBE(irq, irq_handler_exit) { irq_leave(); return 0; }
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct comm_t *c = comms.lookup(&tgid);
-    if (c)
+    if (c) {
         bpf_get_current_comm(&c->comm, sizeof(c->comm));
+        c->cgroup_id = bpf_get_current_cgroup_id();
+    }
     return 0;
 }
 #endif
@@ -226,6 +231,7 @@ counters:;
         if (tgid != IRQ_TGID) {
             struct comm_t c = {};
             bpf_get_current_comm(&c.comm, sizeof(c.comm));
+            c.cgroup_id = bpf_get_current_cgroup_id();
             comms.update(&tgid, &c);
         }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.

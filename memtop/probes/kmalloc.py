@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
+from collections.abc import Callable
 from typing import Any
 
 from memtop import tracefs
@@ -47,8 +48,15 @@ class KmallocProbe(Probe):
     name = "kmalloc"
     source = "kmalloc.c"
 
-    def __init__(self, sample_every: int = 1, max_pids: int = 16384, tail_max: int = 2000) -> None:
+    def __init__(
+        self,
+        sample_every: int = 1,
+        max_pids: int = 16384,
+        tail_max: int = 2000,
+        resolve_cgroup_id: Callable[[int], str] = lambda _id: "",
+    ) -> None:
         super().__init__()
+        self.resolve_cgroup_id = resolve_cgroup_id  # cgroup2 id -> path (memtop.containers.CgroupIdResolver)
         self.sample_every = sample_every
         self.max_pids = max_pids
         self.tail_max = tail_max
@@ -108,13 +116,19 @@ class KmallocProbe(Probe):
         per_tgid: dict[int, KmallocCounters] = {}
         scale = self.sample_every
         comms = {
-            key: bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace")
+            key: (bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"), value.cgroup_id)
             for key, value in map_items(self.bpf[b"comms"])
         }
         for key, values in map_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
+            comm, cgroup_id = comms.get(key, ("", 0))
             per_tgid[key] = KmallocCounters(
-                calls * scale, bytes_alloc * scale, bytes_req * scale, comms.get(key, "")
+                calls * scale,
+                bytes_alloc * scale,
+                bytes_req * scale,
+                comm,
+                cgroup_id,
+                self.resolve_cgroup_id(cgroup_id) if cgroup_id else "",
             )
         counters = self.bpf[b"counters"]
         sums = [sum(counters.getvalue(i)) for i in range(5)]

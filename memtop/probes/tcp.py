@@ -26,6 +26,7 @@ from memtop.tcp import (
     TcpCounters,
     TcpKey,
     TcpReading,
+    address_text,
     failure_reason,
 )
 
@@ -78,12 +79,12 @@ class _Event(ctypes.Structure):
     ]
 
 
-def address_text(family: int, raw: Any) -> str:
-    """16 bytes from the kernel (IPv4 in the first 4) as ipaddress text."""
+def kernel_address(family: int, raw: Any) -> str:
+    """16 bytes from the kernel (IPv4 in the first 4) as text."""
     data = bytes(raw)
     if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(data[:4]))
-    return str(ipaddress.IPv6Address(data[:16]))
+        return address_text(ipaddress.IPv4Address(data[:4]))
+    return address_text(ipaddress.IPv6Address(data[:16]))
 
 
 def family_number(af: int) -> int:
@@ -205,7 +206,7 @@ class TcpProbe(Probe):
         raw_entries = _items(table)
         for key, value in raw_entries:
             tcp_key = TcpKey(
-                key.tgid, family_number(key.family), address_text(key.family, key.daddr), key.dport
+                key.tgid, family_number(key.family), kernel_address(key.family, key.daddr), key.dport
             )
             per_key[tcp_key] = TcpCounters(
                 comm=_comm(value.comm),
@@ -259,7 +260,7 @@ class TcpProbe(Probe):
                 comm=_comm(v.comm),
                 cgroup_id=v.cgroup_id,
                 family=family_number(v.family),
-                daddr=address_text(v.family, v.daddr),
+                daddr=kernel_address(v.family, v.daddr),
                 dport=v.dport,
                 started=self._boot_offset + v.start_ns / 1e9,
                 syn_retransmits=v.syn_retransmits,
@@ -304,9 +305,9 @@ class TcpProbe(Probe):
             comm=ev.comm,
             cgroup_id=ev.cgroup_id,
             family=family_number(ev.family),
-            saddr=address_text(ev.family, ev.saddr),
+            saddr=kernel_address(ev.family, ev.saddr),
             sport=ev.sport,
-            daddr=address_text(ev.family, ev.daddr),
+            daddr=kernel_address(ev.family, ev.daddr),
             dport=ev.dport,
             latency_us=ev.latency_ns // 1000,
             failed=bool(ev.failed),

@@ -1,54 +1,37 @@
-"""The main screen: header, tabs (Processes now; containers, leaks, OOM and TCP join later), filter."""
+"""The main screen: header, one tab per panel (Processes, Containers, ...), and the filter box."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
 from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 
-from memtop import format as fmt
 from memtop.screens import MemtopScreen
-from memtop.store import ProcessKey, ProcessRow, Snapshot, SortKey, filter_rows, sort_rows
-from memtop.widgets import Column, HeaderBar, SortedTable, right
+from memtop.screens.tables import CONTAINER_COLUMNS, PROCESS_COLUMNS, process_row_key
+from memtop.store import ContainerRow, ProcessRow, Snapshot, filter_containers, filter_rows, sort_rows
+from memtop.widgets import HeaderBar, SortedTable
 
+__all__ = ["PROCESS_COLUMNS", "MainScreen", "ProcessTable", "ContainerTable", "row_key"]
 
-def _comm(row: ProcessRow) -> Text:
-    text = Text(row.comm or "?")
-    if row.is_irq:
-        text.stylize("bold magenta")
-    if row.exited:
-        text.append(" (exited)", style="dim italic")
-    return text
+row_key = process_row_key
 
-
-PROCESS_COLUMNS: tuple[Column, ...] = (
-    Column("pid", "PID", lambda r: right("-" if r.is_irq else str(r.pid)), width=8),
-    Column("user", "USER", lambda r: r.user or "-", numeric=False, width=10),
-    Column("comm", "COMMAND", _comm, numeric=False, width=20),
-    Column(
-        "kmalloc_bytes_per_s", "KMALLOC/s", lambda r: right(fmt.size_rate(r.kmalloc_bytes_per_s)), width=12
-    ),
-    Column(
-        "kmalloc_calls_per_s", "CALLS/s", lambda r: right(fmt.count_rate(r.kmalloc_calls_per_s)), width=10
-    ),
-    Column("kmalloc_avg_bytes", "AVG", lambda r: right(fmt.size(r.kmalloc_avg_bytes)), width=9),
-    Column("kmalloc_waste_pct", "WASTE", lambda r: right(fmt.percent(r.kmalloc_waste_pct)), width=7),
-    Column("kmalloc_bytes", "TOTAL", lambda r: right(fmt.size(r.kmalloc_bytes)), width=10),
-    Column("rss_bytes", "RSS", lambda r: right(fmt.size(r.rss_bytes)), width=10),
+# (tab id, title, the key that jumps to it)
+TABS: tuple[tuple[str, str, str], ...] = (
+    ("processes", "Processes", "P"),
+    ("containers", "Containers", "C"),
 )
-DEFAULT_SORT = SortKey("kmalloc_bytes_per_s", reverse=True)
-
-
-def row_key(key: ProcessKey) -> str:
-    return f"{key.pid}:{key.start_time!r}"
 
 
 class ProcessTable(SortedTable):
-    BINDINGS = [Binding(str(i + 1), f"app.sort({i})", show=False) for i in range(len(PROCESS_COLUMNS))]
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(PROCESS_COLUMNS, sort_group="processes", **kwargs)
+
+
+class ContainerTable(SortedTable):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(CONTAINER_COLUMNS, sort_group="containers", **kwargs)
 
 
 class MainScreen(MemtopScreen):
@@ -56,41 +39,69 @@ class MainScreen(MemtopScreen):
         Binding("enter", "drill", "Details", show=True),
         Binding("slash", "filter", "Filter"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
-        Binding("less_than_sign", "app.sort_shift(-1)", "Sort ←", show=False),
-        Binding("greater_than_sign", "app.sort_shift(1)", "Sort →", show=False),
-        Binding("r", "app.sort_reverse", "Reverse"),
+        Binding("tab", "next_tab(1)", "Next tab", show=False, priority=True),
+        Binding("shift+tab", "next_tab(-1)", "Previous tab", show=False, priority=True),
+        *(Binding(key, f"show_tab('{tab}')", f"{title} tab", show=False) for tab, title, key in TABS),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self.filter_text = ""
-        self._rows: dict[str, ProcessRow] = {}
+        self._processes: dict[str, ProcessRow] = {}
+        self._containers: dict[str, ContainerRow] = {}
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
-        with TabbedContent(id="tabs"), TabPane("Processes", id="processes"), Vertical():
-            yield ProcessTable(PROCESS_COLUMNS, id="process-table")
-        yield Input(placeholder="filter by command or PID — Enter keeps it, Esc clears", id="filter")
+        with TabbedContent(id="tabs"):
+            with TabPane("Processes", id="processes"):
+                yield ProcessTable(id="process-table")
+            with TabPane("Containers", id="containers"):
+                yield ContainerTable(id="container-table")
+        yield Input(placeholder="filter — Enter keeps it, Esc clears", id="filter")
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one(ProcessTable).focus()
         self.refresh_view()
 
+    @property
+    def active_tab(self) -> str:
+        return self.query_one("#tabs", TabbedContent).active or "processes"
+
     def show_snapshot(self, snap: Snapshot) -> None:
+        app = self.memtop
+        processes = filter_rows(snap.processes, self.filter_text)
+        if app.hide_host:
+            processes = [r for r in processes if r.container_id is not None]
+        sort = app.sort_for("processes")
+        rows = sort_rows(processes, sort)
+        self._processes = {row_key(r.key): r for r in rows}
         table = self.query_one(ProcessTable)
-        sort = self.memtop.sort
-        rows = sort_rows(filter_rows(snap.processes, self.filter_text), sort)
-        self._rows = {row_key(r.key): r for r in rows}
         table.show_rows([(row_key(r.key), [c.render(r) for c in PROCESS_COLUMNS]) for r in rows])
         table.set_header_marks(sort.column, sort.reverse)
-        pane = self.query_one("#tabs", TabbedContent)
-        label = "Processes" + (f" [filter: {self.filter_text}]" if self.filter_text else "")
-        pane.get_tab("processes").label = label  # type: ignore[assignment]
+
+        csort = app.sort_for("containers")
+        containers = sort_rows(
+            filter_containers(snap.containers, self.filter_text), csort, tiebreak=lambda c: c.id
+        )
+        self._containers = {c.id: c for c in containers}
+        ctable = self.query_one(ContainerTable)
+        ctable.show_rows([(c.id, [col.render(c) for col in CONTAINER_COLUMNS]) for c in containers])
+        ctable.set_header_marks(csort.column, csort.reverse)
+
+        tabs = self.query_one("#tabs", TabbedContent)
+        suffix = f" [filter: {self.filter_text}]" if self.filter_text else ""
+        hidden = " [containers only]" if app.hide_host else ""
+        tabs.get_tab("processes").label = f"Processes{hidden}{suffix}"  # type: ignore[assignment]
+        tabs.get_tab("containers").label = f"Containers ({len(snap.containers)}){suffix}"  # type: ignore[assignment]
 
     def selected_process(self) -> ProcessRow | None:
         key = self.query_one(ProcessTable).cursor_key()
-        return self._rows.get(key) if key else None
+        return self._processes.get(key) if key else None
+
+    def selected_container(self) -> ContainerRow | None:
+        key = self.query_one(ContainerTable).cursor_key()
+        return self._containers.get(key) if key else None
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -99,9 +110,34 @@ class MainScreen(MemtopScreen):
         self.action_drill()
 
     def action_drill(self) -> None:
+        if self.active_tab == "containers":
+            container = self.selected_container()
+            if container is not None:
+                self.memtop.open_container(container.id)
+            return
         row = self.selected_process()
         if row is not None:
             self.memtop.open_process(row.key)
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = tab
+        self._focus_active_table()
+
+    def action_next_tab(self, step: int) -> None:
+        ids = [tab for tab, _, _ in TABS]
+        current = self.active_tab
+        index = (ids.index(current) + step) % len(ids) if current in ids else 0
+        self.action_show_tab(ids[index])
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self._focus_active_table()
+
+    def _focus_active_table(self) -> None:
+        pane = self.query_one("#tabs", TabbedContent).active_pane
+        if pane is not None:
+            tables = pane.query(SortedTable)
+            if tables:
+                tables.first().focus()
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
@@ -114,7 +150,7 @@ class MainScreen(MemtopScreen):
         box.value = ""
         box.remove_class("visible")
         self.filter_text = ""
-        self.query_one(ProcessTable).focus()
+        self._focus_active_table()
         self.refresh_view()
 
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -125,7 +161,7 @@ class MainScreen(MemtopScreen):
         self.filter_text = event.value
         if not self.filter_text:
             event.input.remove_class("visible")
-        self.query_one(ProcessTable).focus()
+        self._focus_active_table()
         self.refresh_view()
 
     def on_key(self, event: Any) -> None:
