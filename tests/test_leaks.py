@@ -1,0 +1,587 @@
+"""Unit tests of memtop.leaks: frame selection, age bins, growth, the tracker's rows, JSON and adaptive N."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import pytest
+
+from memtop.leaks import (
+    AGE_EDGES_S,
+    KIND_KERNEL,
+    KIND_KERNEL_PAGES,
+    KIND_USER,
+    STACK_LOST,
+    AdaptiveSampler,
+    LeakReading,
+    LeakRow,
+    LeakTracker,
+    StackOutstanding,
+    age_bin,
+    first_bin_at_least,
+    frame_function,
+    is_allocator_frame,
+    rows_from_json,
+    rows_to_json,
+    top_frame,
+)
+
+KERNEL_PIPE_STACK = (
+    "__kmalloc_cache_noprof+0x237",
+    "alloc_pipe_info+0x5d",
+    "create_pipe_files+0x3f",
+    "do_pipe2+0x4d",
+)
+USER_STACK = (
+    "memtop_test_leak_here+0x18 [leaky]",
+    "run+0x22 [leaky]",
+    "main+0x5e [leaky]",
+)
+S = 1_000_000_000  # ns per second
+
+
+def stack(
+    pid: int = 100,
+    stack_id: int = 1,
+    outstanding: int = 1000,
+    allocations: int = 10,
+    oldest_ns: int | None = None,
+    kind: str = KIND_KERNEL,
+    frames: tuple[str, ...] = KERNEL_PIPE_STACK,
+    comm: str = "proc",
+    age_bins: tuple[tuple[int, int], ...] = (),
+) -> StackOutstanding:
+    return StackOutstanding(kind, stack_id, pid, comm, outstanding, allocations, oldest_ns, frames, age_bins)
+
+
+def reading(
+    *stacks: StackOutstanding, now_ns: int = 100 * S, kind: str = KIND_KERNEL, rate: int = 1
+) -> LeakReading:
+    return LeakReading(kind, tuple(stacks), rate, now_ns, {"missed_frees": 3})
+
+
+# -- frame selection ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frame", "function"),
+    [
+        ("alloc_pipe_info+0x5d", "alloc_pipe_info"),
+        ("memtop_test_leak_here+0x18 [leaky]", "memtop_test_leak_here"),
+        ("operator new(unsigned long)+0x1c [libstdc++.so.6]", "operator new(unsigned long)"),
+        ("[unknown]", "[unknown]"),
+        ("plain", "plain"),
+    ],
+)
+def test_frame_function_strips_offset_and_module(frame: str, function: str) -> None:
+    assert frame_function(frame) == function
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "__kmalloc_noprof+0x244",
+        "__kmalloc_cache_noprof+0x237",
+        "kmem_cache_alloc_lru_noprof+0x22c",
+        "kmem_cache_alloc_noprof+0x227",
+        "__kvmalloc_node_noprof+0x303",
+        "kmalloc_reserve+0x60",
+        "kmemdup_noprof+0x20",
+        "vmemdup_user+0x2e",
+        "__alloc_pages_noprof+0x10",
+        "alloc_pages_mpol_noprof+0x90",
+        "get_page_from_freelist+0x300",
+        "new_slab+0x2a",
+        "___slab_alloc+0x500",
+        "krealloc_noprof.cold+0x3",
+        "[unknown]",
+    ],
+)
+def test_kernel_allocator_frames_are_skipped(frame: str) -> None:
+    assert is_allocator_frame(KIND_KERNEL, frame)
+
+
+@pytest.mark.parametrize(
+    "frame", ["alloc_pipe_info+0x5d", "alloc_inode+0xa3", "sock_alloc_inode+0x1f", "map_lookup_elem+0x148"]
+)
+def test_kernel_callers_are_meaningful(frame: str) -> None:
+    assert not is_allocator_frame(KIND_KERNEL, frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "malloc+0x10 [libc.so.6]",
+        "__libc_malloc+0x10 [libc.so.6]",
+        "_int_malloc+0x3a [libc.so.6]",
+        "realloc+0x1 [libc.so.6]",
+        "__strdup+0x1a [libc.so.6]",
+        "operator new(unsigned long)+0x1c [libstdc++.so.6]",
+        "_Znwm+0x1c [libstdc++.so.6]",
+        "__mmap64+0x13 [libc.so.6]",
+    ],
+)
+def test_user_allocator_frames_are_skipped(frame: str) -> None:
+    assert is_allocator_frame(KIND_USER, frame)
+
+
+def test_user_mode_does_not_apply_kernel_prefixes() -> None:
+    # A user function that happens to be called kmalloc_something is the user's code, not the allocator.
+    assert not is_allocator_frame(KIND_USER, "kmalloc_pool_get+0x10 [app]")
+    assert not is_allocator_frame(KIND_USER, "memtop_test_leak_here+0x18 [leaky]")
+
+
+def test_top_frame_skips_allocator_internals() -> None:
+    assert top_frame(KIND_KERNEL, KERNEL_PIPE_STACK) == "alloc_pipe_info"
+    assert top_frame(KIND_USER, ("malloc+0x1 [libc.so.6]", *USER_STACK)) == "memtop_test_leak_here"
+    assert top_frame(KIND_USER, ("[unknown]", "strdup+0x3 [libc.so.6]", "parse+0x9 [app]")) == "parse"
+
+
+def test_top_frame_when_nothing_is_meaningful() -> None:
+    assert (
+        top_frame(KIND_KERNEL, ("__kmalloc_noprof+0x1", "kmem_cache_alloc_noprof+0x2")) == "__kmalloc_noprof"
+    )
+    assert top_frame(KIND_KERNEL, ()) == STACK_LOST
+    assert top_frame(KIND_KERNEL, (STACK_LOST,)) == STACK_LOST
+    assert top_frame(KIND_USER, ("[unknown]",)) == "[unknown]"
+
+
+# -- age bins ----------------------------------------------------------------------------------------------
+
+
+def test_age_bins_cover_every_age() -> None:
+    assert age_bin(0) == 0
+    assert age_bin(0.99) == 0
+    assert age_bin(1) == 1
+    assert age_bin(59.9) == AGE_EDGES_S.index(30)
+    assert age_bin(60) == AGE_EDGES_S.index(60)
+    assert age_bin(10**9) == len(AGE_EDGES_S) - 1
+
+
+def test_threshold_is_rounded_up_to_a_bin_edge() -> None:
+    assert first_bin_at_least(0) == 0
+    assert first_bin_at_least(60) == AGE_EDGES_S.index(60)
+    assert first_bin_at_least(45) == AGE_EDGES_S.index(60)
+    assert first_bin_at_least(10**9) == len(AGE_EDGES_S)
+
+
+# -- the tracker -------------------------------------------------------------------------------------------
+
+
+def test_rows_merge_processes_per_stack_and_keep_the_largest_first() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(
+        0.0,
+        reading(
+            stack(pid=100, outstanding=1000, allocations=10, oldest_ns=90 * S, comm="small"),
+            stack(pid=200, outstanding=5000, allocations=20, oldest_ns=95 * S, comm="big"),
+            stack(
+                pid=100,
+                stack_id=2,
+                outstanding=64,
+                allocations=1,
+                frames=("kmem_cache_alloc_noprof+0x1", "f+0x1"),
+            ),
+        ),
+    )
+    rows = {row.stack_id: row for row in tracker.rows()}
+    merged = rows[1]
+    assert merged.pid is None
+    assert merged.pids == (200, 100)
+    assert merged.comm == "big"
+    assert (merged.outstanding_bytes, merged.allocations) == (6000, 30)
+    assert merged.oldest_age_s == pytest.approx(10.0)
+    assert merged.top_frame == "alloc_pipe_info"
+    assert merged.stack == KERNEL_PIPE_STACK
+    assert rows[2].pid == 100 and rows[2].top_frame == "f"
+    assert rows[2].oldest_age_s is None
+
+
+def test_rows_for_one_process_keep_only_its_share() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(pid=100, outstanding=1000), stack(pid=200, outstanding=5000)))
+    (row,) = tracker.rows(pid=100)
+    assert row.pid == 100 and row.pids == (100,) and row.outstanding_bytes == 1000
+    assert tracker.rows(pid=300) == ()
+
+
+def test_growth_over_the_window() -> None:
+    tracker = LeakTracker(growth_window_s=60.0)
+    for t in range(0, 121, 10):  # 100 bytes/s for two minutes
+        tracker.ingest(float(t), reading(stack(outstanding=100 * t + 1)))
+    (row,) = tracker.rows()
+    assert row.growth_bytes_per_s == pytest.approx(100.0)
+    # It stops growing: after a further minute the growth is zero, the bytes remain.
+    for t in range(130, 200, 10):
+        tracker.ingest(float(t), reading(stack(outstanding=12001)))
+    (row,) = tracker.rows()
+    assert row.growth_bytes_per_s == pytest.approx(0.0)
+    assert row.outstanding_bytes == 12001
+
+
+def test_growth_needs_two_readings_and_uses_what_history_there_is() -> None:
+    tracker = LeakTracker(growth_window_s=60.0)
+    tracker.ingest(0.0, reading(stack(outstanding=1000)))
+    assert tracker.rows()[0].growth_bytes_per_s == 0.0
+    tracker.ingest(5.0, reading(stack(outstanding=2000)))
+    assert tracker.rows()[0].growth_bytes_per_s == pytest.approx(200.0)
+
+
+def test_freed_stack_disappears_and_its_history_goes_negative_then_away() -> None:
+    tracker = LeakTracker(growth_window_s=60.0)
+    tracker.ingest(0.0, reading(stack(outstanding=6000)))
+    tracker.ingest(10.0, reading(stack(stack_id=9, outstanding=1, frames=("g+0x1",))))
+    assert [row.stack_id for row in tracker.rows()] == [9]
+    # Its history still holds the drop to zero until the window has passed.
+    assert tracker._stack_history[(KIND_KERNEL, 1)].growth() == pytest.approx(-600.0)
+    for t in (80.0, 150.0):
+        tracker.ingest(t, reading(stack(stack_id=9, outstanding=1, frames=("g+0x1",))))
+    assert (KIND_KERNEL, 1) not in tracker._stack_history
+
+
+def test_per_process_growth() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(pid=1, outstanding=0, allocations=1), stack(pid=2, outstanding=100)))
+    tracker.ingest(10.0, reading(stack(pid=1, outstanding=1000), stack(pid=2, outstanding=100)))
+    assert tracker.rows(pid=1)[0].growth_bytes_per_s == pytest.approx(100.0)
+    assert tracker.rows(pid=2)[0].growth_bytes_per_s == pytest.approx(0.0)
+    assert tracker.rows()[0].growth_bytes_per_s == pytest.approx(100.0)
+
+
+def test_a_stack_id_naming_another_stack_restarts_its_history() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(outstanding=100_000)))
+    tracker.ingest(10.0, reading(stack(outstanding=10, frames=("other+0x1",))))
+    (row,) = tracker.rows()
+    assert row.top_frame == "other"
+    assert row.growth_bytes_per_s == 0.0  # not -9999: it is a different stack
+
+
+def test_rows_sorted_by_growth_then_bytes() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(stack_id=1, outstanding=10), stack(stack_id=2, outstanding=5000)))
+    tracker.ingest(
+        10.0,
+        reading(
+            stack(stack_id=1, outstanding=1010),
+            stack(stack_id=2, outstanding=5000),
+            stack(stack_id=3, outstanding=9000),
+        ),
+    )
+    assert [row.stack_id for row in tracker.rows()] == [1, 3, 2]
+
+
+def test_empty_and_negative_aggregates_are_not_rows() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(
+        0.0, reading(stack(outstanding=0, allocations=0), stack(stack_id=2, outstanding=-5, allocations=-1))
+    )
+    assert tracker.rows() == ()
+
+
+def test_older_than_uses_age_bins() -> None:
+    bins = [(0, 0)] * len(AGE_EDGES_S)
+    bins[0] = (5, 500)  # younger than a second
+    bins[AGE_EDGES_S.index(60)] = (2, 200)  # a minute old
+    bins[AGE_EDGES_S.index(3600)] = (1, 100)  # an hour old
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(outstanding=800, allocations=8, oldest_ns=0, age_bins=tuple(bins))))
+    assert tracker.rows()[0].outstanding_bytes == 800
+    assert (
+        tracker.rows(older_than_s=60)[0].outstanding_bytes,
+        tracker.rows(older_than_s=60)[0].allocations,
+    ) == (
+        300,
+        3,
+    )
+    assert tracker.rows(older_than_s=45)[0].outstanding_bytes == 300  # rounded up to the 60 s edge
+    assert tracker.rows(older_than_s=3600)[0].outstanding_bytes == 100
+    assert tracker.rows(older_than_s=7200) == ()
+
+
+def test_older_than_without_bins_uses_the_oldest_allocation() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(
+        0.0,
+        reading(
+            stack(stack_id=1, oldest_ns=10 * S),
+            stack(stack_id=2, oldest_ns=99 * S),
+            stack(stack_id=3),
+            now_ns=100 * S,
+        ),
+    )
+    assert [row.stack_id for row in tracker.rows(older_than_s=30)] == [1]
+
+
+def test_kernel_and_user_readings_live_side_by_side() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(), rate=64))
+    tracker.ingest(
+        0.0,
+        reading(stack(kind=KIND_USER, frames=USER_STACK, stack_id=1), kind=KIND_USER, rate=1, now_ns=5 * S),
+    )
+    assert {row.kind for row in tracker.rows()} == {KIND_KERNEL, KIND_USER}
+    assert tracker.sample_rate == 64
+    assert tracker.sample_rates == {KIND_KERNEL: 64, KIND_USER: 1}
+    assert tracker.drops == {"missed_frees": 6}
+    tracker.ingest(1.0, reading(stack(), rate=64))  # a kernel reading does not remove the user rows
+    assert {row.kind for row in tracker.rows()} == {KIND_KERNEL, KIND_USER}
+    tracker.forget(KIND_USER)
+    assert {row.kind for row in tracker.rows()} == {KIND_KERNEL}
+    assert tracker.reading(KIND_USER) is None
+
+
+def test_page_level_stacks_are_their_own_kind() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(
+        0.0, reading(stack(), stack(kind=KIND_KERNEL_PAGES, frames=("__alloc_pages_noprof+0x1", "f+0x2")))
+    )
+    kinds = sorted(row.kind for row in tracker.rows())
+    assert kinds == [KIND_KERNEL, KIND_KERNEL_PAGES]
+    tracker.forget(KIND_KERNEL)
+    assert tracker.rows() == ()
+
+
+def test_tracker_rejects_a_bad_window() -> None:
+    with pytest.raises(ValueError):
+        LeakTracker(growth_window_s=0)
+
+
+# -- JSON ----------------------------------------------------------------------------------------------------
+
+
+def sample_rows() -> tuple[LeakRow, ...]:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(pid=1, oldest_ns=50 * S), stack(pid=2)))
+    tracker.ingest(0.0, reading(stack(kind=KIND_USER, frames=USER_STACK, pid=7, oldest_ns=S), kind=KIND_USER))
+    return tracker.rows()
+
+
+def test_json_round_trip() -> None:
+    rows = sample_rows()
+    data = json.loads(json.dumps(rows_to_json(rows)))
+    assert rows_from_json(data) == rows
+    kernel = next(item for item in data if item["kind"] == KIND_KERNEL)
+    assert kernel["pid"] is None and kernel["pids"] == [1, 2]
+    assert kernel["stack"] == list(KERNEL_PIPE_STACK)
+    user = next(item for item in data if item["kind"] == KIND_USER)
+    assert user["pid"] == 7 and user["top_frame"] == "memtop_test_leak_here"
+    assert set(user) >= {
+        "pid",
+        "comm",
+        "kind",
+        "outstanding_bytes",
+        "allocations",
+        "oldest_age_s",
+        "growth_bytes_per_s",
+        "stack",
+    }
+
+
+def test_json_optional_fields_are_derived() -> None:
+    (item,) = rows_to_json(sample_rows()[-1:])
+    for name in ("top_frame", "pids", "stack_id"):
+        del item[name]
+    (row,) = rows_from_json([item])
+    assert row.pids == ((item["pid"],) if item["pid"] is not None else ())
+    assert row.top_frame == top_frame(row.kind, row.stack)
+    assert row.stack_id == -1
+
+
+def _good() -> dict[str, Any]:
+    return rows_to_json(sample_rows())[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("kind"), "missing 'kind'"),
+        (lambda d: d.update(kind="heap"), "kind"),
+        (lambda d: d.update(pid=-1), "pid"),
+        (lambda d: d.update(pid="7"), "pid"),
+        (lambda d: d.pop("pid"), "missing 'pid'"),
+        (lambda d: d.update(outstanding_bytes=-1), "outstanding_bytes"),
+        (lambda d: d.update(outstanding_bytes=1.5), "outstanding_bytes"),
+        (lambda d: d.update(allocations=True), "allocations"),
+        (lambda d: d.update(oldest_age_s=-3), "oldest_age_s"),
+        (lambda d: d.update(oldest_age_s="old"), "oldest_age_s"),
+        (lambda d: d.update(growth_bytes_per_s=math.nan), "growth_bytes_per_s"),
+        (lambda d: d.pop("growth_bytes_per_s"), "growth_bytes_per_s"),
+        (lambda d: d.update(stack="f"), "stack"),
+        (lambda d: d.update(stack=[1]), "stack"),
+        (lambda d: d.update(comm=None), "comm"),
+        (lambda d: d.update(pids=[-1]), "pids"),
+        (lambda d: d.update(top_frame=3), "top_frame"),
+        (lambda d: d.update(stack_id="x"), "stack_id"),
+    ],
+)
+def test_json_bad_input_raises_value_error(change: Any, message: str) -> None:
+    item = _good()
+    change(item)
+    with pytest.raises(ValueError, match=message):
+        rows_from_json([item])
+
+
+@pytest.mark.parametrize("data", [None, {}, "leaks", [1], [[]]])
+def test_json_bad_containers(data: Any) -> None:
+    with pytest.raises(ValueError):
+        rows_from_json(data)
+
+
+# -- adaptive sampling ---------------------------------------------------------------------------------------
+
+
+def feed(
+    sampler: AdaptiveSampler, rate_per_s: float, seconds: int, start: float = 0.0, fill: float = 0.0
+) -> int:
+    """Feed `seconds` one-second reads at a steady allocation rate; returns the last N."""
+    total: float = sampler._last[1] if sampler._last else 0
+    result = sampler.rate
+    for i in range(seconds + 1):
+        result = sampler.update(start + i, int(total), fill)
+        total += rate_per_s
+    return result
+
+
+def test_adaptive_rate_rises_at_once_to_stay_within_budget() -> None:
+    sampler = AdaptiveSampler(budget_per_s=1000, initial=1)
+    assert sampler.update(0.0, 0) == 1  # the first read only sets the baseline
+    assert sampler.update(1.0, 100_000) == 128  # 100k/s over 1000/s: the next power of two above 100
+    assert 100_000 / sampler.rate <= 1000
+
+
+def test_adaptive_rate_falls_only_after_calm_reads_and_with_headroom() -> None:
+    sampler = AdaptiveSampler(budget_per_s=1000, initial=1024, calm_reads=3)
+    sampler.update(0.0, 0)
+    assert sampler.update(1.0, 10_000) == 1024
+    assert sampler.update(2.0, 20_000) == 1024
+    assert sampler.update(3.0, 30_000) == 32  # third calm read: 10k/s with headroom 2 -> 20 -> 32
+    assert 10_000 / 32 <= 1000 / 2
+
+
+def test_adaptive_rate_has_hysteresis() -> None:
+    sampler = AdaptiveSampler(budget_per_s=1000, initial=1)
+    n = feed(sampler, 60_000, 5)
+    assert n == 64
+    # A rate that would fit N=32 but not with the 2x headroom does not lower N.
+    assert feed(sampler, 30_000, 20, start=10) == 64
+    # Noise around the budget does not flap N either.
+    values = {
+        feed(sampler, rate, 1, start=40 + i * 2) for i, rate in enumerate([50_000, 62_000, 45_000, 63_000])
+    }
+    assert values == {64}
+
+
+def test_adaptive_rate_rises_when_the_address_map_fills() -> None:
+    sampler = AdaptiveSampler(budget_per_s=1000, initial=4)
+    sampler.update(0.0, 0)
+    assert sampler.update(1.0, 10, map_fill=0.8) == 8
+    assert sampler.update(2.0, 20, map_fill=0.8) == 16
+    assert feed(sampler, 10, 10, start=3, fill=0.6) == 16  # not lowered while the map is over half full
+    assert feed(sampler, 10, 10, start=20, fill=0.1) == 1
+
+
+def test_adaptive_rate_ignores_counter_resets_and_clock_trouble() -> None:
+    sampler = AdaptiveSampler(budget_per_s=1000, initial=8)
+    sampler.update(5.0, 1000)
+    assert sampler.update(5.0, 2000) == 8  # no time passed
+    assert sampler.update(6.0, 10) == 8  # the counter went back: a new baseline
+    assert sampler.update(4.0, 20) == 8
+
+
+def test_adaptive_rate_is_bounded() -> None:
+    sampler = AdaptiveSampler(budget_per_s=1, initial=1, max_rate=1024)
+    sampler.update(0.0, 0)
+    assert sampler.update(1.0, 10**9) == 1024
+    with pytest.raises(ValueError):
+        AdaptiveSampler(budget_per_s=0)
+
+
+# -- the probe's pure helpers -------------------------------------------------------------------------
+
+
+def test_scan_ages_weights_and_bins() -> None:
+    from memtop.probes.leaks import ALLOC_INFO, scan_ages
+
+    now = 1000 * S
+    records = [
+        # size, ts_ns, tgid, stack_id, weight, source
+        (100, now - 500_000_000, 7, 3, 4, 0),  # half a second old, tracked at 1 in 4
+        (100, now - 90 * S, 7, 3, 1, 0),  # 90 s old
+        (64, now - 2 * S, 8, -14, 1, 0),  # a lost stack, another process
+        (10, now + 5, 7, 3, 1, 0),  # stamped after `now` was taken: age 0
+    ]
+    raw = b"".join(ALLOC_INFO.pack(*r) for r in records)
+    ages = scan_ages(raw + b"\0" * ALLOC_INFO.size, len(records), now)
+    assert ages.oldest[(3, 7, 0)] == now - 90 * S
+    bins = ages.bins[(3, 7, 0)]
+    assert bins[0] == [5, 410]
+    assert bins[AGE_EDGES_S.index(60)] == [1, 100]
+    assert ages.bins[(-14, 8, 0)][AGE_EDGES_S.index(2)] == [1, 64]
+    assert ages.entries == 4
+
+
+def test_struct_layouts_match_the_bpf_programs() -> None:
+    from memtop.probes.leaks import AGG_KEY, AGG_VALUE, ALLOC_INFO
+
+    assert ALLOC_INFO.size == 32 and AGG_KEY.size == 16 and AGG_VALUE.size == 16
+    assert struct.calcsize("<QQIiII") == ALLOC_INFO.size
+
+
+def test_mapped_objects_put_the_executable_first(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from memtop.probes import leaks as probe_module
+
+    maps = (
+        "7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "7f01-7f02 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "5500-5501 r-xp 00000000 08:01 2 /opt/app/bin/app\n"
+        "7f02-7f03 r-xp 00000000 08:01 3 /opt/app/lib/libjemalloc.so.2\n"
+        "7f03-7f04 r-xp 00000000 08:01 4 /tmp/gone.so (deleted)\n"
+        "7f04-7f05 rw-p 00000000 00:00 0 \n"
+        "7ffd-7ffe r-xp 00000000 00:00 0 [vdso]\n"
+    )
+    real_read_text = probe_module.Path.read_text
+
+    def fake_read_text(self: Any, *args: Any, **kwargs: Any) -> str:
+        if str(self) == "/proc/4242/maps":
+            return maps
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module.Path, "read_text", fake_read_text)
+    monkeypatch.setattr(os, "readlink", lambda path: "/opt/app/bin/app")
+    assert probe_module.mapped_objects(4242) == [
+        "/opt/app/bin/app",
+        "/usr/lib/x86_64-linux-gnu/libc.so.6",
+        "/opt/app/lib/libjemalloc.so.2",
+    ]
+
+
+def test_user_probe_refuses_a_missing_process() -> None:
+    from memtop.errors import MemtopError
+    from memtop.probes.leaks import UserLeakProbe
+
+    with pytest.raises(MemtopError, match="no process with PID"):
+        UserLeakProbe(2**22 + 12345)
+    with pytest.raises(MemtopError, match="PID must be"):
+        UserLeakProbe(0)
+    with pytest.raises(MemtopError, match="LEAK_SAMPLE"):
+        UserLeakProbe(1, sample_every=0)
+
+
+def test_kernel_probe_validates_the_sample_rate_and_bounds() -> None:
+    from memtop.errors import MemtopError
+    from memtop.probes.leaks import KernelLeakProbe
+
+    with pytest.raises(MemtopError, match="LEAK_SAMPLE"):
+        KernelLeakProbe(sample_every=0)
+    probe = KernelLeakProbe(sample_every=8, max_allocs=4096)
+    assert probe.effective_sample_rate == 8
+    assert "-DMAX_ALLOCS=4096" in probe.cflags()
+    with pytest.raises(MemtopError, match="MAX_ALLOCS"):
+        KernelLeakProbe(max_allocs=10).cflags()
+    assert KernelLeakProbe().effective_sample_rate == AdaptiveSampler().rate
