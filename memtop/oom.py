@@ -63,6 +63,7 @@ class OomReading:
     events: tuple[OomEvent, ...]
     lost: int = 0  # cumulative: events dropped because the ring buffer was full
     task_map_full: int = 0  # cumulative: tasks whose cgroup could not be remembered (map full)
+    cgroup_lost: int = 0  # cumulative: cgroup creations not seen (their ring buffer was full)
     reaped: tuple[OomEvent, ...] = ()  # events read earlier, now with reaped_at set (same `key`)
 
 
@@ -135,6 +136,7 @@ class _KillContext:
     hint: str = ""  # constraint implied by an old "Kill process ... or sacrifice child" line
     sacrifice: bool = False  # a child may be killed instead of the process the summary named
     group: bool = False  # memory.oom.group: several victims share this context
+    group_path: str = ""  # the cgroup all of whose tasks are killed
     used: bool = False
 
     def limit_and_usage(self) -> tuple[int | None, int | None]:
@@ -288,7 +290,7 @@ class KmsgOomParser:
         m = _GROUP.match(text)
         if m:
             ctx.group = True
-            ctx.memcg_path = ctx.memcg_path or m.group("memcg")
+            ctx.group_path = m.group("memcg")
 
     def _summary(self, text: str) -> None:
         """oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,
@@ -299,10 +301,11 @@ class KmsgOomParser:
         m = re.search(r"constraint=CONSTRAINT_(\w+)", text)
         if m:
             ctx.constraint = CONSTRAINTS.get(m.group(1), m.group(1).lower())
-        m = re.search(r",oom_memcg=(.*?)(?:,task_memcg=|$)", text)
+        # A value counts only when the key after it follows: a truncated line keeps what is whole.
+        m = re.search(r",oom_memcg=(.*?),task_memcg=", text)
         if m:
             ctx.memcg_path = m.group(1)
-        m = re.search(r",task_memcg=(.*?)(?:,task=|$)", text)
+        m = re.search(r",task_memcg=(.*?),task=", text)
         if m:
             ctx.task_memcg = m.group(1)
         m = re.search(r",task=(.*),pid=(\d+),uid=(\d+)\s*$", text)
@@ -361,7 +364,7 @@ class KmsgOomParser:
             extra = {
                 "trigger_pid": ctx.trigger_pid,
                 "trigger_comm": ctx.trigger_comm,
-                "cgroup_path": ctx.task_memcg if same_task or ctx.sacrifice else "",
+                "cgroup_path": ctx.task_memcg if same_task or ctx.sacrifice else ctx.group_path,
                 "memcg_path": ctx.memcg_path,
                 "memcg_limit_bytes": limit,
                 "memcg_usage_bytes": usage,

@@ -58,11 +58,21 @@
 #ifndef HAVE_EXIT_TP
 #define HAVE_EXIT_TP 0
 #endif
+#ifndef HAVE_CGROUP_MKDIR_TP
+#define HAVE_CGROUP_MKDIR_TP 0
+#endif
+#ifndef CGROUP_PATH_LEN
+#define CGROUP_PATH_LEN 512
+#endif
+#ifndef CGROUP_RINGBUF_PAGES
+#define CGROUP_RINGBUF_PAGES 32
+#endif
 
 #define COMM_LEN 16
 
 #define KIND_VICTIM 1
 #define KIND_REAPED 2
+#define KIND_CGROUP 3
 
 // Where the victim's cgroup id came from.
 #define CGROUP_FROM_NONE 0
@@ -72,9 +82,13 @@
 // Indexes into `counters`.
 #define CTR_RINGBUF_LOST 0
 #define CTR_TASK_MAP_FULL 1
-#define N_COUNTERS 2
+#define CTR_CGROUP_LOST 2
+#define N_COUNTERS 3
 
+// Every record starts with its kind.
 struct oom_event {
+    u32 kind;
+    u32 victim_pid;
     u64 ts_ns;              // CLOCK_MONOTONIC
     u64 victim_cgroup_id;   // 0: unknown
     u64 trigger_cgroup_id;
@@ -83,19 +97,26 @@ struct oom_event {
     u64 file_rss_kb;
     u64 shmem_rss_kb;
     u64 pgtables_kb;
-    u32 kind;
-    u32 victim_pid;
     u32 trigger_pid;        // tgid of the task running when the victim was marked
     u32 trigger_tid;
     u32 uid;
     s32 oom_score_adj;
     u32 victim_cgroup_from;
-    u32 pad;
     char victim_comm[COMM_LEN];
     char trigger_comm[COMM_LEN];
 };
 
+// A cgroup2 directory was made: its id and path, so that a victim's cgroup id can be named even when
+// its container is removed before user space looks.
+struct cgroup_event {
+    u32 kind;
+    u32 level;
+    u64 id;
+    char path[CGROUP_PATH_LEN];
+};
+
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_RINGBUF_OUTPUT(cgroup_events, CGROUP_RINGBUF_PAGES);  // apart: a burst of mkdirs cannot crowd out kills
 BPF_HASH(task_cgroups, u32, u64, MAX_TASKS);  // pid (tgid or tid) -> cgroup2 id
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
 
@@ -201,6 +222,24 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u32 tid = (u32)bpf_get_current_pid_tgid();
     task_cgroups.delete(&tid);
+    return 0;
+}
+#endif
+
+#if HAVE_CGROUP_MKDIR_TP
+TRACEPOINT_PROBE(cgroup, cgroup_mkdir) {
+    if (args->root != 0)  // hierarchy 0 is cgroup2, whose ids bpf_get_current_cgroup_id() returns
+        return 0;
+    struct cgroup_event *ev = cgroup_events.ringbuf_reserve(sizeof(struct cgroup_event));
+    if (!ev) {
+        count(CTR_CGROUP_LOST);
+        return 0;
+    }
+    ev->kind = KIND_CGROUP;
+    ev->level = args->level;
+    ev->id = args->id;
+    TP_DATA_LOC_READ_STR(&ev->path, path, sizeof(ev->path));
+    cgroup_events.ringbuf_submit(ev, 0);
     return 0;
 }
 #endif

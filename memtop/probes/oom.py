@@ -38,10 +38,11 @@ from memtop.probes.base import Probe, int_cflag
 
 log = logging.getLogger(__name__)
 
-KIND_VICTIM, KIND_REAPED = 1, 2
-CTR_RINGBUF_LOST, CTR_TASK_MAP_FULL = 0, 1
-N_COUNTERS = 2
-CGROUP_FROM_NONE, CGROUP_FROM_CURRENT, CGROUP_FROM_TASK_MAP = 0, 1, 2
+KIND_VICTIM, KIND_REAPED, KIND_CGROUP = 1, 2, 3
+CTR_RINGBUF_LOST, CTR_TASK_MAP_FULL, CTR_CGROUP_LOST = 0, 1, 2
+CGROUP_FROM_CURRENT, CGROUP_FROM_TASK_MAP = 1, 2
+CGROUP_PATH_LEN = 512
+MAX_KNOWN_CGROUPS = 65536
 
 # oom:mark_victim fields beyond the pid (kernels before 6.8 have only the pid), and their -D flags.
 VICTIM_FIELDS = ("comm", "total_vm", "anon_rss", "file_rss", "shmem_rss", "uid", "pgtables", "oom_score_adj")
@@ -54,6 +55,8 @@ class _Event(ctypes.Structure):
     """struct oom_event in memtop/bpf/oom.c."""
 
     _fields_ = [
+        ("kind", ctypes.c_uint32),
+        ("victim_pid", ctypes.c_uint32),
         ("ts_ns", ctypes.c_uint64),
         ("victim_cgroup_id", ctypes.c_uint64),
         ("trigger_cgroup_id", ctypes.c_uint64),
@@ -62,16 +65,24 @@ class _Event(ctypes.Structure):
         ("file_rss_kb", ctypes.c_uint64),
         ("shmem_rss_kb", ctypes.c_uint64),
         ("pgtables_kb", ctypes.c_uint64),
-        ("kind", ctypes.c_uint32),
-        ("victim_pid", ctypes.c_uint32),
         ("trigger_pid", ctypes.c_uint32),
         ("trigger_tid", ctypes.c_uint32),
         ("uid", ctypes.c_uint32),
         ("oom_score_adj", ctypes.c_int32),
         ("victim_cgroup_from", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
         ("victim_comm", ctypes.c_char * COMM_LEN),
         ("trigger_comm", ctypes.c_char * COMM_LEN),
+    ]
+
+
+class _CgroupEvent(ctypes.Structure):
+    """struct cgroup_event in memtop/bpf/oom.c."""
+
+    _fields_ = [
+        ("kind", ctypes.c_uint32),
+        ("level", ctypes.c_uint32),
+        ("id", ctypes.c_uint64),
+        ("path", ctypes.c_char * CGROUP_PATH_LEN),
     ]
 
 
@@ -116,7 +127,9 @@ class OomProbe(Probe):
         self._v2_root: str | None = None
         self._v1_memory = False
         self._tracker = MemcgOomTracker(None, False)
-        self._known_paths: dict[int, str] = {}  # cgroup2 ids seen while filling the task map
+        self._known_paths: dict[int, str] = {}  # cgroup2 id -> path, from cgroup_mkdir and /proc at start
+        # Where each victim's cgroup came from: "current", "task_map", "kmsg", "proc", "trigger", "none".
+        self.attributed_by: dict[str, int] = {}
 
     # -- set-up ------------------------------------------------------------------------------------------
 
@@ -132,6 +145,7 @@ class OomProbe(Probe):
             "fork": tracefs.tracepoint_exists("sched", "sched_process_fork"),
             "exec": tracefs.tracepoint_exists("sched", "sched_process_exec"),
             "exit": tracefs.tracepoint_exists("sched", "sched_process_exit"),
+            "cgroup_mkdir": tracefs.tracepoint_exists("cgroup", "cgroup_mkdir"),
         }
         flags = [
             int_cflag("MAX_TASKS", self.max_tasks, 1024, 1 << 22),
@@ -158,6 +172,7 @@ class OomProbe(Probe):
         self._boot_offset = time.time() - time.monotonic()
         super().start()
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self.bpf[b"cgroup_events"].open_ring_buffer(self._on_cgroup_event)
         self._fill_task_map()
         # The backlog is read after attaching (so no kill falls between the two); the same reader then
         # follows the log for the summary lines the kernel prints just before marking each victim.
@@ -200,7 +215,7 @@ class OomProbe(Probe):
                 except OSError:
                     continue
                 ids_by_path[unified] = cgroup_id
-                self._known_paths[cgroup_id] = unified
+                self._remember_cgroup(cgroup_id, unified)
             key = table.Key(pid)
             try:
                 table[key]  # an exec/fork since attaching already told us
@@ -276,21 +291,30 @@ class OomProbe(Probe):
         pid = event.victim_pid
         self._drain_kmsg()
         kernel_log = self._kmsg_parser.take_context(pid, event.victim_comm) if self._kmsg_parser else None
+        in_kernel = "current" if raw.victim_cgroup_from == CGROUP_FROM_CURRENT else "task_map"
         from_id = self._cgroup_path(raw.victim_cgroup_id) if raw.victim_cgroup_id else ""
         proc_memory, proc_unified = memory_cgroup_of(pid)  # still there while the victim is dying
         from_log = kernel_log.cgroup_path if kernel_log else ""
-        # The victim's memory cgroup: the kernel's own word first. With the memory controller on cgroup v1
-        # (hybrid hosts) the cgroup2 path is a stand-in only where the same path exists there.
+        # The victim's memory cgroup. The kernel's own words first (its log line names the memory cgroup;
+        # the id was captured in the kernel). With the memory controller on cgroup v1 (hybrid hosts) a
+        # cgroup2 path stands in for the memory cgroup only where the same path exists there.
+        candidates: list[tuple[str, str]]
         if self._v1_memory:
-            id_ok = bool(from_id) and self._tracker.exists(from_id)
-            candidates = [from_log, from_id if id_ok else "", proc_memory, from_id]
+            id_is_memcg = bool(from_id) and self._tracker.exists(from_id)
+            candidates = [
+                (in_kernel, from_id if id_is_memcg else ""),
+                ("kmsg", from_log),
+                ("proc", proc_memory),
+                (in_kernel, from_id),
+            ]
         else:
-            candidates = [from_log, from_id, proc_unified]
-        trigger_path = ""
-        if not any(candidates) and raw.trigger_cgroup_id:
-            trigger_path = self._cgroup_path(raw.trigger_cgroup_id)  # a guess: the victim's is unknown
-        cgroup_path = next((c for c in candidates if c), trigger_path)
-        cause = self._tracker.cause(cgroup_path)  # always: it also remembers the counters for next time
+            candidates = [(in_kernel, from_id), ("kmsg", from_log), ("proc", proc_unified)]
+        if raw.trigger_cgroup_id:  # a guess of last resort: the victim's own is unknown
+            candidates.append(("trigger", self._cgroup_path(raw.trigger_cgroup_id)))
+        source, cgroup_path = next(((s, c) for s, c in candidates if c), ("none", ""))
+        self.attributed_by[source] = self.attributed_by.get(source, 0) + 1
+        memcg_of_victim = from_log or (proc_memory if self._v1_memory else "") or cgroup_path
+        cause = self._tracker.cause(memcg_of_victim)  # always: it also remembers counters for next time
         constraint, memcg_path = cause.constraint, cause.memcg_path
         limit, usage = cause.memcg_limit_bytes, cause.memcg_usage_bytes
         if kernel_log is not None and kernel_log.constraint:
@@ -312,11 +336,29 @@ class OomProbe(Probe):
         )
 
     def _cgroup_path(self, cgroup_id: int) -> str:
+        """The path of a cgroup2 id: from its mkdir (works after it was removed), else the resolver."""
+        path = self._known_paths.get(cgroup_id, "")
+        if not path:
+            try:
+                path = self.resolve_cgroup_id(cgroup_id)
+            except Exception:
+                path = ""
+        return path
+
+    def _remember_cgroup(self, cgroup_id: int, path: str) -> None:
+        self._known_paths.pop(cgroup_id, None)
+        self._known_paths[cgroup_id] = path
+        while len(self._known_paths) > MAX_KNOWN_CGROUPS:
+            del self._known_paths[next(iter(self._known_paths))]
+
+    def _on_cgroup_event(self, _ctx: Any, data: Any, _size: int) -> None:
         try:
-            path = self.resolve_cgroup_id(cgroup_id)
-        except Exception:
-            path = ""
-        return path or self._known_paths.get(cgroup_id, "")
+            raw = ctypes.cast(data, ctypes.POINTER(_CgroupEvent)).contents
+            path = _comm(bytes(raw.path))
+            if raw.kind == KIND_CGROUP and path.startswith("/") and len(path) < CGROUP_PATH_LEN - 1:
+                self._remember_cgroup(raw.id, path)  # (a path that filled the buffer may be cut short)
+        except Exception as exc:  # pragma: no cover - a callback must never raise into BCC
+            log.warning("oom probe cgroup event: %s", exc)
 
     def _reaped(self, pid: int, when: float) -> None:
         with self._lock:
@@ -341,12 +383,15 @@ class OomProbe(Probe):
             events, self._pending = tuple(self._pending), []
             reaped, self._reaped_updates = tuple(self._reaped_updates), []
             self._delivered.extend(events)
-        lost = task_map_full = 0
+        lost = task_map_full = cgroup_lost = 0
         if self.bpf is not None:
             counters = self.bpf[b"counters"]
             lost = sum(counters.getvalue(CTR_RINGBUF_LOST))
             task_map_full = sum(counters.getvalue(CTR_TASK_MAP_FULL))
-        return OomReading(events=events, lost=lost, task_map_full=task_map_full, reaped=reaped)
+            cgroup_lost = sum(counters.getvalue(CTR_CGROUP_LOST))
+        return OomReading(
+            events=events, lost=lost, task_map_full=task_map_full, cgroup_lost=cgroup_lost, reaped=reaped
+        )
 
     def backlog(self) -> list[OomEvent]:
         """The kills in the kernel log from before the probe started (source "kmsg"); see backlog_problem."""
