@@ -507,9 +507,14 @@ def whole_window_rates(snapshot: Snapshot) -> Snapshot:
         replace(r, kmalloc_bytes_per_s=r.kmalloc_bytes / window, kmalloc_calls_per_s=r.kmalloc_calls / window)
         for r in snapshot.processes
     )
+    containers = tuple(
+        replace(c, kmalloc_bytes_per_s=c.kmalloc_bytes / window, kmalloc_calls_per_s=c.kmalloc_calls / window)
+        for c in snapshot.containers
+    )
     return replace(
         snapshot,
         processes=rows,
+        containers=containers,
         kmalloc_bytes_per_s=sum(r.kmalloc_bytes for r in rows) / window,
         kmalloc_calls_per_s=sum(r.kmalloc_calls for r in rows) / window,
     )

@@ -32,6 +32,9 @@ def test_pure_modules_import_neither_textual_nor_bcc() -> None:
 
 
 def test_ui_does_not_import_bcc() -> None:
-    code = "import sys, memtop.app, memtop.screens.main, memtop.screens.process, memtop.screens.container; print('bcc' in sys.modules)"
+    code = (
+        "import sys, memtop.app, memtop.screens.main, memtop.screens.process, memtop.screens.container\n"
+        "print('bcc' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

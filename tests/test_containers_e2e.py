@@ -158,7 +158,10 @@ def test_kubepods_systemd_shape_resolves_pod_uid_and_qos() -> None:
 
 BURST = 12
 BURST_CALLS = 3_000
-SHORT = f"import os, tempfile\np = tempfile.mkstemp()[1]\nfor _ in range({BURST_CALLS}): os.listxattr(p)\nos.unlink(p)\n"
+SHORT = (
+    f"import os, tempfile\np = tempfile.mkstemp()[1]\nfor _ in range({BURST_CALLS}): os.listxattr(p)\n"
+    "os.unlink(p)\n"
+)
 
 
 def test_burst_of_short_lived_processes_counts_for_their_pod() -> None:

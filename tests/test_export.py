@@ -24,15 +24,38 @@ REQUIRED_PROCESS_FIELDS = {
 }
 
 
+REQUIRED_CONTAINER_FIELDS = {
+    "id",
+    "name",
+    "runtime",
+    "pod_uid",
+    "pod_name",
+    "namespace",
+    "qos",
+    "cgroup_path",
+    "pids",
+    "kmalloc_bytes_per_s",
+    "kmalloc_calls_per_s",
+    "memory_bytes",
+    "memory_limit_bytes",
+}
+
+
 def test_fixture_has_the_documented_schema() -> None:
     doc = json.loads(REPLAY.read_text())
     assert doc["schema"] == SCHEMA == "memtop.snapshot/1"
     assert doc["taken_at"].endswith("Z")
     assert {"hostname", "kernel"} <= set(doc["host"])
     assert doc["probes"]["kmalloc"]["status"] == "running"
+    containers = {c["id"]: c for c in doc["containers"]}
+    assert len(containers) == 2
+    for container in containers.values():
+        assert set(container) >= REQUIRED_CONTAINER_FIELDS
     for process in doc["processes"]:
         assert set(process) >= REQUIRED_PROCESS_FIELDS
-        assert process["container_id"] is None
+        assert (
+            process["container_id"] is None or process["pid"] in containers[process["container_id"]]["pids"]
+        )
 
 
 def test_round_trip_is_identical(tmp_path: Path) -> None:

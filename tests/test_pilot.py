@@ -11,8 +11,8 @@ from memtop.export import read_snapshot
 from memtop.screens.help import HelpScreen
 from memtop.screens.main import PROCESS_COLUMNS, MainScreen, ProcessTable
 from memtop.screens.process import ProcessScreen
-from memtop.sources import ReplaySource
 from memtop.screens.tables import CONTAINER_COLUMNS
+from memtop.sources import ReplaySource
 from memtop.widgets import SORT_DIGITS, SortedTable
 
 from .conftest import REPLAY
@@ -182,3 +182,58 @@ async def test_q_quits() -> None:
         await pilot.pause()
     assert app.return_code == 0 or app.return_code is None
     assert not app.is_running
+
+
+# -- containers ----------------------------------------------------------------------------------------
+
+
+async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> None:
+    from memtop.screens.container import ContainerScreen
+    from memtop.screens.main import ContainerTable
+
+    app = make_app()
+    doc = fixture_doc()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("C")
+        await pilot.pause()
+        table = app.screen.query_one(ContainerTable)
+        assert table.has_focus
+        by_rate = sorted(doc["containers"], key=lambda c: -c["kmalloc_bytes_per_s"])
+        assert table._keys == [c["id"] for c in by_rate]
+        text = widget_text(app, "#container-table")
+        assert "web-frontend" in text and "checkout-7d9f8" in text and "shop" in text
+        assert "256.0 MiB" in text  # the docker container's limit
+        await pilot.press("9")  # LIMIT: biggest first, unlimited last
+        assert app.sort_for("containers").column == "memory_limit_bytes"
+        web = next(c for c in doc["containers"] if c["name"] == "web-frontend")
+        assert table._keys[0] == web["id"]
+        await pilot.press("up")  # the cursor stayed on the container it was on; go to the top
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ContainerScreen) and app.screen.container_id == web["id"]
+        details = widget_text(app, "#container-details")
+        assert "web-frontend" in details and web["id"][:24] in details and "docker" in details
+        procs = app.screen.query_one("#container-processes", SortedTable)
+        assert [int(k.split(":")[0]) for k in procs._keys] == web["pids"]
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == web["pids"][0]
+        assert web["id"] in widget_text(app, "#details") or "web-frontend" in widget_text(app, "#details")
+        await pilot.press("escape", "escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+async def test_c_hides_host_processes_and_the_container_column_names_them() -> None:
+    app = make_app()
+    doc = fixture_doc()
+    in_containers = {p["pid"] for p in doc["processes"] if p["container_id"]}
+    assert in_containers and len(in_containers) < len(doc["processes"])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert "web-frontend" in widget_text(app, "#process-table")
+        await pilot.press("c")
+        await pilot.pause()
+        assert set(table_pids(app)) == in_containers
+        await pilot.press("c")
+        assert len(table_pids(app)) == len(doc["processes"])

@@ -31,3 +31,11 @@ def test_process_drilldown(snap_compare) -> None:
 
 def test_help_screen(snap_compare) -> None:
     assert snap_compare(app(), terminal_size=SIZE, press=["question_mark"])
+
+
+def test_containers_tab(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["C"])
+
+
+def test_container_drilldown(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["C", "enter"])

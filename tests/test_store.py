@@ -198,3 +198,5 @@ def test_container_totals_survive_the_exit_of_its_processes() -> None:
     assert not snap.processes  # the exited row is gone
     container = snap.container(DOCKER_ID)
     assert container is not None and container.kmalloc_bytes == 1000 and container.kmalloc_bytes_per_s == 0
+    whole = whole_window_rates(snap).container(DOCKER_ID)
+    assert whole is not None and whole.kmalloc_bytes_per_s == 1000 / 5.0  # over the 5 s since start

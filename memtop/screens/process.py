@@ -47,6 +47,7 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
         ("threads", "-" if row.threads is None else str(row.threads)),
         ("started", fmt.datetime(row.start_time)),
         ("cgroup", row.cgroup_path or "-"),
+        ("container", f"{row.container}  ({row.container_id})" if row.container_id else "host"),
         (
             "kmalloc now",
             f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls",
