@@ -518,9 +518,10 @@ def test_scan_ages_weights_and_bins() -> None:
     ages = scan_ages(raw + b"\0" * ALLOC_INFO.size, len(records), now)
     assert ages.oldest[(3, 7, 0)] == now - 90 * S
     bins = ages.bins[(3, 7, 0)]
-    assert bins[0] == [5, 410]
-    assert bins[AGE_EDGES_S.index(60)] == [1, 100]
-    assert ages.bins[(-14, 8, 0)][AGE_EDGES_S.index(2)] == [1, 64]
+    assert bins[0] == (5, 410)
+    assert bins[AGE_EDGES_S.index(60)] == (1, 100)
+    assert sum(a for a, _ in bins) == 6 and len(bins) == len(AGE_EDGES_S)
+    assert ages.bins[(-14, 8, 0)][AGE_EDGES_S.index(2)] == (1, 64)
     assert ages.entries == 4
 
 

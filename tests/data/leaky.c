@@ -6,6 +6,8 @@
  *         posix_memalign block, one anonymous mmap, and a realloc chain that ends with one block, all
  *         interleaved with CHURN_ROUNDS malloc/free pairs and mmap/munmap pairs; replies "ran"
  *   free  free every leaked block and the chain; replies "freed"
+ *   miss  map a block, unmap it behind the probe's back (raw syscall), map again; replies "same" when the
+ *         second mapping got the first one's address (a free the probe missed), else "moved"
  *   exit  replies "bye" and exits
  *
  * Built by the test with gcc -g -O0 -fno-omit-frame-pointer -fno-inline: symbols name the functions and
@@ -16,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define LEAK_BLOCKS 200
 #define LEAK_SIZE 4096
@@ -84,6 +88,16 @@ __attribute__((noinline)) void *memtop_test_realloc_chain(void) {
     return p;
 }
 
+/* A free the probe cannot see, then the address allocated again: counted as a missed free. */
+__attribute__((noinline)) int memtop_test_missed_free(void) {
+    size_t size = 64 * 1024;
+    void *first = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    syscall(SYS_munmap, first, size);
+    void *second = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    munmap(second, size);
+    return first == second;
+}
+
 static void run(void) {
     int churn = 0;
     for (int i = 0; i < LEAK_BLOCKS; i++) {
@@ -124,6 +138,8 @@ int main(void) {
         } else if (strncmp(line, "free", 4) == 0) {
             release();
             printf("freed\n");
+        } else if (strncmp(line, "miss", 4) == 0) {
+            printf(memtop_test_missed_free() ? "same\n" : "moved\n");
         } else if (strncmp(line, "exit", 4) == 0) {
             printf("bye\n");
             return 0;
