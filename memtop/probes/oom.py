@@ -293,14 +293,15 @@ class OomProbe(Probe):
         kernel_log = self._kmsg_parser.take_context(pid, event.victim_comm) if self._kmsg_parser else None
         in_kernel = "current" if raw.victim_cgroup_from == CGROUP_FROM_CURRENT else "task_map"
         from_id = self._cgroup_path(raw.victim_cgroup_id) if raw.victim_cgroup_id else ""
-        proc_memory, proc_unified = memory_cgroup_of(pid)  # still there while the victim is dying
+        # /proc while the victim dies: once it has exited its cgroup reads "/", which is no answer.
+        proc_memory, proc_unified = (p if p != "/" else "" for p in memory_cgroup_of(pid))
         from_log = kernel_log.cgroup_path if kernel_log else ""
         # The victim's memory cgroup. The kernel's own words first (its log line names the memory cgroup;
         # the id was captured in the kernel). With the memory controller on cgroup v1 (hybrid hosts) a
         # cgroup2 path stands in for the memory cgroup only where the same path exists there.
+        id_is_memcg = self._v1_memory and bool(from_id) and self._tracker.exists(from_id)
         candidates: list[tuple[str, str]]
         if self._v1_memory:
-            id_is_memcg = bool(from_id) and self._tracker.exists(from_id)
             candidates = [
                 (in_kernel, from_id if id_is_memcg else ""),
                 ("kmsg", from_log),
@@ -313,7 +314,9 @@ class OomProbe(Probe):
             candidates.append(("trigger", self._cgroup_path(raw.trigger_cgroup_id)))
         source, cgroup_path = next(((s, c) for s, c in candidates if c), ("none", ""))
         self.attributed_by[source] = self.attributed_by.get(source, 0) + 1
-        memcg_of_victim = from_log or (proc_memory if self._v1_memory else "") or cgroup_path
+        memcg_of_victim = cgroup_path
+        if self._v1_memory:
+            memcg_of_victim = from_log or (from_id if id_is_memcg else "") or proc_memory or cgroup_path
         cause = self._tracker.cause(memcg_of_victim)  # always: it also remembers counters for next time
         constraint, memcg_path = cause.constraint, cause.memcg_path
         limit, usage = cause.memcg_limit_bytes, cause.memcg_usage_bytes
