@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -660,3 +661,41 @@ def test_close_detaches_every_program() -> None:
     probe.close()  # twice is fine
     assert not (ours & prog_ids_held_by(os.getpid()))
     assert not (ours & loaded_prog_ids()), "programs still loaded after close()"
+
+
+# -- the benchmark still runs ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_tcp_bench_runs_end_to_end(tmp_path: Path) -> None:
+    """No timing is asserted: the benchmark builds its workload, measures, and leaves nothing loaded."""
+    for tool in ("gcc", "bpftool"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is not installed (sudo make setup)")
+    result_json = tmp_path / "tcp_bench.json"
+    bench = Path(__file__).resolve().parent.parent / "bench" / "tcp_bench.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            "--seconds",
+            "0.3",
+            "--rounds",
+            "1",
+            "--attempts",
+            "1",
+            "--json",
+            str(result_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| memtop tcp probe |" in proc.stdout
+    assert "| inet_sock_set_state |" in proc.stdout
+    assert "remain loaded" in proc.stdout
+    doc = json.loads(result_json.read_text())
+    assert doc["summary"]["probe_counted_per_connect"] == pytest.approx(1.0)
+    set_state = next(p for p in doc["summary"]["programs"] if p["tracepoint"] == "inet_sock_set_state")
+    assert set_state["ns_per_event"] > 0 and set_state["events_per_connect"] >= 4
