@@ -606,11 +606,13 @@ class MemcgOomTracker:
     """
 
     MAX_REMEMBERED = 20_000
+    GROUP_KILL_WINDOW_S = 2.0  # memory.oom.group kills several tasks for one OOM, counted once
 
     def __init__(self, memory_root: str | None, v1: bool) -> None:
         self.memory_root = Path(memory_root) if memory_root else None
         self.v1 = v1
         self._seen: dict[str, MemcgState] = {}
+        self._last_memcg: tuple[float, OomCause] | None = None
 
     def directory(self, path: str) -> Path | None:
         if self.memory_root is None:
@@ -644,8 +646,23 @@ class MemcgOomTracker:
         while len(self._seen) > self.MAX_REMEMBERED:
             del self._seen[next(iter(self._seen))]
 
-    def cause(self, victim_memcg: str) -> OomCause:
-        """Why a victim in memory cgroup `victim_memcg` was killed (read right when the kill is seen)."""
+    def cause(self, victim_memcg: str, now: float | None = None) -> OomCause:
+        """Why a victim in memory cgroup `victim_memcg` was killed (read right when the kill is seen).
+
+        A victim inside the cgroup of a memcg OOM found just before (`now`: time.monotonic()) shares its
+        cause: memory.oom.group kills every task of the cgroup for one OOM, counted once.
+        """
+        now = time.monotonic() if now is None else now
+        cause = self._cause(victim_memcg)
+        if cause.constraint == "memcg":
+            self._last_memcg = (now, cause)
+        elif self._last_memcg is not None and now - self._last_memcg[0] <= self.GROUP_KILL_WINDOW_S:
+            group = self._last_memcg[1].memcg_path
+            if victim_memcg == group or victim_memcg.startswith(group.rstrip("/") + "/"):
+                return self._last_memcg[1]
+        return cause
+
+    def _cause(self, victim_memcg: str) -> OomCause:
         if self.memory_root is None or not victim_memcg:
             return OomCause()
         chain = _ancestors(victim_memcg)

@@ -339,9 +339,9 @@ def test_v2_container_limit(tmp_path: Path) -> None:
     for path in ("/kubepods/pod1/ctr", "/kubepods/pod1", "/kubepods"):
         t.set(path, oom=1, oom_kill=1)
     t.set("/kubepods/pod1/ctr", usage=128 * MiB)
-    cause = tracker.cause("/kubepods/pod1/ctr")
+    cause = tracker.cause("/kubepods/pod1/ctr", now=0.0)
     assert cause == oom.OomCause("memcg", "/kubepods/pod1/ctr", 128 * MiB, 128 * MiB)
-    assert tracker.cause("/kubepods/pod1/ctr").constraint == ""  # nothing new since: unknown
+    assert tracker.cause("/kubepods/pod1/ctr", now=60.0).constraint == ""  # nothing new since: unknown
 
 
 def test_v2_pod_limit_above_the_container(tmp_path: Path) -> None:
@@ -363,6 +363,18 @@ def test_v2_cgroup_made_after_priming_counts_its_first_oom(tmp_path: Path) -> No
     t, tracker = v2_tree(tmp_path)
     t.set("/kubepods/pod1/new", limit=32 * MiB, oom=1, oom_kill=1)
     assert tracker.cause("/kubepods/pod1/new").memcg_path == "/kubepods/pod1/new"
+
+
+def test_v2_oom_group_victims_share_the_cause(tmp_path: Path) -> None:
+    """memory.oom.group: one OOM ("oom" +1), several kills; the later victims are inside the same cgroup."""
+    t, tracker = v2_tree(tmp_path)
+    for path in ("/kubepods/pod1/ctr", "/kubepods/pod1", "/kubepods"):
+        t.set(path, oom=1, oom_kill=2)
+    first = tracker.cause("/kubepods/pod1/ctr", now=100.0)
+    assert first.memcg_path == "/kubepods/pod1/ctr"
+    assert tracker.cause("/kubepods/pod1/ctr", now=100.1) == first
+    assert tracker.cause("/kubepods/pod1/other", now=100.2).constraint == ""  # not inside that cgroup
+    assert tracker.cause("/kubepods/pod1/ctr", now=110.0).constraint == ""  # long after: not the same OOM
 
 
 def test_root_victims_and_gone_cgroups(tmp_path: Path) -> None:
@@ -530,7 +542,7 @@ def test_probe_cflags_follow_the_tracepoint_format(tmp_path: Path, monkeypatch: 
     assert "-DHAVE_FORK_TP=0" in flags and "-DHAVE_CGROUP_MKDIR_TP=0" in flags
     assert probe.fields == ()
     monkeypatch.setenv("MEMTOP_TRACEFS", "/sys/kernel/tracing")
-    if Path("/sys/kernel/tracing/events/oom/mark_victim/format").exists():
+    if os.access("/sys/kernel/tracing/events/oom/mark_victim/format", os.R_OK):  # this kernel: 6.8 or later
         assert "-DHAVE_COMM=1" in OomProbe().cflags()
 
 
