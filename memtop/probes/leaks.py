@@ -328,9 +328,8 @@ class _LeakProbe(Probe):
         comms = self.bpf[b"comms"]
         for tgid in self._tgids_before - tgids:
             self._comms.pop(tgid, None)
-            if tgid not in tgids:
-                with contextlib.suppress(KeyError):
-                    del comms[ctypes.c_uint32(tgid)]
+            with contextlib.suppress(KeyError):
+                del comms[ctypes.c_uint32(tgid)]
         self._tgids_before = tgids
         now = time.monotonic()
         if now - self._last_sweep >= STACK_SWEEP_INTERVAL_S:
@@ -377,10 +376,13 @@ class KernelLeakProbe(_LeakProbe):
         super().__init__(max_allocs, max_stacks, max_aggregates, age_scan_budget)
         if sample_every is not None:
             int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)  # validates: one-line MemtopError
-        self.fixed_sample_every = sample_every
         self.page_level = page_level
-        self.sampler = None if sample_every is not None else (sampler or AdaptiveSampler())
-        self.sample_rate = sample_every if sample_every is not None else self.sampler.rate  # type: ignore[union-attr]
+        self.sampler: AdaptiveSampler | None = None
+        if sample_every is None:
+            self.sampler = sampler or AdaptiveSampler()
+            self.sample_rate = self.sampler.rate
+        else:
+            self.sample_rate = sample_every
 
     def cflags(self) -> list[str]:
         page_shift = resource.getpagesize().bit_length() - 1
@@ -622,6 +624,10 @@ class UserLeakProbe(_LeakProbe):
     def alive(self) -> bool:
         """False once the process has exited (or its pid belongs to another process now)."""
         return process_start_time(self.pid) == self.start_time
+
+    @property
+    def effective_sample_rate(self) -> int:
+        return self.sample_rate
 
     def kind_of(self, source: int) -> str:
         return KIND_USER
