@@ -102,10 +102,31 @@ class MemtopApp(App[None]):
         self.post_message(SnapshotReady(snap))
 
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
+        previous = self.snapshot
         self.snapshot = message.snapshot
         self.ticks += 1
+        if previous is not None and message.snapshot.oom_kills_seen > previous.oom_kills_seen:
+            self.announce_kills(message.snapshot, message.snapshot.oom_kills_seen - previous.oom_kills_seen)
         self.redraw()
         self.schedule_next()
+
+    def announce_kills(self, snap: Snapshot, new: int) -> None:
+        """A kill arriving while another panel is shown raises a notification (the header counts them)."""
+        from memtop.screens.main import MainScreen
+        from memtop.screens.oom import where
+
+        if isinstance(self.screen, MainScreen) and self.screen.active_tab == "oom":
+            return
+        latest = next((e for e in snap.oom_events if e.source == "tracepoint"), None)
+        if latest is None:
+            return
+        more = f" (+{new - 1} more)" if new > 1 else ""
+        self.notify(
+            f"{latest.victim_comm or '?'} (PID {latest.victim_pid}) in {where(latest)}{more}: press O",
+            title="OOM kill",
+            severity="warning",
+            timeout=10,
+        )
 
     def on_collect_failed(self, message: CollectFailed) -> None:
         self.notify(message.error, title="reading the probes failed", severity="error")

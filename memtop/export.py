@@ -18,6 +18,7 @@ from typing import Any
 from memtop import format as fmt
 from memtop.errors import MemtopError
 from memtop.model import CallSite, FocusReading, ProbeStatus, TailEvent
+from memtop.oom import OomEvent
 from memtop.store import (
     ContainerRow,
     FocusDetail,
@@ -73,7 +74,50 @@ CONTAINER_FIELDS = (
     "image",
     "kmalloc_bytes",
     "kmalloc_calls",
+    "oom_kills",
 )
+
+
+# OomEvent fields, in this order (the required ones first); `history` is written separately.
+OOM_FIELDS = (
+    "time",
+    "source",
+    "victim_pid",
+    "victim_comm",
+    "trigger_pid",
+    "trigger_comm",
+    "total_vm_bytes",
+    "anon_rss_bytes",
+    "file_rss_bytes",
+    "shmem_rss_bytes",
+    "oom_score_adj",
+    "constraint",
+    "cgroup_path",
+    "container_id",
+    "pod_uid",
+    "pod_name",
+    "namespace",
+    "memcg_limit_bytes",
+    "memcg_usage_bytes",
+    "memcg_path",
+    "pgtables_bytes",
+    "uid",
+    "reaped_at",
+    "history_of",
+)
+_OOM_INT_FIELDS = {
+    "victim_pid",
+    "trigger_pid",
+    "total_vm_bytes",
+    "anon_rss_bytes",
+    "file_rss_bytes",
+    "shmem_rss_bytes",
+    "oom_score_adj",
+    "memcg_limit_bytes",
+    "memcg_usage_bytes",
+    "pgtables_bytes",
+    "uid",
+}
 
 
 def _history_list(points: tuple[HistoryPoint, ...]) -> list[list[Any]]:
@@ -114,10 +158,44 @@ def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
         "drops": dict(snapshot.drops),
         "processes": processes,
         "containers": containers,
+        "oom_events": [_oom_to_dict(e) for e in snapshot.oom_events],
+        "oom_kills_seen": snapshot.oom_kills_seen,
     }
     if snapshot.focus is not None:
         doc["focus"] = _focus_to_dict(snapshot.focus)
     return doc
+
+
+def _oom_to_dict(event: OomEvent) -> dict[str, Any]:
+    item: dict[str, Any] = {name: getattr(event, name) for name in OOM_FIELDS}
+    item["time_iso"] = fmt.iso_utc(event.time)
+    item["history"] = _history_list(event.history)
+    return item
+
+
+def _oom_from_dict(item: Any, i: int) -> OomEvent:
+    where = f"oom_events[{i}]"
+    if not isinstance(item, Mapping):
+        raise ValueError(f"{where} is not an object")
+    values: dict[str, Any] = {}
+    for name in OOM_FIELDS:
+        if name not in item:
+            continue
+        value = item[name]
+        if name in ("time",):
+            values[name] = float(_num(value, f"{where}.{name}") or 0.0)
+        elif name == "reaped_at":
+            values[name] = _num(value, f"{where}.{name}", optional=True)
+        elif name in _OOM_INT_FIELDS:
+            values[name] = _int(value, f"{where}.{name}", optional=True)
+        elif name == "container_id":
+            values[name] = _str(value, f"{where}.{name}", optional=True)
+        else:
+            values[name] = _str(value, f"{where}.{name}", optional=True) or ""
+    if "victim_pid" not in values or values["victim_pid"] is None or "time" not in values:
+        raise ValueError(f"{where} needs time and victim_pid")
+    values["history"] = _history(item.get("history", []), f"{where}.history")
+    return OomEvent(**values)
 
 
 def _focus_to_dict(focus: FocusDetail) -> dict[str, Any]:
@@ -290,6 +368,10 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         containers.append(crow)
         if "history" in item:
             container_histories[crow.id] = _history(item["history"], f"containers[{i}].history")
+    oom_doc = doc.get("oom_events", [])
+    if not isinstance(oom_doc, list):
+        raise ValueError("field 'oom_events' must be a list")
+    oom_events = tuple(_oom_from_dict(item, i) for i, item in enumerate(oom_doc))
     return Snapshot(
         taken_at=float(taken_at),
         duration_s=float(_num(doc["duration_s"], "duration_s") or 0.0),
@@ -312,6 +394,8 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         replay=True,
         containers=tuple(containers),
         container_histories=container_histories,
+        oom_events=oom_events,
+        oom_kills_seen=_int(doc.get("oom_kills_seen", 0), "oom_kills_seen") or 0,
     )
 
 
@@ -345,6 +429,7 @@ def _container_from_dict(item: Mapping[str, Any], i: int) -> ContainerRow:
         kmalloc_calls=_int(item.get("kmalloc_calls", 0), f"{where}.kmalloc_calls") or 0,
         memory_bytes=_int(item.get("memory_bytes"), f"{where}.memory_bytes", optional=True),
         memory_limit_bytes=_int(item.get("memory_limit_bytes"), f"{where}.memory_limit_bytes", optional=True),
+        oom_kills=_int(item.get("oom_kills", 0), f"{where}.oom_kills") or 0,
     )
 
 

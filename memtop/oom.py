@@ -48,7 +48,8 @@ class OomEvent:
     pod_uid: str = ""
     pod_name: str = ""
     namespace: str = ""
-    history: tuple = ()  # type: ignore[type-arg]  # the store's pre-kill samples
+    history: tuple = ()  # type: ignore[type-arg]  # the store's pre-kill samples (store.HistoryPoint)
+    history_of: str = ""  # whose samples: "container" (cgroup memory usage) or "process" (RSS)
 
     @property
     def key(self) -> tuple[float, int]:

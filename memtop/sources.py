@@ -10,17 +10,25 @@ import platform
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import psutil
 
 from memtop.config import Config
+from memtop.containers import parse_cgroup_path
 from memtop.errors import MemtopError
 from memtop.export import read_snapshot
-from memtop.model import IRQ_TGID, ProbeStatus
+from memtop.model import IRQ_TGID, KmallocReading, ProbeStatus
+from memtop.oom import OomEvent
 from memtop.store import HostInfo, ProcessKey, Snapshot, Store
+
+if TYPE_CHECKING:
+    from memtop.probes.base import Probe
+
+R = TypeVar("R")
 
 
 class Source(Protocol):
@@ -57,6 +65,7 @@ class LiveSource:
         from memtop.containers import CgroupIdResolver, RuntimeRoots
         from memtop.containerwatch import ContainerWatcher
         from memtop.probes.kmalloc import KmallocProbe  # the probe layer is the only one importing bcc
+        from memtop.probes.oom import OomProbe
         from memtop.procinfo import ProcReader
 
         self.config = config
@@ -68,7 +77,8 @@ class LiveSource:
             max_pids=config.max_pids,
             resolve_cgroup_id=self.cgroup_ids.path,
         )
-        self.probes = [self.kmalloc]
+        self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
+        self.probes: list[Probe] = [self.kmalloc, self.oom]
         self.procs = ProcReader()
         self.store = Store(host_info(), started_at=time.time(), interval_s=config.interval_s)
         self._lock = threading.Lock()
@@ -84,26 +94,58 @@ class LiveSource:
                 probe.status = ProbeStatus("error", str(exc))
                 errors.append(str(exc))
             self.store.probes[probe.name] = probe.status
-        if not any(p.status.status == "running" for p in self.probes):
+        if not any(p.running for p in self.probes):
             self.close()
             raise MemtopError("; ".join(errors) or "no probe could start")
+        if self.oom.running:
+            self.store.add_oom_backlog(self._attribute_oom(e) for e in self.oom.backlog())
         self.store.restart_clock(time.time())  # compiling took a while: count from attach time
+
+    def _read(self, probe: Probe, read: Callable[[], R]) -> R | None:
+        """A probe's reading, or None when it is not running; a probe whose read fails is marked with
+        the reason and the others keep going."""
+        if not probe.running:
+            return None
+        try:
+            return read()
+        except Exception as exc:  # BCC raises bare Exception; keep the rest of the dashboard alive
+            probe.status = ProbeStatus("error", f"read failed: {exc.__class__.__name__}: {exc}")
+            probe.close()
+            return None
+
+    def _attribute_oom(self, event: OomEvent) -> OomEvent:
+        """The victim's container, pod and names, looked up right away (the container may go soon)."""
+        ref = parse_cgroup_path(event.cgroup_path) if event.cgroup_path else None
+        if ref is None:
+            return event
+        meta = self.containers.metadata.lookup(ref)
+        return replace(
+            event,
+            container_id=ref.container_id,
+            pod_uid=ref.pod_uid,
+            pod_name=meta.pod_name,
+            namespace=meta.namespace,
+        )
 
     def tick(self, include_histories: bool = False) -> Snapshot:
         with self._lock:
             now = time.time()
-            reading = self.kmalloc.read()
+            reading = self._read(self.kmalloc, self.kmalloc.read) or KmallocReading({})
             procs = {
                 tgid: None if tgid == IRQ_TGID else self.procs.read(tgid, counters.cgroup_id)
                 for tgid, counters in reading.per_tgid.items()
             }
             forget = self.store.ingest(now, reading, procs)
             self.store.set_containers(self.containers.states(self.store.container_refs().values()))
-            self.kmalloc.forget(forget)
+            oom = self._read(self.oom, self.oom.read)
+            if oom is not None:
+                self.store.ingest_oom(replace(oom, events=tuple(self._attribute_oom(e) for e in oom.events)))
+            if self.kmalloc.running:
+                self.kmalloc.forget(forget)
             for pid in forget:
                 self.procs.forget(pid)
-            if self._focus is not None:
-                self.store.set_focus_reading(self.kmalloc.read_focus())
+            if self._focus is not None and self.kmalloc.running:
+                self.store.set_focus_reading(self._read(self.kmalloc, self.kmalloc.read_focus))
             for probe in self.probes:
                 self.store.probes[probe.name] = probe.status
             return self.store.snapshot(now, include_histories=include_histories)
@@ -112,7 +154,7 @@ class LiveSource:
         with self._lock:
             self._focus = key
             pid = key.pid if key is not None and key.pid != IRQ_TGID else None
-            if self.kmalloc.bpf is not None:
+            if self.kmalloc.running:
                 self.kmalloc.set_focus(pid, self.config.tail_min_bytes if pid else None)
             self.store.set_focus(key)
 
@@ -127,7 +169,7 @@ class LiveSource:
         with self._lock:
             self.config = replace(self.config, tail_min_bytes=min_bytes)
             pid = self._focus.pid if self._focus is not None and self._focus.pid != IRQ_TGID else None
-            if pid and self.kmalloc.bpf is not None:
+            if pid and self.kmalloc.running:
                 self.kmalloc.set_focus(pid, min_bytes)
 
     def close(self) -> None:

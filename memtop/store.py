@@ -23,9 +23,12 @@ from memtop.model import (
     ProbeStatus,
     ProcInfo,
 )
+from memtop.oom import OomEvent, OomReading
 
 HISTORY_S = 600.0  # at least ten minutes of per-process rate history
 EXITED_KEEP_S = 60.0
+OOM_LOG_MAX = 1000  # kills kept in the log (newest kept)
+PRE_KILL_S = 60.0  # history kept with each kill
 
 
 @dataclass(frozen=True, order=True)
@@ -125,6 +128,7 @@ class ContainerRow:
     kmalloc_calls: int = 0
     memory_bytes: int | None = None
     memory_limit_bytes: int | None = None
+    oom_kills: int = 0  # kills of its processes memtop saw (since start, and in the kernel log before)
 
     @property
     def short_id(self) -> str:
@@ -171,6 +175,8 @@ class Snapshot:
     replay: bool = False
     containers: tuple[ContainerRow, ...] = ()
     container_histories: Mapping[str, tuple[HistoryPoint, ...]] = field(default_factory=dict)
+    oom_events: tuple[OomEvent, ...] = ()  # newest first
+    oom_kills_seen: int = 0  # kills seen live (tracepoint) since start: the header's counter
 
     def container(self, container_id: str) -> ContainerRow | None:
         for row in self.containers:
@@ -227,6 +233,8 @@ class Store:
         self._container_states: dict[str, ContainerState] = {}
         self._container_history: dict[str, deque[HistoryPoint]] = {}
         self.focus_container: str | None = None  # its history goes in every snapshot
+        self._oom: deque[OomEvent] = deque(maxlen=OOM_LOG_MAX)  # oldest first
+        self._oom_seen = 0
 
     # -- ingest ---------------------------------------------------------------------------------------
 
@@ -239,12 +247,12 @@ class Store:
         elapsed = now - self._last_tick
         self._last_tick = now
         self._sample_every = reading.sample_every
-        self._drops = {
-            "pid_map_full": reading.pid_map_full_drops,
-            "call_site_map_full": reading.site_map_full_drops,
-            "tail_lost": reading.tail_lost,
-            "tail_rate_limited": reading.tail_rate_limited,
-        }
+        self._drops.update(
+            pid_map_full=reading.pid_map_full_drops,
+            call_site_map_full=reading.site_map_full_drops,
+            tail_lost=reading.tail_lost,
+            tail_rate_limited=reading.tail_rate_limited,
+        )
         forget: list[int] = []
         total_bytes = total_calls = 0.0
         seen: set[ProcessKey] = set()
@@ -385,6 +393,44 @@ class Store:
     def set_focus_reading(self, reading: FocusReading | None) -> None:
         self._focus_reading = reading
 
+    def ingest_oom(self, reading: OomReading) -> None:
+        """New kills (already attributed to containers by the source) get the history memtop held for
+        the victim's container, or else the victim itself, over the minute before the kill."""
+        for event in reading.events:
+            self._oom.append(self._with_history(event))
+            if event.source == "tracepoint":
+                self._oom_seen += 1
+        if reading.reaped:
+            reaped = {e.key: e.reaped_at for e in reading.reaped}
+            for i, event in enumerate(self._oom):
+                if event.key in reaped:
+                    self._oom[i] = replace(event, reaped_at=reaped[event.key])
+        self._drops.update(
+            oom_lost=reading.lost,
+            oom_task_map_full=reading.task_map_full,
+            oom_cgroup_lost=reading.cgroup_lost,
+        )
+
+    def add_oom_backlog(self, events: Iterable[OomEvent]) -> None:
+        """Kills found in the kernel log from before memtop started (oldest first)."""
+        for event in sorted(events, key=lambda e: e.time):
+            self._oom.append(event)
+
+    def _with_history(self, event: OomEvent) -> OomEvent:
+        def before_kill(points: Iterable[HistoryPoint]) -> tuple[HistoryPoint, ...]:
+            return tuple(p for p in points if event.time - PRE_KILL_S <= p.t <= event.time + 1.0)
+
+        if event.container_id and event.container_id in self._container_history:
+            points = before_kill(self._container_history[event.container_id])
+            if points:
+                return replace(event, history=points, history_of="container")
+        for state in self._states.values():
+            if state.row.pid == event.victim_pid and state.row.start_time <= event.time:
+                points = before_kill(state.history)
+                if points:
+                    return replace(event, history=points, history_of="process")
+        return event
+
     def container_history(self, container_id: str) -> tuple[HistoryPoint, ...]:
         return tuple(self._container_history.get(container_id, ()))
 
@@ -411,6 +457,10 @@ class Store:
             row = state.row
             if row.container_id and not row.exited:
                 live_pids.setdefault(row.container_id, []).append(row.pid)
+        kills: dict[str, int] = {}
+        for event in self._oom:
+            if event.container_id:
+                kills[event.container_id] = kills.get(event.container_id, 0) + 1
         for container_id, ref in self._refs.items():
             cstate = self._container_states.get(container_id)
             meta = cstate.meta if cstate else ContainerMeta()
@@ -434,6 +484,7 @@ class Store:
                     kmalloc_calls=int(totals[3]),
                     memory_bytes=cstate.memory_bytes if cstate else None,
                     memory_limit_bytes=cstate.memory_limit_bytes if cstate else None,
+                    oom_kills=kills.get(container_id, 0),
                 )
             )
         return tuple(rows)
@@ -472,6 +523,8 @@ class Store:
             focus=focus,
             histories=histories,
             containers=containers,
+            oom_events=tuple(reversed(self._oom)),
+            oom_kills_seen=self._oom_seen,
             container_histories={
                 k: tuple(v)
                 for k, v in self._container_history.items()

@@ -69,6 +69,9 @@ class HeaderBar(Static):
         drop_style = "bold red" if any(drops.get(k, 0) for k in alarming) else ""
         line2 = Text.assemble(f"probes: {probes}  │ ", (drop_text, drop_style))
         line2.append(f"  │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
+        if snap.oom_kills_seen:
+            line2.append("  │ ")
+            line2.append(f" OOM kills: {snap.oom_kills_seen} ", style="bold white on red")
         self.update(Text("\n").join([line1, line2]))
 
 
@@ -166,5 +169,5 @@ class SortedTable(DataTable[Any]):
         return self._keys[self.cursor_row]
 
 
-def right(text: str) -> Text:
-    return Text(text, justify="right")
+def right(text: str, style: str = "") -> Text:
+    return Text(text, justify="right", style=style)

@@ -17,6 +17,9 @@ PURE = [
     "memtop.cgroups",
     "memtop.containers",
     "memtop.containerwatch",
+    "memtop.oom",
+    "memtop.tcp",
+    "memtop.leaks",
 ]
 
 

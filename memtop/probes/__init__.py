@@ -21,9 +21,30 @@ class TracepointUse:
 # stops live mode with a one-line error.
 TRACEPOINTS: tuple[TracepointUse, ...] = (
     TracepointUse("kmem", "kmalloc", True, "kmalloc rates per process"),
-    TracepointUse("sched", "sched_process_exec", False, "naming short-lived processes after exec"),
+    TracepointUse(
+        "sched",
+        "sched_process_exec",
+        False,
+        "naming and placing short-lived processes after exec (kmalloc, OOM)",
+    ),
     TracepointUse("irq", "softirq_entry", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "softirq_exit", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "irq_handler_entry", False, "separating hardirq allocations into [irq]"),
     TracepointUse("irq", "irq_handler_exit", False, "separating hardirq allocations into [irq]"),
+    TracepointUse("oom", "mark_victim", False, "the OOM-kill log (without it the OOM panel is off)"),
+    TracepointUse("oom", "finish_task_reaping", False, "when the OOM reaper freed a victim's memory"),
+    TracepointUse("sched", "sched_process_fork", False, "an OOM victim's cgroup, remembered from its fork"),
+    TracepointUse(
+        "sched", "sched_process_exit", False, "forgetting exited tasks (keeps the OOM task map small)"
+    ),
+    TracepointUse("cgroup", "cgroup_mkdir", False, "naming an OOM victim's cgroup after it is removed"),
+    TracepointUse(
+        "sock", "inet_sock_set_state", False, "TCP connect latency (without it the TCP panel is off)"
+    ),
+    TracepointUse("tcp", "tcp_destroy_sock", False, "forgetting connects whose socket was destroyed"),
+    TracepointUse("tcp", "tcp_receive_reset", False, "telling a refused connect from a closed one"),
+    TracepointUse("tcp", "tcp_retransmit_skb", False, "counting SYN retransmits of slow connects"),
+    TracepointUse(
+        "sock", "inet_sk_error_report", False, "why a connect failed (refused, timeout, unreachable)"
+    ),
 )

@@ -53,6 +53,10 @@ class Probe:
         self.bpf: Any = None
         self.status = ProbeStatus("stopped", "")
 
+    @property
+    def running(self) -> bool:
+        return self.bpf is not None and self.status.status == "running"
+
     def cflags(self) -> list[str]:
         return []
 

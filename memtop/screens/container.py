@@ -40,6 +40,7 @@ def container_details(row: ContainerRow | None, container_id: str) -> Text | Tab
         ("cgroup", row.cgroup_path),
         ("memory", f"{fmt.size(row.memory_bytes)}  {limit}  ({fmt.percent(row.memory_pct)})"),
         ("processes", str(row.processes)),
+        ("OOM kills", str(row.oom_kills)),
         (
             "kmalloc now",
             f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls",

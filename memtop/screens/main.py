@@ -9,6 +9,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 
 from memtop.screens import MemtopScreen
+from memtop.screens.oom import OOM_COLUMNS, OomTable, oom_key, oom_rows, where
 from memtop.screens.tables import CONTAINER_COLUMNS, PROCESS_COLUMNS, process_row_key
 from memtop.store import ContainerRow, ProcessRow, Snapshot, filter_containers, filter_rows, sort_rows
 from memtop.widgets import HeaderBar, SortedTable
@@ -21,6 +22,7 @@ row_key = process_row_key
 TABS: tuple[tuple[str, str, str], ...] = (
     ("processes", "Processes", "P"),
     ("containers", "Containers", "C"),
+    ("oom", "OOM", "O"),
 )
 
 
@@ -57,6 +59,8 @@ class MainScreen(MemtopScreen):
                 yield ProcessTable(id="process-table")
             with TabPane("Containers", id="containers"):
                 yield ContainerTable(id="container-table")
+            with TabPane("OOM", id="oom"):
+                yield OomTable(id="oom-table")
         yield Input(placeholder="filter — Enter keeps it, Esc clears", id="filter")
         yield Footer()
 
@@ -89,11 +93,24 @@ class MainScreen(MemtopScreen):
         ctable.show_rows([(c.id, [col.render(c) for col in CONTAINER_COLUMNS]) for c in containers])
         ctable.set_header_marks(csort.column, csort.reverse)
 
+        osort = app.sort_for("oom")
+        events = [
+            (k, v)
+            for k, v in oom_rows(snap)
+            if not self.filter_text
+            or self.filter_text.lower() in f"{v.victim_comm} {v.victim_pid} {where(v.event)}".lower()
+        ]
+        ordered = sort_rows([v for _, v in events], osort, tiebreak=lambda v: (v.time, v.victim_pid))
+        otable = self.query_one(OomTable)
+        otable.show_rows([(oom_key(v.event), [col.render(v) for col in OOM_COLUMNS]) for v in ordered])
+        otable.set_header_marks(osort.column, osort.reverse)
+
         tabs = self.query_one("#tabs", TabbedContent)
         suffix = f" [filter: {self.filter_text}]" if self.filter_text else ""
         hidden = " [containers only]" if app.hide_host else ""
         tabs.get_tab("processes").label = f"Processes{hidden}{suffix}"  # type: ignore[assignment]
         tabs.get_tab("containers").label = f"Containers ({len(snap.containers)}){suffix}"  # type: ignore[assignment]
+        tabs.get_tab("oom").label = f"OOM ({len(snap.oom_events)}){suffix}"  # type: ignore[assignment]
 
     def selected_process(self) -> ProcessRow | None:
         key = self.query_one(ProcessTable).cursor_key()
@@ -110,6 +127,13 @@ class MainScreen(MemtopScreen):
         self.action_drill()
 
     def action_drill(self) -> None:
+        if self.active_tab == "oom":
+            key = self.query_one(OomTable).cursor_key()
+            if key is not None:
+                from memtop.screens.oom import OomScreen
+
+                self.app.push_screen(OomScreen(key))
+            return
         if self.active_tab == "containers":
             container = self.selected_container()
             if container is not None:

@@ -48,6 +48,7 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
         ("started", fmt.datetime(row.start_time)),
         ("cgroup", row.cgroup_path or "-"),
         ("container", f"{row.container}  ({row.container_id})" if row.container_id else "host"),
+        ("OOM kills", _kill_counts(row, snap)),
         (
             "kmalloc now",
             f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls",
@@ -60,6 +61,16 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
     ):
         grid.add_row(label, value)
     return grid  # type: ignore[return-value]
+
+
+def _kill_counts(row: ProcessRow, snap: Snapshot) -> str:
+    victim = sum(1 for e in snap.oom_events if e.victim_pid == row.pid and e.time >= row.start_time)
+    trigger = sum(
+        1
+        for e in snap.oom_events
+        if e.trigger_pid == row.pid and e.victim_pid != row.pid and e.time >= row.start_time
+    )
+    return f"{victim} as victim, {trigger} triggered (killing another process)"
 
 
 def sizes_text(reading: FocusReading | None, width: int = 30) -> Text:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.text import Text
 
 from memtop import format as fmt
+from memtop.screens.oom import OOM_COLUMNS
 from memtop.store import ContainerRow, ProcessKey, ProcessRow, SortKey
 from memtop.widgets import Column, right
 
@@ -59,16 +60,20 @@ def _mem_pct(row: ContainerRow) -> Text:
     return text
 
 
+def _pod(row: ContainerRow) -> str:
+    if row.pod_name:
+        return f"{row.namespace}/{row.pod_name}" if row.namespace else row.pod_name
+    return f"pod {row.pod_uid[:8]}…" if row.pod_uid else "-"
+
+
+def _oom_kills(row: ContainerRow) -> Text:
+    return right(str(row.oom_kills), style="bold red") if row.oom_kills else right("0", style="dim")
+
+
 CONTAINER_COLUMNS: tuple[Column, ...] = (
     Column("label", "CONTAINER", lambda c: Text(c.label, style="cyan"), numeric=False, width=22),
-    Column(
-        "pod_name",
-        "POD",
-        lambda c: c.pod_name or (f"uid {c.pod_uid[:8]}…" if c.pod_uid else "-"),
-        numeric=False,
-        width=22,
-    ),
-    Column("namespace", "NAMESPACE", lambda c: c.namespace or "-", numeric=False, width=12),
+    Column("pod_name", "NAMESPACE/POD", _pod, numeric=False, width=28),
+    Column("oom_kills", "OOM", _oom_kills, width=5),
     Column("runtime", "RUNTIME", lambda c: c.runtime, numeric=False, width=10),
     Column("processes", "PROCS", lambda c: right(str(c.processes)), width=6),
     Column(
@@ -85,12 +90,14 @@ CONTAINER_COLUMNS: tuple[Column, ...] = (
 DEFAULT_SORTS: dict[str, SortKey] = {
     "processes": SortKey("kmalloc_bytes_per_s", reverse=True),
     "containers": SortKey("kmalloc_bytes_per_s", reverse=True),
+    "oom": SortKey("time", reverse=True),
 }
 
 # The tables a user can sort, for the help screen: (group, title, columns).
 SORTABLE_TABLES: list[tuple[str, str, tuple[Column, ...]]] = [
     ("processes", "Processes", PROCESS_COLUMNS),
     ("containers", "Containers", CONTAINER_COLUMNS),
+    ("oom", "OOM log", OOM_COLUMNS),
 ]
 
 
