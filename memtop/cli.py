@@ -93,6 +93,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
         f"(RUNTIME: {', '.join(RUNTIME_ROOT_NAMES)}; repeatable)",
     )
     parser.add_argument(
+        "--tcp-slow-ms",
+        type=_int_in(0, 3_600_000, "--tcp-slow-ms"),
+        default=200,
+        metavar="MS",
+        help="TCP connects at least this slow, and failed ones, are listed one by one (default 200)",
+    )
+    parser.add_argument(
+        "--tcp-pid",
+        type=_int_in(1, 1 << 22, "--tcp-pid"),
+        action="append",
+        default=[],
+        metavar="PID",
+        help="trace only these processes' TCP connects, filtered in the kernel (repeatable)",
+    )
+    parser.add_argument(
         "--containers-only",
         action="store_true",
         help="start with host processes hidden (the c key toggles it)",
@@ -155,6 +170,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         output=getattr(args, "output", None),
         runtime_roots=tuple(args.runtime_root),
         hide_host=args.containers_only,
+        tcp_slow_ms=args.tcp_slow_ms,
+        tcp_pids=tuple(args.tcp_pid),
     )
 
 
@@ -182,8 +199,9 @@ def preflight_live() -> None:
             )
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM: a BaseException so that no `except Exception` on the way (BCC's compile errors are
+    plain Exceptions) can swallow it."""
 
 
 def _raise_terminated(signum: int, _frame: FrameType | None) -> None:
@@ -206,6 +224,7 @@ def run_snapshot(config: Config) -> int:
             if info is None:
                 raise MemtopError(f"no process with PID {config.focus_pid}")
             source.set_focus(ProcessKey(config.focus_pid, info.start_time))
+        print(f"memtop: collecting for {config.duration_s:g}s", file=sys.stderr, flush=True)
         deadline = time.monotonic() + config.duration_s
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(config.interval_s, left))

@@ -23,3 +23,5 @@ class Config:
     output: Path | None = None
     runtime_roots: tuple[tuple[str, str], ...] = ()  # (runtime, state directory) overrides
     hide_host: bool = False  # start with host processes hidden (only containers' processes shown)
+    tcp_slow_ms: int = 200  # TCP connects at least this slow (or failed) are kept individually
+    tcp_pids: tuple[int, ...] = ()  # trace only these processes' connects (a kernel-side filter)

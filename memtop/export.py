@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memtop import format as fmt
+from memtop import tcp
 from memtop.errors import MemtopError
 from memtop.model import CallSite, FocusReading, ProbeStatus, TailEvent
 from memtop.oom import OomEvent
@@ -160,6 +161,10 @@ def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
         "containers": containers,
         "oom_events": [_oom_to_dict(e) for e in snapshot.oom_events],
         "oom_kills_seen": snapshot.oom_kills_seen,
+        "tcp_slow_ms": snapshot.tcp_slow_ms,
+        "tcp_in_flight": snapshot.tcp_in_flight,
+        "tcp_connect": tcp.rows_to_json(snapshot.tcp_connect),
+        "tcp_slow_connects": tcp.slow_connects_to_json(snapshot.tcp_slow_connects),
     }
     if snapshot.focus is not None:
         doc["focus"] = _focus_to_dict(snapshot.focus)
@@ -396,6 +401,10 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         container_histories=container_histories,
         oom_events=oom_events,
         oom_kills_seen=_int(doc.get("oom_kills_seen", 0), "oom_kills_seen") or 0,
+        tcp_connect=tcp.rows_from_json(doc.get("tcp_connect", [])),
+        tcp_slow_connects=tcp.slow_connects_from_json(doc.get("tcp_slow_connects", [])),
+        tcp_in_flight=_int(doc.get("tcp_in_flight", 0), "tcp_in_flight") or 0,
+        tcp_slow_ms=_int(doc.get("tcp_slow_ms"), "tcp_slow_ms", optional=True),
     )
 
 

@@ -66,6 +66,7 @@ class LiveSource:
         from memtop.containerwatch import ContainerWatcher
         from memtop.probes.kmalloc import KmallocProbe  # the probe layer is the only one importing bcc
         from memtop.probes.oom import OomProbe
+        from memtop.probes.tcp import TcpProbe
         from memtop.procinfo import ProcReader
 
         self.config = config
@@ -78,7 +79,8 @@ class LiveSource:
             resolve_cgroup_id=self.cgroup_ids.path,
         )
         self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
-        self.probes: list[Probe] = [self.kmalloc, self.oom]
+        self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
+        self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp]
         self.procs = ProcReader()
         self.store = Store(host_info(), started_at=time.time(), interval_s=config.interval_s)
         self._lock = threading.Lock()
@@ -99,6 +101,10 @@ class LiveSource:
             raise MemtopError("; ".join(errors) or "no probe could start")
         if self.oom.running:
             self.store.add_oom_backlog(self._attribute_oom(e) for e in self.oom.backlog())
+        if self.tcp.running:
+            self.store.tcp_slow_ms = self.config.tcp_slow_ms
+            if self.config.tcp_pids:
+                self.tcp.set_pid_filter(self.config.tcp_pids)
         self.store.restart_clock(time.time())  # compiling took a while: count from attach time
 
     def _read(self, probe: Probe, read: Callable[[], R]) -> R | None:
@@ -140,6 +146,10 @@ class LiveSource:
             oom = self._read(self.oom, self.oom.read)
             if oom is not None:
                 self.store.ingest_oom(replace(oom, events=tuple(self._attribute_oom(e) for e in oom.events)))
+            tcp = self._read(self.tcp, self.tcp.read)
+            if tcp is not None:
+                self.store.ingest_tcp(now, tcp)
+                self.store.set_cgroup_paths({i: self.cgroup_ids.path(i) for i in self.store.cgroup_ids()})
             if self.kmalloc.running:
                 self.kmalloc.forget(forget)
             for pid in forget:

@@ -24,6 +24,7 @@ from memtop.model import (
     ProcInfo,
 )
 from memtop.oom import OomEvent, OomReading
+from memtop.tcp import SlowConnect, TcpAggregator, TcpReading, TcpRow
 
 HISTORY_S = 600.0  # at least ten minutes of per-process rate history
 EXITED_KEEP_S = 60.0
@@ -177,6 +178,10 @@ class Snapshot:
     container_histories: Mapping[str, tuple[HistoryPoint, ...]] = field(default_factory=dict)
     oom_events: tuple[OomEvent, ...] = ()  # newest first
     oom_kills_seen: int = 0  # kills seen live (tracepoint) since start: the header's counter
+    tcp_connect: tuple[TcpRow, ...] = ()  # one per (process, destination), busiest first
+    tcp_slow_connects: tuple[SlowConnect, ...] = ()  # newest first
+    tcp_in_flight: int = 0  # connects sent and not yet answered
+    tcp_slow_ms: int | None = None  # the slow threshold (None: no TCP data)
 
     def container(self, container_id: str) -> ContainerRow | None:
         for row in self.containers:
@@ -235,6 +240,9 @@ class Store:
         self.focus_container: str | None = None  # its history goes in every snapshot
         self._oom: deque[OomEvent] = deque(maxlen=OOM_LOG_MAX)  # oldest first
         self._oom_seen = 0
+        self.tcp: TcpAggregator | None = None  # set when the TCP probe runs
+        self.tcp_slow_ms: int | None = None
+        self._cgroup_paths: dict[int, str] = {}  # cgroup2 id -> path, as resolved by the source
 
     # -- ingest ---------------------------------------------------------------------------------------
 
@@ -431,6 +439,45 @@ class Store:
                     return replace(event, history=points, history_of="process")
         return event
 
+    def ingest_tcp(self, now: float, reading: TcpReading) -> None:
+        if self.tcp is None:
+            self.tcp = TcpAggregator(started_at=self.started_at)
+        self.tcp.ingest(now, reading)
+        self._drops.update({f"tcp_{name}": count for name, count in reading.drops().items()})
+
+    def cgroup_ids(self) -> set[int]:
+        """cgroup2 ids the TCP data names that have no path yet (the source resolves them)."""
+        if self.tcp is None:
+            return set()
+        ids = {r.cgroup_id for r in self.tcp.rows()} | {s.cgroup_id for s in self.tcp.slow_connects()}
+        return {i for i in ids if i and i not in self._cgroup_paths}
+
+    def set_cgroup_paths(self, paths: Mapping[int, str]) -> None:
+        self._cgroup_paths.update(paths)
+
+    def _place(self, cgroup_id: int) -> tuple[str, str | None]:
+        path = self._cgroup_paths.get(cgroup_id, "")
+        ref = parse_cgroup_path(path) if path else None
+        return path, ref.container_id if ref else None
+
+    def _tcp_rows(self) -> tuple[TcpRow, ...]:
+        if self.tcp is None:
+            return ()
+        rows = []
+        for row in self.tcp.rows():
+            path, container_id = self._place(row.cgroup_id)
+            rows.append(replace(row, cgroup_path=path, container_id=container_id))
+        return tuple(rows)
+
+    def _tcp_slow(self) -> tuple[SlowConnect, ...]:
+        if self.tcp is None:
+            return ()
+        slow = []
+        for event in self.tcp.slow_connects():
+            path, container_id = self._place(event.cgroup_id)
+            slow.append(replace(event, cgroup_path=path, container_id=container_id))
+        return tuple(slow)
+
     def container_history(self, container_id: str) -> tuple[HistoryPoint, ...]:
         return tuple(self._container_history.get(container_id, ()))
 
@@ -525,6 +572,10 @@ class Store:
             containers=containers,
             oom_events=tuple(reversed(self._oom)),
             oom_kills_seen=self._oom_seen,
+            tcp_connect=self._tcp_rows(),
+            tcp_slow_connects=self._tcp_slow(),
+            tcp_in_flight=self.tcp.in_flight_count() if self.tcp else 0,
+            tcp_slow_ms=self.tcp_slow_ms,
             container_histories={
                 k: tuple(v)
                 for k, v in self._container_history.items()

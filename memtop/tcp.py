@@ -676,3 +676,49 @@ def slow_connects_from_json(items: Any) -> tuple[SlowConnect, ...]:
     if not isinstance(items, list):
         raise ValueError(f"tcp_slow_connects must be a list, got {type(items).__name__}")
     return tuple(slow_from_json(item, f"tcp_slow_connects[{i}]") for i, item in enumerate(items))
+
+
+# -- the view's filter -------------------------------------------------------------------------------------
+
+
+def _address_matches(daddr: str, wanted: str) -> bool:
+    """`wanted` is an address, a network (10.0.0.0/8, fd00::/8) or a text prefix ("10.1.")."""
+    if not daddr:
+        return False
+    if "/" in wanted:
+        try:
+            network = ipaddress.ip_network(wanted, strict=False)
+            address = ipaddress.ip_address(daddr)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped and network.version == 4:
+            return address.ipv4_mapped in network
+        return address.version == network.version and address in network
+    return daddr.startswith(wanted) or daddr.startswith(f"::ffff:{wanted}")
+
+
+def filter_tcp_rows(
+    rows: Iterable[TcpRow], text: str, container_names: Mapping[str, str] | None = None
+) -> list[TcpRow]:
+    """Rows matching every word of `text`: `port:443`, `addr:10.0.0.0/8` (or an address prefix),
+    `pid:1234`, or a bare word matched against the command, container, destination, port and PID."""
+    names = container_names or {}
+    rows = list(rows)
+    for word in text.lower().split():
+        key, sep, value = word.partition(":")
+        if sep and key == "port":
+            rows = [r for r in rows if str(r.dport) == value]
+        elif sep and key in ("addr", "dst", "daddr"):
+            rows = [r for r in rows if _address_matches(r.daddr, value)]
+        elif sep and key == "pid":
+            rows = [r for r in rows if str(r.pid) == value]
+        else:
+            rows = [
+                r
+                for r in rows
+                if word in r.comm.lower()
+                or word in names.get(r.container_id or "", "").lower()
+                or _address_matches(r.daddr, word)
+                or word in (str(r.dport), str(r.pid))
+            ]
+    return rows

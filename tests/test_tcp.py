@@ -389,3 +389,28 @@ def test_tcp_module_imports_neither_textual_nor_bcc() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_view_filter_by_port_address_prefix_network_pid_and_word() -> None:
+    from memtop.tcp import TcpRow, filter_tcp_rows
+
+    def row(pid: int, comm: str, daddr: str, dport: int, container: str | None = None) -> TcpRow:
+        return TcpRow(pid, comm, 0, 6 if ":" in daddr else 4, daddr, dport, 1, 0, 0.0, 0.0,
+                      None, None, None, 0, None, None, (), container_id=container)  # fmt: skip
+
+    rows = [
+        row(1, "curl", "10.1.2.3", 443),
+        row(2, "nginx", "192.168.0.9", 8080, "c" * 64),
+        row(3, "java", "::ffff:10.9.9.9", 5432),
+        row(4, "redis-cli", "fd00::1", 6379),
+    ]
+    pids = lambda text, **kw: [r.pid for r in filter_tcp_rows(rows, text, **kw)]  # noqa: E731
+    assert pids("port:443") == [1]
+    assert pids("addr:10.0.0.0/8") == [1, 3]  # the v4-mapped address too
+    assert pids("addr:fd00::/8") == [4]
+    assert pids("10.1.") == [1]
+    assert pids("pid:2") == [2]
+    assert pids("nginx") == [2] and pids("web", container_names={"c" * 64: "web-1"}) == [2]
+    assert pids("port:443 curl") == [1] and pids("port:443 java") == []
+    assert pids("addr:not-a-network/99") == []
+    assert len(pids("")) == 4

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from memtop.screens import MemtopScreen
 from memtop.screens.oom import OOM_COLUMNS, OomTable, oom_key, oom_rows, where
 from memtop.screens.tables import CONTAINER_COLUMNS, PROCESS_COLUMNS, process_row_key
+from memtop.screens.tcp import (
+    GROUPINGS,
+    RESOLUTION_NOTE,
+    TCP_COLUMNS,
+    TcpScreen,
+    TcpTable,
+    container_names,
+    tcp_key,
+    tcp_views,
+)
 from memtop.store import ContainerRow, ProcessRow, Snapshot, filter_containers, filter_rows, sort_rows
+from memtop.tcp import filter_tcp_rows
 from memtop.widgets import HeaderBar, SortedTable
 
 __all__ = ["PROCESS_COLUMNS", "MainScreen", "ProcessTable", "ContainerTable", "row_key"]
@@ -23,7 +35,18 @@ TABS: tuple[tuple[str, str, str], ...] = (
     ("processes", "Processes", "P"),
     ("containers", "Containers", "C"),
     ("oom", "OOM", "O"),
+    ("tcp", "TCP", "T"),
 )
+
+
+def probe_problem(snap: Snapshot, name: str) -> str:
+    """Why a panel's probe is not delivering ("" when it is, or in a replay that recorded it)."""
+    probe = snap.probes.get(name)
+    if probe is None:
+        return "" if snap.replay else f"{name} probe not started"
+    if probe.status in ("running", "replay"):
+        return ""
+    return f"{name} probe {probe.status}" + (f": {probe.detail}" if probe.detail else "")
 
 
 class ProcessTable(SortedTable):
@@ -43,6 +66,7 @@ class MainScreen(MemtopScreen):
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("tab", "next_tab(1)", "Next tab", show=False, priority=True),
         Binding("shift+tab", "next_tab(-1)", "Previous tab", show=False, priority=True),
+        Binding("g", "tcp_grouping", "TCP grouping", show=False),
         *(Binding(key, f"show_tab('{tab}')", f"{title} tab", show=False) for tab, title, key in TABS),
     ]
 
@@ -51,6 +75,7 @@ class MainScreen(MemtopScreen):
         self.filter_text = ""
         self._processes: dict[str, ProcessRow] = {}
         self._containers: dict[str, ContainerRow] = {}
+        self.tcp_grouping = 0  # index into GROUPINGS
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
@@ -60,7 +85,11 @@ class MainScreen(MemtopScreen):
             with TabPane("Containers", id="containers"):
                 yield ContainerTable(id="container-table")
             with TabPane("OOM", id="oom"):
+                yield Static(id="oom-note")
                 yield OomTable(id="oom-table")
+            with TabPane("TCP", id="tcp"):
+                yield Static(id="tcp-note")
+                yield TcpTable(id="tcp-table")
         yield Input(placeholder="filter — Enter keeps it, Esc clears", id="filter")
         yield Footer()
 
@@ -104,6 +133,18 @@ class MainScreen(MemtopScreen):
         otable = self.query_one(OomTable)
         otable.show_rows([(oom_key(v.event), [col.render(v) for col in OOM_COLUMNS]) for v in ordered])
         otable.set_header_marks(osort.column, osort.reverse)
+        problem = probe_problem(snap, "oom")
+        kills = f"{snap.oom_kills_seen} kills seen live; " if not snap.replay else ""
+        self.query_one("#oom-note", Static).update(
+            Text.assemble(
+                f"{kills}{len(snap.oom_events)} in the log",
+                ' ("log": from the kernel log, before memtop started)',
+                "  │ Enter: details and the minute before the kill",
+                (f"  [{problem}]" if problem else "", "bold red"),
+            )
+        )
+
+        self._show_tcp(snap)
 
         tabs = self.query_one("#tabs", TabbedContent)
         suffix = f" [filter: {self.filter_text}]" if self.filter_text else ""
@@ -111,6 +152,33 @@ class MainScreen(MemtopScreen):
         tabs.get_tab("processes").label = f"Processes{hidden}{suffix}"  # type: ignore[assignment]
         tabs.get_tab("containers").label = f"Containers ({len(snap.containers)}){suffix}"  # type: ignore[assignment]
         tabs.get_tab("oom").label = f"OOM ({len(snap.oom_events)}){suffix}"  # type: ignore[assignment]
+        tabs.get_tab("tcp").label = f"TCP ({len(snap.tcp_connect)}){suffix}"  # type: ignore[assignment]
+
+    def _show_tcp(self, snap: Snapshot) -> None:
+        grouping, grouping_label = GROUPINGS[self.tcp_grouping]
+        rows = filter_tcp_rows(snap.tcp_connect, self.filter_text, container_names(snap))
+        views = tcp_views(snap, grouping, rows)
+        tsort = self.memtop.sort_for("tcp")
+        ordered = sort_rows(views, tsort, tiebreak=lambda v: (v.pid, v.daddr, v.dport))
+        table = self.query_one(TcpTable)
+        table.show_rows([(tcp_key(v.row), [c.render(v) for c in TCP_COLUMNS]) for v in ordered])
+        table.set_header_marks(tsort.column, tsort.reverse)
+        probe = snap.probes.get("tcp")
+        status = (
+            ""
+            if probe is None or probe.status in ("running", "replay")
+            else f"  [{probe.status}: {probe.detail}]"
+        )
+        slow = f"slow ≥ {snap.tcp_slow_ms} ms" if snap.tcp_slow_ms is not None else ""
+        self.query_one("#tcp-note", Static).update(
+            Text.assemble(
+                ("grouping: ", "bold"),
+                f"{grouping_label} (g)  │ {len(snap.tcp_slow_connects)} slow/failed kept, {slow}  │ "
+                f"{snap.tcp_in_flight} in flight  │ ",
+                (RESOLUTION_NOTE, "dim"),
+                (f"  [{status}]" if status else "", "bold red"),
+            )
+        )
 
     def selected_process(self) -> ProcessRow | None:
         key = self.query_one(ProcessTable).cursor_key()
@@ -126,7 +194,18 @@ class MainScreen(MemtopScreen):
         event.stop()
         self.action_drill()
 
+    def action_tcp_grouping(self) -> None:
+        if self.active_tab != "tcp":
+            return
+        self.tcp_grouping = (self.tcp_grouping + 1) % len(GROUPINGS)
+        self.refresh_view()
+
     def action_drill(self) -> None:
+        if self.active_tab == "tcp":
+            key = self.query_one(TcpTable).cursor_key()
+            if key is not None:
+                self.app.push_screen(TcpScreen(key, GROUPINGS[self.tcp_grouping][0]))
+            return
         if self.active_tab == "oom":
             key = self.query_one(OomTable).cursor_key()
             if key is not None:

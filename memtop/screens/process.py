@@ -49,6 +49,7 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
         ("cgroup", row.cgroup_path or "-"),
         ("container", f"{row.container}  ({row.container_id})" if row.container_id else "host"),
         ("OOM kills", _kill_counts(row, snap)),
+        ("TCP connects", _destinations(row, snap)),
         (
             "kmalloc now",
             f"{fmt.size_rate(row.kmalloc_bytes_per_s)}  {fmt.count_rate(row.kmalloc_calls_per_s)} calls",
@@ -61,6 +62,20 @@ def details_text(row: ProcessRow | None, key: ProcessKey, snap: Snapshot) -> Tex
     ):
         grid.add_row(label, value)
     return grid  # type: ignore[return-value]
+
+
+def _destinations(row: ProcessRow, snap: Snapshot, top: int = 3) -> str:
+    mine = sorted((t for t in snap.tcp_connect if t.pid == row.pid), key=lambda t: t.connects, reverse=True)
+    if not mine:
+        return "none seen"
+    parts = [
+        f"{t.daddr}:{t.dport} ×{fmt.count(t.connects)}"
+        + (f" ({fmt.count(t.failed)} failed)" if t.failed else "")
+        + (f" p99 {t.p99_us / 1000:.1f} ms" if t.p99_us is not None else "")
+        for t in mine[:top]
+    ]
+    more = f"  +{len(mine) - top} more (TCP tab)" if len(mine) > top else ""
+    return "; ".join(parts) + more
 
 
 def _kill_counts(row: ProcessRow, snap: Snapshot) -> str:

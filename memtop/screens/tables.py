@@ -7,6 +7,7 @@ from rich.text import Text
 
 from memtop import format as fmt
 from memtop.screens.oom import OOM_COLUMNS
+from memtop.screens.tcp import TCP_COLUMNS
 from memtop.store import ContainerRow, ProcessKey, ProcessRow, SortKey
 from memtop.widgets import Column, right
 
@@ -91,6 +92,7 @@ DEFAULT_SORTS: dict[str, SortKey] = {
     "processes": SortKey("kmalloc_bytes_per_s", reverse=True),
     "containers": SortKey("kmalloc_bytes_per_s", reverse=True),
     "oom": SortKey("time", reverse=True),
+    "tcp": SortKey("connects", reverse=True),
 }
 
 # The tables a user can sort, for the help screen: (group, title, columns).
@@ -98,6 +100,7 @@ SORTABLE_TABLES: list[tuple[str, str, tuple[Column, ...]]] = [
     ("processes", "Processes", PROCESS_COLUMNS),
     ("containers", "Containers", CONTAINER_COLUMNS),
     ("oom", "OOM log", OOM_COLUMNS),
+    ("tcp", "TCP connects", TCP_COLUMNS),
 ]
 
 
