@@ -145,6 +145,33 @@ def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
     return ages
 
 
+BPF_NOEXIST = 1
+
+
+def take_if_empty(table: Any, raw_key: bytes) -> None:
+    """Delete an aggregate that read as empty. It is taken out with one lookup-and-delete, and put back if an
+    allocation landed on it since it was read, so a racing BPF program loses nothing; only one that updates
+    it between those two syscalls does (counted as aggregate_missing when that allocation is freed)."""
+    from bcc.libbcc import lib
+
+    key = table.Key.from_buffer_copy(raw_key)
+    taken = table.Leaf()
+    if lib.bpf_lookup_and_delete(table.map_fd, ctypes.byref(key), ctypes.byref(taken)) != 0:
+        if ctypes.get_errno() not in (errno.ENOENT,):  # an older kernel without it for hashes: plain delete
+            with contextlib.suppress(KeyError):
+                del table[key]
+        return
+    if not any(cpu.bytes or cpu.allocations for cpu in taken):
+        return
+    if lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(taken), BPF_NOEXIST) != 0:
+        with contextlib.suppress(KeyError):  # recreated meanwhile: add what was taken to it
+            current = table[key]
+            for i, cpu in enumerate(taken):
+                current[i].bytes += cpu.bytes
+                current[i].allocations += cpu.allocations
+            table[key] = current
+
+
 class _LeakProbe(Probe):
     """What the kernel-wide and the per-process leak probes share: reading, symbolizing and pruning."""
 
@@ -322,8 +349,7 @@ class _LeakProbe(Probe):
         most one allocation's accounting (counted as aggregate_missing when it is freed)."""
         outstanding = self.bpf[b"outstanding"]
         for raw_key in empty & self._zero_before:
-            with contextlib.suppress(KeyError):
-                del outstanding[outstanding.Key.from_buffer_copy(raw_key)]
+            take_if_empty(outstanding, raw_key)
         self._zero_before = empty
         comms = self.bpf[b"comms"]
         for tgid in self._tgids_before - tgids:
