@@ -115,6 +115,8 @@ _KERNEL_ALLOCATOR_PREFIXES = (
     "alloc_page",
     "alloc_frozen_pages",
     "folio_alloc",
+    "vma_alloc_folio",
+    "alloc_anon_folio",
     "get_free_pages",
     "get_zeroed_page",
     "get_page_from_freelist",

@@ -97,6 +97,8 @@ def test_frame_function_strips_offset_and_module(frame: str, function: str) -> N
         "new_slab+0x2a",
         "___slab_alloc+0x500",
         "krealloc_noprof.cold+0x3",
+        "__alloc_frozen_pages_noprof+0x26b",
+        "vma_alloc_folio_noprof+0x61",
         "[unknown]",
     ],
 )
@@ -105,7 +107,14 @@ def test_kernel_allocator_frames_are_skipped(frame: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "frame", ["alloc_pipe_info+0x5d", "alloc_inode+0xa3", "sock_alloc_inode+0x1f", "map_lookup_elem+0x148"]
+    "frame",
+    [
+        "alloc_pipe_info+0x5d",
+        "alloc_inode+0xa3",
+        "sock_alloc_inode+0x1f",
+        "map_lookup_elem+0x148",
+        "do_anonymous_page+0x31e",
+    ],
 )
 def test_kernel_callers_are_meaningful(frame: str) -> None:
     assert not is_allocator_frame(KIND_KERNEL, frame)

@@ -311,6 +311,50 @@ def test_kernel_probe_sees_pipes_held_open_and_their_release(pipe_holder: Driven
     assert ours and not (ours & loaded_prog_ids()), "kernel leak programs still loaded after close()"
 
 
+PAGE_HOLDER = """
+import mmap, sys
+print("ready", flush=True)
+region = None
+for line in sys.stdin:
+    if line.startswith("map"):
+        region = mmap.mmap(-1, %d, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for offset in range(0, len(region), mmap.PAGESIZE):
+            region[offset] = 1
+        print("mapped", flush=True)
+    elif line.startswith("unmap"):
+        region.close()
+        print("unmapped", flush=True)
+"""
+PAGE_BYTES = 32 << 20
+
+
+def test_kernel_probe_page_level() -> None:
+    from memtop.leaks import KIND_KERNEL_PAGES
+    from memtop.probes.leaks import KernelLeakProbe
+
+    child = Driven([sys.executable, "-c", PAGE_HOLDER % PAGE_BYTES])
+    probe = KernelLeakProbe(sample_every=1, page_level=True)
+    try:
+        probe.start()
+        assert child.send("map") == "mapped"
+        reading = probe.read()
+        pages = [s for s in reading.stacks if s.pid == child.pid and s.kind == KIND_KERNEL_PAGES]
+        # Faulted-in anonymous memory (4 KiB pages or larger folios, each counted at its size).
+        assert sum(s.outstanding_bytes for s in pages) >= 0.9 * PAGE_BYTES
+        tracker = LeakTracker()
+        tracker.ingest(time.monotonic(), reading)
+        top = max(tracker.rows(pid=child.pid), key=lambda row: row.outstanding_bytes)
+        assert top.kind == KIND_KERNEL_PAGES and top.top_frame == "do_anonymous_page", top
+        assert child.send("unmap") == "unmapped"
+        time.sleep(0.3)
+        reading = probe.read()
+        pages = [s for s in reading.stacks if s.pid == child.pid and s.kind == KIND_KERNEL_PAGES]
+        assert sum(s.outstanding_bytes for s in pages) <= 0.1 * PAGE_BYTES
+    finally:
+        probe.close()
+        child.stop()
+
+
 def test_kernel_probe_sampled_estimate(pipe_holder: Driven) -> None:
     from memtop.probes.leaks import KernelLeakProbe
 
