@@ -396,3 +396,29 @@ def test_kernel_probe_adapts_its_sample_rate() -> None:
         assert f"1 in {probe.effective_sample_rate}" in probe.describe()
     finally:
         probe.close()
+
+
+# -- the benchmark still runs --------------------------------------------------------------------------------
+
+
+def test_leaks_bench_smoke(tmp_path: Path) -> None:
+    """bench/leaks_bench.py end to end, briefly and without memleak: it prints both tables and writes JSON.
+    No timing is asserted."""
+    if shutil.which("bpftool") is None:
+        pytest.fail("bpftool is needed by bench/leaks_bench.py")
+    bench = Path(__file__).resolve().parent.parent / "bench" / "leaks_bench.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--rounds", "1", "--seconds", "0.3", "--warmup", "0", "--attempts", "1"]
+        + ["--no-memleak", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Kernel mode" in proc.stdout and "User mode" in proc.stdout
+    doc = json.loads(out.read_text())
+    modes = {(s["bench"], s["mode"]) for s in doc["summary"]}
+    assert {("kernel", "memtop (adaptive N)"), ("kernel", "memtop (N=1)"), ("user", "memtop")} <= modes
+    stats_runs = [r for r in doc["runs"] if r["stats"]]
+    assert stats_runs and all(r["alloc_run_cnt"] > 0 for r in stats_runs)
