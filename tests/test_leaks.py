@@ -564,11 +564,14 @@ def test_mapped_objects_put_the_executable_first(tmp_path: Any, monkeypatch: pyt
 
     monkeypatch.setattr(probe_module.Path, "read_text", fake_read_text)
     monkeypatch.setattr(os, "readlink", lambda path: "/opt/app/bin/app")
-    assert probe_module.mapped_objects(4242) == [
+    objects = probe_module.mapped_objects(4242)
+    assert list(objects) == [
         "/opt/app/bin/app",
         "/usr/lib/x86_64-linux-gnu/libc.so.6",
         "/opt/app/lib/libjemalloc.so.2",
     ]
+    assert objects["/usr/lib/x86_64-linux-gnu/libc.so.6"] == "/proc/4242/map_files/7f00-7f01"
+    assert objects["/opt/app/bin/app"] == "/proc/4242/map_files/5500-5501"
 
 
 def test_user_probe_refuses_a_missing_process() -> None:

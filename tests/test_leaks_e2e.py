@@ -203,6 +203,42 @@ def test_user_probe_finds_the_leaks_and_not_the_freed_blocks(leaky: Driven) -> N
     assert ours and not (ours & loaded_prog_ids()), "user leak programs still loaded after close()"
 
 
+def chroot_with(binary: Path, root: Path) -> Path:
+    """A directory holding `binary` and copies of the libraries it loads (new inodes, as in a container
+    image); returns the binary's path inside it."""
+    listing = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+    for word in listing.split():
+        if word.startswith("/") and Path(word).exists():
+            target = root / word.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(word, target)
+    shutil.copy2(binary, root / binary.name)
+    return Path("/") / binary.name
+
+
+def test_user_probe_in_a_chroot_probes_the_process_own_libc(leaky_binary: Path, tmp_path: Path) -> None:
+    """The process maps its own copy of libc (another inode than ours): uprobes go by inode, so the copy
+    is what must be probed, and its symbols read from it."""
+    from memtop.probes.leaks import UserLeakProbe
+
+    if shutil.which("chroot") is None:
+        pytest.fail("chroot (coreutils) is needed")
+    inside = chroot_with(leaky_binary, tmp_path)
+    child = Driven(["chroot", str(tmp_path), str(inside)])
+    probe = UserLeakProbe(child.pid)
+    try:
+        probe.start()
+        assert probe.allocator.startswith(str(tmp_path)), probe.allocator  # the copy, as maps names it
+        assert child.send("run") == "ran"
+        reading = probe.read()
+        leaked_bytes, leaked_blocks = on_stack(reading, "memtop_test_leak_here")
+        assert (leaked_bytes, leaked_blocks) == (LEAK_BLOCKS * LEAK_SIZE, LEAK_BLOCKS)
+        assert on_stack(reading, "memtop_test_churn") == (0, 0)
+    finally:
+        probe.close()
+        child.stop()
+
+
 def test_user_probe_sampling_scales_the_estimate(leaky: Driven) -> None:
     from memtop.probes.leaks import UserLeakProbe
 

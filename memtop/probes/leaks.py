@@ -494,9 +494,14 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def mapped_objects(pid: int) -> list[str]:
-    """Paths of the files mapped executable into a process, its executable first (paths as the process
-    sees them, inside its own mount namespace)."""
+def mapped_objects(pid: int) -> dict[str, str]:
+    """The files mapped executable into a process, its executable first: {path as /proc/PID/maps names it:
+    /proc/PID/map_files/<range> of one of its mappings}.
+
+    The map_files link opens the very file the process mapped, wherever it lives: inside a container's
+    mount namespace, under a chroot, or replaced on disk since. The path alone can name another file
+    from here (it is resolved against our root, or the container's), and uprobes go by inode.
+    """
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError as exc:
@@ -505,26 +510,20 @@ def mapped_objects(pid: int) -> list[str]:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         exe = ""
-    paths: list[str] = []
+    objects: dict[str, str] = {}
     for line in maps.splitlines():
         parts = line.split(None, 5)
         if len(parts) < 6 or "x" not in parts[1]:
             continue
         path = parts[5]
-        if path.startswith("/") and not path.endswith(" (deleted)") and path not in paths:
-            paths.append(path)
-    if exe in paths:
-        paths.remove(exe)
-        paths.insert(0, exe)
-    return paths
+        if path.startswith("/") and not path.endswith(" (deleted)") and path not in objects:
+            objects[path] = f"/proc/{pid}/map_files/{parts[0]}"
+    if exe in objects:
+        objects = {exe: objects[exe], **{k: v for k, v in objects.items() if k != exe}}
+    return objects
 
 
 MAPPING_NAMES = frozenset(name for name, _, _ in MAPPING_FUNCTIONS)
-
-
-def _host_path(pid: int, path: str) -> str:
-    """The path of a file a process has mapped, seen from here through its root (containers included)."""
-    return f"/proc/{pid}/root{path}"
 
 
 def _is_libc(path: str) -> bool:
@@ -537,8 +536,9 @@ def _is_dynamic_linker(path: str) -> bool:
 
 
 class UserLeakProbe(_LeakProbe):
-    """Outstanding heap allocations of one process by user stack: uprobes on the allocator it has mapped
-    (found through /proc/PID/root, so it works inside containers), anonymous mmaps by tracepoint."""
+    """Outstanding heap allocations and anonymous mmaps of one process by user stack: uprobes on the
+    allocator it has mapped, opened through /proc/PID/map_files so that containers and chroots get their
+    own copy probed."""
 
     name = "leaks-user"
     source = "leaks_user.c"
@@ -562,17 +562,19 @@ class UserLeakProbe(_LeakProbe):
         self.start_time = process_start_time(pid)
         if self.start_time is None:
             raise MemtopError(f"no process with PID {pid}")
+        self._module_symbols = ModuleSymbols(pid)
         self.allocator = ""  # the object whose malloc is probed, as the process sees it
         self.mapper = ""  # the object whose mmap is probed ("" when none was found)
         self.attached: list[str] = []
 
     def find_functions(self) -> list[tuple[str, dict[str, int]]]:
-        """[(path as the host sees it, {function: address})] to probe: the object that defines the process's
+        """[(path to open it by, {function: address})] to probe: the object that defines the process's
         malloc (the executable itself when it is static or links an allocator in, else a library other than
         libc such as jemalloc or tcmalloc, else libc), then where its mmap comes from (the same object, or
         libc)."""
         bcc = import_bcc()
-        candidates = [p for p in mapped_objects(self.pid) if not _is_dynamic_linker(p)]
+        objects = mapped_objects(self.pid)
+        candidates = [p for p in objects if not _is_dynamic_linker(p)]
         ordered = candidates[:1] + [p for p in candidates[1:] if not _is_libc(p)]
         ordered += [p for p in candidates[1:] if _is_libc(p)]
         names = [name for name, _, _ in ALLOCATOR_FUNCTIONS + MAPPING_FUNCTIONS]
@@ -580,9 +582,7 @@ class UserLeakProbe(_LeakProbe):
         found: dict[str, dict[str, int]] = {}
         for path in ordered:
             try:
-                symbols = bcc.BPF.get_user_functions_and_addresses(
-                    _host_path(self.pid, path).encode(), pattern
-                )
+                symbols = bcc.BPF.get_user_functions_and_addresses(objects[path].encode(), pattern)
             except Exception:  # unreadable or not ELF: not an allocator
                 continue
             found[path] = {name.decode(): address for name, address in symbols}
@@ -597,10 +597,10 @@ class UserLeakProbe(_LeakProbe):
         if not self.allocator:
             raise MemtopError(f"no malloc/free found in the objects process {self.pid} has mapped")
         allocator = {k: v for k, v in found[self.allocator].items() if k not in dict.fromkeys(MAPPING_NAMES)}
-        targets = [(_host_path(self.pid, self.allocator), allocator)]
+        targets = [(objects[self.allocator], allocator)]
         if self.mapper:
             mapping = {k: v for k, v in found[self.mapper].items() if k in MAPPING_NAMES}
-            targets.append((_host_path(self.pid, self.mapper), mapping))
+            targets.append((objects[self.mapper], mapping))
         return targets
 
     def start(self) -> None:
@@ -660,7 +660,10 @@ class UserLeakProbe(_LeakProbe):
 
     def symbolize(self, address: int) -> str:
         raw = self.bpf.sym(address, self.pid, show_module=True, show_offset=True)
-        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        if name.startswith("[unknown]"):  # BCC could not open the module (a chroot): read it ourselves
+            name = self._module_symbols.resolve(address) or name
+        return name
 
     def read(self) -> LeakReading:
         return self._read(KIND_USER)
@@ -668,6 +671,68 @@ class UserLeakProbe(_LeakProbe):
     def close(self) -> None:
         super().close()
         _drop_symbol_cache(self.pid)
+
+
+class ModuleSymbols:
+    """Function symbols of the files a process maps, read through /proc/PID/map_files: the fallback for
+    addresses BCC's resolver leaves unknown because it looks for the file under /proc/PID/root (a chrooted
+    process's files are not there). Names are not demangled."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._mappings: list[tuple[int, int, int, str, str]] = []  # start, end, file offset, path, map_file
+        self._tables: dict[str, tuple[list[int], list[str], bool]] = {}  # path -> starts, names, is ET_EXEC
+
+    def _load_mappings(self) -> None:
+        mappings = []
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.pid}/maps").read_text().splitlines():
+                parts = line.split(None, 5)
+                if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
+                    continue
+                start, end = (int(x, 16) for x in parts[0].split("-"))
+                mappings.append(
+                    (start, end, int(parts[2], 16), parts[5], f"/proc/{self.pid}/map_files/{parts[0]}")
+                )
+        self._mappings = mappings
+
+    def _mapping(self, address: int) -> tuple[int, int, int, str, str] | None:
+        for attempt in range(2):
+            for mapping in self._mappings:
+                if mapping[0] <= address < mapping[1]:
+                    return mapping
+            if attempt == 0:
+                self._load_mappings()
+        return None
+
+    def _table(self, path: str, map_file: str) -> tuple[list[int], list[str], bool]:
+        table = self._tables.get(path)
+        if table is None:
+            symbols: list[tuple[int, str]] = []
+            is_exec = False
+            with contextlib.suppress(Exception):
+                bcc = import_bcc()
+                found = bcc.BPF.get_user_functions_and_addresses(map_file.encode(), b".")
+                symbols = sorted(
+                    (address, name.decode("utf-8", "replace")) for name, address in found if address
+                )
+                with open(map_file, "rb") as elf:
+                    is_exec = elf.read(18)[16:18] == b"\x02\x00"  # e_type ET_EXEC: absolute addresses
+            table = self._tables[path] = ([a for a, _ in symbols], [n for _, n in symbols], is_exec)
+        return table
+
+    def resolve(self, address: int) -> str | None:
+        mapping = self._mapping(address)
+        if mapping is None:
+            return None
+        start, _end, offset, path, map_file = mapping
+        starts, names, is_exec = self._table(path, map_file)
+        # In a shared object or PIE, file offsets and virtual addresses coincide in the text segment.
+        elf_address = address if is_exec else address - start + offset
+        index = bisect.bisect_right(starts, elf_address) - 1
+        if index < 0:
+            return None
+        return f"{names[index]}+0x{elf_address - starts[index]:x} [{os.path.basename(path)}]"
 
 
 def _drop_symbol_cache(pid: int) -> None:
