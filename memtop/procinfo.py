@@ -71,6 +71,10 @@ class ProcReader:
                 self._cache[pid] = (proc, static)
                 self._cgroup_ids[pid] = cgroup_id
             with proc.oneshot():
+                state = proc.status()
+                if state == psutil.STATUS_ZOMBIE:  # it has exited; only its parent has not reaped it yet
+                    self.forget(pid)
+                    return None
                 mem = proc.memory_info()
                 return ProcInfo(
                     pid=pid,
@@ -78,7 +82,7 @@ class ProcReader:
                     comm=static.comm,
                     cmdline=static.cmdline,
                     user=static.user,
-                    state=proc.status(),
+                    state=state,
                     rss_bytes=mem.rss,
                     vms_bytes=mem.vms,
                     threads=proc.num_threads(),

@@ -615,10 +615,15 @@ def whole_window_rates(snapshot: Snapshot) -> Snapshot:
         replace(c, kmalloc_bytes_per_s=c.kmalloc_bytes / window, kmalloc_calls_per_s=c.kmalloc_calls / window)
         for c in snapshot.containers
     )
+    tcp_rows = tuple(
+        replace(t, connects_per_s=t.connects / window, failed_per_s=t.failed / window)
+        for t in snapshot.tcp_connect
+    )
     return replace(
         snapshot,
         processes=rows,
         containers=containers,
+        tcp_connect=tcp_rows,
         kmalloc_bytes_per_s=sum(r.kmalloc_bytes for r in rows) / window,
         kmalloc_calls_per_s=sum(r.kmalloc_calls for r in rows) / window,
     )

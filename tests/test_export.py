@@ -48,13 +48,15 @@ def test_fixture_has_the_documented_schema() -> None:
     assert {"hostname", "kernel"} <= set(doc["host"])
     assert doc["probes"]["kmalloc"]["status"] == "running"
     containers = {c["id"]: c for c in doc["containers"]}
-    assert len(containers) == 2
+    assert len(containers) == 3
     for container in containers.values():
         assert set(container) >= REQUIRED_CONTAINER_FIELDS
     for process in doc["processes"]:
         assert set(process) >= REQUIRED_PROCESS_FIELDS
         assert (
-            process["container_id"] is None or process["pid"] in containers[process["container_id"]]["pids"]
+            process["container_id"] is None
+            or process["exited"]  # the container lists the processes in its cgroup now
+            or process["pid"] in containers[process["container_id"]]["pids"]
         )
 
 

@@ -208,14 +208,16 @@ async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> No
         assert app.sort_for("containers").column == "memory_limit_bytes"
         web = next(c for c in doc["containers"] if c["name"] == "web-frontend")
         assert table._keys[0] == web["id"]
-        await pilot.press("up")  # the cursor stayed on the container it was on; go to the top
+        await pilot.press(*["up"] * len(table._keys))  # the cursor stayed on its container; go to the top
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, ContainerScreen) and app.screen.container_id == web["id"]
         details = widget_text(app, "#container-details")
         assert "web-frontend" in details and web["id"][:24] in details and "docker" in details
         procs = app.screen.query_one("#container-processes", SortedTable)
-        assert [int(k.split(":")[0]) for k in procs._keys] == web["pids"]
+        attributed = {p["pid"] for p in doc["processes"] if p["container_id"] == web["id"]}
+        assert set(web["pids"]) <= attributed  # live ones, and those that exited
+        assert {int(k.split(":")[0]) for k in procs._keys} == attributed
         await pilot.press("enter")
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == web["pids"][0]
@@ -237,3 +239,90 @@ async def test_c_hides_host_processes_and_the_container_column_names_them() -> N
         assert set(table_pids(app)) == in_containers
         await pilot.press("c")
         assert len(table_pids(app)) == len(doc["processes"])
+
+
+# -- OOM log -------------------------------------------------------------------------------------------
+
+
+async def test_oom_tab_lists_kills_and_enter_shows_the_kill_with_its_pre_kill_history() -> None:
+    from memtop.screens.oom import OomScreen, OomTable
+
+    app = make_app()
+    doc = fixture_doc()
+    kill = doc["oom_events"][0]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("O")
+        await pilot.pause()
+        table = app.screen.query_one(OomTable)
+        assert table.has_focus and len(table._keys) == len(doc["oom_events"])
+        text = widget_text(app, "#oom-table")
+        assert str(kill["victim_pid"]) in text and "cgroup limit" in text
+        assert f"{kill['namespace']}/{kill['pod_name']}" in text
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, OomScreen)
+        details = widget_text(app, "#oom-details")
+        assert kill["pod_name"] in details and kill["container_id"][:20] in details
+        assert "48.0 MiB" in details  # the limit that was hit
+        label = widget_text(app, "#oom-memory-label")
+        assert "container's cgroup" in label and f"{len(kill['history'])} samples" in label
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)
+
+
+async def test_a_new_kill_raises_a_notification_unless_the_oom_tab_is_shown() -> None:
+    from dataclasses import replace
+
+    from memtop.app import SnapshotReady
+
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        snap = app.snapshot
+        assert snap is not None
+        app.post_message(SnapshotReady(replace(snap, oom_kills_seen=snap.oom_kills_seen + 1)))
+        await pilot.pause()
+        notes = list(app._notifications)
+        assert len(notes) == 1 and notes[0].title == "OOM kill"
+        assert str(snap.oom_events[0].victim_pid) in notes[0].message
+        assert "OOM kills:" in widget_text(app, "#header")
+        await pilot.press("O")
+        app.post_message(SnapshotReady(replace(snap, oom_kills_seen=snap.oom_kills_seen + 2)))
+        await pilot.pause()
+        assert len(list(app._notifications)) == 1  # the OOM tab is shown: no second notification
+
+
+# -- TCP -----------------------------------------------------------------------------------------------
+
+
+async def test_tcp_tab_groups_filters_and_drills_into_a_destination() -> None:
+    from memtop.screens.tcp import TcpScreen, TcpTable
+
+    app = make_app()
+    doc = fixture_doc()
+    failed = next(t for t in doc["tcp_connect"] if t["failed"])
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("T")
+        await pilot.pause()
+        table = app.screen.query_one(TcpTable)
+        assert table.has_focus and len(table._keys) == len(doc["tcp_connect"])
+        assert "process × destination" in widget_text(app, "#tcp-note")
+        assert "within ×2" in widget_text(app, "#tcp-note")
+        await pilot.press("g")  # by destination: one row per (address, port)
+        destinations = {(t["daddr"], t["dport"]) for t in doc["tcp_connect"]}
+        assert len(table._keys) == len(destinations)
+        await pilot.press("g", "g", "g")  # by process, by container, back to process × destination
+        assert len(table._keys) == len(doc["tcp_connect"])
+        await pilot.press("slash", *f"port:{failed['dport']}", "enter")
+        await pilot.pause()
+        assert len(table._keys) == 1
+        assert "web-frontend" in widget_text(app, "#tcp-table")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, TcpScreen)
+        assert "refused" in widget_text(app, "#tcp-slow")
+        assert f"{failed['failed']} failed" in widget_text(app, "#tcp-summary")
+        await pilot.press("escape")
+        assert isinstance(app.screen, MainScreen)

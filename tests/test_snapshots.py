@@ -39,3 +39,24 @@ def test_containers_tab(snap_compare) -> None:
 
 def test_container_drilldown(snap_compare) -> None:
     assert snap_compare(app(), terminal_size=SIZE, press=["C", "enter"])
+
+
+def test_oom_tab(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["O"])
+
+
+def test_oom_detail(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["O", "enter"])
+
+
+def test_tcp_tab(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["T"])
+
+
+def test_tcp_detail(snap_compare) -> None:
+    import json
+
+    slow = max(json.loads(REPLAY.read_text())["tcp_connect"], key=lambda t: t["max_us"])
+    assert snap_compare(
+        app(), terminal_size=SIZE, press=["T", "slash", *f"port:{slow['dport']}", "enter", "enter"]
+    )

@@ -173,7 +173,7 @@ class MainScreen(MemtopScreen):
         self.query_one("#tcp-note", Static).update(
             Text.assemble(
                 ("grouping: ", "bold"),
-                f"{grouping_label} (g)  │ {len(snap.tcp_slow_connects)} slow/failed kept, {slow}  │ "
+                f"{grouping_label} (g)  │ {len(snap.tcp_slow_connects)} slow/failed, {slow}  │ "
                 f"{snap.tcp_in_flight} in flight  │ ",
                 (RESOLUTION_NOTE, "dim"),
                 (f"  [{status}]" if status else "", "bold red"),

@@ -25,7 +25,7 @@ GROUPINGS: tuple[tuple[str, str], ...] = (
     ("process", "by process"),
     ("container", "by container"),
 )
-RESOLUTION_NOTE = "percentiles from log2 buckets: each is within a factor of 2 (max is exact)"
+RESOLUTION_NOTE = "percentiles from log2 buckets (within ×2), max exact"
 
 
 def latency(us: float | None) -> str:
@@ -79,7 +79,7 @@ TCP_COLUMNS: tuple[Column, ...] = (
     Column("failed", "FAILED", _failed, width=7),
     Column("p50_us", "P50", lambda v: right(latency(v.p50_us)), width=9),
     Column("p99_us", "P99", lambda v: right(latency(v.p99_us)), width=9),
-    Column("max_us", "MAX", lambda v: right(latency(v.max_us if v.connects else None)), width=9),
+    Column("max_us", "MAX", lambda v: right(latency(v.max_us if v.histogram else None)), width=9),
 )
 
 
@@ -104,7 +104,7 @@ def tcp_views(snap: Snapshot, grouping: str, rows: Sequence[TcpRow]) -> list[_Ro
     return [_RowView(r, label(r)) for r in grouped]
 
 
-def histogram_text(histogram: Sequence[tuple[int, int]], width: int = 40) -> Text:
+def histogram_text(histogram: Sequence[tuple[int, int]], width: int = 24) -> Text:
     text = Text("latency of successful connects (log2 buckets)\n", style="bold")
     if not histogram:
         text.append("no successful connects yet", style="dim")
