@@ -132,6 +132,13 @@ class MemtopApp(App[None]):
         self.notify(message.error, title="reading the probes failed", severity="error")
         self.schedule_next()
 
+    def refresh_now(self) -> None:
+        """Re-read the source now (a setting changed); a paused live view stays frozen."""
+        if not (self.source.live and self.paused):
+            self.collect()
+        else:
+            self.redraw()
+
     def redraw(self) -> None:
         for screen in self.screen_stack:
             refresh = getattr(screen, "refresh_view", None)
@@ -173,6 +180,7 @@ class MemtopApp(App[None]):
         sections += [
             ("Container details", describe_bindings(ContainerScreen.BINDINGS)),
             ("Process details", describe_bindings(ProcessScreen.BINDINGS)),
+            ("Leak stack, OOM kill, TCP row details", [("Esc", "back")]),
         ]
         self.push_screen(HelpScreen(sections))
 
@@ -261,6 +269,27 @@ class MemtopApp(App[None]):
         else:
             self.tail_min_bytes = current // 2 if current > 8 else 0
         self.source.set_tail_min_bytes(self.tail_min_bytes)
+
+    def toggle_user_leaks(self, pid: int) -> None:
+        """Start (or stop) tracking a process's user-space allocations; compiling runs off the UI thread."""
+        snap = self.snapshot
+        if snap is not None and snap.leak_user_pid == pid:
+            self.source.stop_user_leaks()
+            self.notify(f"stopped tracking PID {pid}'s allocations")
+            self.refresh_now()
+            return
+        self.notify(f"attaching to PID {pid}'s allocator…", timeout=3)
+        self._start_user_leaks(pid)
+
+    @work(thread=True, exclusive=True, group="user-leaks", exit_on_error=False)
+    def _start_user_leaks(self, pid: int) -> None:
+        try:
+            self.source.start_user_leaks(pid)
+        except MemtopError as exc:
+            self.call_from_thread(self.notify, str(exc), title="leak tracking failed", severity="error")
+            return
+        self.call_from_thread(self.notify, f"tracking PID {pid}'s malloc/free: see the Leaks rows below")
+        self.call_from_thread(self.refresh_now)
 
     def action_export(self) -> None:
         self.export_snapshot()

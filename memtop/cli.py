@@ -108,6 +108,32 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="trace only these processes' TCP connects, filtered in the kernel (repeatable)",
     )
     parser.add_argument(
+        "--leak-sample",
+        type=_int_in(1, 1 << 20, "--leak-sample"),
+        default=None,
+        metavar="N",
+        help="track 1 in N kernel allocations for the Leaks panel (default: N adapts to the allocation rate)",
+    )
+    parser.add_argument(
+        "--leak-pages",
+        action="store_true",
+        help="also track page allocations (kmem:mm_page_alloc/free) as kernel-pages stacks",
+    )
+    parser.add_argument(
+        "--leaks-pid",
+        type=_int_in(1, 1 << 22, "--leaks-pid"),
+        default=None,
+        metavar="PID",
+        help="also track this process's user-space allocations (uprobes on its malloc)",
+    )
+    parser.add_argument(
+        "--older",
+        type=_float_in(0, 365 * 86400, "--older"),
+        default=0.0,
+        metavar="SECONDS",
+        help="Leaks panel: hide allocations younger than this (the o key cycles it)",
+    )
+    parser.add_argument(
         "--containers-only",
         action="store_true",
         help="start with host processes hidden (the c key toggles it)",
@@ -172,6 +198,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         hide_host=args.containers_only,
         tcp_slow_ms=args.tcp_slow_ms,
         tcp_pids=tuple(args.tcp_pid),
+        leak_sample=args.leak_sample,
+        leak_pages=args.leak_pages,
+        leaks_pid=args.leaks_pid,
+        older_s=args.older,
     )
 
 

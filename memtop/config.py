@@ -25,3 +25,7 @@ class Config:
     hide_host: bool = False  # start with host processes hidden (only containers' processes shown)
     tcp_slow_ms: int = 200  # TCP connects at least this slow (or failed) are kept individually
     tcp_pids: tuple[int, ...] = ()  # trace only these processes' connects (a kernel-side filter)
+    leak_sample: int | None = None  # kernel leak tracking: 1 in N allocations; None adapts N to the rate
+    leak_pages: bool = False  # also track page allocations (kmem:mm_page_alloc/free)
+    leaks_pid: int | None = None  # also track this process's user-space allocations from the start
+    older_s: float = 0.0  # the Leaks panel hides allocations younger than this

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memtop import format as fmt
-from memtop import tcp
+from memtop import leaks, tcp
 from memtop.errors import MemtopError
 from memtop.model import CallSite, FocusReading, ProbeStatus, TailEvent
 from memtop.oom import OomEvent
@@ -163,6 +163,11 @@ def snapshot_to_dict(snapshot: Snapshot) -> dict[str, Any]:
         "oom_kills_seen": snapshot.oom_kills_seen,
         "tcp_slow_ms": snapshot.tcp_slow_ms,
         "tcp_in_flight": snapshot.tcp_in_flight,
+        "sample_rate": snapshot.leak_sample_rate,
+        "leak_sample_rates": dict(snapshot.leak_sample_rates),
+        "leak_older_s": snapshot.leak_older_s,
+        "leak_user_pid": snapshot.leak_user_pid,
+        "leaks": leaks.rows_to_json(snapshot.leaks),
         "tcp_connect": tcp.rows_to_json(snapshot.tcp_connect),
         "tcp_slow_connects": tcp.slow_connects_to_json(snapshot.tcp_slow_connects),
     }
@@ -320,6 +325,13 @@ def _int(value: Any, name: str, optional: bool = False) -> int | None:
     return None if number is None else int(number)
 
 
+def _mapping(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"field {name!r} must be an object")
+    return value
+
+
 def _str(value: Any, name: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
@@ -401,6 +413,13 @@ def snapshot_from_dict(doc: Any) -> Snapshot:
         container_histories=container_histories,
         oom_events=oom_events,
         oom_kills_seen=_int(doc.get("oom_kills_seen", 0), "oom_kills_seen") or 0,
+        leaks=leaks.rows_from_json(doc.get("leaks", [])),
+        leak_sample_rate=_int(doc.get("sample_rate", 1), "sample_rate") or 1,
+        leak_sample_rates={
+            str(k): _int(v, "leak_sample_rates") or 1 for k, v in _mapping(doc, "leak_sample_rates").items()
+        },
+        leak_older_s=float(_num(doc.get("leak_older_s", 0.0), "leak_older_s") or 0.0),
+        leak_user_pid=_int(doc.get("leak_user_pid"), "leak_user_pid", optional=True),
         tcp_connect=tcp.rows_from_json(doc.get("tcp_connect", [])),
         tcp_slow_connects=tcp.slow_connects_from_json(doc.get("tcp_slow_connects", [])),
         tcp_in_flight=_int(doc.get("tcp_in_flight", 0), "tcp_in_flight") or 0,

@@ -44,6 +44,12 @@ class Source(Protocol):
 
     def set_tail_min_bytes(self, min_bytes: int) -> None: ...
 
+    def start_user_leaks(self, pid: int) -> None: ...
+
+    def stop_user_leaks(self) -> None: ...
+
+    def set_leak_older(self, older_s: float) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -65,6 +71,7 @@ class LiveSource:
         from memtop.containers import CgroupIdResolver, RuntimeRoots
         from memtop.containerwatch import ContainerWatcher
         from memtop.probes.kmalloc import KmallocProbe  # the probe layer is the only one importing bcc
+        from memtop.probes.leaks import KernelLeakProbe
         from memtop.probes.oom import OomProbe
         from memtop.probes.tcp import TcpProbe
         from memtop.procinfo import ProcReader
@@ -80,7 +87,9 @@ class LiveSource:
         )
         self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
         self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
-        self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp]
+        self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
+        self.user_leaks: Probe | None = None  # UserLeakProbe of one process, while asked for
+        self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp, self.leaks]
         self.procs = ProcReader()
         self.store = Store(host_info(), started_at=time.time(), interval_s=config.interval_s)
         self._lock = threading.Lock()
@@ -101,6 +110,9 @@ class LiveSource:
             raise MemtopError("; ".join(errors) or "no probe could start")
         if self.oom.running:
             self.store.add_oom_backlog(self._attribute_oom(e) for e in self.oom.backlog())
+        self.store.leak_older_s = self.config.older_s
+        if self.config.leaks_pid is not None:
+            self.start_user_leaks(self.config.leaks_pid)
         if self.tcp.running:
             self.store.tcp_slow_ms = self.config.tcp_slow_ms
             if self.config.tcp_pids:
@@ -150,6 +162,10 @@ class LiveSource:
             if tcp is not None:
                 self.store.ingest_tcp(now, tcp)
                 self.store.set_cgroup_paths({i: self.cgroup_ids.path(i) for i in self.store.cgroup_ids()})
+            leaks = self._read(self.leaks, self.leaks.read)
+            if leaks is not None:
+                self.store.ingest_leaks(now, leaks)
+            self._read_user_leaks(now)
             if self.kmalloc.running:
                 self.kmalloc.forget(forget)
             for pid in forget:
@@ -158,6 +174,8 @@ class LiveSource:
                 self.store.set_focus_reading(self._read(self.kmalloc, self.kmalloc.read_focus))
             for probe in self.probes:
                 self.store.probes[probe.name] = probe.status
+            if self.user_leaks is not None:
+                self.store.probes[self.user_leaks.name] = self.user_leaks.status
             return self.store.snapshot(now, include_histories=include_histories)
 
     def set_focus(self, key: ProcessKey | None) -> None:
@@ -172,6 +190,49 @@ class LiveSource:
         with self._lock:
             self.store.focus_container = container_id
 
+    # -- user-space leak tracking of one process ----------------------------------------------------
+
+    def start_user_leaks(self, pid: int) -> None:
+        """Track `pid`'s own allocator (uprobes); replaces any process tracked before. Raises MemtopError
+        (one line) when it cannot: no such process, no allocator found, uprobes refused."""
+        from memtop.probes.leaks import UserLeakProbe
+
+        probe = UserLeakProbe(pid)  # validates the pid before compiling anything
+        probe.start()  # compiles outside the lock: ticks go on meanwhile
+        with self._lock:
+            self._stop_user_leaks()
+            self.user_leaks = probe
+            self.store.leak_user_pid = pid
+            self.store.probes[probe.name] = probe.status
+
+    def stop_user_leaks(self) -> None:
+        with self._lock:
+            self._stop_user_leaks()
+
+    def _stop_user_leaks(self) -> None:
+        if self.user_leaks is not None:
+            self.user_leaks.close()
+            self.store.probes.pop(self.user_leaks.name, None)
+            self.user_leaks = None
+            self.store.forget_user_leaks()
+
+    def _read_user_leaks(self, now: float) -> None:
+        probe = self.user_leaks
+        if probe is None:
+            return
+        if not getattr(probe, "alive", True):  # the process exited: detach its uprobes
+            pid = self.store.leak_user_pid
+            self._stop_user_leaks()
+            self.store.probes["leaks-user"] = ProbeStatus("stopped", f"PID {pid} exited")
+            return
+        reading = self._read(probe, probe.read)  # type: ignore[attr-defined]
+        if reading is not None:
+            self.store.ingest_leaks(now, reading)
+
+    def set_leak_older(self, older_s: float) -> None:
+        with self._lock:
+            self.store.leak_older_s = older_s
+
     def set_interval(self, interval_s: float) -> None:
         self.store.interval_s = interval_s
 
@@ -185,6 +246,7 @@ class LiveSource:
     def close(self) -> None:
         """Detach every probe (safe to call more than once)."""
         with self._lock:
+            self._stop_user_leaks()
             for probe in self.probes:
                 probe.close()
 
@@ -198,6 +260,7 @@ class ReplaySource:
         self.path = path
         self.snapshot = read_snapshot(path)
         self._focus: ProcessKey | None = None
+        self._older_s = 0.0
 
     def tick(self, include_histories: bool = False) -> Snapshot:
         snap = self.snapshot
@@ -209,7 +272,10 @@ class ReplaySource:
                 from memtop.store import FocusDetail
 
                 focus = FocusDetail(self._focus, snap.histories.get(self._focus, ()), None)
-        return replace(snap, focus=focus)
+        leaks = snap.leaks
+        if self._older_s:  # a recording has no ages per allocation: hide stacks whose oldest is younger
+            leaks = tuple(r for r in leaks if r.oldest_age_s is not None and r.oldest_age_s >= self._older_s)
+        return replace(snap, focus=focus, leaks=leaks, leak_older_s=self._older_s or snap.leak_older_s)
 
     def set_focus(self, key: ProcessKey | None) -> None:
         self._focus = key
@@ -222,6 +288,15 @@ class ReplaySource:
 
     def set_tail_min_bytes(self, min_bytes: int) -> None:
         pass  # a recording's tail is what it is
+
+    def start_user_leaks(self, pid: int) -> None:
+        raise MemtopError("replay: a recording cannot start tracking a process")
+
+    def stop_user_leaks(self) -> None:
+        pass
+
+    def set_leak_older(self, older_s: float) -> None:
+        self._older_s = older_s
 
     def close(self) -> None:
         pass

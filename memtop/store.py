@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from memtop.containers import ContainerMeta, ContainerRef, parse_cgroup_path
+from memtop.leaks import KIND_USER, LeakReading, LeakRow, LeakTracker
 from memtop.model import (
     IRQ_COMM,
     IRQ_TGID,
@@ -182,6 +183,11 @@ class Snapshot:
     tcp_slow_connects: tuple[SlowConnect, ...] = ()  # newest first
     tcp_in_flight: int = 0  # connects sent and not yet answered
     tcp_slow_ms: int | None = None  # the slow threshold (None: no TCP data)
+    leaks: tuple[LeakRow, ...] = ()  # outstanding allocations by stack, growing fastest first
+    leak_sample_rate: int = 1  # kernel tracking was 1 in N (user-mode rows: leak_sample_rates["user"])
+    leak_sample_rates: Mapping[str, int] = field(default_factory=dict)
+    leak_older_s: float = 0.0  # rows hide allocations younger than this
+    leak_user_pid: int | None = None  # the process whose user-space allocations are tracked
 
     def container(self, container_id: str) -> ContainerRow | None:
         for row in self.containers:
@@ -243,6 +249,9 @@ class Store:
         self.tcp: TcpAggregator | None = None  # set when the TCP probe runs
         self.tcp_slow_ms: int | None = None
         self._cgroup_paths: dict[int, str] = {}  # cgroup2 id -> path, as resolved by the source
+        self.leaks = LeakTracker()
+        self.leak_older_s = 0.0
+        self.leak_user_pid: int | None = None
 
     # -- ingest ---------------------------------------------------------------------------------------
 
@@ -445,6 +454,17 @@ class Store:
         self.tcp.ingest(now, reading)
         self._drops.update({f"tcp_{name}": count for name, count in reading.drops().items()})
 
+    def ingest_leaks(self, now: float, reading: LeakReading) -> None:
+        self.leaks.ingest(now, reading)
+        prefix = "leak_user_" if reading.kind == KIND_USER else "leak_"
+        self._drops.update({prefix + name: count for name, count in reading.drops.items()})
+
+    def forget_user_leaks(self) -> None:
+        self.leaks.forget(KIND_USER)
+        self.leak_user_pid = None
+        for name in [n for n in self._drops if n.startswith("leak_user_")]:
+            del self._drops[name]
+
     def cgroup_ids(self) -> set[int]:
         """cgroup2 ids the TCP data names that have no path yet (the source resolves them)."""
         if self.tcp is None:
@@ -576,6 +596,11 @@ class Store:
             tcp_slow_connects=self._tcp_slow(),
             tcp_in_flight=self.tcp.in_flight_count() if self.tcp else 0,
             tcp_slow_ms=self.tcp_slow_ms,
+            leaks=self.leaks.rows(older_than_s=self.leak_older_s),
+            leak_sample_rate=self.leaks.sample_rate,
+            leak_sample_rates=self.leaks.sample_rates,
+            leak_older_s=self.leak_older_s,
+            leak_user_pid=self.leak_user_pid,
             container_histories={
                 k: tuple(v)
                 for k, v in self._container_history.items()

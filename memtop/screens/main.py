@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from memtop.screens import MemtopScreen
+from memtop.screens.leaks import LEAK_COLUMNS, OLDER_STEPS, LeakScreen, LeakTable, leak_key, leak_note
 from memtop.screens.oom import OOM_COLUMNS, OomTable, oom_key, oom_rows, where
 from memtop.screens.tables import CONTAINER_COLUMNS, PROCESS_COLUMNS, process_row_key
 from memtop.screens.tcp import (
@@ -34,6 +35,7 @@ row_key = process_row_key
 TABS: tuple[tuple[str, str, str], ...] = (
     ("processes", "Processes", "P"),
     ("containers", "Containers", "C"),
+    ("leaks", "Leaks", "L"),
     ("oom", "OOM", "O"),
     ("tcp", "TCP", "T"),
 )
@@ -66,7 +68,8 @@ class MainScreen(MemtopScreen):
         Binding("escape", "clear_filter", "Clear filter", show=False),
         Binding("tab", "next_tab(1)", "Next tab", show=False, priority=True),
         Binding("shift+tab", "next_tab(-1)", "Previous tab", show=False, priority=True),
-        Binding("g", "tcp_grouping", "TCP grouping", show=False),
+        Binding("g", "tcp_grouping", "TCP: group by destination/process/container", show=False),
+        Binding("o", "leak_older", "Leaks: hide younger than 10s/1m/5m/30m", show=False),
         *(Binding(key, f"show_tab('{tab}')", f"{title} tab", show=False) for tab, title, key in TABS),
     ]
 
@@ -84,6 +87,9 @@ class MainScreen(MemtopScreen):
                 yield ProcessTable(id="process-table")
             with TabPane("Containers", id="containers"):
                 yield ContainerTable(id="container-table")
+            with TabPane("Leaks", id="leaks"):
+                yield Static(id="leaks-note")
+                yield LeakTable(id="leak-table")
             with TabPane("OOM", id="oom"):
                 yield Static(id="oom-note")
                 yield OomTable(id="oom-table")
@@ -145,6 +151,7 @@ class MainScreen(MemtopScreen):
         )
 
         self._show_tcp(snap)
+        self._show_leaks(snap)
 
         tabs = self.query_one("#tabs", TabbedContent)
         suffix = f" [filter: {self.filter_text}]" if self.filter_text else ""
@@ -153,6 +160,36 @@ class MainScreen(MemtopScreen):
         tabs.get_tab("containers").label = f"Containers ({len(snap.containers)}){suffix}"  # type: ignore[assignment]
         tabs.get_tab("oom").label = f"OOM ({len(snap.oom_events)}){suffix}"  # type: ignore[assignment]
         tabs.get_tab("tcp").label = f"TCP ({len(snap.tcp_connect)}){suffix}"  # type: ignore[assignment]
+
+    def _show_leaks(self, snap: Snapshot) -> None:
+        needle = self.filter_text.strip().lower()
+        rows = [
+            r
+            for r in snap.leaks
+            if not needle
+            or needle in r.comm.lower()
+            or needle in " ".join(r.stack).lower()
+            or any(needle == str(p) for p in r.pids)
+        ]
+        lsort = self.memtop.sort_for("leaks")
+        ordered = sort_rows(rows, lsort, tiebreak=lambda r: (r.kind, r.stack_id))
+        table = self.query_one(LeakTable)
+        table.show_rows([(leak_key(r), [c.render(r) for c in LEAK_COLUMNS]) for r in ordered])
+        table.set_header_marks(lsort.column, lsort.reverse)
+        note = leak_note(snap)
+        problem = probe_problem(snap, "leaks")
+        if problem:
+            note.append(f"  [{problem}]", style="bold red")
+        self.query_one("#leaks-note", Static).update(note)
+        label = f"Leaks ({len(snap.leaks)})"
+        self.query_one("#tabs", TabbedContent).get_tab("leaks").label = label  # type: ignore[assignment]
+
+    def action_leak_older(self) -> None:
+        app = self.memtop
+        current = app.snapshot.leak_older_s if app.snapshot else 0.0
+        later = [s for s in OLDER_STEPS if s > current]
+        app.source.set_leak_older(later[0] if later else 0.0)
+        app.refresh_now()
 
     def _show_tcp(self, snap: Snapshot) -> None:
         grouping, grouping_label = GROUPINGS[self.tcp_grouping]
@@ -201,6 +238,11 @@ class MainScreen(MemtopScreen):
         self.refresh_view()
 
     def action_drill(self) -> None:
+        if self.active_tab == "leaks":
+            key = self.query_one(LeakTable).cursor_key()
+            if key is not None:
+                self.app.push_screen(LeakScreen(key))
+            return
         if self.active_tab == "tcp":
             key = self.query_one(TcpTable).cursor_key()
             if key is not None:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Sparkline, Static
+from textual.widgets import DataTable, Footer, Sparkline, Static
 
 from memtop import format as fmt
-from memtop.model import FocusReading
+from memtop.model import IRQ_TGID, FocusReading
 from memtop.screens import MemtopScreen
-from memtop.store import ProcessKey, ProcessRow, Snapshot
+from memtop.screens.leaks import LEAK_COLUMNS, LeakScreen, leak_key, rows_for, sampling_text
+from memtop.store import ProcessKey, ProcessRow, Snapshot, sort_rows
 from memtop.widgets import Column, HeaderBar, SortedTable, right
 
 CALL_SITE_COLUMNS = (
@@ -24,6 +26,13 @@ CALL_SITE_COLUMNS = (
     Column("avg", "AVG", lambda s: right(fmt.size(s.bytes_alloc / s.calls if s.calls else None)), width=9),
 )
 TAIL_ROWS = 200
+
+
+class ProcessLeakTable(SortedTable):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(LEAK_COLUMNS, sort_group="leaks", **kwargs)
+
+
 TAIL_MAX_PER_SEC = 200  # the kernel-side tail budget (memtop/bpf/kmalloc.c)
 
 
@@ -137,6 +146,8 @@ class ProcessScreen(MemtopScreen):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("left_square_bracket", "tail_min(-1)", "Tail min ÷2"),
         Binding("right_square_bracket", "tail_min(1)", "Tail min ×2"),
+        Binding("m", "user_leaks", "Track malloc (leaks)"),
+        Binding("enter", "leak_stack", "Leak stack", show=False),
     ]
 
     def __init__(self, key: ProcessKey) -> None:
@@ -154,6 +165,8 @@ class ProcessScreen(MemtopScreen):
         with Horizontal(id="process-bottom"):
             yield SortedTable(CALL_SITE_COLUMNS, id="call-sites")
             yield Static(id="tail")
+        yield Static(id="process-leaks-label")
+        yield ProcessLeakTable(id="process-leaks")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -186,6 +199,40 @@ class ProcessScreen(MemtopScreen):
         self.query_one("#tail", Static).update(
             tail_text(reading, app.tail_min_bytes, snap.drops, not snap.replay)
         )
+        leaks = rows_for(snap, self.key.pid)
+        tracking = snap.leak_user_pid == self.key.pid
+        self.query_one("#process-leaks-label", Static).update(
+            Text.assemble(
+                ("outstanding allocations of this process", "bold"),
+                f"  kernel ({sampling_text(snap).split(',')[0]})",
+                (
+                    "  + its own malloc (tracking: m stops)"
+                    if tracking
+                    else "  │ m: also track its malloc/free"
+                ),
+                "  │ Enter: whole stack",
+            )
+        )
+        lsort = app.sort_for("leaks")
+        ordered = sort_rows(leaks, lsort, tiebreak=lambda r: (r.kind, r.stack_id))
+        table = self.query_one(ProcessLeakTable)
+        table.show_rows([(leak_key(r), [c.render(r) for c in LEAK_COLUMNS]) for r in ordered])
+        table.set_header_marks(lsort.column, lsort.reverse)
+
+    def action_user_leaks(self) -> None:
+        if self.key.pid == IRQ_TGID:
+            return
+        self.memtop.toggle_user_leaks(self.key.pid)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if event.data_table.id == "process-leaks":
+            event.stop()
+            self.action_leak_stack()
+
+    def action_leak_stack(self) -> None:
+        key = self.query_one(ProcessLeakTable).cursor_key()
+        if key is not None:
+            self.app.push_screen(LeakScreen(key))
 
     def action_tail_min(self, direction: int) -> None:
         self.memtop.change_tail_min(direction)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.text import Text
 
 from memtop import format as fmt
+from memtop.screens.leaks import LEAK_COLUMNS
 from memtop.screens.oom import OOM_COLUMNS
 from memtop.screens.tcp import TCP_COLUMNS
 from memtop.store import ContainerRow, ProcessKey, ProcessRow, SortKey
@@ -93,6 +94,7 @@ DEFAULT_SORTS: dict[str, SortKey] = {
     "containers": SortKey("kmalloc_bytes_per_s", reverse=True),
     "oom": SortKey("time", reverse=True),
     "tcp": SortKey("connects", reverse=True),
+    "leaks": SortKey("growth_bytes_per_s", reverse=True),
 }
 
 # The tables a user can sort, for the help screen: (group, title, columns).
@@ -101,6 +103,7 @@ SORTABLE_TABLES: list[tuple[str, str, tuple[Column, ...]]] = [
     ("containers", "Containers", CONTAINER_COLUMNS),
     ("oom", "OOM log", OOM_COLUMNS),
     ("tcp", "TCP connects", TCP_COLUMNS),
+    ("leaks", "Leaks", LEAK_COLUMNS),
 ]
 
 
