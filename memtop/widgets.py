@@ -48,30 +48,27 @@ class HeaderBar(Static):
         )
         if snap.sample_every > 1:
             line1.append(f"  sampled 1/{snap.sample_every}: estimates", style="bold yellow")
-        probes = (
-            "  ".join(
-                f"{name} {p.status}" + (f" ({p.detail})" if p.detail and p.status != "running" else "")
-                for name, p in snap.probes.items()
-            )
-            or "no probes"
-        )
-        drops = snap.drops
-        drop_text = (
-            f"drops: pid map {fmt.count(drops.get('pid_map_full', 0))}"
-            f" · call sites {fmt.count(drops.get('call_site_map_full', 0))}"
-            f" · tail lost {fmt.count(drops.get('tail_lost', 0))}"
-        )
-        alarming = (
-            "pid_map_full",
-            "call_site_map_full",
-            "tail_lost",
-        )  # data lost, unlike the tail's rate cap
-        drop_style = "bold red" if any(drops.get(k, 0) for k in alarming) else ""
-        line2 = Text.assemble(f"probes: {probes}  │ ", (drop_text, drop_style))
-        line2.append(f"  │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
+        line2 = Text()
         if snap.oom_kills_seen:
-            line2.append("  │ ")
             line2.append(f" OOM kills: {snap.oom_kills_seen} ", style="bold white on red")
+            line2.append(" │ ")
+        line2.append("probes: ")
+        for name, p in snap.probes.items():
+            if p.status in ("running", "replay"):
+                line2.append(f"{name} ✓ ", style="green")
+            else:
+                line2.append(f"{name} {p.status}", style="bold red" if p.status == "error" else "yellow")
+                line2.append(
+                    f" ({p.detail}) " if p.detail else " ", style="red" if p.status == "error" else ""
+                )
+        if not snap.probes:
+            line2.append("none ")
+        drops = snap.drops
+        # data lost (unlike the tail's rate cap, which is a budget): maps full, ring buffers full
+        lost = sum(v for k, v in drops.items() if k.endswith(("_full", "_lost")) or k == "tail_lost")
+        line2.append("│ ")
+        line2.append(f"drops {fmt.count(lost)}", style="bold red" if lost else "")
+        line2.append(f" │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
         self.update(Text("\n").join([line1, line2]))
 
 

@@ -10,6 +10,9 @@ Everything in the file comes from the real probes on this machine:
 - a real OOM kill: a process growing past the 48 MiB limit of a third, kubepods-shaped container;
 - TCP connects from the Docker-shaped container: fast ones to a local listener, refused ones to a closed
   port, and one made slow for real (its SYN dropped by a full accept queue, retransmitted after ~1 s).
+- outstanding allocations: a process in the pod's container holding 500 pipes open (kernel objects), and
+  tests/data/leaky.c (built here, with symbols) leaking from memtop_test_leak_here, tracked in user
+  mode with --leaks-pid.
 The cgroups and state directories are removed afterwards. The file keeps the busiest processes.
 """
 
@@ -46,6 +49,12 @@ for _ in range({4 * OOM_LIMIT // MiB}):
     held.append(bytearray({MiB}))
     time.sleep(0.05)
 sys.exit(3)
+"""
+PIPE_HOLDER = """
+import os, sys
+fds = [fd for _ in range(500) for fd in os.pipe()]
+sys.stdout.write("opened\\n"); sys.stdout.flush()
+sys.stdin.read()
 """
 TCP_CLIENT = """
 import socket, sys, time
@@ -168,11 +177,23 @@ def main() -> int:
         try:
             host = spawn(20)
             workers += [host, spawn(20, web), spawn(20, api)]
+            leaky_bin = state / "leaky"
+            subprocess.run(
+                ["gcc", "-g", "-O0", "-fno-omit-frame-pointer", "-fno-inline", "-o", str(leaky_bin),
+                 str(ROOT / "tests" / "data" / "leaky.c")],
+                check=True,
+            )  # fmt: skip
+            leaky = subprocess.Popen(
+                [str(leaky_bin)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            assert leaky.stdout is not None and leaky.stdin is not None
+            assert leaky.stdout.readline().strip() == "ready"
             memtop = subprocess.Popen(
                 [
                     sys.executable, "-m", "memtop", "snapshot",
                     "--duration", "7", "--interval", "0.5", "--tail-min-bytes", "256",
                     "--pid", str(host.pid),
+                    "--leaks-pid", str(leaky.pid),
                     "--runtime-root", f"docker={state / 'docker'}",
                     "--runtime-root", f"containerd={state / 'containerd'}",
                     "--output", str(raw),
@@ -187,7 +208,14 @@ def main() -> int:
             time.sleep(0.5)
             grower = subprocess.Popen([sys.executable, "-c", GROWER], preexec_fn=batch.enter)
             client = tcp_workload(web, stop)
-            workers += [grower, client]
+            pipes = subprocess.Popen(
+                [sys.executable, "-c", PIPE_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                preexec_fn=api.enter, text=True,
+            )  # fmt: skip
+            leaky.stdin.write("run\n")
+            leaky.stdin.flush()
+            assert leaky.stdout.readline().strip() == "ran"
+            workers += [grower, client, pipes, leaky]
             _, err = memtop.communicate(timeout=120)
             assert memtop.returncode == 0, err
             assert grower.wait(timeout=30) == -9, "the grower was not OOM-killed"
@@ -209,6 +237,12 @@ def main() -> int:
     doc["tcp_slow_connects"] = [t for t in doc["tcp_slow_connects"] if t["pid"] in kept][:40]
     assert any(e["victim_pid"] == workers[3].pid for e in doc["oom_events"]), "no OOM event recorded"
     doc["oom_events"] = [e for e in doc["oom_events"] if e["source"] == "tracepoint"][:10]
+    ours = {w.pid for w in workers}
+    leaks = sorted(doc["leaks"], key=lambda r: r["outstanding_bytes"], reverse=True)
+    doc["leaks"] = [r for r in leaks if set(r["pids"]) & ours] + [
+        r for r in leaks if not set(r["pids"]) & ours
+    ][:25]
+    assert any(r["kind"] == "user" and "memtop_test_leak_here" in r["top_frame"] for r in doc["leaks"])
     doc["processes"] = keep
     doc["focus"]["tail"] = doc["focus"]["tail"][-60:]
     OUT.write_text(json.dumps(doc, indent=1) + "\n")

@@ -326,3 +326,54 @@ async def test_tcp_tab_groups_filters_and_drills_into_a_destination() -> None:
         assert f"{failed['failed']} failed" in widget_text(app, "#tcp-summary")
         await pilot.press("escape")
         assert isinstance(app.screen, MainScreen)
+
+
+# -- leaks ---------------------------------------------------------------------------------------------
+
+
+async def test_leaks_tab_sorts_by_growth_shows_the_stack_and_hides_young_allocations() -> None:
+    from memtop.screens.leaks import LeakScreen, LeakTable
+
+    app = make_app()
+    doc = fixture_doc()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("L")
+        await pilot.pause()
+        table = app.screen.query_one(LeakTable)
+        assert table.has_focus and len(table._keys) == len(doc["leaks"])
+        fastest = max(doc["leaks"], key=lambda r: r["growth_bytes_per_s"])
+        assert table._keys[0] == f"{fastest['kind']}:{fastest['stack_id']}"
+        note = widget_text(app, "#leaks-note")
+        assert f"kernel: 1 in {doc['leak_sample_rates']['kernel']}" in note
+        assert f"user PID {doc['leak_user_pid']}" in note
+        leak = next(r for r in doc["leaks"] if r["top_frame"].startswith("memtop_test_leak_here"))
+        assert table._keys[0] == f"user:{leak['stack_id']}"  # the leak grows fastest
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, LeakScreen)
+        stack = widget_text(app, "#leak-stack")
+        assert "memtop_test_leak_here" in stack and "run+" in stack and "main+" in stack
+        await pilot.press("escape")
+        older = min(r["oldest_age_s"] for r in doc["leaks"]) + 1
+        app.source.set_leak_older(older)  # (o steps through 10s, 1m, 5m, 30m)
+        app.refresh_now()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        expected = [r for r in doc["leaks"] if r["oldest_age_s"] >= older]
+        assert len(table._keys) == len(expected) < len(doc["leaks"])
+
+
+async def test_process_drilldown_lists_that_process_leaks() -> None:
+    app = make_app()
+    doc = fixture_doc()
+    pid = doc["leak_user_pid"]
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        row = next(r for r in app.snapshot.processes if r.pid == pid)
+        app.open_process(row.key)  # (the recorder's own command line names the PID too)
+        await pilot.pause()
+        assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == pid
+        rows = app.screen.query_one("#process-leaks", SortedTable)
+        assert len(rows._keys) == sum(1 for r in doc["leaks"] if pid in r["pids"])
+        assert "memtop_test_leak_here" in widget_text(app, "#process-leaks")

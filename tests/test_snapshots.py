@@ -60,3 +60,11 @@ def test_tcp_detail(snap_compare) -> None:
     assert snap_compare(
         app(), terminal_size=SIZE, press=["T", "slash", *f"port:{slow['dport']}", "enter", "enter"]
     )
+
+
+def test_leaks_tab(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["L"])
+
+
+def test_leak_stack(snap_compare) -> None:
+    assert snap_compare(app(), terminal_size=SIZE, press=["L", "enter"])

@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.widgets import Footer, Static
 
 from memtop import format as fmt
-from memtop.leaks import KIND_USER, LeakRow
+from memtop.leaks import KIND_USER, LeakRow, frame_function
 from memtop.screens import MemtopScreen
 from memtop.store import Snapshot
 from memtop.widgets import Column, HeaderBar, SortedTable, right
@@ -94,12 +94,9 @@ def stack_text(row: LeakRow) -> Text:
         style="bold",
     )
     text.append(f"{row.kind} stack; allocated by {', '.join(str(p) for p in row.pids)} ({row.comm})\n\n")
+    top = next((i for i, f in enumerate(row.stack) if frame_function(f) == row.top_frame), None)
     for i, frame in enumerate(row.stack):
-        style = (
-            "bold cyan" if frame == row.top_frame else ("dim" if i < row.stack.index(row.top_frame) else "")
-        )
-        if row.top_frame not in row.stack:
-            style = ""
+        style = "" if top is None else ("bold cyan" if i == top else ("dim" if i < top else ""))
         text.append(f"#{i:<3} {frame}\n", style=style)
     return text
 
