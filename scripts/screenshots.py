@@ -34,7 +34,16 @@ async def render(replay: Path, out: Path) -> list[Path]:
         await pilot.press("enter")
         await pilot.pause(0.3)
         written.append(Path(app.save_screenshot("process.svg", str(out))))
-        await pilot.press("escape", "question_mark")
+        await pilot.press("escape", "escape")
+        for key, name in (("C", "containers"), ("L", "leaks"), ("O", "oom"), ("T", "tcp")):
+            await pilot.press(key)
+            await pilot.pause(0.3)
+            written.append(Path(app.save_screenshot(f"{name}.svg", str(out))))
+            await pilot.press("enter")
+            await pilot.pause(0.3)
+            written.append(Path(app.save_screenshot(f"{name}-detail.svg", str(out))))
+            await pilot.press("escape")
+        await pilot.press("P", "question_mark")
         await pilot.pause(0.3)
         written.append(Path(app.save_screenshot("help.svg", str(out))))
     return written
