@@ -315,9 +315,14 @@ def test_sigterm_during_headless_snapshot_detaches(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    ids = wait_for(lambda: _kmalloc_attached(cli.pid), what="memtop's probes to attach")
-    cli.send_signal(signal.SIGTERM)
-    _, err = cli.communicate(timeout=60)
+    try:
+        ids = wait_for(lambda: _kmalloc_attached(cli.pid), what="memtop's probes to attach")
+        cli.send_signal(signal.SIGTERM)
+        _, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:  # never leave a 600 s collector attached behind a failed test
+            cli.kill()
+            cli.wait()
     assert cli.returncode == 143
     lines = [line for line in err.strip().splitlines() if not line.startswith("memtop: collecting")]
     assert "Traceback" not in err and len(lines) == 1, err

@@ -21,6 +21,7 @@ import pytest
 from memtop.leaks import KIND_KERNEL, KIND_USER, LeakReading, LeakTracker, frame_function
 
 from .conftest import DATA
+from .test_bpf_e2e import loaded_prog_ids, prog_ids_held_by
 
 pytestmark = pytest.mark.bpf
 
@@ -36,23 +37,6 @@ PIPES = 1000
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
-
-def loaded_prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
-    return {p["id"] for p in json.loads(out.stdout)}
-
-
-def prog_ids_held_by(pid: int) -> set[int]:
-    ids = set()
-    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
-        try:
-            for line in info.read_text().splitlines():
-                if line.startswith("prog_id:"):
-                    ids.add(int(line.split()[1]))
-        except OSError:
-            continue
-    return ids
 
 
 def on_stack(reading: LeakReading, function: str, pid: int | None = None) -> tuple[int, int]:
