@@ -30,161 +30,23 @@
 #define MAX_THREADS 16384
 #endif
 
-#define COMM_LEN 16
-#define STACK_EXISTS 17  // EEXIST: get_stackid found another stack in this stack's bucket
 #define SOURCE_HEAP 0
 #define SOURCE_MMAP 1
 #define ANONYMOUS_MAPPING 0x20  // MAP_ANONYMOUS
-
-#define CTR_ALLOC_EVENTS 0
-#define CTR_TRACKED 1
-#define CTR_FREE_EVENTS 2
-#define CTR_FREES_MATCHED 3
-#define CTR_ALLOC_MAP_FULL 4
-#define CTR_AGGREGATE_MAP_FULL 5
-#define CTR_STACK_COLLISIONS 6
-#define CTR_STACK_LOST 7
-#define CTR_MISSED_FREES 8
-#define CTR_AGGREGATE_MISSING 9
+#define MAX_PIDS 64  // one process (and whatever it forks while probed)
 #define CTR_PENDING_MAP_FULL 10
 #define N_COUNTERS 11
+#define LEAK_STACK_FLAGS BPF_F_USER_STACK
 
-struct alloc_info {
-    u64 size;       // bytes requested
-    u64 ts_ns;
-    u32 tgid;
-    s32 stack_id;
-    u32 weight;
-    u32 source;     // SOURCE_HEAP or SOURCE_MMAP
-};
-
-struct agg_key {
-    s32 stack_id;
-    u32 tgid;
-    u32 source;
-    u32 pad;
-};
-
-struct agg_value {
-    s64 bytes;
-    s64 allocations;
-};
-
-struct comm_t {
-    char comm[COMM_LEN];
-};
-
-struct leak_config {
-    u32 sample_every;
-    u32 pad;
-};
+#include "leaks_common.h"
 
 // An allocator call in progress on one thread, from its entry to its return.
 struct pending_call {
     u64 size;
     u64 memptr;  // posix_memalign: where the result is written
 };
-
-BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
-BPF_PERCPU_HASH(outstanding, struct agg_key, struct agg_value, MAX_AGGREGATES);
-// A stack map with STACK_DEPTH frames per entry (BPF_STACK_TRACE would reserve 127): deeper stacks keep
-// their innermost frames.
-struct stack_frames {
-    u64 ip[STACK_DEPTH];
-};
-BPF_TABLE("stacktrace", int, struct stack_frames, stacks, MAX_STACKS);
-BPF_HASH(comms, u32, struct comm_t, 64);
-BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
-BPF_ARRAY(config, struct leak_config, 1);
 BPF_HASH(pending, u32, struct pending_call, MAX_THREADS);
 BPF_HASH(pending_mmap, u32, u64, MAX_THREADS);
-
-static __always_inline void count(int idx) {
-    u64 *c = counters.lookup(&idx);
-    if (c)
-        (*c)++;
-}
-
-static __always_inline void release(struct alloc_info *info) {
-    struct agg_key k = {};
-    k.stack_id = info->stack_id;
-    k.tgid = info->tgid;
-    k.source = info->source;
-    struct agg_value *v = outstanding.lookup(&k);
-    if (!v) {
-        count(CTR_AGGREGATE_MISSING);
-        return;
-    }
-    v->bytes -= (s64)(info->size * info->weight);
-    v->allocations -= info->weight;
-}
-
-static __always_inline int forget(u64 key) {
-    struct alloc_info *found = allocs.lookup(&key);
-    if (!found)
-        return 0;
-    struct alloc_info info = *found;
-    if (allocs.delete(&key) != 0)
-        return 0;
-    release(&info);
-    return 1;
-}
-
-static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
-    count(CTR_ALLOC_EVENTS);
-    if (forget(key))
-        count(CTR_MISSED_FREES);
-
-    int zero = 0;
-    struct leak_config *cfg = config.lookup(&zero);
-    u32 every = cfg ? cfg->sample_every : 1;
-    if (every > 1 && bpf_get_prandom_u32() % every != 0)
-        return;
-    count(CTR_TRACKED);
-
-    struct alloc_info info = {};
-    info.size = size;
-    info.ts_ns = bpf_ktime_get_ns();
-    info.tgid = bpf_get_current_pid_tgid() >> 32;
-    info.weight = every > 1 ? every : 1;
-    info.source = source;
-    info.stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
-    if (info.stack_id < 0)
-        count(info.stack_id == -STACK_EXISTS ? CTR_STACK_COLLISIONS : CTR_STACK_LOST);
-
-    if (allocs.insert(&key, &info) != 0) {
-        count(CTR_ALLOC_MAP_FULL);
-        return;
-    }
-    struct agg_key k = {};
-    k.stack_id = info.stack_id;
-    k.tgid = info.tgid;
-    k.source = source;
-    struct agg_value *v = outstanding.lookup(&k);
-    if (!v) {
-        struct agg_value init = {};
-        outstanding.insert(&k, &init);
-        v = outstanding.lookup(&k);
-        if (!v) {
-            count(CTR_AGGREGATE_MAP_FULL);
-            allocs.delete(&key);
-            return;
-        }
-        if (!comms.lookup(&k.tgid)) {
-            struct comm_t c = {};
-            bpf_get_current_comm(&c.comm, sizeof(c.comm));
-            comms.update(&k.tgid, &c);
-        }
-    }
-    v->bytes += (s64)(size * info.weight);
-    v->allocations += info.weight;
-}
-
-static __always_inline void on_free(u64 key) {
-    count(CTR_FREE_EVENTS);
-    if (key && forget(key))
-        count(CTR_FREES_MATCHED);
-}
 
 // -- allocator entries: remember the size until the call returns ------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import re
 from typing import Any
 
 from memtop.errors import MemtopError
@@ -12,9 +13,15 @@ from memtop.model import ProbeStatus
 log = logging.getLogger(__name__)
 
 
+# `#include "name.h"` of a header shipped beside the programs; anything else is left to the compiler.
+_LOCAL_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.h)"[ \t]*$', re.M)
+
+
 def bpf_source(filename: str) -> str:
-    """The text of memtop/bpf/<filename>, as shipped in the package."""
-    return (importlib.resources.files("memtop") / "bpf" / filename).read_text()
+    """The text of memtop/bpf/<filename>, as shipped in the package, with the package's own headers
+    inlined (BCC compiles the text as a virtual file, so it could not find them by a relative path)."""
+    text = (importlib.resources.files("memtop") / "bpf" / filename).read_text()
+    return _LOCAL_INCLUDE.sub(lambda m: bpf_source(m.group(1)), text)
 
 
 def int_cflag(name: str, value: int, low: int, high: int) -> str:
