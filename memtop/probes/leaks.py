@@ -192,6 +192,7 @@ class _LeakProbe(Probe):
         self._symbols: dict[int, str] = {}
         self._zero_before: set[bytes] = set()  # aggregate keys that were empty at the previous read
         self._referenced_before: set[int] = set()
+        self._stacks_listed: set[int] = set()  # stack ids in the map at the previous sweep
         self._tgids_before: set[int] = set()
         self._last_sweep = 0.0
         self._ages = _Ages()
@@ -346,7 +347,10 @@ class _LeakProbe(Probe):
     def _prune(self, empty: set[bytes], referenced: set[int], tgids: set[int]) -> None:
         """Delete aggregates that stayed empty over two reads, their processes' names, and (now and then)
         stacks that no aggregate has referenced over two reads. A BPF program racing with a delete loses at
-        most one allocation's accounting (counted as aggregate_missing when it is freed)."""
+        most one allocation's accounting (counted as aggregate_missing when it is freed).
+
+        A stack is only swept if it was already in the map at the previous sweep: one stored after this
+        read's aggregates were taken is referenced by an allocation they do not show yet."""
         outstanding = self.bpf[b"outstanding"]
         for raw_key in empty & self._zero_before:
             take_if_empty(outstanding, raw_key)
@@ -362,11 +366,15 @@ class _LeakProbe(Probe):
             self._last_sweep = now
             keep = referenced | self._referenced_before
             table = self.bpf[b"stacks"]
+            listed = set()
             for key in list(table.keys()):
-                if key.value not in keep:
+                if key.value in self._stacks_listed and key.value not in keep:
                     with contextlib.suppress(KeyError):
                         del table[key]
                     self._frames.pop(key.value, None)
+                else:
+                    listed.add(key.value)
+            self._stacks_listed = listed
         self._referenced_before = referenced
 
     def map_fill(self, tracked_now: int) -> float:
