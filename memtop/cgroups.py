@@ -73,3 +73,21 @@ def v2_controllers(v2_root: str) -> list[str]:
         return (Path(v2_root) / "cgroup.controllers").read_text().split()
     except OSError:
         return []
+
+
+def proc_cgroup_paths(text: str) -> tuple[str, str]:
+    """(memory controller path, cgroup2 path) from the text of /proc/PID/cgroup; "" where absent.
+
+    On a hybrid host a process has both: the v1 memory hierarchy's path and the unified one's.
+    """
+    memory = unified = ""
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, sep, path = rest.partition(":")
+        if not sep:
+            continue
+        if hierarchy == "0" and controllers == "":
+            unified = path
+        elif "memory" in controllers.split(",") and not memory:
+            memory = path
+    return memory, unified

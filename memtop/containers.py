@@ -8,7 +8,7 @@ Everything here works from plain text and plain files, so it is testable anywher
   container nested in another one (kind, docker-in-docker) needs.
 - `MetadataReader` finds names in the runtimes' own state files (no daemon or API server is asked), with
   every id validated before it becomes part of a file path.
-- `read_cgroup_memory` / `memcg_oom_kills` read the memory controller's files of a cgroup (v1 or v2).
+- `read_cgroup_memory` reads the memory controller's usage and limit of a cgroup (v1 or v2).
 - `CgroupIdResolver` maps a cgroup2 id (what `bpf_get_current_cgroup_id()` returns: the directory's inode
   number) back to its path, so allocations by processes that already exited still find their container.
 
@@ -653,27 +653,6 @@ def read_cgroup_memory(cgroup_path: str, layout: CgroupLayout) -> CgroupMemory:
         except ValueError:
             limit = None
     return CgroupMemory(usage, limit)
-
-
-def _keyed_value(text: str, key: str) -> int | None:
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            try:
-                return int(value.strip())
-            except ValueError:
-                return None
-    return None
-
-
-def memcg_oom_kills(cgroup_path: str, layout: CgroupLayout) -> int | None:
-    """How many processes the OOM killer took from this cgroup (v1 memory.oom_control, v2 memory.events)."""
-    where = _cgroup_dir(cgroup_path, layout)
-    if where is None:
-        return None
-    directory, is_v1 = where
-    text = _read_small(directory / ("memory.oom_control" if is_v1 else "memory.events"))
-    return _keyed_value(text, "oom_kill") if text is not None else None
 
 
 # -- cgroup2 id -> path ----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from memtop.containers import ContainerRef
+
 # The key under which interrupt-context allocations are counted (see memtop/bpf/kmalloc.c).
 IRQ_TGID = 0xFFFFFFFF
 IRQ_COMM = "[irq]"
@@ -87,4 +89,5 @@ class ProcInfo:
     vms_bytes: int | None = None
     threads: int | None = None
     cgroup_path: str = ""
+    container: ContainerRef | None = None  # from every line of /proc/PID/cgroup (None: the host)
     extra: dict[str, str] = field(default_factory=dict)

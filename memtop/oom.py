@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from memtop.cgroups import proc_cgroup_paths
+
 # -- records ---------------------------------------------------------------------------------------------
 
 
@@ -709,16 +711,8 @@ class MemcgOomTracker:
 
 def memory_cgroup_of(pid: int, proc: str = "/proc") -> tuple[str, str]:
     """(memory controller path, cgroup2 path) of a process from /proc/PID/cgroup; "" where unknown."""
-    memory = unified = ""
     try:
         text = Path(proc, str(pid), "cgroup").read_text()
     except OSError:
         return "", ""
-    for line in text.splitlines():
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and controllers == "":
-            unified = path
-        elif "memory" in controllers.split(","):
-            memory = path
-    return memory, unified
+    return proc_cgroup_paths(text)

@@ -7,30 +7,25 @@ from pathlib import Path
 
 import psutil
 
+from memtop.cgroups import proc_cgroup_paths
+from memtop.containers import ContainerRef, container_of_proc_cgroup
 from memtop.model import ProcInfo
 
 
-def cgroup_path(pid: int, proc_root: Path = Path("/proc")) -> str:
-    """The process's cgroup: the v1 memory controller's path if mounted, else the unified (v2) one."""
+def cgroup_of(pid: int, proc_root: Path = Path("/proc")) -> tuple[str, ContainerRef | None]:
+    """The process's cgroup (the v1 memory controller's path if mounted, else the unified one) and its
+    container, looked for in every hierarchy it is in (a runtime may place it in only some of them)."""
     try:
         text = (proc_root / str(pid) / "cgroup").read_text()
     except OSError:
-        return ""
-    return parse_proc_cgroup(text)
+        return "", None
+    return parse_proc_cgroup(text), container_of_proc_cgroup(text)
 
 
 def parse_proc_cgroup(text: str) -> str:
-    unified = ""
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if "memory" in controllers.split(","):
-            return path
-        if controllers == "" and not unified:
-            unified = path
-    return unified
+    """The memory controller's path if the process has one (v1), else its cgroup2 path."""
+    memory, unified = proc_cgroup_paths(text)
+    return memory or unified
 
 
 class ProcReader:
@@ -54,11 +49,13 @@ class ProcReader:
                     del self._cache[pid]
                     return self.read(pid, cgroup_id)
                 if cgroup_id and self._cgroup_ids.get(pid, cgroup_id) != cgroup_id:
-                    static = replace(static, cgroup_path=cgroup_path(pid))
+                    path, container = cgroup_of(pid)
+                    static = replace(static, cgroup_path=path, container=container)
                     self._cache[pid] = (proc, static)
                 self._cgroup_ids[pid] = cgroup_id
             else:
                 proc = psutil.Process(pid)
+                path, container = cgroup_of(pid)
                 with proc.oneshot():
                     static = ProcInfo(
                         pid=pid,
@@ -66,7 +63,8 @@ class ProcReader:
                         comm=proc.name(),
                         cmdline=" ".join(proc.cmdline()),
                         user=_username(proc),
-                        cgroup_path=cgroup_path(pid),
+                        cgroup_path=path,
+                        container=container,
                     )
                 self._cache[pid] = (proc, static)
                 self._cgroup_ids[pid] = cgroup_id
@@ -87,6 +85,7 @@ class ProcReader:
                     vms_bytes=mem.vms,
                     threads=proc.num_threads(),
                     cgroup_path=static.cgroup_path,
+                    container=static.container,
                 )
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             self.forget(pid)

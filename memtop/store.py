@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from memtop.containers import ContainerMeta, ContainerRef, parse_cgroup_path
+from memtop.containers import ContainerMeta, ContainerRef, host_unit, parse_cgroup_path
 from memtop.leaks import KIND_USER, LeakReading, LeakRow, LeakTracker
 from memtop.model import (
     IRQ_COMM,
@@ -60,6 +60,7 @@ class ProcessRow:
     cgroup_path: str = ""
     container_id: str | None = None  # None: the host
     container: str = ""  # the container's name, or its short id when it has none
+    unit: str = ""  # a host process's systemd unit (ssh.service, session-3.scope), where it has one
     kmalloc_bytes_per_s: float = 0.0
     kmalloc_calls_per_s: float = 0.0
     kmalloc_bytes: int = 0
@@ -298,6 +299,8 @@ class Store:
             }
             if info is not None and tgid != IRQ_TGID:
                 updates.update(_live_fields(info, counters))
+                if info.container is not None:
+                    self._refs.setdefault(info.container.container_id, info.container)
             elif tgid != IRQ_TGID and not row.exited:
                 updates.update(exited=True, exited_at=now)
                 forget.append(tgid)
@@ -377,14 +380,9 @@ class Store:
             row = ProcessRow(pid=tgid, start_time=info.start_time, **fields)  # type: ignore[arg-type]
         else:
             # Exited before we could look: all we have is what the kernel recorded, its name and cgroup.
-            ref = parse_cgroup_path(counters.cgroup_path) if counters.cgroup_path else None
-            row = ProcessRow(
-                pid=tgid,
-                start_time=-now,
-                comm=counters.comm or "?",
-                cgroup_path=counters.cgroup_path,
-                container_id=ref.container_id if ref else None,
-            )
+            cgroup = counters.cgroup_path
+            placement = _placement(cgroup, parse_cgroup_path(cgroup) if cgroup else None)
+            row = ProcessRow(pid=tgid, start_time=-now, comm=counters.comm or "?", **placement)  # type: ignore[arg-type]
         state = _ProcState(row=row)
         self._states[row.key] = state
         if info is not None or tgid == IRQ_TGID:
@@ -498,9 +496,6 @@ class Store:
             slow.append(replace(event, cgroup_path=path, container_id=container_id))
         return tuple(slow)
 
-    def container_history(self, container_id: str) -> tuple[HistoryPoint, ...]:
-        return tuple(self._container_history.get(container_id, ()))
-
     def container_refs(self) -> dict[str, ContainerRef]:
         """Every container a process has been attributed to (the source looks up their state)."""
         return dict(self._refs)
@@ -609,15 +604,26 @@ class Store:
         )
 
 
+def _placement(cgroup: str, ref: ContainerRef | None) -> dict[str, object]:
+    """A process's container id, or for a host process its systemd unit."""
+    return {
+        "cgroup_path": cgroup,
+        "container_id": ref.container_id if ref else None,
+        "unit": "" if ref is not None or not cgroup else host_unit(cgroup),
+    }
+
+
 def _live_fields(info: ProcInfo, counters: KmallocCounters) -> dict[str, object]:
-    cgroup = info.cgroup_path or counters.cgroup_path
-    ref = parse_cgroup_path(cgroup) if cgroup else None
+    if info.cgroup_path:
+        placement = _placement(info.cgroup_path, info.container)
+    else:  # /proc did not say: the kernel's cgroup id at first kmalloc/exec
+        cgroup = counters.cgroup_path
+        placement = _placement(cgroup, parse_cgroup_path(cgroup) if cgroup else None)
     fields: dict[str, object] = {
+        **placement,
         "cmdline": info.cmdline,
         "user": info.user,
         "state": info.state,
-        "cgroup_path": cgroup,
-        "container_id": ref.container_id if ref else None,
         "rss_bytes": info.rss_bytes,
         "vms_bytes": info.vms_bytes,
         "threads": info.threads,

@@ -21,7 +21,6 @@ from memtop.containers import (
     container_of_proc_cgroup,
     host_unit,
     is_container_id,
-    memcg_oom_kills,
     parse_cgroup_path,
     parse_k8s_name,
     read_cgroup_memory,
@@ -712,17 +711,6 @@ def test_read_cgroup_memory_rejects_dotdot(tmp_path: Path) -> None:
     layout = make_v2(tmp_path / "inner", "x", "1\n", "2\n")
     assert (Path(layout.v2_root or "") / "../../cg2/outside/memory.current").is_file()
     assert read_cgroup_memory("/../../cg2/outside", layout) == CgroupMemory(None, None)
-    assert memcg_oom_kills("/x/../x", layout) is None
-
-
-def test_memcg_oom_kills(tmp_path: Path) -> None:
-    v1 = make_v1(tmp_path, "a", "1", "2", "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n")
-    assert memcg_oom_kills("/a", v1) == 3
-    v1_old = make_v1(tmp_path, "b", "1", "2", "oom_kill_disable 0\nunder_oom 0\n")  # before Linux 4.13
-    assert memcg_oom_kills("/b", v1_old) is None
-    v2 = make_v2(tmp_path, "c", "1", "max", "low 0\nhigh 0\nmax 7\noom 2\noom_kill 2\noom_group_kill 0\n")
-    assert memcg_oom_kills("/c", v2) == 2
-    assert memcg_oom_kills("/nosuch", v2) is None
 
 
 # -- cgroup2 id -> path -------------------------------------------------------------------------------
@@ -788,7 +776,6 @@ def test_real_cgroup_memory_and_id() -> None:
         memory = read_cgroup_memory(cg.path, layout)
         assert memory.limit_bytes == limit
         assert memory.usage_bytes is not None and memory.usage_bytes >= 0
-        assert memcg_oom_kills(cg.path, layout) == 0
         if layout.v1_memory_root is not None:
             assert Path(layout.v1_memory_root) == V1_MEMORY
         cgroup_id = cg.v2_id()

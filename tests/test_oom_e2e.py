@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from memtop.containers import CgroupIdResolver
 from memtop.errors import MemtopError
 from memtop.oom import OomEvent, parse_kmsg, read_kmsg_backlog
 from memtop.probes.oom import OomProbe
@@ -96,18 +97,9 @@ def checked_limit(cg: TestCgroup, limit: int = LIMIT) -> None:
 
 
 def resolve_v2_id(cgroup_id: int) -> str:
-    """A small cgroup2 id -> path resolver (the inode of the directory is the id)."""
+    """cgroup2 id -> path, as the live source resolves it."""
     root = v2_root()
-    if root is None:
-        return ""
-    for dirpath, _dirs, _files in os.walk(root):
-        try:
-            if os.stat(dirpath).st_ino == cgroup_id:
-                rel = os.path.relpath(dirpath, root)
-                return "/" if rel == "." else "/" + rel
-        except OSError:
-            continue
-    return ""
+    return CgroupIdResolver(str(root) if root else None).path(cgroup_id)
 
 
 @pytest.fixture

@@ -148,15 +148,24 @@ DOCKER_ID = "a" * 64
 OTHER_ID = "b" * 64
 
 
+def in_cgroup(pid: int, comm: str, path: str) -> ProcInfo:
+    from memtop.containers import container_of_proc_cgroup
+
+    text = f"4:memory:{path}\n0::{path}\n"
+    return ProcInfo(
+        pid=pid, start_time=1.0, comm=comm, cgroup_path=path, container=container_of_proc_cgroup(text)
+    )
+
+
 def test_processes_are_attributed_to_containers_and_containers_sum_them() -> None:
     from memtop.containers import ContainerMeta, parse_cgroup_path
     from memtop.store import ContainerState
 
     store = new_store()
     procs = {
-        1: ProcInfo(pid=1, start_time=1.0, comm="web", cgroup_path=f"/docker/{DOCKER_ID}"),
-        2: ProcInfo(pid=2, start_time=1.0, comm="worker", cgroup_path=f"/docker/{DOCKER_ID}/sub"),
-        3: ProcInfo(pid=3, start_time=1.0, comm="sshd", cgroup_path="/system.slice/ssh.service"),
+        1: in_cgroup(1, "web", f"/docker/{DOCKER_ID}"),
+        2: in_cgroup(2, "worker", f"/docker/{DOCKER_ID}/sub"),
+        3: in_cgroup(3, "sshd", "/system.slice/ssh.service"),
     }
     store.ingest(1001.0, reading(p1=(1, 100, 100), p2=(3, 300, 300), p3=(5, 500, 500)), procs)
     ref = parse_cgroup_path(f"/docker/{DOCKER_ID}")
@@ -172,6 +181,7 @@ def test_processes_are_attributed_to_containers_and_containers_sum_them() -> Non
     rows = {r.pid: r for r in snap.processes}
     assert rows[1].container_id == rows[2].container_id == DOCKER_ID and rows[3].container_id is None
     assert rows[1].container == "web-1"
+    assert rows[3].unit == "ssh.service" and rows[1].unit == ""  # the host grouped by systemd unit
     web = snap.container(DOCKER_ID)
     assert web is not None
     assert web.kmalloc_bytes_per_s == 400.0 and web.kmalloc_calls == 4 and web.pids == (1, 2)
@@ -200,3 +210,19 @@ def test_container_totals_survive_the_exit_of_its_processes() -> None:
     assert container is not None and container.kmalloc_bytes == 1000 and container.kmalloc_bytes_per_s == 0
     whole = whole_window_rates(snap).container(DOCKER_ID)
     assert whole is not None and whole.kmalloc_bytes_per_s == 1000 / 5.0  # over the 5 s since start
+
+
+def test_a_container_only_the_unified_hierarchy_names_is_still_attributed() -> None:
+    """Hybrid host: the runtime left the v1 memory path at "/", the cgroup2 line names the container."""
+    from memtop.containers import container_of_proc_cgroup
+
+    text = f"4:memory:/\n0::/system.slice/docker-{DOCKER_ID}.scope\n"
+    proc = ProcInfo(
+        pid=5, start_time=1.0, comm="app", cgroup_path="/", container=container_of_proc_cgroup(text)
+    )
+    store = new_store()
+    store.ingest(1001.0, reading(p5=(1, 100, 100)), {5: proc})
+    snap = store.snapshot(1001.0)
+    assert snap.processes[0].container_id == DOCKER_ID
+    container = snap.container(DOCKER_ID)
+    assert container is not None and container.kmalloc_bytes == 100

@@ -24,7 +24,7 @@ def _comm(row: ProcessRow) -> Text:
 
 def _container_of(row: ProcessRow) -> Text:
     if row.container_id is None:
-        return Text("host" if not row.is_irq else "-", style="dim")
+        return Text("-" if row.is_irq else (row.unit or "host"), style="dim")
     return Text(row.container or row.container_id[:12], style="cyan")
 
 
