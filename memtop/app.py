@@ -163,7 +163,7 @@ class MemtopApp(App[None]):
             ),
             (
                 "Main screen",
-                describe_bindings(MainScreen.BINDINGS) + [("Tab, Shift+Tab", "next/previous tab")],
+                describe_bindings(MainScreen.BINDINGS),
             ),
             (
                 "Any table",
@@ -244,8 +244,7 @@ class MemtopApp(App[None]):
 
         self.source.set_focus_container(container_id)
         self.push_screen(ContainerScreen(container_id), callback=lambda _: self._container_closed())
-        if not (self.source.live and self.paused):
-            self.collect()
+        self.refresh_now()
 
     def _container_closed(self) -> None:
         self.source.set_focus_container(None)
@@ -255,9 +254,7 @@ class MemtopApp(App[None]):
 
         self.source.set_focus(key)
         self.push_screen(ProcessScreen(key), callback=lambda _: self._focus_closed())
-        # Fetch the focused data now (a paused live view stays frozen until resumed).
-        if not (self.source.live and self.paused):
-            self.collect()
+        self.refresh_now()  # the focused data now (a paused live view stays frozen until resumed)
 
     def _focus_closed(self) -> None:
         self.source.set_focus(None)

@@ -32,14 +32,16 @@ def key_display(key: str) -> str:
         "left_square_bracket": "[",
         "right_square_bracket": "]",
         "ctrl+c": "Ctrl+C",
+        "tab": "Tab",
+        "shift+tab": "Shift+Tab",
     }
     return ", ".join(names.get(k.strip(), k.strip()) for k in key.split(","))
 
 
 def help_table(sections: list[tuple[str, list[tuple[str, str]]]]) -> Table:
-    table = Table(box=None, show_header=False, padding=(0, 2))
-    table.add_column(style="bold cyan", no_wrap=True)
-    table.add_column()
+    table = Table(box=None, show_header=False, padding=(0, 2), expand=True)
+    table.add_column(style="bold cyan", no_wrap=True, width=22)
+    table.add_column(ratio=1)
     for title, rows in sections:
         table.add_row(f"[bold underline]{title}[/]", "")
         for key, description in rows:
