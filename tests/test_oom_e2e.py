@@ -245,16 +245,25 @@ def test_victim_other_than_the_trigger(make_probe) -> None:  # type: ignore[no-u
                 stdout=subprocess.PIPE,
             )
             assert holder.wait(timeout=60) == -9
-            assert pusher.stdout is not None and pusher.stdout.readline() == b"pushed\n"  # it survived
+            # The pusher usually survives. The kernel can invoke the killer again before the holder's memory
+            # is uncharged (seen: a second kill 3 ms after the first, about 1 run in 8), and then the pusher
+            # is that second victim; lowering its oom_score_adj needs CAP_SYS_RESOURCE, which CI may not have.
+            assert pusher.stdout is not None
+            pushed = pusher.stdout.readline() == b"pushed\n"
+            assert pushed or pusher.wait(timeout=60) == -9
             probe.bpf.ring_buffer_consume()
-            (ev,) = [e for e in probe.read().events if e.victim_pid == holder.pid]
+            events = probe.read().events
+            (ev,) = [e for e in events if e.victim_pid == holder.pid]
         finally:
             for proc in (holder, pusher):
                 if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.wait(timeout=10)
     assert ev.trigger_pid == pusher.pid and ev.trigger_comm == COMM
-    assert ev.cgroup_path == cg.path and probe.attributed_by == {"task_map": 1}
+    # A second victim would be its own trigger: attributed from `current`, not from the task map.
+    expected = {"task_map": 1} if pushed else {"task_map": 1, "current": 1}
+    assert ev.cgroup_path == cg.path and probe.attributed_by == expected
+    assert [e.victim_pid for e in events] == ([holder.pid] if pushed else [holder.pid, pusher.pid])
     assert ev.constraint == "memcg" and ev.memcg_path == cg.path and ev.memcg_limit_bytes == LIMIT
     assert ev.anon_rss_bytes is not None and ev.anon_rss_bytes >= 24 * MiB
 
