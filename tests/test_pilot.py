@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from textual.pilot import Pilot
+
 from memtop.app import INTERVALS, MemtopApp
 from memtop.config import Config
 from memtop.export import read_snapshot
@@ -18,6 +20,13 @@ from memtop.widgets import SORT_DIGITS, SortedTable
 from .conftest import REPLAY
 
 SIZE = (150, 40)
+
+
+async def press(pilot: Pilot, *keys: str) -> None:
+    """Press keys, then let every message they caused be handled: a loaded machine (CI) is slower to
+    apply a filter or rebuild a table than the next line of the test is to look at it."""
+    await pilot.press(*keys)
+    await pilot.pause()
 
 
 def make_app(tmp_path: Path | None = None) -> MemtopApp:
@@ -55,21 +64,21 @@ async def test_a_key_per_column_sorts_and_again_reverses() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         pids = sorted(p["pid"] for p in fixture_doc()["processes"])
-        await pilot.press("1")  # PID, numeric: biggest first
+        await press(pilot, "1")  # PID, numeric: biggest first
         assert app.sort.column == "pid"
         assert table_pids(app) == pids[::-1]
-        await pilot.press("1")
+        await press(pilot, "1")
         assert table_pids(app) == pids
-        await pilot.press("r")
+        await press(pilot, "r")
         assert table_pids(app) == pids[::-1]
-        await pilot.press("3")  # COMMAND: alphabetical
+        await press(pilot, "3")  # COMMAND: alphabetical
         comms = [app.snapshot.process(k).comm.lower() for k in _keys(app)]
         assert comms == sorted(comms)
-        await pilot.press("4")  # CONTAINER: alphabetical
+        await press(pilot, "4")  # CONTAINER: alphabetical
         assert app.sort.column == "container"
-        await pilot.press("0")  # the tenth column: RSS
+        await press(pilot, "0")  # the tenth column: RSS
         assert app.sort.column == "rss_bytes"
-        await pilot.press("greater_than_sign")  # wraps to the first column
+        await press(pilot, "greater_than_sign")  # wraps to the first column
         assert app.sort.column == PROCESS_COLUMNS[0].field
 
 
@@ -88,17 +97,20 @@ async def test_filter_by_command_and_pid_then_escape_clears() -> None:
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         total = len(table_pids(app))
-        await pilot.press("slash", *"python")
+        await press(pilot, "slash", *"python")
         await pilot.pause()
         shown = [app.snapshot.process(k) for k in _keys(app)]
         assert shown and all("python" in (r.comm + r.cmdline).lower() for r in shown)
         assert len(shown) < total
-        await pilot.press("enter")  # keep the filter, back to the table
+        await press(pilot, "enter")  # keep the filter, back to the table
+        await pilot.pause()
         assert app.screen.query_one(ProcessTable).has_focus
-        await pilot.press("escape")
+        await press(pilot, "escape")
+        await pilot.pause()
         assert len(table_pids(app)) == total
         focus_pid = str(fixture_doc()["focus"]["pid"])
-        await pilot.press("slash", *focus_pid, "enter")
+        await press(pilot, "slash", *focus_pid, "enter")
+        await pilot.pause()
         shown = [app.snapshot.process(k) for k in _keys(app)]
         assert int(focus_pid) in [r.pid for r in shown]
         # the recorder's own command line names the PID too (memtop snapshot --pid N)
@@ -111,8 +123,8 @@ async def test_enter_drills_into_the_process_and_escape_returns() -> None:
     doc = fixture_doc()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("slash", *str(doc["focus"]["pid"]), "enter")
-        await pilot.press("enter")
+        await press(pilot, "slash", *str(doc["focus"]["pid"]), "enter")
+        await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen)
         assert app.screen.key.pid == doc["focus"]["pid"]
@@ -126,7 +138,7 @@ async def test_enter_drills_into_the_process_and_escape_returns() -> None:
         assert "256 B" in widget_text(app, "#sizes")
         tail = widget_text(app, "#tail")
         assert "listxattr" in tail and "GFP_KERNEL" in tail
-        await pilot.press("escape")
+        await press(pilot, "escape")
         assert isinstance(app.screen, MainScreen)
 
 
@@ -134,7 +146,7 @@ async def test_help_lists_every_key() -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("question_mark")
+        await press(pilot, "question_mark")
         assert isinstance(app.screen, HelpScreen)
         text = " ".join(f"{k} {d}" for _, rows in app.screen.sections for k, d in rows)
         for key in ("q", "?", "p", "+", "-", "e", "/", "r", "<", ">", "Enter", "Esc", "[", "]", "Ctrl+C"):
@@ -142,7 +154,7 @@ async def test_help_lists_every_key() -> None:
         for columns in (PROCESS_COLUMNS, CONTAINER_COLUMNS):
             for i, column in enumerate(columns):
                 assert f"sort by {column.label}" in text and SORT_DIGITS[i] in text
-        await pilot.press("escape")
+        await press(pilot, "escape")
         assert isinstance(app.screen, MainScreen)
 
 
@@ -150,12 +162,12 @@ async def test_pause_does_nothing_in_replay_and_interval_keys_step() -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("p")
+        await press(pilot, "p")
         assert app.paused
         assert app.interval_s == 1.0
-        await pilot.press("plus")
+        await press(pilot, "plus")
         assert app.interval_s == INTERVALS[INTERVALS.index(1.0) + 1]
-        await pilot.press("minus", "minus")
+        await press(pilot, "minus", "minus")
         assert app.interval_s == INTERVALS[INTERVALS.index(1.0) - 1]
 
 
@@ -163,7 +175,7 @@ async def test_export_key_writes_a_snapshot_that_replays_the_same(tmp_path: Path
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("e")
+        await press(pilot, "e")
         await app.workers.wait_for_complete()
         await pilot.pause()
     files = list(tmp_path.glob("memtop-*.json"))
@@ -178,7 +190,7 @@ async def test_q_quits() -> None:
     app = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("q")
+        await press(pilot, "q")
         await pilot.pause()
     assert app.return_code == 0 or app.return_code is None
     assert not app.is_running
@@ -195,7 +207,7 @@ async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> No
     doc = fixture_doc()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("C")
+        await press(pilot, "C")
         await pilot.pause()
         table = app.screen.query_one(ContainerTable)
         assert table.has_focus
@@ -204,12 +216,12 @@ async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> No
         text = widget_text(app, "#container-table")
         assert "web-frontend" in text and "checkout-7d9f8" in text and "shop" in text
         assert "256.0 MiB" in text  # the docker container's limit
-        await pilot.press("9")  # LIMIT: biggest first, unlimited last
+        await press(pilot, "9")  # LIMIT: biggest first, unlimited last
         assert app.sort_for("containers").column == "memory_limit_bytes"
         web = next(c for c in doc["containers"] if c["name"] == "web-frontend")
         assert table._keys[0] == web["id"]
-        await pilot.press(*["up"] * len(table._keys))  # the cursor stayed on its container; go to the top
-        await pilot.press("enter")
+        await press(pilot, *["up"] * len(table._keys))  # the cursor stayed on its container; go to the top
+        await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, ContainerScreen) and app.screen.container_id == web["id"]
         details = widget_text(app, "#container-details")
@@ -218,11 +230,11 @@ async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> No
         attributed = {p["pid"] for p in doc["processes"] if p["container_id"] == web["id"]}
         assert set(web["pids"]) <= attributed  # live ones, and those that exited
         assert {int(k.split(":")[0]) for k in procs._keys} == attributed
-        await pilot.press("enter")
+        await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == web["pids"][0]
         assert web["id"] in widget_text(app, "#details") or "web-frontend" in widget_text(app, "#details")
-        await pilot.press("escape", "escape")
+        await press(pilot, "escape", "escape")
         assert isinstance(app.screen, MainScreen)
 
 
@@ -234,10 +246,10 @@ async def test_c_hides_host_processes_and_the_container_column_names_them() -> N
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert "web-frontend" in widget_text(app, "#process-table")
-        await pilot.press("c")
+        await press(pilot, "c")
         await pilot.pause()
         assert set(table_pids(app)) == in_containers
-        await pilot.press("c")
+        await press(pilot, "c")
         assert len(table_pids(app)) == len(doc["processes"])
 
 
@@ -252,14 +264,14 @@ async def test_oom_tab_lists_kills_and_enter_shows_the_kill_with_its_pre_kill_hi
     kill = doc["oom_events"][0]
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("O")
+        await press(pilot, "O")
         await pilot.pause()
         table = app.screen.query_one(OomTable)
         assert table.has_focus and len(table._keys) == len(doc["oom_events"])
         text = widget_text(app, "#oom-table")
         assert str(kill["victim_pid"]) in text and "cgroup limit" in text
         assert f"{kill['namespace']}/{kill['pod_name']}" in text
-        await pilot.press("enter")
+        await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, OomScreen)
         details = widget_text(app, "#oom-details")
@@ -267,7 +279,7 @@ async def test_oom_tab_lists_kills_and_enter_shows_the_kill_with_its_pre_kill_hi
         assert "48.0 MiB" in details  # the limit that was hit
         label = widget_text(app, "#oom-memory-label")
         assert "container's cgroup" in label and f"{len(kill['history'])} samples" in label
-        await pilot.press("escape")
+        await press(pilot, "escape")
         assert isinstance(app.screen, MainScreen)
 
 
@@ -287,7 +299,7 @@ async def test_a_new_kill_raises_a_notification_unless_the_oom_tab_is_shown() ->
         assert len(notes) == 1 and notes[0].title == "OOM kill"
         assert str(snap.oom_events[0].victim_pid) in notes[0].message
         assert "OOM kills:" in widget_text(app, "#header")
-        await pilot.press("O")
+        await press(pilot, "O")
         app.post_message(SnapshotReady(replace(snap, oom_kills_seen=snap.oom_kills_seen + 2)))
         await pilot.pause()
         assert len(list(app._notifications)) == 1  # the OOM tab is shown: no second notification
@@ -304,27 +316,27 @@ async def test_tcp_tab_groups_filters_and_drills_into_a_destination() -> None:
     failed = next(t for t in doc["tcp_connect"] if t["failed"])
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("T")
+        await press(pilot, "T")
         await pilot.pause()
         table = app.screen.query_one(TcpTable)
         assert table.has_focus and len(table._keys) == len(doc["tcp_connect"])
         assert "process × destination" in widget_text(app, "#tcp-note")
         assert "within ×2" in widget_text(app, "#tcp-note")
-        await pilot.press("g")  # by destination: one row per (address, port)
+        await press(pilot, "g")  # by destination: one row per (address, port)
         destinations = {(t["daddr"], t["dport"]) for t in doc["tcp_connect"]}
         assert len(table._keys) == len(destinations)
-        await pilot.press("g", "g", "g")  # by process, by container, back to process × destination
+        await press(pilot, "g", "g", "g")  # by process, by container, back to process × destination
         assert len(table._keys) == len(doc["tcp_connect"])
-        await pilot.press("slash", *f"port:{failed['dport']}", "enter")
+        await press(pilot, "slash", *f"port:{failed['dport']}", "enter")
         await pilot.pause()
         assert len(table._keys) == 1
         assert "web-frontend" in widget_text(app, "#tcp-table")
-        await pilot.press("enter")
+        await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, TcpScreen)
         assert "refused" in widget_text(app, "#tcp-slow")
         assert f"{failed['failed']} failed" in widget_text(app, "#tcp-summary")
-        await pilot.press("escape")
+        await press(pilot, "escape")
         assert isinstance(app.screen, MainScreen)
 
 
@@ -338,7 +350,7 @@ async def test_leaks_tab_sorts_by_growth_shows_the_stack_and_hides_young_allocat
     doc = fixture_doc()
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        await pilot.press("L")
+        await press(pilot, "L")
         await pilot.pause()
         table = app.screen.query_one(LeakTable)
         assert table.has_focus and len(table._keys) == len(doc["leaks"])
@@ -349,12 +361,12 @@ async def test_leaks_tab_sorts_by_growth_shows_the_stack_and_hides_young_allocat
         assert f"user PID {doc['leak_user_pid']}" in note
         leak = next(r for r in doc["leaks"] if r["top_frame"].startswith("memtop_test_leak_here"))
         assert table._keys[0] == f"user:{leak['stack_id']}"  # the leak grows fastest
-        await pilot.press("enter")
+        await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, LeakScreen)
         stack = widget_text(app, "#leak-stack")
         assert "memtop_test_leak_here" in stack and "run+" in stack and "main+" in stack
-        await pilot.press("escape")
+        await press(pilot, "escape")
         older = min(r["oldest_age_s"] for r in doc["leaks"]) + 1
         app.source.set_leak_older(older)  # (o steps through 10s, 1m, 5m, 30m)
         app.refresh_now()
