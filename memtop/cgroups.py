@@ -67,6 +67,28 @@ def current_layout() -> CgroupLayout:
         return CgroupLayout(kind="none", v1_memory_root=None, v2_root=None)
 
 
+def hierarchy_id(proc_cgroups_text: str, controller: str = "memory") -> int:
+    """The v1 hierarchy id of `controller` from the text of /proc/cgroups; 0 when it is on cgroup2 (or
+    absent, or disabled). The id is what the cgroup:cgroup_attach_task tracepoint calls dst_root."""
+    for line in proc_cgroups_text.splitlines():
+        fields = line.split()
+        if line.startswith("#") or len(fields) < 4 or fields[0] != controller:
+            continue
+        try:
+            hierarchy, enabled = int(fields[1]), int(fields[3])
+        except ValueError:
+            return 0
+        return hierarchy if enabled and hierarchy > 0 else 0
+    return 0
+
+
+def current_memory_hierarchy_id() -> int:
+    try:
+        return hierarchy_id(Path("/proc/cgroups").read_text())
+    except OSError:
+        return 0
+
+
 def v2_controllers(v2_root: str) -> list[str]:
     """Controllers enabled at the root of a cgroup2 hierarchy; empty when unreadable."""
     try:

@@ -269,6 +269,16 @@ def container_of_proc_cgroup(text: str) -> ContainerRef | None:
     return None
 
 
+def kernel_cgroup_path(memory_path: str, unified_path: str) -> str:
+    """The path to attribute a process by, from what the kernel told the probe: its cgroup v1 memory
+    cgroup's path and its cgroup2 path ("" where unknown). Like `container_of_proc_cgroup`, the first
+    that is a container's wins; otherwise the memory path, as `procinfo.parse_proc_cgroup` prefers."""
+    for path in (memory_path, unified_path):
+        if path and parse_cgroup_path(path) is not None:
+            return path
+    return memory_path or unified_path
+
+
 # -- names from the runtimes' state files ---------------------------------------------------------
 
 MAX_STATE_FILE_BYTES = 4 << 20  # a config.json is a few KiB; anything this big is not one

@@ -20,7 +20,8 @@ class KmallocCounters:
     bytes_req: int
     comm: str = ""
     cgroup_id: int = 0  # cgroup2 id at the process's first kmalloc or its last exec (0: unknown)
-    cgroup_path: str = ""  # that id resolved to a path ("" if it could not be)
+    cgroup_path: str = ""  # the kernel's ids resolved to the path to attribute by ("" if unknown)
+    memcg_id: int = 0  # the cgroup v1 memory cgroup's id, at the same moments (0: not followed/unknown)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class KmallocReading:
     site_map_full_drops: int = 0
     tail_lost: int = 0  # ring buffer full
     tail_rate_limited: int = 0  # over the tail's per-second budget: counted, not sent
+    memcg_map_full_drops: int = 0  # tasks whose cgroup v1 memory cgroup could not be followed
 
 
 @dataclass(frozen=True)

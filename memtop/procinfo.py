@@ -33,13 +33,14 @@ class ProcReader:
 
     def __init__(self) -> None:
         self._cache: dict[int, tuple[psutil.Process, ProcInfo]] = {}
-        self._cgroup_ids: dict[int, int] = {}
+        self._cgroup_ids: dict[int, tuple[int, int]] = {}
 
-    def read(self, pid: int, cgroup_id: int = 0) -> ProcInfo | None:
+    def read(self, pid: int, cgroup_ids: tuple[int, int] = (0, 0)) -> ProcInfo | None:
         """Fresh info for `pid`, or None if no such process is running now.
 
-        Static fields are read once per process; its cgroup again whenever `cgroup_id` (the kernel's view,
-        refreshed at exec) changes, since runtimes move a process into its container's cgroup after fork.
+        Static fields are read once per process; its cgroup again whenever `cgroup_ids` (the kernel's
+        view: cgroup2 id and v1 memory cgroup id, refreshed at exec) change, since runtimes move a process
+        into its container's cgroup after fork.
         """
         cached = self._cache.get(pid)
         try:
@@ -47,12 +48,12 @@ class ProcReader:
                 proc, static = cached
                 if not proc.is_running():  # gone, or the PID now belongs to another process
                     del self._cache[pid]
-                    return self.read(pid, cgroup_id)
-                if cgroup_id and self._cgroup_ids.get(pid, cgroup_id) != cgroup_id:
+                    return self.read(pid, cgroup_ids)
+                if any(cgroup_ids) and self._cgroup_ids.get(pid, cgroup_ids) != cgroup_ids:
                     path, container = cgroup_of(pid)
                     static = replace(static, cgroup_path=path, container=container)
                     self._cache[pid] = (proc, static)
-                self._cgroup_ids[pid] = cgroup_id
+                self._cgroup_ids[pid] = cgroup_ids
             else:
                 proc = psutil.Process(pid)
                 path, container = cgroup_of(pid)
@@ -67,7 +68,7 @@ class ProcReader:
                         container=container,
                     )
                 self._cache[pid] = (proc, static)
-                self._cgroup_ids[pid] = cgroup_id
+                self._cgroup_ids[pid] = cgroup_ids
             with proc.oneshot():
                 state = proc.status()
                 if state == psutil.STATUS_ZOMBIE:  # it has exited; only its parent has not reaped it yet

@@ -67,7 +67,7 @@ class LiveSource:
     live = True
 
     def __init__(self, config: Config) -> None:
-        from memtop.cgroups import current_layout
+        from memtop.cgroups import current_layout, current_memory_hierarchy_id
         from memtop.containers import CgroupIdResolver, RuntimeRoots
         from memtop.containerwatch import ContainerWatcher
         from memtop.probes.kmalloc import KmallocProbe  # the probe layer is the only one importing bcc
@@ -79,11 +79,15 @@ class LiveSource:
         self.config = config
         layout = current_layout()
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
+        self.memcg_ids = CgroupIdResolver(layout.v1_memory_root)  # v1 ids are directory inodes too
         self.containers = ContainerWatcher(layout, RuntimeRoots.from_overrides(dict(config.runtime_roots)))
         self.kmalloc = KmallocProbe(
             sample_every=config.sample_every,
             max_pids=config.max_pids,
             resolve_cgroup_id=self.cgroup_ids.path,
+            memcg_hierarchy=current_memory_hierarchy_id() if layout.v1_memory_root else 0,
+            v1_memory_root=layout.v1_memory_root,
+            resolve_memcg_id=self.memcg_ids.path,
         )
         self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
         self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
@@ -150,7 +154,9 @@ class LiveSource:
             now = time.time()
             reading = self._read(self.kmalloc, self.kmalloc.read) or KmallocReading({})
             procs = {
-                tgid: None if tgid == IRQ_TGID else self.procs.read(tgid, counters.cgroup_id)
+                tgid: None
+                if tgid == IRQ_TGID
+                else self.procs.read(tgid, (counters.cgroup_id, counters.memcg_id))
                 for tgid, counters in reading.per_tgid.items()
             }
             forget = self.store.ingest(now, reading, procs)

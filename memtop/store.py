@@ -270,6 +270,7 @@ class Store:
             call_site_map_full=reading.site_map_full_drops,
             tail_lost=reading.tail_lost,
             tail_rate_limited=reading.tail_rate_limited,
+            memcg_map_full=reading.memcg_map_full_drops,
         )
         forget: list[int] = []
         total_bytes = total_calls = 0.0

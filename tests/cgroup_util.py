@@ -36,11 +36,12 @@ class TestCgroup:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, relpath: str, memory_limit_bytes: int | None = None) -> None:
+    def __init__(self, relpath: str, memory_limit_bytes: int | None = None, v2: bool = True) -> None:
+        """`v2=False`: only in the v1 memory hierarchy (what a v1-only host would have)."""
         self.relpath = relpath.strip("/")
         self.dirs: list[Path] = []  # the leaf in each hierarchy
         self._created: list[Path] = []  # every directory made, outermost first
-        for root in (V1_MEMORY, v2_root()):
+        for root in (V1_MEMORY, v2_root() if v2 else None):
             if root is None or not root.is_dir():
                 continue
             d = root
@@ -107,8 +108,8 @@ class TestCgroup:
 
 
 @contextlib.contextmanager
-def test_cgroup(relpath: str, memory_limit_bytes: int | None = None) -> Iterator[TestCgroup]:
-    cg = TestCgroup(relpath, memory_limit_bytes)
+def test_cgroup(relpath: str, memory_limit_bytes: int | None = None, v2: bool = True) -> Iterator[TestCgroup]:
+    cg = TestCgroup(relpath, memory_limit_bytes, v2)
     assert cg.dirs, "no cgroup hierarchy to create a test cgroup in"
     try:
         yield cg

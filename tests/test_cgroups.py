@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memtop.cgroups import CgroupLayout, current_layout, detect_layout
+from memtop.cgroups import CgroupLayout, current_layout, detect_layout, hierarchy_id
 
 V2 = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
@@ -65,3 +65,29 @@ def test_cgroup2_elsewhere_without_v1_is_v2() -> None:
 
 def test_current_layout_reads_this_host() -> None:
     assert current_layout().kind in ("v1", "v2", "hybrid", "none")
+
+
+# /proc/cgroups of this hybrid host (memory on v1 hierarchy 4), and of a pure cgroup2 host.
+PROC_CGROUPS_HYBRID = """\
+#subsys_name\thierarchy\tnum_cgroups\tenabled
+cpuset\t3\t1\t1
+cpu\t1\t1\t1
+memory\t4\t97\t1
+net_cls\t0\t2\t1
+pids\t8\t1\t1
+"""
+PROC_CGROUPS_V2 = """\
+#subsys_name\thierarchy\tnum_cgroups\tenabled
+cpu\t0\t143\t1
+memory\t0\t143\t1
+"""
+
+
+def test_memory_hierarchy_id() -> None:
+    assert hierarchy_id(PROC_CGROUPS_HYBRID) == 4
+    assert hierarchy_id(PROC_CGROUPS_HYBRID, "pids") == 8
+    assert hierarchy_id(PROC_CGROUPS_V2) == 0  # on cgroup2
+    assert hierarchy_id(PROC_CGROUPS_HYBRID.replace("memory\t4\t97\t1", "memory\t4\t97\t0")) == 0  # disabled
+    assert hierarchy_id("#subsys_name\thierarchy\n") == 0  # no memory controller at all
+    assert hierarchy_id("memory\tx\t1\t1\n") == 0  # garbage
+    assert hierarchy_id("memoryless\t4\t1\t1\n") == 0

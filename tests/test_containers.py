@@ -21,6 +21,7 @@ from memtop.containers import (
     container_of_proc_cgroup,
     host_unit,
     is_container_id,
+    kernel_cgroup_path,
     parse_cgroup_path,
     parse_k8s_name,
     read_cgroup_memory,
@@ -788,3 +789,37 @@ def test_real_cgroup_memory_and_id() -> None:
             with os.scandir(parent) as entries:
                 (entry,) = [e for e in entries if e.name == ID]
             assert entry.inode() == cgroup_id
+
+
+DOCKER_ID = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("memory", "unified", "expected"),
+    [
+        (
+            f"/docker/{DOCKER_ID}",
+            "/user.slice/session-1.scope",
+            f"/docker/{DOCKER_ID}",
+        ),  # v1 only: the container
+        (
+            "/",
+            f"/system.slice/docker-{DOCKER_ID}.scope",
+            f"/system.slice/docker-{DOCKER_ID}.scope",
+        ),  # v2 only
+        (
+            f"/docker/{DOCKER_ID}",
+            f"/system.slice/docker-{DOCKER_ID}.scope",
+            f"/docker/{DOCKER_ID}",
+        ),  # both: memory
+        (
+            "/user.slice",
+            "/user.slice/session-1.scope",
+            "/user.slice",
+        ),  # host: the memory path, like /proc rows
+        ("", "/user.slice/session-1.scope", "/user.slice/session-1.scope"),  # no v1 id known
+        ("", "", ""),
+    ],
+)
+def test_kernel_cgroup_path_prefers_a_container(memory: str, unified: str, expected: str) -> None:
+    assert kernel_cgroup_path(memory, unified) == expected

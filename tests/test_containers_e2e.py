@@ -189,3 +189,70 @@ def test_burst_of_short_lived_processes_counts_for_their_pod() -> None:
     assert set(rows) == set(pids), "a short-lived process is missing"
     for row in rows.values():
         assert row.exited and row.container_id == container_id and row.cgroup_path == cg.path, row
+
+
+FORKS = 6
+# Runs in the container from before memtop starts, then forks children that allocate and exit at once.
+FORKER = f"""
+import os, sys, tempfile
+p = tempfile.mkstemp()[1]
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+children = []
+for _ in range({FORKS}):
+    pid = os.fork()
+    if pid == 0:
+        for _ in range({BURST_CALLS}): os.listxattr(p)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    children.append(pid)
+os.unlink(p)
+sys.stdout.write(" ".join(map(str, children)) + "\\n"); sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def test_v1_only_container_follows_short_lived_processes_from_fork_and_moves() -> None:
+    """A container only in the cgroup v1 memory hierarchy (as on a v1-only host): its cgroup2 path is
+    pytest's own, so the kernel's v1 memory cgroup is what must place the short-lived processes. Some
+    were moved in by a cgroup.procs write (cgroup_attach_task), some forked by a process that was already
+    inside before memtop started (seeded from /proc, then inherited at fork)."""
+    container_id = secrets.token_hex(32)
+    with test_cgroup(f"{unique_name()}/docker/{container_id}", v2=False) as cg:
+        assert cg.v2_dir is None and cg.v1_dir is not None
+        forker = subprocess.Popen(
+            [sys.executable, "-c", FORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=cg.enter,
+        )
+        source = start(Config(interval_s=5.0))
+        try:
+            assert forker.stdin is not None and forker.stdout is not None
+            assert forker.stdout.readline() == "ready\n"
+            assert source.kmalloc.memcg_seeded > 0 and "followed from fork" in source.kmalloc.describe()
+            memcg_of = source.kmalloc.bpf[b"memcg_of"]
+            assert memcg_of[memcg_of.Key(forker.pid)].value == cg.v1_dir.stat().st_ino  # seeded
+            source.tick()
+            moved = []
+            for _ in range(BURST):
+                p = subprocess.Popen([sys.executable, "-c", SHORT], preexec_fn=cg.enter)
+                moved.append(p.pid)
+                assert p.wait(timeout=30) == 0
+            forker.stdin.write("go\n")
+            forker.stdin.flush()
+            forked = [int(pid) for pid in forker.stdout.readline().split()]
+            snap = source.tick()  # one read after all of them have exited
+            left = {key.value for key, _ in memcg_of.items()} & set(moved + forked)
+        finally:
+            source.close()
+            stop(forker)  # type: ignore[arg-type]
+    assert len(forked) == FORKS and not left, f"exited tasks still in memcg_of: {left}"
+    rows = {r.pid: r for r in snap.processes if r.pid in moved + forked}
+    assert set(rows) == set(moved + forked), "a short-lived process is missing"
+    for row in rows.values():
+        assert row.exited and row.container_id == container_id and row.cgroup_path == cg.path, row
+    container = snap.container(container_id)
+    assert container is not None and container.kmalloc_calls >= (BURST + FORKS) * BURST_CALLS
+    assert snap.drops.get("memcg_map_full") == 0

@@ -34,6 +34,15 @@
 #ifndef HAVE_HARDIRQ_TP
 #define HAVE_HARDIRQ_TP 1
 #endif
+#ifndef TRACK_V1_MEMCG
+#define TRACK_V1_MEMCG 0  // 1: follow each task's cgroup v1 memory cgroup (see memcg_of)
+#endif
+#ifndef V1_MEMCG_HIERARCHY
+#define V1_MEMCG_HIERARCHY 0  // the memory controller's hierarchy id (/proc/cgroups)
+#endif
+#ifndef MAX_TASKS
+#define MAX_TASKS 65536
+#endif
 
 // The key under which interrupt-context allocations are counted (no real tgid is this large).
 #define IRQ_TGID 0xffffffffU
@@ -46,7 +55,10 @@
 #define CTR_TAIL_LOST 2
 #define CTR_SAMPLED_EVENTS 3
 #define CTR_TAIL_RATE_LIMITED 4
-#define N_COUNTERS 5
+#define CTR_MEMCG_MAP_FULL 5
+#define N_COUNTERS 6
+
+#define CLONE_THREAD_FLAG 0x00010000ULL  // CLONE_THREAD, from the uapi (stable ABI)
 
 struct pid_stats {
     u64 calls;
@@ -57,10 +69,12 @@ struct pid_stats {
 // Process names and cgroups, set when a process's first kmalloc is counted and refreshed on exec: they
 // name and attribute processes that exit before the next tick (a fork's first kmalloc still carries the
 // parent's name; exec runs after a container runtime has moved the process into its cgroup).
-// cgroup_id is the cgroup2 id (the directory's inode number), resolved to a path in user space.
+// cgroup_id is the cgroup2 id (the directory's inode number), resolved to a path in user space;
+// memcg_id the same for the cgroup v1 memory hierarchy (0 when not followed or not known).
 struct comm_t {
     char comm[COMM_LEN];
     u64 cgroup_id;
+    u64 memcg_id;
 };
 
 struct site_stats {
@@ -148,6 +162,51 @@ TRACEPOINT_PROBE(irq, irq_handler_entry) { irq_enter(); return 0; }
 TRACEPOINT_PROBE(irq, irq_handler_exit) { irq_leave(); return 0; }
 #endif
 
+#if TRACK_V1_MEMCG
+// cgroup v1 has no helper that tells the current task's memory cgroup (bpf_get_current_cgroup_id() is
+// cgroup2's), so it is followed from tracepoint arguments: a task moved into a cgroup of the memory
+// hierarchy (cgroup_attach_task names the hierarchy, the cgroup's id and the pid: the leader's for a
+// cgroup.procs write, one thread's for a v1 `tasks` write), a new process inherits its parent's at
+// fork (task_newtask, threads skipped: they share their process's entry), and an exiting task's entry
+// is dropped (sched_process_exit, per thread). User space seeds the processes that were running before
+// the attach from /proc. The key is a pid: a process's tgid, or a thread moved on its own.
+BPF_HASH(memcg_of, u32, u64, MAX_TASKS);
+
+static __always_inline void set_memcg(u32 pid, u64 id) {
+    if (memcg_of.update(&pid, &id) != 0)
+        count(CTR_MEMCG_MAP_FULL);
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
+    if (args->dst_root == V1_MEMCG_HIERARCHY)
+        set_memcg(args->pid, args->dst_id);
+    return 0;
+}
+
+TRACEPOINT_PROBE(task, task_newtask) {
+    if (args->clone_flags & CLONE_THREAD_FLAG)
+        return 0;
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    u64 *id = memcg_of.lookup(&parent);
+    if (id)
+        set_memcg(args->pid, *id);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u32 pid = args->pid;
+    memcg_of.delete(&pid);
+    return 0;
+}
+
+static __always_inline u64 current_memcg(u32 tgid) {
+    u64 *id = memcg_of.lookup(&tgid);
+    return id ? *id : 0;
+}
+#else
+static __always_inline u64 current_memcg(u32 tgid) { return 0; }
+#endif
+
 #if HAVE_EXEC_TP
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -155,6 +214,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (c) {
         bpf_get_current_comm(&c->comm, sizeof(c->comm));
         c->cgroup_id = bpf_get_current_cgroup_id();
+        c->memcg_id = current_memcg(tgid);
     }
     return 0;
 }
@@ -232,6 +292,7 @@ counters:;
             struct comm_t c = {};
             bpf_get_current_comm(&c.comm, sizeof(c.comm));
             c.cgroup_id = bpf_get_current_cgroup_id();
+            c.memcg_id = current_memcg(tgid);
             comms.update(&tgid, &c);
         }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.

@@ -27,6 +27,15 @@ TRACEPOINTS: tuple[TracepointUse, ...] = (
         False,
         "naming and placing short-lived processes after exec (kmalloc, OOM)",
     ),
+    TracepointUse(
+        "cgroup",
+        "cgroup_attach_task",
+        False,
+        "cgroup v1: placing short-lived processes moved into a container",
+    ),
+    TracepointUse(
+        "task", "task_newtask", False, "cgroup v1: a new process inherits its parent's memory cgroup"
+    ),
     TracepointUse("irq", "softirq_entry", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "softirq_exit", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "irq_handler_entry", False, "separating hardirq allocations into [irq]"),
@@ -41,7 +50,10 @@ TRACEPOINTS: tuple[TracepointUse, ...] = (
     TracepointUse("oom", "finish_task_reaping", False, "when the OOM reaper freed a victim's memory"),
     TracepointUse("sched", "sched_process_fork", False, "an OOM victim's cgroup, remembered from its fork"),
     TracepointUse(
-        "sched", "sched_process_exit", False, "forgetting exited tasks (keeps the OOM task map small)"
+        "sched",
+        "sched_process_exit",
+        False,
+        "forgetting exited tasks (keeps the OOM and v1 memory cgroup task maps small)",
     ),
     TracepointUse("cgroup", "cgroup_mkdir", False, "naming an OOM victim's cgroup after it is removed"),
     TracepointUse(

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from memtop import tracefs
+from memtop.cgroups import proc_cgroup_paths
+from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
 from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
 from memtop.probes.base import Probe, int_cflag, map_items
 
 SIZE_BUCKETS = 64
-CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED = range(5)
+CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED, CTR_MEMCG_MAP_FULL = (
+    range(6)
+)
+# What following cgroup v1 memory cgroups takes (see memcg_of in kmalloc.c).
+MEMCG_TRACEPOINTS = (
+    ("cgroup", "cgroup_attach_task"),
+    ("task", "task_newtask"),
+    ("sched", "sched_process_exit"),
+)
 MAX_SAMPLE_EVERY = 1_000_000
 
 
@@ -54,9 +66,18 @@ class KmallocProbe(Probe):
         max_pids: int = 16384,
         tail_max: int = 2000,
         resolve_cgroup_id: Callable[[int], str] = lambda _id: "",
+        memcg_hierarchy: int = 0,
+        v1_memory_root: str | None = None,
+        resolve_memcg_id: Callable[[int], str] = lambda _id: "",
     ) -> None:
         super().__init__()
         self.resolve_cgroup_id = resolve_cgroup_id  # cgroup2 id -> path (memtop.containers.CgroupIdResolver)
+        # cgroup v1: the memory controller's hierarchy id (0: not on v1) and mount point; ids -> paths
+        self.memcg_hierarchy = memcg_hierarchy
+        self.v1_memory_root = v1_memory_root
+        self.resolve_memcg_id = resolve_memcg_id
+        self.memcg_tracking = ""  # how a process's v1 memory cgroup is known ("" until started)
+        self.memcg_seeded = 0  # processes whose memory cgroup was read from /proc at start
         self.sample_every = sample_every
         self.max_pids = max_pids
         self.tail_max = tail_max
@@ -79,7 +100,21 @@ class KmallocProbe(Probe):
             int_cflag("HAVE_SOFTIRQ_TP", int(softirq), 0, 1),
             int_cflag("HAVE_HARDIRQ_TP", int(hardirq), 0, 1),
             int_cflag("HAVE_EXEC_TP", int(tracefs.tracepoint_exists("sched", "sched_process_exec")), 0, 1),
+            int_cflag("TRACK_V1_MEMCG", int(self._track_memcg()), 0, 1),
+            int_cflag("V1_MEMCG_HIERARCHY", self.memcg_hierarchy, 0, 1 << 30),
         ]
+
+    def _track_memcg(self) -> bool:
+        """Whether to follow each task's v1 memory cgroup in the kernel (sets `memcg_tracking`)."""
+        if not self.memcg_hierarchy or self.v1_memory_root is None:
+            self.memcg_tracking = "off (the memory controller is not on cgroup v1)"
+            return False
+        missing = [f"{c}:{e}" for c, e in MEMCG_TRACEPOINTS if not tracefs.tracepoint_exists(c, e)]
+        if missing:
+            self.memcg_tracking = f"from /proc only ({', '.join(missing)} missing)"
+            return False
+        self.memcg_tracking = "followed from fork and cgroup moves"
+        return True
 
     def start(self) -> None:
         if not tracefs.tracepoint_exists("kmem", "kmalloc"):
@@ -93,6 +128,8 @@ class KmallocProbe(Probe):
         self._boot_offset = time.time() - time.monotonic()
         super().start()
         self._reset_irq_depth()
+        if self._track_memcg():
+            self._seed_memcg()
         self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
 
     def _reset_irq_depth(self) -> None:
@@ -105,9 +142,35 @@ class KmallocProbe(Probe):
         depth = self.bpf[b"irq_depth"]
         depth[depth.Key(0)] = depth.Leaf()
 
+    def _seed_memcg(self, proc_root: Path = Path("/proc")) -> None:
+        """Enter the processes that were running before the attach: their memory cgroup from /proc.
+
+        Runs after the attach, so a process created meanwhile already has an entry (inherited or moved):
+        it is left alone, and so is one whose /proc entry vanished or changed under us.
+        """
+        assert self.v1_memory_root is not None
+        table = self.bpf[b"memcg_of"]
+        known = {key for key, _ in map_items(table)}
+        seeded = 0
+        for entry in os.scandir(proc_root):
+            if not entry.name.isdigit() or int(entry.name) in known:
+                continue
+            try:
+                memory_path, _ = proc_cgroup_paths(Path(entry.path, "cgroup").read_text())
+                if not memory_path:
+                    continue
+                ino = os.stat(self.v1_memory_root + memory_path.rstrip("/"), follow_symlinks=False).st_ino
+            except (OSError, ValueError):
+                continue  # exited, or its cgroup was removed, while we looked
+            with contextlib.suppress(Exception):  # the map is full: counted by the kernel side too
+                table[table.Key(int(entry.name))] = table.Leaf(ino)
+                seeded += 1
+        self.memcg_seeded = seeded
+
     def describe(self) -> str:
         sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
-        return f"kmem:kmalloc, {sampling}, irq split: {self.irq_tracking}"
+        text = f"kmem:kmalloc, {sampling}, irq split: {self.irq_tracking}"
+        return f"{text}, v1 memory cgroups: {self.memcg_tracking}" if self.memcg_hierarchy else text
 
     # -- the per-process counters ------------------------------------------------------------------
 
@@ -116,22 +179,30 @@ class KmallocProbe(Probe):
         per_tgid: dict[int, KmallocCounters] = {}
         scale = self.sample_every
         comms = {
-            key: (bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"), value.cgroup_id)
+            key: (
+                bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                value.cgroup_id,
+                value.memcg_id,
+            )
             for key, value in map_items(self.bpf[b"comms"])
         }
         for key, values in map_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
-            comm, cgroup_id = comms.get(key, ("", 0))
+            comm, cgroup_id, memcg_id = comms.get(key, ("", 0, 0))
             per_tgid[key] = KmallocCounters(
                 calls * scale,
                 bytes_alloc * scale,
                 bytes_req * scale,
                 comm,
                 cgroup_id,
-                self.resolve_cgroup_id(cgroup_id) if cgroup_id else "",
+                kernel_cgroup_path(
+                    self.resolve_memcg_id(memcg_id) if memcg_id else "",
+                    self.resolve_cgroup_id(cgroup_id) if cgroup_id else "",
+                ),
+                memcg_id,
             )
         counters = self.bpf[b"counters"]
-        sums = [sum(counters.getvalue(i)) for i in range(5)]
+        sums = [sum(counters.getvalue(i)) for i in range(6)]
         return KmallocReading(
             per_tgid=per_tgid,
             sample_every=self.sample_every,
@@ -139,6 +210,7 @@ class KmallocProbe(Probe):
             site_map_full_drops=sums[CTR_SITE_MAP_FULL],
             tail_lost=sums[CTR_TAIL_LOST],
             tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
+            memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
         )
 
     def forget(self, tgids: list[int]) -> None:
