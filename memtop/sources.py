@@ -100,7 +100,17 @@ class LiveSource:
         self._focus: ProcessKey | None = None
 
     def start(self) -> None:
-        """Start every probe; one that fails is marked with its reason. Raises if none could start."""
+        """Start every probe; one that fails is marked with its reason. Raises if none could start, or
+        if what was asked for cannot be done (--leaks-pid); then every probe started is detached."""
+        if self.config.leaks_pid is not None and not Path(f"/proc/{self.config.leaks_pid}").exists():
+            raise MemtopError(f"--leaks-pid: no process with PID {self.config.leaks_pid}")  # before compiling
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         errors = []
         for probe in self.probes:
             try:
@@ -110,7 +120,6 @@ class LiveSource:
                 errors.append(str(exc))
             self.store.probes[probe.name] = probe.status
         if not any(p.running for p in self.probes):
-            self.close()
             raise MemtopError("; ".join(errors) or "no probe could start")
         if self.oom.running:
             self.store.add_oom_backlog(self._attribute_oom(e) for e in self.oom.backlog())

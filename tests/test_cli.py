@@ -130,6 +130,20 @@ def test_tracefs_not_mounted(tmp_path: Path) -> None:
     assert_one_line_error(run(env={"MEMTOP_TRACEFS": str(tmp_path / "none")}), "tracefs is not mounted")
 
 
+@pytest.mark.bpf
+def test_leaks_pid_of_no_process_is_refused_before_compiling() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert_one_line_error(run("--leaks-pid", str(gone.pid)), f"no process with PID {gone.pid}")
+
+
+@pytest.mark.bpf
+def test_leaks_pid_without_an_allocator_detaches_everything_and_says_one_line() -> None:
+    """A kernel thread maps no malloc: refused after the other probes started. They are detached before
+    the exit (the OOM probe's poll thread printed errors when they were not)."""
+    assert_one_line_error(run("--leaks-pid", "2"), "no malloc/free found in the objects process 2 has mapped")
+
+
 def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("memtop ")
     help_text = run("--help").stdout
