@@ -174,7 +174,11 @@ class MemtopApp(App[None]):
             sections.append(
                 (
                     f"{title}: sort keys",
-                    [(SORT_DIGITS[i], f"sort by {c.label} (again: reverse)") for i, c in enumerate(columns)],
+                    [
+                        (SORT_DIGITS[i], f"sort by {c.label} (again: reverse)")
+                        for i, c in enumerate(columns[:10])
+                    ]
+                    + [("< >", f"sort by {c.label} (no digit key)") for c in columns[10:]],
                 )
             )
         sections += [

@@ -64,6 +64,13 @@ def clock(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
 
 
+def time_of_day(ts: float | None) -> str:
+    """Local wall-clock time of a timestamp, to the second ("-" when none)."""
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
 def datetime(ts: float | None) -> str:
     if ts is None or ts <= 0:
         return "-"

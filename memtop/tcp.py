@@ -234,6 +234,8 @@ class TcpRow:
     interval_p99_us: float | None
     histogram: tuple[tuple[int, int], ...]  # (bucket lower bound us, count), non-empty, since start
     interval_histogram: tuple[tuple[int, int], ...] = ()  # the same, last interval only
+    interval_p90_us: float | None = None
+    interval_max_us: float | None = None  # top of the interval's highest bucket (capped at max_us)
     syn_retransmits: int = 0
     last_slow_at: float | None = None  # wall clock of the newest slow or failed connect
     cgroup_path: str = ""  # filled in by the store
@@ -358,6 +360,8 @@ class TcpAggregator:
             max_us=max_us,
             interval_p50_us=percentile(interval_histogram, 50, max_us),
             interval_p99_us=percentile(interval_histogram, 99, max_us),
+            interval_p90_us=percentile(interval_histogram, 90, max_us),
+            interval_max_us=percentile(interval_histogram, 100, max_us),
             histogram=histogram,
             interval_histogram=interval_histogram,
             syn_retransmits=totals.syn_retransmits,
@@ -445,6 +449,8 @@ def _merge(rows: list[TcpRow]) -> TcpRow:
         max_us=max_us,
         interval_p50_us=percentile(interval_histogram, 50, max_us),
         interval_p99_us=percentile(interval_histogram, 99, max_us),
+        interval_p90_us=percentile(interval_histogram, 90, max_us),
+        interval_max_us=percentile(interval_histogram, 100, max_us),
         histogram=histogram,
         interval_histogram=interval_histogram,
         syn_retransmits=sum(r.syn_retransmits for r in rows),
@@ -481,7 +487,9 @@ def row_to_json(row: TcpRow) -> dict[str, Any]:
         "p99_us": row.p99_us,
         "max_us": row.max_us,
         "interval_p50_us": row.interval_p50_us,
+        "interval_p90_us": row.interval_p90_us,
         "interval_p99_us": row.interval_p99_us,
+        "interval_max_us": row.interval_max_us,
         "histogram": _histogram_to_json(row.histogram),
         "interval_histogram": _histogram_to_json(row.interval_histogram),
         "syn_retransmits": row.syn_retransmits,
@@ -626,6 +634,8 @@ def row_from_json(item: Any, where: str = "tcp_connect item") -> TcpRow:
         max_us=f.integer("max_us"),
         interval_p50_us=f.number("interval_p50_us", optional=True, default=None),
         interval_p99_us=f.number("interval_p99_us", optional=True, default=None),
+        interval_p90_us=f.number("interval_p90_us", optional=True, default=None),
+        interval_max_us=f.number("interval_max_us", optional=True, default=None),
         histogram=f.histogram("histogram"),
         interval_histogram=f.histogram("interval_histogram", default={}),
         syn_retransmits=f.integer("syn_retransmits", default=0),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 from textual.pilot import Pilot
@@ -331,10 +333,15 @@ async def test_tcp_tab_groups_filters_and_drills_into_a_destination() -> None:
         await pilot.pause()
         assert len(table._keys) == 1
         assert "web-frontend" in widget_text(app, "#tcp-table")
+        assert "LAST SLOW" in widget_text(app, "#tcp-table")  # the failed connect's time (TZ=UTC here)
+        assert time.strftime("%H:%M:%S", time.gmtime(failed["last_slow_at"])) in widget_text(
+            app, "#tcp-table"
+        )
         await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, TcpScreen)
         assert "refused" in widget_text(app, "#tcp-slow")
+        assert re.search(r"last interval p50 .* p90 .* p99 .* max ", widget_text(app, "#tcp-summary"))
         assert f"{failed['failed']} failed" in widget_text(app, "#tcp-summary")
         await press(pilot, "escape")
         assert isinstance(app.screen, MainScreen)

@@ -151,13 +151,17 @@ def test_interval_deltas_rates_and_percentiles_cover_only_the_last_interval() ->
     assert row.failed_per_s == pytest.approx(2.0)
     assert row.interval_histogram == ((524288, 6),)
     assert 524288 <= row.interval_p50_us <= 1_000_000  # type: ignore[operator]
+    assert 524288 <= row.interval_p90_us <= 1_000_000  # type: ignore[operator]
+    assert row.interval_max_us == 1_000_000  # the top of bucket [512 ms, 1 s), capped at the true max
     assert row.p50_us is not None and row.p50_us < 8  # since start the fast ones dominate
+    assert row.p90_us is not None and row.p90_us < 8
     assert row.max_us == 1_000_000
     # A quiet interval: no rates, no interval percentiles, totals unchanged.
     agg.ingest(4.0, TcpReading({WEB: counters(110, failed=4, b3=100, b20=6, max_us=1_000_000)}))
     (row,) = agg.rows()
     assert (row.connects_per_s, row.failed_per_s) == (0.0, 0.0)
     assert row.interval_p50_us is None and row.interval_histogram == ()
+    assert row.interval_p90_us is None and row.interval_max_us is None
     assert row.connects == 110
 
 

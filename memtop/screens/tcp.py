@@ -80,6 +80,7 @@ TCP_COLUMNS: tuple[Column, ...] = (
     Column("p50_us", "P50", lambda v: right(latency(v.p50_us)), width=9),
     Column("p99_us", "P99", lambda v: right(latency(v.p99_us)), width=9),
     Column("max_us", "MAX", lambda v: right(latency(v.max_us if v.histogram else None)), width=9),
+    Column("last_slow_at", "LAST SLOW", lambda v: right(fmt.time_of_day(v.last_slow_at)), width=10),
 )
 
 
@@ -185,7 +186,8 @@ class TcpScreen(MemtopScreen):
                 f"{fmt.count(row.connects)} connects, {fmt.count(row.failed)} failed, "
                 f"{fmt.count_rate(row.connects_per_s)} now;  since start p50 {latency(row.p50_us)}  "
                 f"p90 {latency(row.p90_us)}  p99 {latency(row.p99_us)}  max {latency(row.max_us)};  "
-                f"last interval p50 {latency(row.interval_p50_us)}  p99 {latency(row.interval_p99_us)}\n",
+                f"last interval p50 {latency(row.interval_p50_us)}  p90 {latency(row.interval_p90_us)}  "
+                f"p99 {latency(row.interval_p99_us)}  max {latency(row.interval_max_us)}\n",
                 (RESOLUTION_NOTE, "dim"),
             )
         )
