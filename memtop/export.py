@@ -239,6 +239,7 @@ def _focus_to_dict(focus: FocusDetail) -> dict[str, Any]:
             }
             for e in (reading.tail if reading else ())
         ],
+        **({"leaks": leaks.rows_to_json(focus.leaks)} if focus.leaks is not None else {}),
     }
 
 
@@ -530,7 +531,8 @@ def _focus_from_dict(doc: Mapping[str, Any]) -> FocusDetail:
     )
     sizes = tuple(_int(c, "focus.size_log2_counts") or 0 for c in doc.get("size_log2_counts", []))
     reading = FocusReading(key.pid, sites, sizes, tail)
-    return FocusDetail(key, _history(doc.get("history", []), "focus.history"), reading)
+    own = leaks.rows_from_json(doc["leaks"]) if "leaks" in doc else None
+    return FocusDetail(key, _history(doc.get("history", []), "focus.history"), reading, own)
 
 
 def _parse_iso(text: str) -> float:

@@ -21,6 +21,7 @@ from memtop.config import Config
 from memtop.containers import parse_cgroup_path
 from memtop.errors import MemtopError
 from memtop.export import read_snapshot
+from memtop.leaks import LeakRow
 from memtop.model import IRQ_TGID, KmallocReading, ProbeStatus
 from memtop.oom import OomEvent
 from memtop.store import HostInfo, ProcessKey, Snapshot, Store
@@ -287,10 +288,16 @@ class ReplaySource:
                 from memtop.store import FocusDetail
 
                 focus = FocusDetail(self._focus, snap.histories.get(self._focus, ()), None)
-        leaks = snap.leaks
-        if self._older_s:  # a recording has no ages per allocation: hide stacks whose oldest is younger
-            leaks = tuple(r for r in leaks if r.oldest_age_s is not None and r.oldest_age_s >= self._older_s)
+        leaks = self._old_enough(snap.leaks)
+        if focus is not None and focus.leaks is not None:
+            focus = replace(focus, leaks=self._old_enough(focus.leaks))
         return replace(snap, focus=focus, leaks=leaks, leak_older_s=self._older_s or snap.leak_older_s)
+
+    def _old_enough(self, rows: tuple[LeakRow, ...]) -> tuple[LeakRow, ...]:
+        """A recording has no ages per allocation: with an age filter, hide stacks whose oldest is younger."""
+        if not self._older_s:
+            return rows
+        return tuple(r for r in rows if r.oldest_age_s is not None and r.oldest_age_s >= self._older_s)
 
     def set_focus(self, key: ProcessKey | None) -> None:
         self._focus = key

@@ -159,6 +159,8 @@ class FocusDetail:
     key: ProcessKey
     history: tuple[HistoryPoint, ...] = ()
     reading: FocusReading | None = None
+    # Its own share of each stack with outstanding allocations (None: not known, as in an older file).
+    leaks: tuple[LeakRow, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -562,7 +564,12 @@ class Store:
         now = time.time() if now is None else now
         focus = None
         if self.focus_key is not None:
-            focus = FocusDetail(self.focus_key, self.history(self.focus_key), self._focus_reading)
+            focus = FocusDetail(
+                self.focus_key,
+                self.history(self.focus_key),
+                self._focus_reading,
+                self.leaks.rows(older_than_s=self.leak_older_s, pid=self.focus_key.pid),
+            )
         histories = {k: tuple(s.history) for k, s in self._states.items()} if include_histories else {}
         containers = self.container_rows()
         labels = {c.id: c.label for c in containers}

@@ -120,6 +120,30 @@ async def test_filter_by_command_and_pid_then_escape_clears() -> None:
         assert len(shown) < total
 
 
+async def test_process_drilldown_shows_its_own_share_of_each_leak_stack(tmp_path: Path) -> None:
+    """The drill-down's leak rows are the process's own share (focus.leaks), not the whole stack's."""
+    doc = fixture_doc()
+    pid = doc["focus"]["pid"]
+    whole = dict(doc["leaks"][0], pids=[pid, 424242], pid=None, outstanding_bytes=9_000_000, allocations=900)
+    whole["stack_id"] = 987_654  # a stack of its own
+    whole["stack"] = ["memtop_share_marker+0x1", *whole["stack"][1:]]
+    whole["top_frame"] = "memtop_share_marker"
+    own = dict(whole, pids=[pid], pid=pid, outstanding_bytes=12_288, allocations=3)
+    doc["leaks"] = [whole, *doc["leaks"]]
+    doc["focus"]["leaks"] = [own]
+    replay = tmp_path / "share.json"
+    replay.write_text(json.dumps(doc))
+    app = MemtopApp(ReplaySource(replay), Config())
+    async with app.run_test(size=SIZE) as pilot:
+        await press(pilot, "slash", *str(pid), "enter")
+        await press(pilot, "enter")
+        assert isinstance(app.screen, ProcessScreen)
+        table = app.screen.query_one("#process-leaks", SortedTable)
+        text = " ".join(str(cell) for key in table._keys for cell in table.get_row(key))
+        assert "memtop_share_marker" in text and "12.0 KiB" in text
+        assert "8.6 MiB" not in text  # the whole stack's bytes belong to the Leaks tab
+
+
 async def test_enter_drills_into_the_process_and_escape_returns() -> None:
     app = make_app()
     doc = fixture_doc()

@@ -226,3 +226,30 @@ def test_a_container_only_the_unified_hierarchy_names_is_still_attributed() -> N
     assert snap.processes[0].container_id == DOCKER_ID
     container = snap.container(DOCKER_ID)
     assert container is not None and container.kmalloc_bytes == 100
+
+
+def test_the_drilled_in_process_gets_its_own_share_of_each_leak_stack_and_it_survives_export() -> None:
+    from memtop.export import snapshot_from_dict, snapshot_to_dict
+
+    from .test_leaks import reading as leak_reading
+    from .test_leaks import stack
+
+    store = new_store()
+    store.ingest(1001.0, reading(p100=(1, 100, 100), p200=(1, 100, 100)), {100: info(100), 200: info(200)})
+    store.ingest_leaks(
+        1001.0, leak_reading(stack(pid=100, outstanding=1000), stack(pid=200, outstanding=5000))
+    )
+    key = ProcessKey(100, 100.0)
+    store.set_focus(key)
+    snap = store.snapshot(1001.0)
+    (whole,) = snap.leaks
+    assert whole.outstanding_bytes == 6000 and set(whole.pids) == {100, 200}
+    assert snap.focus is not None and snap.focus.leaks is not None
+    (own,) = snap.focus.leaks
+    assert own.outstanding_bytes == 1000 and own.pids == (100,)
+    again = snapshot_from_dict(snapshot_to_dict(snap))
+    assert again.focus is not None and again.focus.leaks == snap.focus.leaks
+    doc = snapshot_to_dict(snap)
+    del doc["focus"]["leaks"]  # a file written before the field existed: not known, not empty
+    old = snapshot_from_dict(doc)
+    assert old.focus is not None and old.focus.leaks is None

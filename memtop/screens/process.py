@@ -199,7 +199,8 @@ class ProcessScreen(MemtopScreen):
         self.query_one("#tail", Static).update(
             tail_text(reading, app.tail_min_bytes, snap.drops, not snap.replay)
         )
-        leaks = rows_for(snap, self.key.pid)
+        own = snap.focus.leaks if snap.focus is not None and snap.focus.key.pid == self.key.pid else None
+        leaks = own if own is not None else rows_for(snap, self.key.pid)  # a file without the focus's share
         tracking = snap.leak_user_pid == self.key.pid
         self.query_one("#process-leaks-label", Static).update(
             Text.assemble(
