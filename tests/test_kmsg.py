@@ -558,3 +558,26 @@ format:
 
 print fmt: "pid=%d", REC->pid
 """
+
+
+@pytest.mark.parametrize("from_where", [1, 2], ids=["current", "task_map"])
+def test_probe_v1_only_container_is_named_by_the_kernel_log_not_the_cgroup2_root(
+    tmp_path: Path, from_where: int
+) -> None:
+    """The memory controller on v1 and a runtime that placed the victim only in v1 hierarchies: its
+    cgroup2 id resolves to "/", which exists in the v1 tree too but says nothing; the kernel log's
+    task_memcg names the container."""
+    container = "ab" * 32
+    (tmp_path / "t" / "docker" / container).mkdir(parents=True)
+    probe = fed_probe(tmp_path, {1: "/"})
+    probe._v1_memory = True
+    probe._tracker = MemcgOomTracker(str(tmp_path), v1=True)
+    probe._kmsg_parser = KmsgOomParser(BOOT)
+    probe._kmsg_parser.feed(
+        "6,41228,90213551119,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,"
+        f"oom_memcg=/t/docker/{container},task_memcg=/t/docker/{container},task=hog,pid=4242,uid=0"
+    )
+    feed(probe, victim_record(4242, victim_cgroup_id=1, victim_cgroup_from=from_where))
+    (ev,) = probe.read().events
+    assert ev.cgroup_path == f"/t/docker/{container}" and probe.attributed_by == {"kmsg": 1}
+    assert ev.constraint == "memcg" and ev.memcg_path == f"/t/docker/{container}"

@@ -29,7 +29,7 @@ def _memcg_oom_is_safe() -> None:
             pytest.skip("vm.panic_on_oom=2: a cgroup OOM would panic the machine")
 
 
-def kill_in_live_source(relpath: str, script: str) -> tuple[dict, int]:  # type: ignore[type-arg]
+def kill_in_live_source(relpath: str, script: str, v2: bool = True) -> tuple[dict, int]:  # type: ignore[type-arg]
     """Start the live source, kill a workload in the cgroup while ticking, return the exported
     snapshot and the victim's pid."""
     source = LiveSource(Config(interval_s=0.5))
@@ -43,7 +43,7 @@ def kill_in_live_source(relpath: str, script: str) -> tuple[dict, int]:  # type:
 
     thread = threading.Thread(target=ticker, daemon=True)
     try:
-        with test_cgroup(relpath, memory_limit_bytes=LIMIT) as cg:
+        with test_cgroup(relpath, memory_limit_bytes=LIMIT, v2=v2) as cg:
             checked_limit(cg)
             thread.start()
             proc = subprocess.Popen([sys.executable, "-c", script], preexec_fn=cg.enter)
@@ -85,3 +85,17 @@ def test_kill_in_a_kubepods_container_is_attributed_in_the_snapshot(script: str)
         memory = [point[3] for point in event["history"] if point[3] is not None]
         assert len(memory) >= 3, event["history"]
         assert memory[-1] > memory[0] + 8 * (1 << 20), memory  # it grew by more than 8 MiB before the kill
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["v1-and-cgroup2", "v1-only"])
+def test_kill_in_a_docker_container_is_attributed_in_the_snapshot(v2: bool) -> None:
+    """Docker's shape, also as a v1-only runtime leaves it (no cgroup2 directory: the victim's cgroup2
+    path is the root, which must not hide the container the kernel log names)."""
+    container_id = uuid.uuid4().hex + uuid.uuid4().hex
+    doc, pid = kill_in_live_source(f"{unique_name()}/docker/{container_id}", FAST, v2=v2)
+    event = next((e for e in doc["oom_events"] if e["victim_pid"] == pid), None)
+    assert event is not None, doc["oom_events"]
+    assert event["cgroup_path"] == doc["_cgroup_path"] and event["container_id"] == container_id
+    assert not event["pod_uid"]
+    assert event["constraint"] == "memcg" and event["memcg_limit_bytes"] == LIMIT
+    assert event["memcg_path"] == doc["_cgroup_path"]

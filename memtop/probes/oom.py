@@ -297,14 +297,16 @@ class OomProbe(Probe):
         proc_memory, proc_unified = (p if p != "/" else "" for p in memory_cgroup_of(pid))
         from_log = kernel_log.cgroup_path if kernel_log else ""
         # The victim's memory cgroup. The kernel's own words first (its log line names the memory cgroup;
-        # the id was captured in the kernel). With the memory controller on cgroup v1 (hybrid hosts) a
-        # cgroup2 path stands in for the memory cgroup only where the same path exists there.
-        id_is_memcg = self._v1_memory and bool(from_id) and self._tracker.exists(from_id)
+        # the id was captured in the kernel). With the memory controller on cgroup v1 (hybrid and v1
+        # hosts) the log's task_memcg *is* the memory cgroup, so it leads; a cgroup2 path stands in for
+        # it only where the same path exists there, and never the cgroup2 root: a process placed only in
+        # v1 hierarchies (a v1-only runtime) sits at "/" in cgroup2, which says nothing.
+        id_is_memcg = self._v1_memory and from_id not in ("", "/") and self._tracker.exists(from_id)
         candidates: list[tuple[str, str]]
         if self._v1_memory:
             candidates = [
-                (in_kernel, from_id if id_is_memcg else ""),
                 ("kmsg", from_log),
+                (in_kernel, from_id if id_is_memcg else ""),
                 ("proc", proc_memory),
                 (in_kernel, from_id),
             ]
