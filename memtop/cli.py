@@ -295,9 +295,16 @@ def run_tui(config: Config) -> int:
 
 
 def dump_bpf(config: Config) -> int:
-    from memtop.probes.kmalloc import KmallocProbe
+    """Every program live mode would load, with this host's cflags, built exactly as LiveSource builds them."""
+    from memtop.sources import LiveSource
 
-    print(KmallocProbe(sample_every=config.sample_every, max_pids=config.max_pids).dump())
+    source = LiveSource(config)
+    probes = list(source.probes)
+    if config.leaks_pid is not None:
+        from memtop.probes.leaks import UserLeakProbe
+
+        probes.append(UserLeakProbe(config.leaks_pid))
+    print("\n".join(probe.dump() for probe in probes))
     return 0
 
 

@@ -44,8 +44,10 @@ def check_privileges() -> Check:
 
 def check_bcc() -> Check:
     """`import bcc` must be BCC from python3-bpfcc, not the unrelated PyPI package of the same name."""
+    from memtop.probes.base import load_bcc_module  # the probe layer is the only one importing bcc
+
     try:
-        import bcc  # lazy on purpose: doctor must explain a host where bcc is missing
+        bcc = load_bcc_module()
     except Exception as exc:  # ImportError, or OSError when libbcc.so cannot be loaded
         return Check("bcc", False, f"cannot import bcc ({type(exc).__name__}: {exc})", BCC_FIX)
     where = getattr(bcc, "__file__", None) or "?"

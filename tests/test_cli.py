@@ -144,6 +144,26 @@ def test_leaks_pid_without_an_allocator_detaches_everything_and_says_one_line() 
     assert_one_line_error(run("--leaks-pid", "2"), "no malloc/free found in the objects process 2 has mapped")
 
 
+def test_dump_bpf_shows_every_program_live_mode_loads() -> None:
+    out = run("--dump-bpf", "--sample", "4").stdout
+    headers = [
+        line.split(" cflags=")[0]
+        for line in out.splitlines()
+        if " cflags=" in line and line.startswith("// ")
+    ]
+    assert headers == [
+        "// kmalloc: kmalloc.c",
+        "// oom: oom.c",
+        "// tcp: tcpconnect.c",
+        "// leaks: leaks_kernel.c",
+    ]
+    assert "-DSAMPLE_EVERY=4" in out
+    assert (
+        "TRACEPOINT_PROBE(oom, mark_victim)" in out and "TRACEPOINT_PROBE(sock, inet_sock_set_state)" in out
+    )
+    assert not any(line.startswith('#include "leaks_common.h"') for line in out.splitlines())  # inlined
+
+
 def test_version_and_help() -> None:
     assert run("--version").stdout.startswith("memtop ")
     help_text = run("--help").stdout

@@ -33,10 +33,17 @@ def int_cflag(name: str, value: int, low: int, high: int) -> str:
     return f"-D{name}={value}"
 
 
+def load_bcc_module() -> Any:
+    """`import bcc`, whatever it finds and however it fails (the doctor reports on both)."""
+    import bcc
+
+    return bcc
+
+
 def import_bcc() -> Any:
     """The real BCC module (python3-bpfcc), or a one-line MemtopError saying how to get it."""
     try:
-        import bcc
+        bcc = load_bcc_module()
     except ImportError as exc:
         raise MemtopError(
             "BCC's Python bindings are not importable (apt install python3-bpfcc, and run from a venv "
