@@ -295,7 +295,7 @@ def run_tui(config: Config) -> int:
 
 
 def dump_bpf(config: Config) -> int:
-    """Every program live mode would load, with this host's cflags, built exactly as LiveSource builds them."""
+    """Every program live mode would load, with this host's cflags, built as LiveSource builds them."""
     from memtop.sources import LiveSource
 
     source = LiveSource(config)

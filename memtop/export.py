@@ -80,7 +80,7 @@ CONTAINER_FIELDS = (
 )
 
 
-# OomEvent fields, in this order (the required ones first); `history` is written separately.
+# OomEvent fields, in this order (the required ones first); the histories are written separately.
 OOM_FIELDS = (
     "time",
     "source",
@@ -181,6 +181,7 @@ def _oom_to_dict(event: OomEvent) -> dict[str, Any]:
     item: dict[str, Any] = {name: getattr(event, name) for name in OOM_FIELDS}
     item["time_iso"] = fmt.iso_utc(event.time)
     item["history"] = _history_list(event.history)
+    item["victim_history"] = _history_list(event.victim_history)
     return item
 
 
@@ -206,6 +207,7 @@ def _oom_from_dict(item: Any, i: int) -> OomEvent:
     if "victim_pid" not in values or values["victim_pid"] is None or "time" not in values:
         raise ValueError(f"{where} needs time and victim_pid")
     values["history"] = _history(item.get("history", []), f"{where}.history")
+    values["victim_history"] = _history(item.get("victim_history", []), f"{where}.victim_history")
     return OomEvent(**values)
 
 

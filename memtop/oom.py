@@ -52,6 +52,7 @@ class OomEvent:
     namespace: str = ""
     history: tuple = ()  # type: ignore[type-arg]  # the store's pre-kill samples (store.HistoryPoint)
     history_of: str = ""  # whose samples: "container" (cgroup memory usage) or "process" (RSS)
+    victim_history: tuple = ()  # type: ignore[type-arg]  # the victim process's own (RSS), when held
 
     @property
     def key(self) -> tuple[float, int]:

@@ -438,15 +438,19 @@ class Store:
         def before_kill(points: Iterable[HistoryPoint]) -> tuple[HistoryPoint, ...]:
             return tuple(p for p in points if event.time - PRE_KILL_S <= p.t <= event.time + 1.0)
 
-        if event.container_id and event.container_id in self._container_history:
-            points = before_kill(self._container_history[event.container_id])
-            if points:
-                return replace(event, history=points, history_of="container")
+        victim: tuple[HistoryPoint, ...] = ()
         for state in self._states.values():
             if state.row.pid == event.victim_pid and state.row.start_time <= event.time:
-                points = before_kill(state.history)
-                if points:
-                    return replace(event, history=points, history_of="process")
+                victim = before_kill(state.history)
+                if victim:
+                    break
+        container: tuple[HistoryPoint, ...] = ()
+        if event.container_id and event.container_id in self._container_history:
+            container = before_kill(self._container_history[event.container_id])
+        if container:  # the container's memory is what hit the limit; the victim's RSS goes alongside
+            return replace(event, history=container, history_of="container", victim_history=victim)
+        if victim:
+            return replace(event, history=victim, history_of="process", victim_history=victim)
         return event
 
     def ingest_tcp(self, now: float, reading: TcpReading) -> None:

@@ -85,6 +85,9 @@ def test_kill_in_a_kubepods_container_is_attributed_in_the_snapshot(script: str)
         memory = [point[3] for point in event["history"] if point[3] is not None]
         assert len(memory) >= 3, event["history"]
         assert memory[-1] > memory[0] + 8 * (1 << 20), memory  # it grew by more than 8 MiB before the kill
+        # ... and the victim's own RSS alongside, over the same minute
+        rss = [point[3] for point in event["victim_history"] if point[3] is not None]
+        assert len(rss) >= 3 and rss[-1] > rss[0] + 8 * (1 << 20), event["victim_history"]
 
 
 @pytest.mark.parametrize("v2", [True, False], ids=["v1-and-cgroup2", "v1-only"])

@@ -143,6 +143,8 @@ class OomScreen(MemtopScreen):
             yield Sparkline([], id="oom-memory-graph")
             yield Static(id="oom-kmalloc-label")
             yield Sparkline([], id="oom-kmalloc-graph")
+            yield Static(id="oom-victim-label")
+            yield Sparkline([], id="oom-victim-graph")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -182,3 +184,22 @@ class OomScreen(MemtopScreen):
             )
         )
         self.query_one("#oom-kmalloc-graph", Sparkline).data = rates or [0.0]
+        # Beside the container's memory: the victim's own RSS and kmalloc rate over the same minute.
+        separate = event.history_of == "container"
+        victim = event.victim_history if separate else ()
+        rss = [float(p.memory_bytes) for p in victim if p.memory_bytes is not None]
+        victim_rates = [p.kmalloc_bytes_per_s for p in victim]
+        label = Text.assemble(("the victim's RSS", "bold"))
+        if not separate:
+            label.append("  (the graphs above)" if history else "  -", style="dim")
+        elif not victim:
+            label.append("  memtop held no samples of the process itself", style="dim")
+        else:
+            label.append(
+                f"  first {fmt.size(rss[0] if rss else None)} → last {fmt.size(rss[-1] if rss else None)}"
+                f"  │ its kmalloc peak {fmt.size_rate(max(victim_rates) if victim_rates else None)}"
+            )
+        self.query_one("#oom-victim-label", Static).update(label)
+        graph = self.query_one("#oom-victim-graph", Sparkline)
+        graph.data = rss or [0.0]
+        graph.display = bool(separate and victim)
