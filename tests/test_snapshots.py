@@ -68,3 +68,18 @@ def test_leaks_tab(snap_compare) -> None:
 
 def test_leak_stack(snap_compare) -> None:
     assert snap_compare(app(), terminal_size=SIZE, press=["L", "enter"])
+
+
+def test_oom_notification(snap_compare) -> None:
+    """A kill arriving while another tab is shown: a toast naming the victim, and the header counter."""
+    from dataclasses import replace
+
+    from memtop.app import SnapshotReady
+
+    async def a_new_kill(pilot) -> None:  # type: ignore[no-untyped-def]
+        await pilot.pause()
+        snap = pilot.app.snapshot
+        pilot.app.post_message(SnapshotReady(replace(snap, oom_kills_seen=snap.oom_kills_seen + 1)))
+        await pilot.pause()
+
+    assert snap_compare(app(), terminal_size=SIZE, run_before=a_new_kill)
