@@ -34,6 +34,11 @@ CHAIN_FINAL_SIZE = 16 * 13 * 100
 CHURN_ROUNDS, CHURN_PER_ROUND = 200, 100
 
 PIPES = 1000
+# The stack map is a hash of 2**k buckets and a stack whose bucket is taken is lost (counted as a
+# stack collision, as in bcc's memleak). Addresses move with (K)ASLR, so each boot is a fresh draw: with
+# about 90 stacks stored, the product's 16384 buckets lose a given new stack about 0.5 % of the time.
+# These tests are about tracking, not sizing: 4x the buckets makes that four times rarer.
+STACKS = 1 << 16
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ def leaky(leaky_binary: Path) -> Iterator[Driven]:
 def test_user_probe_finds_the_leaks_and_not_the_freed_blocks(leaky: Driven) -> None:
     from memtop.probes.leaks import UserLeakProbe
 
-    probe = UserLeakProbe(leaky.pid)
+    probe = UserLeakProbe(leaky.pid, max_stacks=STACKS)
     probe.start()
     ours = prog_ids_held_by(os.getpid())
     try:
@@ -209,7 +214,7 @@ def test_user_probe_in_a_chroot_probes_the_process_own_libc(leaky_binary: Path, 
         pytest.fail("chroot (coreutils) is needed")
     inside = chroot_with(leaky_binary, tmp_path)
     child = Driven(["chroot", str(tmp_path), str(inside)])
-    probe = UserLeakProbe(child.pid)
+    probe = UserLeakProbe(child.pid, max_stacks=STACKS)
     try:
         probe.start()
         assert probe.allocator.startswith(str(tmp_path)), probe.allocator  # the copy, as maps names it
@@ -226,7 +231,7 @@ def test_user_probe_in_a_chroot_probes_the_process_own_libc(leaky_binary: Path, 
 def test_user_probe_sampling_scales_the_estimate(leaky: Driven) -> None:
     from memtop.probes.leaks import UserLeakProbe
 
-    probe = UserLeakProbe(leaky.pid, sample_every=4)
+    probe = UserLeakProbe(leaky.pid, sample_every=4, max_stacks=STACKS)
     probe.start()
     try:
         assert leaky.send("run") == "ran"
@@ -289,7 +294,9 @@ def pipe_holder() -> Iterator[Driven]:
 def test_kernel_probe_sees_pipes_held_open_and_their_release(pipe_holder: Driven) -> None:
     from memtop.probes.leaks import KernelLeakProbe
 
-    probe = KernelLeakProbe(sample_every=1, age_scan_budget=1.0)  # ages from a fresh scan at every read
+    probe = KernelLeakProbe(
+        sample_every=1, age_scan_budget=1.0, max_stacks=STACKS
+    )  # ages from a fresh scan at every read
     probe.start()
     ours = prog_ids_held_by(os.getpid())
     try:
@@ -353,7 +360,7 @@ def test_kernel_probe_page_level() -> None:
     from memtop.probes.leaks import KernelLeakProbe
 
     child = Driven([sys.executable, "-c", PAGE_HOLDER % PAGE_BYTES])
-    probe = KernelLeakProbe(sample_every=1, page_level=True)
+    probe = KernelLeakProbe(sample_every=1, page_level=True, max_stacks=STACKS)
     try:
         probe.start()
         assert child.send("map") == "mapped"
@@ -378,7 +385,7 @@ def test_kernel_probe_page_level() -> None:
 def test_kernel_probe_sampled_estimate(pipe_holder: Driven) -> None:
     from memtop.probes.leaks import KernelLeakProbe
 
-    probe = KernelLeakProbe(sample_every=4)
+    probe = KernelLeakProbe(sample_every=4, max_stacks=STACKS)
     probe.start()
     try:
         assert pipe_holder.send("open") == "opened"

@@ -29,6 +29,8 @@ async def press(pilot: Pilot, *keys: str) -> None:
     apply a filter or rebuild a table than the next line of the test is to look at it."""
     await pilot.press(*keys)
     await pilot.pause()
+    await pilot.app.workers.wait_for_complete()  # a refresh a key started (a thread worker)
+    await pilot.pause()
 
 
 def make_app(tmp_path: Path | None = None) -> MemtopApp:

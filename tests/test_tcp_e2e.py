@@ -319,14 +319,23 @@ def test_every_connect_is_sent_at_slow_threshold_zero_with_host_order_ports_and_
     assert all(e.saddr == e.daddr == "127.0.0.1" and not e.failed and e.reason == "" for e in events)
 
 
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows of this network namespace: SYNs dropped because an accept queue was full."""
+    header, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()[:2]]
+    return int(values[header.index("ListenOverflows")])
+
+
 def test_a_syn_dropped_by_a_full_accept_queue_is_a_slow_connect_of_about_a_second(observer: Observer) -> None:
     listener = Listener(backlog=0, accept=False)
     filler = socket.create_connection(("127.0.0.1", listener.port))  # the one queue slot is now taken
     accepted: list[socket.socket] = []
     try:
         with clients({"host": "127.0.0.1", "port": listener.port, "family": 4, "count": 1}) as (client,):
+            dropped = listen_overflows()
             client.go()
-            time.sleep(0.3)  # the client's first SYN is dropped meanwhile
+            deadline = time.monotonic() + 10
+            while listen_overflows() == dropped and time.monotonic() < deadline:  # its first SYN, dropped
+                time.sleep(0.01)
             accepted.append(listener.sock.accept()[0])  # room for the retransmitted SYN
             result = client.result()
             # It really waited for a retransmit (the initial RTO is 1 s).

@@ -171,8 +171,10 @@ class OomProbe(Probe):
         self._tracker.prime()
         self._boot_offset = time.time() - time.monotonic()
         super().start()
-        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        # A consume reads the rings in the order they were opened: mkdirs first, so that a kill read in
+        # the same pass as its cgroup's creation finds the cgroup's path already known.
         self.bpf[b"cgroup_events"].open_ring_buffer(self._on_cgroup_event)
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
         self._fill_task_map()
         # The backlog is read after attaching (so no kill falls between the two); the same reader then
         # follows the log for the summary lines the kernel prints just before marking each victim.
