@@ -85,9 +85,10 @@ def test_kill_in_a_kubepods_container_is_attributed_in_the_snapshot(script: str)
         memory = [point[3] for point in event["history"] if point[3] is not None]
         assert len(memory) >= 3, event["history"]
         assert memory[-1] > memory[0] + 8 * (1 << 20), memory  # it grew by more than 8 MiB before the kill
-        # ... and the victim's own RSS alongside, over the same minute
+        # ... and the victim's own RSS alongside, over the same minute. From its smallest: a tick can land
+        # between fork and exec, when the child still has pytest's RSS (seen: 143 MiB, then 14 MiB).
         rss = [point[3] for point in event["victim_history"] if point[3] is not None]
-        assert len(rss) >= 3 and rss[-1] > rss[0] + 8 * (1 << 20), event["victim_history"]
+        assert len(rss) >= 3 and rss[-1] > min(rss) + 8 * (1 << 20), event["victim_history"]
 
 
 @pytest.mark.parametrize("v2", [True, False], ids=["v1-and-cgroup2", "v1-only"])
