@@ -123,7 +123,7 @@ def start_workload(workload: Workload, seconds: float) -> subprocess.Popen[str]:
 
 
 def finish_workload(proc: subprocess.Popen[str], seconds: float) -> tuple[int, float]:
-    """Wait for the workload; (iterations, elapsed seconds) as it measured them."""
+    """Wait for a workload printing "<count> <seconds>"; (count, elapsed seconds) as it measured them."""
     try:
         out, err = proc.communicate(timeout=seconds + 60)
     except BaseException:
@@ -133,10 +133,10 @@ def finish_workload(proc: subprocess.Popen[str], seconds: float) -> tuple[int, f
     if proc.returncode != 0:
         raise BenchError(f"workload exited with {proc.returncode}: {_last_line(err)}")
     try:
-        iterations, elapsed = out.split()
-        return int(iterations), float(elapsed)
+        count, elapsed = out.split()
+        return int(count), float(elapsed)
     except ValueError:
-        raise BenchError(f"workload printed {out!r}, expected '<iterations> <seconds>'") from None
+        raise BenchError(f"workload printed {out!r}, expected '<count> <seconds>'") from None
 
 
 def run_workload(workload: Workload, seconds: float) -> tuple[int, float]:
@@ -228,8 +228,8 @@ class RunTimeStats:
             self.sysctl_old = None
 
 
-def own_prog_ids() -> dict[str, int]:
-    """This process's programs by tracepoint name, from `bpftool perf list`.
+def own_prog_ids(required: str = "kmalloc") -> dict[str, int]:
+    """This process's programs by tracepoint name, from `bpftool perf list`; `required` must be one.
 
     bpftool's `prog show` names are unreliable to match: BCC drops the `tracepoint__` prefix of names
     longer than the kernel's 15 characters, so the kmalloc program shows up as `kmem__kmalloc`, while the
@@ -238,17 +238,17 @@ def own_prog_ids() -> dict[str, int]:
     """
     pid = os.getpid()
     ids = {a["tracepoint"]: int(a["prog_id"]) for a in tracepoint_attachments() if a.get("pid") == pid}
-    if "kmalloc" not in ids:
-        raise BenchError(f"no BPF program of this process is attached to kmem:kmalloc (bpftool saw {ids})")
+    if required not in ids:
+        raise BenchError(f"no BPF program of this process is attached to {required} (bpftool saw {ids})")
     return ids
 
 
-def foreign_attachments() -> list[str]:
+def foreign_attachments(watched: tuple[str, ...] = WATCHED_TRACEPOINTS) -> list[str]:
     """Other processes' BPF programs on the tracepoints we measure: they would skew every mode."""
     pid = os.getpid()
     by_pid: dict[Any, set[str]] = {}
     for a in tracepoint_attachments():
-        if a.get("pid") != pid and a.get("tracepoint") in WATCHED_TRACEPOINTS:
+        if a.get("pid") != pid and a.get("tracepoint") in watched:
             by_pid.setdefault(a.get("pid"), set()).add(str(a.get("tracepoint")))
     found = [f"pid {p} on {','.join(sorted(tps))}" for p, tps in sorted(by_pid.items(), key=str)]
     enable = Path("/sys/kernel/tracing/events/kmem/kmalloc/enable")

@@ -39,13 +39,17 @@ from kmalloc_bench import (  # noqa: E402  (the sibling script, found through th
     PeriodicReader,
     RunTimeStats,
     _last_line,
+    _num,
+    finish_workload,
+    foreign_attachments,
     int_in,
     loaded_prog_ids,
+    log,
     machine,
     machine_line,
+    own_prog_ids,
     positive_float,
     prog_stats,
-    tracepoint_attachments,
 )
 
 DEFAULT_ATTEMPTS = 3
@@ -157,45 +161,11 @@ def start_workload(binary: Path, seconds: float) -> subprocess.Popen[str]:
     )
 
 
-def finish_workload(proc: subprocess.Popen[str], seconds: float) -> tuple[int, float]:
-    try:
-        out, err = proc.communicate(timeout=seconds + 60)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise BenchError(f"workload exited with {proc.returncode}: {_last_line(err)}")
-    try:
-        connects, elapsed = out.split()
-        return int(connects), float(elapsed)
-    except ValueError:
-        raise BenchError(f"workload printed {out!r}, expected '<connects> <seconds>'") from None
-
-
 def run_workload(binary: Path, seconds: float) -> tuple[int, float]:
     return finish_workload(start_workload(binary, seconds), seconds)
 
 
 # -- attachments ---------------------------------------------------------------------------------------
-
-
-def own_prog_ids() -> dict[str, int]:
-    """This process's programs by tracepoint event name (see kmalloc_bench.own_prog_ids for why)."""
-    pid = os.getpid()
-    ids = {a["tracepoint"]: int(a["prog_id"]) for a in tracepoint_attachments() if a.get("pid") == pid}
-    if "inet_sock_set_state" not in ids:
-        raise BenchError(f"no BPF program of this process is on sock:inet_sock_set_state (bpftool saw {ids})")
-    return ids
-
-
-def foreign_attachments() -> list[str]:
-    pid = os.getpid()
-    by_pid: dict[Any, set[str]] = {}
-    for a in tracepoint_attachments():
-        if a.get("pid") != pid and a.get("tracepoint") in WATCHED_TRACEPOINTS:
-            by_pid.setdefault(a.get("pid"), set()).add(str(a.get("tracepoint")))
-    return [f"pid {p} on {','.join(sorted(tps))}" for p, tps in sorted(by_pid.items(), key=str)]
 
 
 def probe_class() -> Any:
@@ -233,9 +203,9 @@ class Run:
 
 
 def run_none(binary: Path, seconds: float, round_no: int) -> Run:
-    foreign = foreign_attachments()
+    foreign = foreign_attachments(WATCHED_TRACEPOINTS)
     connects, elapsed = run_workload(binary, seconds)
-    foreign += foreign_attachments()
+    foreign += foreign_attachments(WATCHED_TRACEPOINTS)
     return Run(NONE, round_no, connects, elapsed, connects / elapsed, foreign=sorted(set(foreign)))
 
 
@@ -244,9 +214,9 @@ def run_probe(binary: Path, seconds: float, round_no: int, with_stats: bool, all
     reader = PeriodicReader(probe)
     try:
         probe.start()
-        ids = own_prog_ids()
+        ids = own_prog_ids("inet_sock_set_state")
         all_ids.update(ids.values())
-        foreign = foreign_attachments()
+        foreign = foreign_attachments(WATCHED_TRACEPOINTS)
         reader.start()
         before = prog_stats(set(ids.values()))
         t0 = time.monotonic()
@@ -254,7 +224,7 @@ def run_probe(binary: Path, seconds: float, round_no: int, with_stats: bool, all
         connects, elapsed = finish_workload(proc, seconds)
         window = time.monotonic() - t0
         after = prog_stats(set(ids.values()))
-        foreign = sorted(set(foreign + foreign_attachments()))
+        foreign = sorted(set(foreign + foreign_attachments(WATCHED_TRACEPOINTS)))
         main_id = ids["inet_sock_set_state"]
         if not with_stats and after[main_id].run_cnt > before[main_id].run_cnt:
             foreign.append("BPF run-time stats on (kernel.bpf_stats_enabled=1 or another BPF_ENABLE_STATS)")
@@ -362,10 +332,6 @@ def summarize(runs: list[Run]) -> Summary:
     )
 
 
-def _num(value: float | None, fmt: str = ",.0f") -> str:
-    return "–" if value is None else format(value, fmt)
-
-
 def markdown(summary: Summary) -> str:
     lines = [
         "| mode | connects/s (median) | slowdown % | slowdown % (median of rounds) | added ns/connect |",
@@ -406,10 +372,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every run and the summary here")
     return parser.parse_args(argv)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _progress(run: Run) -> str:
