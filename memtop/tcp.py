@@ -16,7 +16,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 LATENCY_BUCKETS = 32  # up to [2**30, 2**31) us, about 36 minutes: longer latencies land in the last bucket
 GROUP_BY = ("destination", "process", "container")
@@ -209,6 +209,31 @@ def percentile(histogram: Iterable[tuple[int, int]], q: float, max_us: float | N
     return value
 
 
+class _Percentiles(TypedDict):
+    p50_us: float | None
+    p90_us: float | None
+    p99_us: float | None
+    interval_p50_us: float | None
+    interval_p90_us: float | None
+    interval_p99_us: float | None
+    interval_max_us: float | None
+
+
+def _percentiles(
+    histogram: tuple[tuple[int, int], ...], interval_histogram: tuple[tuple[int, int], ...], max_us: int
+) -> _Percentiles:
+    """A row's percentile fields: since start and over the last interval, capped at the true max."""
+    return {
+        "p50_us": percentile(histogram, 50, max_us),
+        "p90_us": percentile(histogram, 90, max_us),
+        "p99_us": percentile(histogram, 99, max_us),
+        "interval_p50_us": percentile(interval_histogram, 50, max_us),
+        "interval_p90_us": percentile(interval_histogram, 90, max_us),
+        "interval_p99_us": percentile(interval_histogram, 99, max_us),
+        "interval_max_us": percentile(interval_histogram, 100, max_us),
+    }
+
+
 # -- rows and the aggregator ------------------------------------------------------------------------------
 
 
@@ -354,14 +379,8 @@ class TcpAggregator:
             failed=totals.failed,
             connects_per_s=interval[0] / elapsed if elapsed > 0 else 0.0,
             failed_per_s=interval[1] / elapsed if elapsed > 0 else 0.0,
-            p50_us=percentile(histogram, 50, max_us),
-            p90_us=percentile(histogram, 90, max_us),
-            p99_us=percentile(histogram, 99, max_us),
             max_us=max_us,
-            interval_p50_us=percentile(interval_histogram, 50, max_us),
-            interval_p99_us=percentile(interval_histogram, 99, max_us),
-            interval_p90_us=percentile(interval_histogram, 90, max_us),
-            interval_max_us=percentile(interval_histogram, 100, max_us),
+            **_percentiles(histogram, interval_histogram, max_us),
             histogram=histogram,
             interval_histogram=interval_histogram,
             syn_retransmits=totals.syn_retransmits,
@@ -443,14 +462,8 @@ def _merge(rows: list[TcpRow]) -> TcpRow:
         failed=sum(r.failed for r in rows),
         connects_per_s=sum(r.connects_per_s for r in rows),
         failed_per_s=sum(r.failed_per_s for r in rows),
-        p50_us=percentile(histogram, 50, max_us),
-        p90_us=percentile(histogram, 90, max_us),
-        p99_us=percentile(histogram, 99, max_us),
         max_us=max_us,
-        interval_p50_us=percentile(interval_histogram, 50, max_us),
-        interval_p99_us=percentile(interval_histogram, 99, max_us),
-        interval_p90_us=percentile(interval_histogram, 90, max_us),
-        interval_max_us=percentile(interval_histogram, 100, max_us),
+        **_percentiles(histogram, interval_histogram, max_us),
         histogram=histogram,
         interval_histogram=interval_histogram,
         syn_retransmits=sum(r.syn_retransmits for r in rows),
