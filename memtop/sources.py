@@ -28,6 +28,7 @@ from memtop.store import HostInfo, ProcessKey, Snapshot, Store
 
 if TYPE_CHECKING:
     from memtop.probes.base import Probe
+    from memtop.probes.leaks import UserLeakProbe
 
 R = TypeVar("R")
 
@@ -103,15 +104,18 @@ class LiveSource:
     def start(self) -> None:
         """Start every probe; one that fails is marked with its reason. Raises if none could start, or
         if what was asked for cannot be done (--leaks-pid); then every probe started is detached."""
-        if self.config.leaks_pid is not None and not Path(f"/proc/{self.config.leaks_pid}").exists():
-            raise MemtopError(f"--leaks-pid: no process with PID {self.config.leaks_pid}")  # before compiling
+        user_leaks = None
+        if self.config.leaks_pid is not None:
+            from memtop.probes.leaks import UserLeakProbe
+
+            user_leaks = UserLeakProbe(self.config.leaks_pid)  # checks the PID before anything compiles
         try:
-            self._start()
+            self._start(user_leaks)
         except BaseException:
             self.close()
             raise
 
-    def _start(self) -> None:
+    def _start(self, user_leaks: UserLeakProbe | None) -> None:
         errors = []
         for probe in self.probes:
             try:
@@ -125,8 +129,8 @@ class LiveSource:
         if self.oom.running:
             self.store.add_oom_backlog(self._attribute_oom(e) for e in self.oom.backlog())
         self.store.leak_older_s = self.config.older_s
-        if self.config.leaks_pid is not None:
-            self.start_user_leaks(self.config.leaks_pid)
+        if user_leaks is not None:
+            self._track_user_leaks(user_leaks)
         if self.tcp.running:
             self.store.tcp_slow_ms = self.config.tcp_slow_ms
             if self.config.tcp_pids:
@@ -213,12 +217,14 @@ class LiveSource:
         (one line) when it cannot: no such process, no allocator found, uprobes refused."""
         from memtop.probes.leaks import UserLeakProbe
 
-        probe = UserLeakProbe(pid)  # validates the pid before compiling anything
+        self._track_user_leaks(UserLeakProbe(pid))  # validates the pid before compiling anything
+
+    def _track_user_leaks(self, probe: UserLeakProbe) -> None:
         probe.start()  # compiles outside the lock: ticks go on meanwhile
         with self._lock:
             self._stop_user_leaks()
             self.user_leaks = probe
-            self.store.leak_user_pid = pid
+            self.store.leak_user_pid = probe.pid
             self.store.probes[probe.name] = probe.status
 
     def stop_user_leaks(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -142,6 +143,21 @@ def test_leaks_pid_without_an_allocator_detaches_everything_and_says_one_line() 
     """A kernel thread maps no malloc: refused after the other probes started. They are detached before
     the exit (the OOM probe's poll thread printed errors when they were not)."""
     assert_one_line_error(run("--leaks-pid", "2"), "no malloc/free found in the objects process 2 has mapped")
+
+
+@pytest.mark.bpf
+def test_leaks_pid_of_a_running_process_is_tracked_from_the_start(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        out = tmp_path / "s.json"
+        result = run("snapshot", "--leaks-pid", str(sleeper.pid), "--duration", "1", "-o", str(out))
+        assert result.returncode == 0, result.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    doc = json.loads(out.read_text())
+    assert doc["leak_user_pid"] == sleeper.pid
+    assert doc["probes"]["leaks-user"]["status"] == "running", doc["probes"]
 
 
 def test_dump_bpf_shows_every_program_live_mode_loads() -> None:
