@@ -7,7 +7,9 @@ controller). Detection is a pure function of the mounts text so every layout can
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -113,3 +115,31 @@ def proc_cgroup_paths(text: str) -> tuple[str, str]:
         elif "memory" in controllers.split(",") and not memory:
             memory = path
     return memory, unified
+
+
+def running_cgroup_ids(
+    root: str, hierarchy: Literal["memory", "unified"], proc_root: str = "/proc"
+) -> Iterator[tuple[int, int, str]]:
+    """(pid, cgroup id, path) of every process running now, in the memory controller's hierarchy or the
+    cgroup2 one mounted at `root`. The id is the cgroup directory's inode number: what the kernel's
+    tracepoints and bpf_get_current_cgroup_id() call it. Processes that exit, or whose cgroup is removed,
+    while we look are left out. For probes that must know the processes that predate their attach."""
+    ids_by_path: dict[str, int] = {}
+    for entry in os.scandir(proc_root):
+        if not entry.name.isdigit():
+            continue
+        try:
+            memory, unified = proc_cgroup_paths(Path(entry.path, "cgroup").read_text())
+        except OSError:
+            continue
+        path = memory if hierarchy == "memory" else unified
+        if not path:
+            continue
+        cgroup_id = ids_by_path.get(path)
+        if cgroup_id is None:
+            try:
+                cgroup_id = os.stat(os.path.join(root, path.lstrip("/")), follow_symlinks=False).st_ino
+            except (OSError, ValueError):
+                continue
+            ids_by_path[path] = cgroup_id
+        yield int(entry.name), cgroup_id, path

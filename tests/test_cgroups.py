@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from memtop.cgroups import CgroupLayout, current_layout, detect_layout, hierarchy_id
+import os
+from pathlib import Path
+
+from memtop.cgroups import CgroupLayout, current_layout, detect_layout, hierarchy_id, running_cgroup_ids
 
 V2 = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
@@ -91,3 +94,31 @@ def test_memory_hierarchy_id() -> None:
     assert hierarchy_id("#subsys_name\thierarchy\n") == 0  # no memory controller at all
     assert hierarchy_id("memory\tx\t1\t1\n") == 0  # garbage
     assert hierarchy_id("memoryless\t4\t1\t1\n") == 0
+
+
+def test_running_cgroup_ids_of_each_hierarchy(tmp_path: Path) -> None:
+    proc, memory, unified = tmp_path / "proc", tmp_path / "memory", tmp_path / "unified"
+    for d in (memory / "docker" / "abc", unified / "user.slice"):
+        d.mkdir(parents=True)
+    for pid, text in {
+        "10": "4:memory:/docker/abc\n0::/user.slice\n",
+        "11": "4:memory:/docker/abc\n0::/user.slice\n",
+        "12": "4:memory:/gone\n0::/\n",  # its memory cgroup was removed meanwhile
+        "13": "0::/user.slice\n",  # no v1 memory line (a pure cgroup2 view)
+    }.items():
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "cgroup").write_text(text)
+    (proc / "self").mkdir()  # not a pid
+    (proc / "14").mkdir()  # exited: no cgroup file
+    docker = os.stat(memory / "docker" / "abc").st_ino
+    assert sorted(running_cgroup_ids(str(memory), "memory", str(proc))) == [
+        (10, docker, "/docker/abc"),
+        (11, docker, "/docker/abc"),
+    ]
+    slice_id, root_id = os.stat(unified / "user.slice").st_ino, os.stat(unified).st_ino
+    assert sorted(running_cgroup_ids(str(unified), "unified", str(proc))) == [
+        (10, slice_id, "/user.slice"),
+        (11, slice_id, "/user.slice"),
+        (12, root_id, "/"),
+        (13, slice_id, "/user.slice"),
+    ]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from memtop import tracefs
-from memtop.cgroups import proc_cgroup_paths
+from memtop.cgroups import running_cgroup_ids
 from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
@@ -142,29 +140,24 @@ class KmallocProbe(Probe):
         depth = self.bpf[b"irq_depth"]
         depth[depth.Key(0)] = depth.Leaf()
 
-    def _seed_memcg(self, proc_root: Path = Path("/proc")) -> None:
+    def _seed_memcg(self) -> None:
         """Enter the processes that were running before the attach: their memory cgroup from /proc.
 
         Runs after the attach, so a process created meanwhile already has an entry (inherited or moved):
-        it is left alone, and so is one whose /proc entry vanished or changed under us.
+        it is left alone.
         """
         assert self.v1_memory_root is not None
         table = self.bpf[b"memcg_of"]
         known = {key for key, _ in map_items(table)}
         seeded = 0
-        for entry in os.scandir(proc_root):
-            if not entry.name.isdigit() or int(entry.name) in known:
+        for pid, memcg_id, _path in running_cgroup_ids(self.v1_memory_root, "memory"):
+            if pid in known:
                 continue
             try:
-                memory_path, _ = proc_cgroup_paths(Path(entry.path, "cgroup").read_text())
-                if not memory_path:
-                    continue
-                ino = os.stat(self.v1_memory_root + memory_path.rstrip("/"), follow_symlinks=False).st_ino
-            except (OSError, ValueError):
-                continue  # exited, or its cgroup was removed, while we looked
-            with contextlib.suppress(Exception):  # the map is full: counted by the kernel side too
-                table[table.Key(int(entry.name))] = table.Leaf(ino)
-                seeded += 1
+                table[table.Key(pid)] = table.Leaf(memcg_id)
+            except Exception:  # the map is full (MAX_TASKS): the rest are placed from /proc while they run
+                break
+            seeded += 1
         self.memcg_seeded = seeded
 
     def describe(self) -> str:

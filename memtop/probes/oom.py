@@ -12,12 +12,10 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from memtop import cgroups, tracefs
@@ -202,22 +200,9 @@ class OomProbe(Probe):
         if self._v2_root is None or self.bpf is None:
             return
         table = self.bpf[b"task_cgroups"]
-        ids_by_path: dict[str, int] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            _memory, unified = memory_cgroup_of(pid)
-            if not unified:
-                continue
-            cgroup_id = ids_by_path.get(unified)
-            if cgroup_id is None:
-                try:
-                    cgroup_id = os.stat(Path(self._v2_root) / unified.lstrip("/")).st_ino
-                except OSError:
-                    continue
-                ids_by_path[unified] = cgroup_id
-                self._remember_cgroup(cgroup_id, unified)
+        for pid, cgroup_id, path in cgroups.running_cgroup_ids(self._v2_root, "unified"):
+            if cgroup_id not in self._known_paths:
+                self._remember_cgroup(cgroup_id, path)
             key = table.Key(pid)
             try:
                 table[key]  # an exec/fork since attaching already told us
