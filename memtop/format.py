@@ -57,18 +57,12 @@ def short_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def clock(ts: float | None) -> str:
-    """Local wall-clock time of a timestamp, to the millisecond."""
+def clock(ts: float | None, millis: bool = True) -> str:
+    """Local wall-clock time of a timestamp, to the millisecond (or the second); "-" when none."""
     if ts is None:
         return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3]
-
-
-def time_of_day(ts: float | None) -> str:
-    """Local wall-clock time of a timestamp, to the second ("-" when none)."""
-    if ts is None:
-        return "-"
-    return dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+    text = dt.datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")
+    return text[:-3] if millis else text[:8]
 
 
 def datetime(ts: float | None) -> str:

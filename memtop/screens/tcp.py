@@ -80,7 +80,7 @@ TCP_COLUMNS: tuple[Column, ...] = (
     Column("p50_us", "P50", lambda v: right(latency(v.p50_us)), width=9),
     Column("p99_us", "P99", lambda v: right(latency(v.p99_us)), width=9),
     Column("max_us", "MAX", lambda v: right(latency(v.max_us if v.histogram else None)), width=9),
-    Column("last_slow_at", "LAST SLOW", lambda v: right(fmt.time_of_day(v.last_slow_at)), width=10),
+    Column("last_slow_at", "LAST SLOW", lambda v: right(fmt.clock(v.last_slow_at, millis=False)), width=10),
 )
 
 
