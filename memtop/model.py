@@ -22,6 +22,7 @@ class KmallocCounters:
     cgroup_id: int = 0  # cgroup2 id at the process's first kmalloc or its last exec (0: unknown)
     cgroup_path: str = ""  # the kernel's ids resolved to the path to attribute by ("" if unknown)
     memcg_id: int = 0  # the cgroup v1 memory cgroup's id, at the same moments (0: not followed/unknown)
+    execs: int = 0  # execs the kernel counted for the process since its entry was made (names change)
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ class FocusReading:
 
 @dataclass(frozen=True)
 class ProbeStatus:
-    status: str  # "running", "disabled", "error", "replay"
+    status: str  # "starting", "running", "disabled", "error", "stopped", "replay"
     detail: str = ""
+    since: float | None = None  # when it attached (seconds since the epoch): its counts start there
 
 
 @dataclass(frozen=True)
@@ -92,4 +94,6 @@ class ProcInfo:
     threads: int | None = None
     cgroup_path: str = ""
     container: ContainerRef | None = None  # from every line of /proc/PID/cgroup (None: the host)
+    ppid: int = 0
+    kernel_thread: bool = False  # a kernel thread (no user memory: rss_bytes stays None)
     extra: dict[str, str] = field(default_factory=dict)

@@ -1,15 +1,38 @@
-"""What /proc says about a process (psutil), read by the live source on each tick. Never used by views."""
+"""Every live process, read from /proc at a cost that stays flat per tick. Never used by views.
+
+A busy container host runs thousands of processes, and every /proc file a tracer opens costs the kernel a
+seq_file page (a 4 KiB kmalloc) and a path walk: reading each process's files on every tick made memtop
+the busiest kmalloc user of the host it watched. So:
+
+- what does not change for a process identity (PID, start time) is read once: name and start time from
+  /proc/PID/stat, the command line from /proc/PID/cmdline, the owner from the /proc/PID inode, the cgroup
+  from /proc/PID/cgroup (again when the kernel says the process was moved or exec'd);
+- what changes (RSS, VMS) comes from /proc/PID/statm through a file descriptor kept open for the process's
+  life and re-read with pread() at offset 0: the seq_file keeps its buffer, so a tick allocates nothing in
+  the kernel. The descriptor pins the process's struct pid, so a read after the process was reaped fails
+  with ESRCH even when the PID number has been reused: that is how an exit is seen;
+- the list of PIDs is one readdir of /proc per tick.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+import errno
+import os
+import pwd
+import resource
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
-
-import psutil
 
 from memtop.cgroups import proc_cgroup_paths
 from memtop.containers import ContainerRef, container_of_proc_cgroup
 from memtop.model import ProcInfo
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PF_KTHREAD = 0x00200000  # task flags bit of kernel threads (/proc/PID/stat field 9; stable uapi-visible)
+FD_RESERVE = 512  # descriptors left for everything else (BPF maps and programs, the terminal, files)
 
 
 def cgroup_of(pid: int, proc_root: Path = Path("/proc")) -> tuple[str, ContainerRef | None]:
@@ -28,82 +51,315 @@ def parse_proc_cgroup(text: str) -> str:
     return memory or unified
 
 
-class ProcReader:
-    """Reads ProcInfo for PIDs, caching psutil handles so static fields are read once per process."""
+@dataclass(frozen=True)
+class StatFields:
+    """The fields memtop takes from /proc/PID/stat (proc(5))."""
 
-    def __init__(self) -> None:
-        self._cache: dict[int, tuple[psutil.Process, ProcInfo]] = {}
-        self._cgroup_ids: dict[int, tuple[int, int]] = {}
-
-    def read(self, pid: int, cgroup_ids: tuple[int, int] = (0, 0)) -> ProcInfo | None:
-        """Fresh info for `pid`, or None if no such process is running now.
-
-        Static fields are read once per process; its cgroup again whenever `cgroup_ids` (the kernel's
-        view: cgroup2 id and v1 memory cgroup id, refreshed at exec) change, since runtimes move a process
-        into its container's cgroup after fork.
-        """
-        cached = self._cache.get(pid)
-        try:
-            if cached is not None:
-                proc, static = cached
-                if not proc.is_running():  # gone, or the PID now belongs to another process
-                    del self._cache[pid]
-                    return self.read(pid, cgroup_ids)
-                if any(cgroup_ids) and self._cgroup_ids.get(pid, cgroup_ids) != cgroup_ids:
-                    path, container = cgroup_of(pid)
-                    static = replace(static, cgroup_path=path, container=container)
-                    self._cache[pid] = (proc, static)
-                self._cgroup_ids[pid] = cgroup_ids
-            else:
-                proc = psutil.Process(pid)
-                path, container = cgroup_of(pid)
-                with proc.oneshot():
-                    static = ProcInfo(
-                        pid=pid,
-                        start_time=proc.create_time(),
-                        comm=proc.name(),
-                        cmdline=" ".join(proc.cmdline()),
-                        user=_username(proc),
-                        cgroup_path=path,
-                        container=container,
-                    )
-                self._cache[pid] = (proc, static)
-                self._cgroup_ids[pid] = cgroup_ids
-            with proc.oneshot():
-                state = proc.status()
-                if state == psutil.STATUS_ZOMBIE:  # it has exited; only its parent has not reaped it yet
-                    self.forget(pid)
-                    return None
-                mem = proc.memory_info()
-                return ProcInfo(
-                    pid=pid,
-                    start_time=static.start_time,
-                    comm=static.comm,
-                    cmdline=static.cmdline,
-                    user=static.user,
-                    state=state,
-                    rss_bytes=mem.rss,
-                    vms_bytes=mem.vms,
-                    threads=proc.num_threads(),
-                    cgroup_path=static.cgroup_path,
-                    container=static.container,
-                )
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            self.forget(pid)
-            return None
-        except psutil.AccessDenied:
-            return None
-
-    def forget(self, pid: int) -> None:
-        self._cache.pop(pid, None)
-        self._cgroup_ids.pop(pid, None)
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    threads: int
+    start_ticks: int  # clock ticks after boot
 
 
-def _username(proc: psutil.Process) -> str:
+def parse_stat(text: str) -> StatFields | None:
+    """/proc/PID/stat text -> its fields; None when it is not one. The name is between the first '(' and
+    the LAST ')' (a name may itself contain ') ')."""
+    open_, close = text.find("("), text.rfind(")")
+    if open_ < 0 or close < open_:
+        return None
+    rest = text[close + 2 :].split()
     try:
-        return proc.username()
-    except (KeyError, psutil.Error):  # a uid with no passwd entry (common inside containers)
+        # rest[0] is field 3 (state); field N is rest[N - 3]
+        return StatFields(
+            comm=text[open_ + 1 : close],
+            state=rest[0],
+            ppid=int(rest[1]),
+            flags=int(rest[6]),
+            threads=int(rest[17]),
+            start_ticks=int(rest[19]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def parse_statm(data: bytes) -> tuple[int, int] | None:
+    """/proc/PID/statm -> (vms bytes, rss bytes); None when it is not one."""
+    fields = data.split(None, 2)
+    try:
+        return int(fields[0]) * PAGE_SIZE, int(fields[1]) * PAGE_SIZE
+    except (IndexError, ValueError):
+        return None
+
+
+_STATE_NAMES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "disk-sleep",
+    "T": "stopped",
+    "t": "tracing-stop",
+    "Z": "zombie",
+    "X": "dead",
+    "I": "idle",
+    "P": "parked",
+    "W": "waking",
+}
+
+
+def boot_time(proc_root: Path = Path("/proc")) -> float:
+    """The boot time in seconds since the epoch (/proc/stat btime), as psutil computes it."""
+    try:
+        for line in (proc_root / "stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit towards `wanted` (never above the hard limit); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
         try:
-            return str(proc.uids().real)
-        except psutil.Error:
-            return ""
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+@dataclass
+class _Proc:
+    info: ProcInfo
+    statm_fd: int = -1  # -1: no descriptor kept (over the budget): open and close per read
+    kernel_ids: tuple[int, int] = (0, 0)  # the kernel's (cgroup2 id, v1 memcg id) when last placed
+    kernel_name: tuple[int, str] | None = None  # the kernel's (exec count, name) when last named
+
+
+class ProcScanner:
+    """The live processes of this host, scanned once per tick (see the module docstring for the cost).
+
+    `scan()` returns {pid: ProcInfo} for every process alive now (kernel threads included, with no RSS),
+    zombies excluded (they have exited; only their parent has not reaped them). Not thread-safe: one
+    collector calls it.
+    """
+
+    def __init__(self, proc_root: Path = Path("/proc"), max_fds: int | None = None) -> None:
+        self.proc_root = proc_root
+        self._root = str(proc_root)
+        self._boot = boot_time(proc_root)
+        self._procs: dict[int, _Proc] = {}
+        self._users: dict[int, str] = {}
+        limit = raise_fd_limit(65536) if max_fds is None else max_fds + FD_RESERVE
+        self._fd_budget = max(0, limit - FD_RESERVE)
+        self._fds_open = 0
+        # Counters of the work done, for tests and the benchmark (the cost per tick must stay flat).
+        self.files_opened = 0
+        self.discovered = 0
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def close(self) -> None:
+        """Close every kept descriptor (safe to call twice)."""
+        for proc in self._procs.values():
+            self._drop_fd(proc)
+        self._procs.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - a safety net; close() is the API
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- the tick ---------------------------------------------------------------------------------------
+
+    def scan(
+        self,
+        kernel_ids: dict[int, tuple[int, int]] | None = None,
+        kernel_names: dict[int, tuple[int, str]] | None = None,
+    ) -> dict[int, ProcInfo]:
+        """Every live process now.
+
+        `kernel_ids` maps a tgid to the kernel's (cgroup2 id, v1 memory cgroup id) for it, `kernel_names`
+        to the kernel's (exec count, name): a change re-reads the process's cgroup, or its name and
+        command line (an exec replaces them; the kmalloc probe counts execs at sched:sched_process_exec).
+        """
+        kernel_ids = kernel_ids or {}
+        kernel_names = kernel_names or {}
+        try:
+            names = os.listdir(self._root)
+        except OSError:
+            return {}
+        listed: set[int] = set()
+        out: dict[int, ProcInfo] = {}
+        for name in names:
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            listed.add(pid)
+            proc = self._procs.get(pid)
+            if proc is not None:
+                info = self._refresh(pid, proc, kernel_ids.get(pid), kernel_names.get(pid))
+            else:
+                info = self._discover(pid, kernel_ids.get(pid), kernel_names.get(pid))
+            if info is not None:
+                out[pid] = info
+        for pid in [p for p in self._procs if p not in listed]:
+            self._forget(pid)
+        return out
+
+    def read(self, pid: int) -> ProcInfo | None:
+        """One process now (for a PID asked for by a user); None if it does not exist."""
+        proc = self._procs.get(pid)
+        if proc is not None:
+            return self._refresh(pid, proc, None, None)
+        return self._discover(pid, None, None)
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _refresh(
+        self, pid: int, proc: _Proc, ids: tuple[int, int] | None, name: tuple[int, str] | None
+    ) -> ProcInfo | None:
+        statm = self._read_statm(pid, proc)
+        if statm is None:  # reaped (ESRCH through the kept descriptor): maybe a new process has the PID
+            self._forget(pid)
+            return self._discover(pid, ids, name)
+        info = proc.info
+        if name is not None and name != proc.kernel_name and not self._same_name(proc, name):
+            fresh = self._read_static(pid)  # exec'd: a new name and command line
+            if fresh is None or fresh.start_time != info.start_time:
+                self._forget(pid)
+                return self._discover(pid, ids, name)
+            info = replace(info, comm=fresh.comm, cmdline=fresh.cmdline, user=fresh.user)
+            ids = ids or proc.kernel_ids
+            proc.kernel_ids = (-1, -1)  # re-place too: a runtime's exec follows its move into the cgroup
+        if ids is not None and any(ids) and ids != proc.kernel_ids:
+            path, container = cgroup_of(pid, self.proc_root)
+            self.files_opened += 1
+            info = replace(info, cgroup_path=path, container=container)
+            proc.kernel_ids = ids
+        vms, rss = statm
+        if not info.kernel_thread and rss == 0 and vms == 0:  # its mm is gone: a zombie or exiting
+            proc.info = info
+            return None
+        if rss != info.rss_bytes or vms != info.vms_bytes:
+            info = replace(info, rss_bytes=rss, vms_bytes=vms)
+        proc.info = info
+        return info
+
+    def _read_statm(self, pid: int, proc: _Proc) -> tuple[int, int] | None:
+        if proc.statm_fd < 0:
+            try:
+                with open(f"{self._root}/{pid}/statm", "rb") as f:
+                    self.files_opened += 1
+                    data = f.read()
+            except OSError:
+                return None
+            return parse_statm(data) or (0, 0)
+        try:
+            data = os.pread(proc.statm_fd, 256, 0)
+        except OSError as exc:
+            if exc.errno in (errno.ESRCH, errno.ENOENT, errno.EINVAL, errno.EIO):
+                return None
+            raise
+        return parse_statm(data) or (0, 0)
+
+    def _read_static(self, pid: int) -> ProcInfo | None:
+        base = f"{self._root}/{pid}"
+        try:
+            with open(f"{base}/stat", "rb") as f:
+                stat = parse_stat(f.read().decode("utf-8", "replace"))
+            with open(f"{base}/cmdline", "rb") as f:
+                raw = f.read()
+            uid = os.stat(base).st_uid
+        except OSError:
+            return None
+        finally:
+            self.files_opened += 2
+        if stat is None:
+            return None
+        kthread = bool(stat.flags & PF_KTHREAD)
+        cmdline = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+        return ProcInfo(
+            pid=pid,
+            start_time=self._boot + stat.start_ticks / CLOCK_TICKS,
+            comm=stat.comm,
+            cmdline=cmdline or (f"[{stat.comm}]" if kthread else ""),
+            user=self._user(uid),
+            state=_STATE_NAMES.get(stat.state, stat.state),
+            threads=stat.threads,
+            ppid=stat.ppid,
+            kernel_thread=kthread,
+        )
+
+    @staticmethod
+    def _same_name(proc: _Proc, name: tuple[int, str]) -> bool:
+        """Whether the kernel's (exec count, name), seen for the first time, says nothing new (records
+        it either way: a later change is an exec)."""
+        first = proc.kernel_name is None
+        proc.kernel_name = name
+        return first and name[1] == proc.info.comm[: len(name[1])]
+
+    def _discover(
+        self, pid: int, ids: tuple[int, int] | None, name: tuple[int, str] | None
+    ) -> ProcInfo | None:
+        static = self._read_static(pid)
+        if static is None or static.state == "zombie":
+            return None
+        path, container = cgroup_of(pid, self.proc_root)
+        self.files_opened += 1
+        info = replace(static, cgroup_path=path, container=container)
+        proc = _Proc(info=info, kernel_ids=ids or (0, 0), kernel_name=name)
+        if self._fds_open < self._fd_budget:
+            try:
+                proc.statm_fd = os.open(f"{self._root}/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+                self._fds_open += 1
+                self.files_opened += 1
+            except OSError:
+                return None
+        statm = self._read_statm(pid, proc)
+        if statm is None:
+            self._drop_fd(proc)
+            return None
+        self.discovered += 1
+        vms, rss = statm
+        if not info.kernel_thread:
+            if rss == 0 and vms == 0:
+                self._drop_fd(proc)
+                return None
+            info = replace(info, rss_bytes=rss, vms_bytes=vms)
+        proc.info = info
+        self._procs[pid] = proc
+        return info
+
+    def _forget(self, pid: int) -> None:
+        proc = self._procs.pop(pid, None)
+        if proc is not None:
+            self._drop_fd(proc)
+
+    def _drop_fd(self, proc: _Proc) -> None:
+        if proc.statm_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(proc.statm_fd)
+            proc.statm_fd = -1
+            self._fds_open -= 1
+
+    def _user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:  # a uid with no passwd entry (common inside containers)
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+
+def running_pids(proc_root: Path = Path("/proc")) -> Iterable[int]:
+    """The PIDs listed in /proc now."""
+    try:
+        return [int(n) for n in os.listdir(proc_root) if n.isdigit()]
+    except OSError:
+        return []

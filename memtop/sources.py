@@ -22,7 +22,7 @@ from memtop.containers import parse_cgroup_path
 from memtop.errors import MemtopError
 from memtop.export import read_snapshot
 from memtop.leaks import LeakRow
-from memtop.model import IRQ_TGID, KmallocReading, ProbeStatus
+from memtop.model import IRQ_TGID, ProbeStatus
 from memtop.oom import OomEvent
 from memtop.store import HostInfo, ProcessKey, Snapshot, Store
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from memtop.probes.leaks import UserLeakProbe
 
 R = TypeVar("R")
+CLOSE_LOCK_WAIT_S = 1.0
 
 
 class Source(Protocol):
@@ -76,7 +77,7 @@ class LiveSource:
         from memtop.probes.leaks import KernelLeakProbe
         from memtop.probes.oom import OomProbe
         from memtop.probes.tcp import TcpProbe
-        from memtop.procinfo import ProcReader
+        from memtop.procinfo import ProcScanner
 
         self.config = config
         layout = current_layout()
@@ -96,46 +97,98 @@ class LiveSource:
         self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
         self.user_leaks: Probe | None = None  # UserLeakProbe of one process, while asked for
         self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp, self.leaks]
-        self.procs = ProcReader()
+        self.procs = ProcScanner()
         self.store = Store(host_info(), started_at=time.time(), interval_s=config.interval_s)
+        self.store.kmalloc_since = None  # no kmalloc counts until the probe attaches
         self._lock = threading.Lock()
         self._focus: ProcessKey | None = None
+        self._attached: set[str] = set()  # probes whose readings the tick may use (set under the lock)
+        self._starter: threading.Thread | None = None
+        self._closed = False
+        for probe in self.probes:
+            probe.status = ProbeStatus("starting", "compiling and attaching")
+            self.store.probes[probe.name] = probe.status
 
     def start(self) -> None:
-        """Start every probe; one that fails is marked with its reason. Raises if none could start, or
-        if what was asked for cannot be done (--leaks-pid); then every probe started is detached."""
-        user_leaks = None
-        if self.config.leaks_pid is not None:
-            from memtop.probes.leaks import UserLeakProbe
-
-            user_leaks = UserLeakProbe(self.config.leaks_pid)  # checks the PID before anything compiles
+        """Start every probe and return when all have attached or failed; one that fails is marked with
+        its reason. Raises if none could start, or if what was asked for cannot be done (--leaks-pid);
+        then every probe started is detached."""
+        user_leaks = self._user_leaks_asked()
         try:
             self._start(user_leaks)
+            if not any(p.running for p in self.probes):
+                errors = [p.status.detail for p in self.probes if p.status.status == "error"]
+                raise MemtopError("; ".join(errors) or "no probe could start")
         except BaseException:
             self.close()
             raise
 
+    def start_in_background(self) -> None:
+        """Start the probes from a thread and return at once: ticks show /proc's rows meanwhile, and each
+        probe's panel fills in as it attaches (its status says "starting" until then). --leaks-pid is
+        checked here, before anything compiles (MemtopError)."""
+        user_leaks = self._user_leaks_asked()
+        self._starter = threading.Thread(
+            target=self._start_quietly, args=(user_leaks,), name="memtop-probe-start", daemon=True
+        )
+        self._starter.start()
+
+    def _user_leaks_asked(self) -> UserLeakProbe | None:
+        if self.config.leaks_pid is None:
+            return None
+        from memtop.probes.leaks import UserLeakProbe
+
+        return UserLeakProbe(self.config.leaks_pid)  # checks the PID before anything compiles
+
+    def _start_quietly(self, user_leaks: UserLeakProbe | None) -> None:
+        try:
+            self._start(user_leaks)
+        except MemtopError as exc:  # --leaks-pid could not start: say so in its panel
+            self.store.probes["leaks-user"] = ProbeStatus("error", str(exc))
+        except Exception as exc:  # a bug: show it rather than die in a thread
+            self.store.probes["start"] = ProbeStatus("error", f"{exc.__class__.__name__}: {exc}")
+
     def _start(self, user_leaks: UserLeakProbe | None) -> None:
-        errors = []
         for probe in self.probes:
+            if self._closed:
+                return
             try:
-                probe.start()
+                probe.start()  # compiles and attaches outside the lock: ticks go on meanwhile
             except MemtopError as exc:
                 probe.status = ProbeStatus("error", str(exc))
-                errors.append(str(exc))
-            self.store.probes[probe.name] = probe.status
-        if not any(p.running for p in self.probes):
-            raise MemtopError("; ".join(errors) or "no probe could start")
+            self._attach_done(probe)
+        if self._closed:
+            return
         if self.oom.running:
-            self.store.add_oom_backlog(self._attribute_oom(e) for e in self.oom.backlog())
-        self.store.leak_older_s = self.config.older_s
+            backlog = [self._attribute_oom(e) for e in self.oom.backlog()]
+            with self._lock:
+                self.store.add_oom_backlog(backlog)
         if user_leaks is not None:
             self._track_user_leaks(user_leaks)
-        if self.tcp.running:
-            self.store.tcp_slow_ms = self.config.tcp_slow_ms
-            if self.config.tcp_pids:
-                self.tcp.set_pid_filter(self.config.tcp_pids)
-        self.store.restart_clock(time.time())  # compiling took a while: count from attach time
+
+    def _attach_done(self, probe: Probe) -> None:
+        """A probe finished starting: from now on ticks read it, and its counts start now."""
+        with self._lock:
+            if self._closed:
+                probe.close()
+                return
+            if probe.running:
+                since = time.time()
+                probe.status = replace(probe.status, since=since)
+                if probe is self.kmalloc:
+                    # Counts made while it attached (tracepoint by tracepoint) are a baseline, not data:
+                    # every rate is over (since, tick], and every total counts from `since`.
+                    baseline = self._read(self.kmalloc, self.kmalloc.read)
+                    self.store.kmalloc_attached(since, baseline)
+                elif probe is self.tcp:
+                    self.store.tcp_attached(since)
+                    self.store.tcp_slow_ms = self.config.tcp_slow_ms
+                    if self.config.tcp_pids:
+                        self.tcp.set_pid_filter(self.config.tcp_pids)
+                elif probe is self.leaks:
+                    self.store.leak_older_s = self.config.older_s
+                self._attached.add(probe.name)
+            self.store.probes[probe.name] = probe.status
 
     def _read(self, probe: Probe, read: Callable[[], R]) -> R | None:
         """A probe's reading, or None when it is not running; a probe whose read fails is marked with
@@ -148,6 +201,10 @@ class LiveSource:
             probe.status = ProbeStatus("error", f"read failed: {exc.__class__.__name__}: {exc}")
             probe.close()
             return None
+
+    def _ready(self, probe: Probe) -> bool:
+        """Attached, with its window started (called under the lock)."""
+        return probe.name in self._attached and probe.running
 
     def _attribute_oom(self, event: OomEvent) -> OomEvent:
         """The victim's container, pod and names, looked up right away (the container may go soon)."""
@@ -166,31 +223,30 @@ class LiveSource:
     def tick(self, include_histories: bool = False) -> Snapshot:
         with self._lock:
             now = time.time()
-            reading = self._read(self.kmalloc, self.kmalloc.read) or KmallocReading({})
-            procs = {
-                tgid: None
-                if tgid == IRQ_TGID
-                else self.procs.read(tgid, (counters.cgroup_id, counters.memcg_id))
-                for tgid, counters in reading.per_tgid.items()
-            }
+            reading = self._read(self.kmalloc, self.kmalloc.read) if self._ready(self.kmalloc) else None
+            ids: dict[int, tuple[int, int]] = {}
+            names: dict[int, tuple[int, str]] = {}
+            if reading is not None:
+                for tgid, counters in reading.per_tgid.items():
+                    ids[tgid] = (counters.cgroup_id, counters.memcg_id)
+                    names[tgid] = (counters.execs, counters.comm)
+            procs = self.procs.scan(ids, names)
             forget = self.store.ingest(now, reading, procs)
             self.store.set_containers(self.containers.states(self.store.container_refs().values()))
-            oom = self._read(self.oom, self.oom.read)
+            oom = self._read(self.oom, self.oom.read) if self._ready(self.oom) else None
             if oom is not None:
                 self.store.ingest_oom(replace(oom, events=tuple(self._attribute_oom(e) for e in oom.events)))
-            tcp = self._read(self.tcp, self.tcp.read)
+            tcp = self._read(self.tcp, self.tcp.read) if self._ready(self.tcp) else None
             if tcp is not None:
                 self.store.ingest_tcp(now, tcp)
                 self.store.set_cgroup_paths({i: self.cgroup_ids.path(i) for i in self.store.cgroup_ids()})
-            leaks = self._read(self.leaks, self.leaks.read)
+            leaks = self._read(self.leaks, self.leaks.read) if self._ready(self.leaks) else None
             if leaks is not None:
                 self.store.ingest_leaks(now, leaks)
             self._read_user_leaks(now)
-            if self.kmalloc.running:
+            if self.kmalloc.running and forget:
                 self.kmalloc.forget(forget)
-            for pid in forget:
-                self.procs.forget(pid)
-            if self._focus is not None and self.kmalloc.running:
+            if self._focus is not None and self._ready(self.kmalloc):
                 self.store.set_focus_reading(self._read(self.kmalloc, self.kmalloc.read_focus))
             for probe in self.probes:
                 self.store.probes[probe.name] = probe.status
@@ -266,11 +322,24 @@ class LiveSource:
                 self.kmalloc.set_focus(pid, min_bytes)
 
     def close(self) -> None:
-        """Detach every probe (safe to call more than once)."""
-        with self._lock:
-            self._stop_user_leaks()
-            for probe in self.probes:
-                probe.close()
+        """Detach every probe, all at once (safe to call more than once, from any thread). A probe still
+        compiling is detached by the starting thread as soon as it attaches (`_attach_done`)."""
+        # A tick stuck in a read must not keep the probes attached: wait for it a little, then go on.
+        locked = self._lock.acquire(timeout=CLOSE_LOCK_WAIT_S)
+        try:
+            self._closed = True
+            probes = [p for p in (*self.probes, self.user_leaks) if p is not None]
+            self.user_leaks = None
+            closers = [threading.Thread(target=p.close, name=f"close-{p.name}") for p in probes]
+            for t in closers:
+                t.start()
+            for t in closers:
+                t.join()
+            if locked:
+                self.procs.close()
+        finally:
+            if locked:
+                self._lock.release()
 
 
 class ReplaySource:

@@ -8,6 +8,7 @@ Rates are a pure function of (previous totals, current totals, elapsed). Each pr
 from __future__ import annotations
 
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,8 @@ HISTORY_S = 600.0  # at least ten minutes of per-process rate history
 EXITED_KEEP_S = 60.0
 OOM_LOG_MAX = 1000  # kills kept in the log (newest kept)
 PRE_KILL_S = 60.0  # history kept with each kill
+RECENT_S = 120.0  # histories keep every tick this far back, then one sample per COARSE_STEP_S
+COARSE_STEP_S = 10.0
 
 
 @dataclass(frozen=True, order=True)
@@ -166,7 +169,7 @@ class FocusDetail:
 @dataclass(frozen=True)
 class Snapshot:
     taken_at: float  # seconds since the epoch
-    duration_s: float  # how long the data covers (since the source started)
+    duration_s: float  # how long the kmalloc counts cover (since its probe attached; rates divide by it)
     interval_s: float
     host: HostInfo
     probes: Mapping[str, ProbeStatus]
@@ -205,18 +208,72 @@ class Snapshot:
         return None
 
 
+class History:
+    """One row's samples, small enough to keep for thousands of rows: every tick for the last
+    `RECENT_S`, then one sample per `COARSE_STEP_S` back to the horizon, in flat arrays (32 bytes a
+    sample) rather than an object per sample."""
+
+    __slots__ = ("_t", "_b", "_c", "_m", "_ct", "_cb", "_cc", "_cm")
+
+    def __init__(self) -> None:
+        self._t, self._b, self._c, self._m = array("d"), array("d"), array("d"), array("q")
+        self._ct, self._cb, self._cc, self._cm = array("d"), array("d"), array("d"), array("q")
+
+    def __len__(self) -> int:
+        return len(self._t) + len(self._ct)
+
+    def append(self, point: HistoryPoint, horizon: float) -> None:
+        """Add a sample, then drop what is older than `horizon` (one coarse sample at or before it is kept,
+        so the history spans at least back to the horizon)."""
+        self._t.append(point.t)
+        self._b.append(point.kmalloc_bytes_per_s)
+        self._c.append(point.kmalloc_calls_per_s)
+        self._m.append(-1 if point.memory_bytes is None else point.memory_bytes)
+        recent = point.t - RECENT_S
+        t, b, c, m = self._t, self._b, self._c, self._m
+        while t and t[0] < recent:
+            old_t, old_b, old_c, old_m = t.pop(0), b.pop(0), c.pop(0), m.pop(0)
+            if old_t >= horizon and (not self._ct or old_t - self._ct[-1] >= COARSE_STEP_S):
+                self._ct.append(old_t)
+                self._cb.append(old_b)
+                self._cc.append(old_c)
+                self._cm.append(old_m)
+        ct = self._ct
+        while len(ct) > 1 and ct[1] <= horizon:
+            for a in (ct, self._cb, self._cc, self._cm):
+                a.pop(0)
+        if not ct:
+            while t and t[0] < horizon:
+                for a in (t, b, c, m):
+                    a.pop(0)
+
+    def points(self) -> tuple[HistoryPoint, ...]:
+        return tuple(
+            HistoryPoint(t, b, c, None if m < 0 else m)
+            for ts, bs, cs, ms in (
+                (self._ct, self._cb, self._cc, self._cm),
+                (self._t, self._b, self._c, self._m),
+            )
+            for t, b, c, m in zip(ts, bs, cs, ms, strict=True)
+        )
+
+
 @dataclass
 class _ProcState:
     row: ProcessRow
     kernel_calls: int = 0  # the kernel's cumulative counters at the last tick (baseline for deltas)
     kernel_bytes: int = 0
     kernel_bytes_req: int = 0
-    history: deque[HistoryPoint] = field(default_factory=deque)
+    history: History = field(default_factory=History)
+    info: ProcInfo | None = None  # what /proc said at the last tick (the row is rebuilt when it changes)
 
 
 def counter_delta(previous: int, now: int) -> int:
     """Growth of a cumulative counter; one that went backwards (its entry was reset) counts from 0."""
     return now - previous if now >= previous else now
+
+
+_NO_COUNTERS = KmallocCounters(0, 0, 0)
 
 
 class Store:
@@ -236,6 +293,11 @@ class Store:
         self._states: dict[ProcessKey, _ProcState] = {}
         self._live_key: dict[int, ProcessKey] = {}  # pid -> key of the process now holding that pid
         self._last_tick: float = started_at
+        # The kmalloc counters' window: from the probe's attach (None: not attached yet) to the last tick
+        # that read them. Rates divide by the time the counts really cover, never by time before attach.
+        self.kmalloc_since: float | None = started_at
+        self._last_kmalloc: float = started_at
+        self._kmalloc_baseline: dict[int, KmallocCounters] = {}  # tgid -> counts before the window
         self._totals = (0.0, 0.0)
         self._sample_every = 1
         self._drops: dict[str, int] = {}
@@ -245,11 +307,12 @@ class Store:
         self._refs: dict[str, ContainerRef] = {}  # every container any row has been attributed to
         self._container_totals: dict[str, list[float]] = {}  # id -> [bytes/s, calls/s, bytes, calls]
         self._container_states: dict[str, ContainerState] = {}
-        self._container_history: dict[str, deque[HistoryPoint]] = {}
+        self._container_history: dict[str, History] = {}
         self.focus_container: str | None = None  # its history goes in every snapshot
         self._oom: deque[OomEvent] = deque(maxlen=OOM_LOG_MAX)  # oldest first
         self._oom_seen = 0
         self.tcp: TcpAggregator | None = None  # set when the TCP probe runs
+        self.tcp_since: float | None = None  # when the TCP probe attached
         self.tcp_slow_ms: int | None = None
         self._cgroup_paths: dict[int, str] = {}  # cgroup2 id -> path, as resolved by the source
         self.leaks = LeakTracker()
@@ -258,28 +321,52 @@ class Store:
 
     # -- ingest ---------------------------------------------------------------------------------------
 
-    def ingest(self, now: float, reading: KmallocReading, procs: Mapping[int, ProcInfo | None]) -> list[int]:
-        """Apply one probe reading taken at wall time `now`.
+    def kmalloc_attached(self, when: float, baseline: KmallocReading | None = None) -> None:
+        """The kmalloc probe's window starts at `when`: its first rates are over (when, next tick], and
+        the counts in `baseline` (read at `when`, made while the probe was still attaching) are not data:
+        each process's totals count from there."""
+        self.kmalloc_since = self._last_kmalloc = when
+        self._kmalloc_baseline = dict(baseline.per_tgid) if baseline is not None else {}
+        for tgid, counters in self._kmalloc_baseline.items():
+            key = self._live_key.get(tgid)
+            state = self._states.get(key) if key is not None else None
+            if state is not None:
+                state.kernel_calls, state.kernel_bytes = counters.calls, counters.bytes_alloc
+                state.kernel_bytes_req = counters.bytes_req
 
-        `procs` maps each tgid in the reading to what /proc says now (None: it has exited).
-        Returns the tgids whose kernel entries can be dropped (exited, totals now kept here).
+    def ingest(
+        self, now: float, reading: KmallocReading | None, procs: Mapping[int, ProcInfo | None]
+    ) -> list[int]:
+        """Apply one tick taken at wall time `now`.
+
+        `reading` is the kmalloc probe's (None while it is not running: every rate is then 0).
+        `procs` maps every live process to what /proc says now; a tgid of the reading with no live
+        process (absent, or None) has exited. Returns the tgids whose kernel entries can be dropped
+        (exited, totals now kept here).
         """
-        elapsed = now - self._last_tick
         self._last_tick = now
-        self._sample_every = reading.sample_every
-        self._drops.update(
-            pid_map_full=reading.pid_map_full_drops,
-            call_site_map_full=reading.site_map_full_drops,
-            tail_lost=reading.tail_lost,
-            tail_rate_limited=reading.tail_rate_limited,
-            memcg_map_full=reading.memcg_map_full_drops,
-        )
+        per_tgid = reading.per_tgid if reading is not None else {}
+        if reading is not None:
+            elapsed = now - self._last_kmalloc
+            self._last_kmalloc = now
+            self._sample_every = reading.sample_every
+            self._drops.update(
+                pid_map_full=reading.pid_map_full_drops,
+                call_site_map_full=reading.site_map_full_drops,
+                tail_lost=reading.tail_lost,
+                tail_rate_limited=reading.tail_rate_limited,
+                memcg_map_full=reading.memcg_map_full_drops,
+            )
+        else:
+            elapsed = 0.0
+        horizon = now - self.history_s
         forget: list[int] = []
         total_bytes = total_calls = 0.0
         seen: set[ProcessKey] = set()
         for totals in self._container_totals.values():
             totals[0] = totals[1] = 0.0
-        for tgid, counters in reading.per_tgid.items():
+        for tgid in per_tgid.keys() | procs.keys():
+            counters = per_tgid.get(tgid, _NO_COUNTERS)
             info = procs.get(tgid)
             state = self._state_for(tgid, counters, info, now)
             seen.add(state.row.key)
@@ -293,26 +380,29 @@ class Store:
             total_bytes += bytes_per_s
             total_calls += calls_per_s
             row = state.row
-            updates: dict[str, object] = {
-                "kmalloc_bytes_per_s": bytes_per_s,
-                "kmalloc_calls_per_s": calls_per_s,
-                "kmalloc_bytes": row.kmalloc_bytes + d_bytes,
-                "kmalloc_calls": row.kmalloc_calls + d_calls,
-                "kmalloc_bytes_req": row.kmalloc_bytes_req + d_req,
-            }
+            updates: dict[str, object] = {}
+            if d_calls or d_bytes or row.kmalloc_calls_per_s or row.kmalloc_bytes_per_s:
+                updates.update(
+                    kmalloc_bytes_per_s=bytes_per_s,
+                    kmalloc_calls_per_s=calls_per_s,
+                    kmalloc_bytes=row.kmalloc_bytes + d_bytes,
+                    kmalloc_calls=row.kmalloc_calls + d_calls,
+                    kmalloc_bytes_req=row.kmalloc_bytes_req + d_req,
+                )
             if info is not None and tgid != IRQ_TGID:
-                updates.update(_live_fields(info, counters))
-                if info.container is not None:
-                    self._refs.setdefault(info.container.container_id, info.container)
+                if info is not state.info:
+                    updates.update(_live_fields(info, counters))
+                    state.info = info
+                    if info.container is not None:
+                        self._refs.setdefault(info.container.container_id, info.container)
             elif tgid != IRQ_TGID and not row.exited:
                 updates.update(exited=True, exited_at=now)
                 forget.append(tgid)
                 self._live_key.pop(tgid, None)
-            state.row = replace(row, **updates)  # type: ignore[arg-type]
-            self._count_for_container(state.row, bytes_per_s, calls_per_s, d_bytes, d_calls)
-            self._append_history(
-                state.history, HistoryPoint(now, bytes_per_s, calls_per_s, state.row.rss_bytes), now
-            )
+            if updates:
+                state.row = row = replace(row, **updates)  # type: ignore[arg-type]
+            self._count_for_container(row, bytes_per_s, calls_per_s, d_bytes, d_calls)
+            state.history.append(HistoryPoint(now, bytes_per_s, calls_per_s, row.rss_bytes), horizon)
 
         for key, state in list(self._states.items()):
             if key in seen:
@@ -321,22 +411,27 @@ class Store:
             if row.exited and row.exited_at is not None and now - row.exited_at > self.exited_keep_s:
                 del self._states[key]
                 continue
+            if not row.exited:  # its PID was listed no more and its kernel entry is gone: it exited
+                state.row = row = replace(row, exited=True, exited_at=now)
+                if self._live_key.get(row.pid) == key:
+                    del self._live_key[row.pid]
             # No kernel entry any more (forgotten after exit): no allocations this tick.
-            state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
-            self._append_history(state.history, HistoryPoint(now, 0.0, 0.0, None), now)
+            if row.kmalloc_bytes_per_s or row.kmalloc_calls_per_s:
+                state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
+            state.history.append(HistoryPoint(now, 0.0, 0.0, None), horizon)
         self._totals = (total_bytes, total_calls)
         for container_id in self._refs:
             totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
             cstate = self._container_states.get(container_id)
-            history = self._container_history.setdefault(container_id, deque())
+            history = self._container_history.setdefault(container_id, History())
             memory = cstate.memory_bytes if cstate else None
-            self._append_history(history, HistoryPoint(now, totals[0], totals[1], memory), now)
+            history.append(HistoryPoint(now, totals[0], totals[1], memory), horizon)
         return forget
 
     def _count_for_container(
         self, row: ProcessRow, bytes_per_s: float, calls_per_s: float, d_bytes: int, d_calls: int
     ) -> None:
-        if row.container_id is None:
+        if row.container_id is None or not (d_bytes or d_calls):
             return
         if row.container_id not in self._refs:
             ref = parse_cgroup_path(row.cgroup_path)
@@ -386,21 +481,24 @@ class Store:
             cgroup = counters.cgroup_path
             placement = _placement(cgroup, parse_cgroup_path(cgroup) if cgroup else None)
             row = ProcessRow(pid=tgid, start_time=-now, comm=counters.comm or "?", **placement)  # type: ignore[arg-type]
-        state = _ProcState(row=row)
+        state = _ProcState(row=row, info=info)
+        if info is not None and info.container is not None:
+            self._refs.setdefault(info.container.container_id, info.container)
+        base = self._kmalloc_baseline.pop(tgid, None)
+        if base is not None:  # counted while the probe attached: a baseline, not data (kmalloc_attached)
+            state.kernel_calls, state.kernel_bytes, state.kernel_bytes_req = (
+                base.calls,
+                base.bytes_alloc,
+                base.bytes_req,
+            )
         self._states[row.key] = state
         if info is not None or tgid == IRQ_TGID:
             self._live_key[tgid] = row.key
         return state
 
-    def _append_history(self, history: deque[HistoryPoint], point: HistoryPoint, now: float) -> None:
-        history.append(point)
-        horizon = now - self.history_s
-        while history and history[0].t < horizon:
-            history.popleft()
-
-    def restart_clock(self, now: float) -> None:
-        """Data starts now (the probes just attached): the first rate is over (now, first tick)."""
-        self.started_at = self._last_tick = now
+    def tcp_attached(self, when: float) -> None:
+        """The TCP probe started at `when`: its rates are over the time since."""
+        self.tcp_since = when
 
     # -- other inputs ---------------------------------------------------------------------------------
 
@@ -441,12 +539,12 @@ class Store:
         victim: tuple[HistoryPoint, ...] = ()
         for state in self._states.values():
             if state.row.pid == event.victim_pid and state.row.start_time <= event.time:
-                victim = before_kill(state.history)
+                victim = before_kill(state.history.points())
                 if victim:
                     break
         container: tuple[HistoryPoint, ...] = ()
         if event.container_id and event.container_id in self._container_history:
-            container = before_kill(self._container_history[event.container_id])
+            container = before_kill(self._container_history[event.container_id].points())
         if container:  # the container's memory is what hit the limit; the victim's RSS goes alongside
             return replace(event, history=container, history_of="container", victim_history=victim)
         if victim:
@@ -455,7 +553,7 @@ class Store:
 
     def ingest_tcp(self, now: float, reading: TcpReading) -> None:
         if self.tcp is None:
-            self.tcp = TcpAggregator(started_at=self.started_at)
+            self.tcp = TcpAggregator(started_at=self.tcp_since or self.started_at)
         self.tcp.ingest(now, reading)
         self._drops.update({f"tcp_{name}": count for name, count in reading.drops().items()})
 
@@ -562,7 +660,7 @@ class Store:
 
     def history(self, key: ProcessKey) -> tuple[HistoryPoint, ...]:
         state = self._states.get(key)
-        return tuple(state.history) if state else ()
+        return state.history.points() if state else ()
 
     def snapshot(self, now: float | None = None, include_histories: bool = False) -> Snapshot:
         now = time.time() if now is None else now
@@ -574,7 +672,7 @@ class Store:
                 self._focus_reading,
                 self.leaks.rows(older_than_s=self.leak_older_s, pid=self.focus_key.pid),
             )
-        histories = {k: tuple(s.history) for k, s in self._states.items()} if include_histories else {}
+        histories = {k: s.history.points() for k, s in self._states.items()} if include_histories else {}
         containers = self.container_rows()
         labels = {c.id: c.label for c in containers}
         processes = tuple(
@@ -585,7 +683,7 @@ class Store:
         )
         return Snapshot(
             taken_at=now,
-            duration_s=max(0.0, now - self.started_at),
+            duration_s=max(0.0, now - (self.kmalloc_since or self.started_at)),
             interval_s=self.interval_s,
             host=self.host,
             probes=dict(self.probes),
@@ -609,7 +707,7 @@ class Store:
             leak_older_s=self.leak_older_s,
             leak_user_pid=self.leak_user_pid,
             container_histories={
-                k: tuple(v)
+                k: v.points()
                 for k, v in self._container_history.items()
                 if include_histories or k == self.focus_container
             },
@@ -650,6 +748,8 @@ def whole_window_rates(snapshot: Snapshot) -> Snapshot:
     window = snapshot.duration_s
     if window <= 0:
         return snapshot
+    tcp = snapshot.probes.get("tcp")
+    tcp_window = snapshot.taken_at - tcp.since if tcp is not None and tcp.since else window
     rows = tuple(
         replace(r, kmalloc_bytes_per_s=r.kmalloc_bytes / window, kmalloc_calls_per_s=r.kmalloc_calls / window)
         for r in snapshot.processes
@@ -659,7 +759,7 @@ def whole_window_rates(snapshot: Snapshot) -> Snapshot:
         for c in snapshot.containers
     )
     tcp_rows = tuple(
-        replace(t, connects_per_s=t.connects / window, failed_per_s=t.failed / window)
+        replace(t, connects_per_s=t.connects / tcp_window, failed_per_s=t.failed / tcp_window)
         for t in snapshot.tcp_connect
     )
     return replace(

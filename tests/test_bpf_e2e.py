@@ -229,7 +229,8 @@ def test_full_pid_map_counts_drops() -> None:
     finally:
         source.close()
     assert snap.drops["pid_map_full"] > 0
-    assert len([r for r in snap.processes if not r.is_irq]) <= 64
+    # Every live process is listed (from /proc), but only 64 have kernel counters.
+    assert len([r for r in snap.processes if not r.is_irq and r.kmalloc_calls]) <= 64
 
 
 def test_exited_short_lived_process_is_kept_named_and_marked(cgroup: CgroupFixture) -> None:

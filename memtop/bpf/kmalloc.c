@@ -75,6 +75,7 @@ struct comm_t {
     char comm[COMM_LEN];
     u64 cgroup_id;
     u64 memcg_id;
+    u64 execs;  // execs since the entry was made: user space re-reads the name and command line
 };
 
 struct site_stats {
@@ -215,6 +216,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         bpf_get_current_comm(&c->comm, sizeof(c->comm));
         c->cgroup_id = bpf_get_current_cgroup_id();
         c->memcg_id = current_memcg(tgid);
+        c->execs++;
     }
     return 0;
 }

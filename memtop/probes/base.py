@@ -96,10 +96,9 @@ class Probe:
         """Detach and unload. Safe to call twice."""
         bpf, self.bpf = self.bpf, None
         if bpf is not None:
-            try:
-                bpf.cleanup()
-            except Exception as exc:  # pragma: no cover - best effort during shutdown
-                log.warning("%s probe cleanup: %s", self.name, exc)
+            from memtop.probes.detach import detach_all
+
+            detach_all([bpf])  # every attachment closed in parallel; errors logged, never raised
         if self.status.status == "running":
             self.status = ProbeStatus("stopped", "")
 

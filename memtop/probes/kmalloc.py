@@ -176,12 +176,13 @@ class KmallocProbe(Probe):
                 bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
                 value.cgroup_id,
                 value.memcg_id,
+                value.execs,
             )
             for key, value in map_items(self.bpf[b"comms"])
         }
         for key, values in map_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
-            comm, cgroup_id, memcg_id = comms.get(key, ("", 0, 0))
+            comm, cgroup_id, memcg_id, execs = comms.get(key, ("", 0, 0, 0))
             per_tgid[key] = KmallocCounters(
                 calls * scale,
                 bytes_alloc * scale,
@@ -193,6 +194,7 @@ class KmallocProbe(Probe):
                     self.resolve_cgroup_id(cgroup_id) if cgroup_id else "",
                 ),
                 memcg_id,
+                execs,
             )
         counters = self.bpf[b"counters"]
         sums = [sum(counters.getvalue(i)) for i in range(6)]

@@ -1,0 +1,59 @@
+"""Detaching many BPF attachments at once.
+
+Closing a tracepoint's perf event waits for the kernel to retire the program (about 70 ms each on 6.18):
+one after another, memtop's two dozen attachments made quitting take seconds. The waits are independent,
+so every attachment of every probe is closed from its own thread, then each BPF object's remaining
+cleanup (maps, ring buffers, program fds) runs. ctypes and os.close release the GIL while they wait.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_THREADS = 32
+
+# BCC's dicts of live attachments and the method that detaches one entry of each.
+_ATTACHMENTS = (
+    ("uprobe_fds", "detach_uprobe_event"),
+    ("tracepoint_fds", "detach_tracepoint"),
+    ("raw_tracepoint_fds", "detach_raw_tracepoint"),
+)
+
+
+def _detachers(bpf: Any) -> list[Callable[[], None]]:
+    calls: list[Callable[[], None]] = []
+    for table, method in _ATTACHMENTS:
+        attached = getattr(bpf, table, None)
+        detach = getattr(bpf, method, None)
+        if not attached or detach is None:
+            continue
+        calls.extend(functools.partial(detach, name) for name in list(attached))
+    return calls
+
+
+def _run(call: Callable[[], None]) -> None:
+    try:
+        call()
+    except Exception as exc:  # best effort: the rest must still be detached
+        log.warning("detach: %s", exc)
+
+
+def detach_all(bpfs: Iterable[Any]) -> None:
+    """Detach and unload every BPF object in `bpfs` (bcc.BPF instances), attachments in parallel."""
+    objects = [b for b in bpfs if b is not None]
+    if not objects:
+        return
+    calls = [call for bpf in objects for call in _detachers(bpf)]
+    if calls:
+        with ThreadPoolExecutor(
+            max_workers=min(MAX_THREADS, len(calls)), thread_name_prefix="detach"
+        ) as pool:
+            list(pool.map(_run, calls))
+    for bpf in objects:  # what is left: perf buffers, ring buffers, program and map fds
+        _run(bpf.cleanup)
