@@ -7,10 +7,8 @@ the previous one has been applied, so a slow tick never piles up.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from textual import work
@@ -56,9 +54,18 @@ class MemtopApp(App[None]):
         Binding("c", "toggle_host", "Containers only"),
     ]
 
-    def __init__(self, source: Source, config: Config, export_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        config: Config,
+        export_dir: Path | None = None,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__()
         self.source = source
+        # Called with the exit code before the UI shuts down: the CLI's ExitGuard detaches the probes
+        # there, so no UI shutdown, however it ends, can leave them attached.
+        self.on_exit = on_exit
         self.config = config
         self.export_dir = export_dir or Path.cwd()
         self.snapshot: Snapshot | None = None
@@ -76,12 +83,6 @@ class MemtopApp(App[None]):
     def on_mount(self) -> None:
         from memtop.screens.main import MainScreen
 
-        try:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.add_signal_handler(sig, self.exit)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
-            pass
         self.push_screen(MainScreen())
         self.collect()
 
@@ -146,6 +147,12 @@ class MemtopApp(App[None]):
                 refresh()
 
     # -- actions ---------------------------------------------------------------------------------------
+
+    async def action_quit(self) -> None:
+        """q and Ctrl+C: detach first (on_exit), then leave."""
+        if self.on_exit is not None:
+            self.on_exit(0)
+        self.exit(return_code=0)
 
     def action_help(self) -> None:
         from memtop.screens.container import ContainerScreen

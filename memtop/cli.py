@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -246,7 +247,11 @@ def run_snapshot(config: Config) -> int:
     assert config.output is not None
     preflight_live()
     source = LiveSource(config)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {
+        sig: signal.signal(sig, _raise_terminated)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) is not signal.SIG_IGN  # nohup memtop snapshot ... keeps going
+    }
     try:
         source.start()
         if config.focus_pid is not None:
@@ -260,12 +265,14 @@ def run_snapshot(config: Config) -> int:
             time.sleep(min(config.interval_s, left))
             source.tick()
         snapshot = whole_window_rates(source.tick(include_histories=True))
-    except _Terminated:
+    except _Terminated as exc:
+        source.close()
         print("memtop: terminated; probes detached, no snapshot written", file=sys.stderr)
-        return 143
+        return 128 + int(exc.args[0])
     finally:
         source.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     path = write_snapshot(config.output, snapshot)
     print(
         f"memtop: wrote {path} ({len(snapshot.processes)} processes over {snapshot.duration_s:.1f}s)",
@@ -275,6 +282,7 @@ def run_snapshot(config: Config) -> int:
 
 
 def run_tui(config: Config) -> int:
+    from memtop.lifecycle import ExitGuard
     from memtop.sources import LiveSource, ReplaySource, Source
 
     source: Source
@@ -282,16 +290,29 @@ def run_tui(config: Config) -> int:
         source = ReplaySource(config.replay)
     else:
         preflight_live()
-        live = LiveSource(config)
-        live.start()
-        source = live
+        source = LiveSource(config)
+    # Detach first, then let the UI go; the whole exit is bounded (memtop.lifecycle).
+    guard = ExitGuard(source.close)
+    guard.save_terminal()
+    guard.install_signals()
+    guard.install_thread_hook()
     try:
         from memtop.app import MemtopApp
 
-        MemtopApp(source, config).run()
+        if isinstance(source, LiveSource):
+            source.start_in_background()  # rows from /proc at once; panels fill in as probes attach
+        app = MemtopApp(source, config, on_exit=guard.begin)
+
+        def stop_ui() -> None:
+            with contextlib.suppress(Exception):  # the UI may be gone already
+                app.call_from_thread(app.exit, None, guard.code or 0)
+
+        guard.request_stop = stop_ui
+        app.run()
     finally:
-        source.close()
-    return 0
+        guard.begin(guard.code or 0)  # arms the watchdog: nothing after this may hang the exit
+        guard.uninstall()
+    return guard.code or 0
 
 
 def dump_bpf(config: Config) -> int:

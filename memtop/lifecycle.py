@@ -1,0 +1,177 @@
+"""Bounded shutdown: every exit path detaches the probes first, and the process is gone soon after.
+
+A tracer that outlives its user keeps slowing every kmalloc on the host. The UI library's own shutdown
+can hang (a terminal that went away mid-write leaves its writer thread's queue full, and closing the
+driver waits on it forever), so memtop never relies on it to detach:
+
+1. `begin()`, called by `q`, Ctrl+C, SIGTERM, SIGINT, SIGHUP, or an exception escaping any thread,
+   detaches every probe at once (idempotent, thread-safe), then lets the UI shut down normally;
+2. from then on the next SIGTERM/SIGINT/SIGHUP ends the process at once (it is handled by a plain signal
+   handler, which runs even while the main thread waits on a lock), and a watchdog thread ends it after
+   `grace_s` whatever the main thread is doing. Both restore the terminal as well as they can first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Leave the alternate screen, stop mouse reporting, show the cursor: what a TUI's own exit would do.
+TERMINAL_RESET = b"\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?1015l\x1b[?2004l\x1b[?1049l\x1b[?25h"
+
+
+def exit_code_for(signum: int) -> int:
+    return 128 + signum
+
+
+class ExitGuard:
+    """Detach-first, bounded exit for one memtop process (see the module docstring).
+
+    `detach` is the callable that detaches every probe (LiveSource.close); it is run at most once, from
+    whichever thread gets there first. `grace_s` bounds how long the process may live after `begin()`.
+    """
+
+    def __init__(self, detach: Callable[[], None], grace_s: float = 3.0) -> None:
+        self._detach = detach
+        self.grace_s = grace_s
+        self.code: int | None = None
+        self._lock = threading.Lock()
+        self._detached = threading.Event()
+        self._began = threading.Event()
+        self._tty_attrs: Any = None
+        self._tty_fd: int | None = None
+        self._previous_excepthook = threading.excepthook
+        self._previous_signals: dict[int, Any] = {}
+        # Asked (from a daemon thread, after detaching) to wind the rest down: the UI's exit.
+        self.request_stop: Callable[[], None] | None = None
+
+    # -- wiring ---------------------------------------------------------------------------------------
+
+    def save_terminal(self) -> None:
+        """Remember the terminal's modes now (before the UI changes them), to restore on a forced exit."""
+        try:
+            import termios
+
+            fd = sys.__stdin__.fileno() if sys.__stdin__ is not None else -1
+            if fd >= 0 and os.isatty(fd):
+                self._tty_attrs = termios.tcgetattr(fd)
+                self._tty_fd = fd
+        except (OSError, ValueError, ImportError, AttributeError):
+            self._tty_attrs = None
+
+    def install_thread_hook(self) -> None:
+        """An exception escaping any thread begins the exit (after the usual report)."""
+
+        def hook(args: threading.ExceptHookArgs) -> None:
+            self._previous_excepthook(args)
+            if args.exc_type is not SystemExit:
+                self.begin(1)
+
+        threading.excepthook = hook
+
+    def install_signals(self) -> None:
+        """SIGTERM, SIGINT and SIGHUP begin the exit. Plain handlers, not the event loop's: they run even
+        while the main thread is stuck waiting on a lock (a UI blocked writing to a dead terminal)."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self.begin(exit_code_for(signum))
+
+        for sig in EXIT_SIGNALS:
+            with contextlib.suppress(ValueError, OSError):
+                self._previous_signals[sig] = signal.signal(sig, handler)
+
+    def uninstall(self) -> None:
+        threading.excepthook = self._previous_excepthook
+        for sig, previous in self._previous_signals.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, previous)
+        self._previous_signals.clear()
+
+    # -- the exit -------------------------------------------------------------------------------------
+
+    @property
+    def began(self) -> bool:
+        return self._began.is_set()
+
+    def begin(self, code: int = 0) -> None:
+        """Start exiting with `code`: detach now, arm the watchdog and the hard second signal."""
+        with self._lock:
+            first = not self._began.is_set()
+            if first:
+                self.code = code
+                self._began.set()
+        if not first:
+            return
+        if threading.current_thread() is threading.main_thread():
+            for sig in EXIT_SIGNALS:
+                with contextlib.suppress(ValueError, OSError):
+                    signal.signal(sig, self._on_second_signal)
+        threading.Thread(target=self._watchdog, name="memtop-exit-watchdog", daemon=True).start()
+        self.detach()
+        if self.request_stop is not None:
+            threading.Thread(target=self.request_stop, name="memtop-exit-request", daemon=True).start()
+
+    def detach(self) -> None:
+        """Detach every probe, once (later callers wait for the first to finish, up to grace_s)."""
+        with self._lock:
+            mine = not getattr(self, "_detaching", False)
+            self._detaching = True
+        if not mine:
+            self._detached.wait(self.grace_s)
+            return
+        try:
+            self._detach()
+        except Exception as exc:  # detaching is best effort per probe; never let it block the exit
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"memtop: detaching: {exc}\n")
+        finally:
+            self._detached.set()
+
+    def force_exit(self, code: int | None = None) -> None:
+        """Detach (if not done), put the terminal back, and end the process now."""
+        self.detach()
+        self.restore_terminal()
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(self.code if code is None and self.code is not None else (code or 0))
+
+    def restore_terminal(self) -> None:
+        fd = self._tty_fd
+        if fd is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            os.set_blocking(fd, False)
+        with contextlib.suppress(OSError):
+            out = sys.__stdout__.fileno() if sys.__stdout__ is not None else fd
+            os.set_blocking(out, False)  # a terminal that went away must not block the exit
+            os.write(out, TERMINAL_RESET)
+        if self._tty_attrs is not None:
+            with contextlib.suppress(Exception):
+                import termios
+
+                termios.tcsetattr(fd, termios.TCSANOW, self._tty_attrs)
+
+    def _on_second_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.force_exit(exit_code_for(signum) if self.code in (None, 0) else self.code)
+
+    def _watchdog(self) -> None:
+        # Ends the process if it is still here after the grace period (it is a daemon thread: a normal
+        # exit ends it first). The detach may itself take part of the grace.
+        threading.Event().wait(self.grace_s)
+        self.force_exit()
+
+    def __enter__(self) -> ExitGuard:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.detach()
+        self.uninstall()
