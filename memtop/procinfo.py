@@ -137,6 +137,7 @@ class _Proc:
     statm_fd: int = -1  # -1: no descriptor kept (over the budget): open and close per read
     kernel_ids: tuple[int, int] = (0, 0)  # the kernel's (cgroup2 id, v1 memcg id) when last placed
     kernel_name: tuple[int, str] | None = None  # the kernel's (exec count, name) when last named
+    statm: bytes = b""  # the last /proc/PID/statm read: unchanged bytes mean an unchanged process
 
 
 class ProcScanner:
@@ -222,7 +223,25 @@ class ProcScanner:
     def _refresh(
         self, pid: int, proc: _Proc, ids: tuple[int, int] | None, name: tuple[int, str] | None
     ) -> ProcInfo | None:
-        statm = self._read_statm(pid, proc)
+        if proc.statm_fd >= 0:
+            try:
+                data = os.pread(proc.statm_fd, 256, 0)
+            except OSError as exc:
+                if exc.errno not in (errno.ESRCH, errno.ENOENT, errno.EINVAL, errno.EIO):
+                    raise
+                data = b""
+            if (
+                data == proc.statm
+                and data
+                and (name is None or name == proc.kernel_name)
+                and (ids is None or ids == proc.kernel_ids or not any(ids))
+            ):
+                return proc.info if proc.info.rss_bytes or proc.info.kernel_thread else None
+            statm = parse_statm(data) if data else None
+            if data:
+                proc.statm = data
+        else:
+            statm = self._read_statm(pid, proc)
         if statm is None:  # reaped (ESRCH through the kept descriptor): maybe a new process has the PID
             self._forget(pid)
             return self._discover(pid, ids, name)
@@ -242,7 +261,7 @@ class ProcScanner:
             proc.kernel_ids = ids
         vms, rss = statm
         if not info.kernel_thread and rss == 0 and vms == 0:  # its mm is gone: a zombie or exiting
-            proc.info = info
+            proc.info = replace(info, rss_bytes=0, vms_bytes=0)
             return None
         if rss != info.rss_bytes or vms != info.vms_bytes:
             info = replace(info, rss_bytes=rss, vms_bytes=vms)

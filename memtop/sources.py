@@ -138,7 +138,9 @@ class LiveSource:
             return None
         from memtop.probes.leaks import UserLeakProbe
 
-        return UserLeakProbe(self.config.leaks_pid)  # checks the PID before anything compiles
+        probe = UserLeakProbe(self.config.leaks_pid)  # checks the PID before anything compiles
+        probe.find_functions()  # and that it has an allocator to hook (MemtopError: one line, no UI)
+        return probe
 
     def _start_quietly(self, user_leaks: UserLeakProbe | None) -> None:
         try:

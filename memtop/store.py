@@ -12,7 +12,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from memtop.containers import ContainerMeta, ContainerRef, host_unit, parse_cgroup_path
 from memtop.leaks import KIND_USER, LeakReading, LeakRow, LeakTracker
@@ -36,8 +36,10 @@ RECENT_S = 120.0  # histories keep every tick this far back, then one sample per
 COARSE_STEP_S = 10.0
 
 
-@dataclass(frozen=True, order=True)
-class ProcessKey:
+class ProcessKey(NamedTuple):
+    """A process's identity across PID reuse. A tuple (C-level hash and compare): a tick looks keys up
+    several times per process, thousands of times."""
+
     pid: int
     start_time: float
 
@@ -222,14 +224,16 @@ class History:
     def __len__(self) -> int:
         return len(self._t) + len(self._ct)
 
-    def append(self, point: HistoryPoint, horizon: float) -> None:
-        """Add a sample, then drop what is older than `horizon` (one coarse sample at or before it is kept,
-        so the history spans at least back to the horizon)."""
-        self._t.append(point.t)
-        self._b.append(point.kmalloc_bytes_per_s)
-        self._c.append(point.kmalloc_calls_per_s)
-        self._m.append(-1 if point.memory_bytes is None else point.memory_bytes)
-        recent = point.t - RECENT_S
+    def append(
+        self, t_now: float, bytes_per_s: float, calls_per_s: float, memory: int | None, horizon: float
+    ) -> None:
+        """Add a sample (a HistoryPoint's fields), then drop what is older than `horizon` (one coarse
+        sample at or before it is kept, so the history spans at least back to the horizon)."""
+        self._t.append(t_now)
+        self._b.append(bytes_per_s)
+        self._c.append(calls_per_s)
+        self._m.append(-1 if memory is None else memory)
+        recent = t_now - RECENT_S
         t, b, c, m = self._t, self._b, self._c, self._m
         while t and t[0] < recent:
             old_t, old_b, old_c, old_m = t.pop(0), b.pop(0), c.pop(0), m.pop(0)
@@ -365,30 +369,39 @@ class Store:
         seen: set[ProcessKey] = set()
         for totals in self._container_totals.values():
             totals[0] = totals[1] = 0.0
+        # The hot loop of a busy host (thousands of processes a tick): plain locals, no per-row objects
+        # but the rows that changed.
+        rate = 1.0 / elapsed if elapsed > 0 else 0.0
+        live_key, states = self._live_key, self._states
         for tgid in per_tgid.keys() | procs.keys():
             counters = per_tgid.get(tgid, _NO_COUNTERS)
             info = procs.get(tgid)
-            state = self._state_for(tgid, counters, info, now)
-            seen.add(state.row.key)
-            d_calls = counter_delta(state.kernel_calls, counters.calls)
-            d_bytes = counter_delta(state.kernel_bytes, counters.bytes_alloc)
-            d_req = counter_delta(state.kernel_bytes_req, counters.bytes_req)
-            bytes_per_s = d_bytes / elapsed if elapsed > 0 else 0.0
-            calls_per_s = d_calls / elapsed if elapsed > 0 else 0.0
-            state.kernel_calls, state.kernel_bytes = counters.calls, counters.bytes_alloc
-            state.kernel_bytes_req = counters.bytes_req
+            key = live_key.get(tgid)
+            if key is not None and (info is None or info.start_time == key.start_time) and key in states:
+                state = states[key]
+            else:
+                state = self._state_for(tgid, counters, info, now)
+                key = state.row.key
+            row = state.row
+            seen.add(key)
+            calls, bytes_alloc, bytes_req = counters.calls, counters.bytes_alloc, counters.bytes_req
+            d_calls = calls - state.kernel_calls if calls >= state.kernel_calls else calls
+            d_bytes = bytes_alloc - state.kernel_bytes if bytes_alloc >= state.kernel_bytes else bytes_alloc
+            d_req = bytes_req - state.kernel_bytes_req if bytes_req >= state.kernel_bytes_req else bytes_req
+            state.kernel_calls, state.kernel_bytes, state.kernel_bytes_req = calls, bytes_alloc, bytes_req
+            bytes_per_s = d_bytes * rate
+            calls_per_s = d_calls * rate
             total_bytes += bytes_per_s
             total_calls += calls_per_s
-            row = state.row
             updates: dict[str, object] = {}
             if d_calls or d_bytes or row.kmalloc_calls_per_s or row.kmalloc_bytes_per_s:
-                updates.update(
-                    kmalloc_bytes_per_s=bytes_per_s,
-                    kmalloc_calls_per_s=calls_per_s,
-                    kmalloc_bytes=row.kmalloc_bytes + d_bytes,
-                    kmalloc_calls=row.kmalloc_calls + d_calls,
-                    kmalloc_bytes_req=row.kmalloc_bytes_req + d_req,
-                )
+                updates = {
+                    "kmalloc_bytes_per_s": bytes_per_s,
+                    "kmalloc_calls_per_s": calls_per_s,
+                    "kmalloc_bytes": row.kmalloc_bytes + d_bytes,
+                    "kmalloc_calls": row.kmalloc_calls + d_calls,
+                    "kmalloc_bytes_req": row.kmalloc_bytes_req + d_req,
+                }
             if info is not None and tgid != IRQ_TGID:
                 if info is not state.info:
                     updates.update(_live_fields(info, counters))
@@ -398,11 +411,12 @@ class Store:
             elif tgid != IRQ_TGID and not row.exited:
                 updates.update(exited=True, exited_at=now)
                 forget.append(tgid)
-                self._live_key.pop(tgid, None)
+                live_key.pop(tgid, None)
             if updates:
-                state.row = row = replace(row, **updates)  # type: ignore[arg-type]
-            self._count_for_container(row, bytes_per_s, calls_per_s, d_bytes, d_calls)
-            state.history.append(HistoryPoint(now, bytes_per_s, calls_per_s, row.rss_bytes), horizon)
+                state.row = row = _evolve(row, updates)
+            if row.container_id is not None and (d_bytes or d_calls):
+                self._count_for_container(row, bytes_per_s, calls_per_s, d_bytes, d_calls)
+            state.history.append(now, bytes_per_s, calls_per_s, row.rss_bytes, horizon)
 
         for key, state in list(self._states.items()):
             if key in seen:
@@ -418,14 +432,14 @@ class Store:
             # No kernel entry any more (forgotten after exit): no allocations this tick.
             if row.kmalloc_bytes_per_s or row.kmalloc_calls_per_s:
                 state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
-            state.history.append(HistoryPoint(now, 0.0, 0.0, None), horizon)
+            state.history.append(now, 0.0, 0.0, None, horizon)
         self._totals = (total_bytes, total_calls)
         for container_id in self._refs:
             totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
             cstate = self._container_states.get(container_id)
             history = self._container_history.setdefault(container_id, History())
             memory = cstate.memory_bytes if cstate else None
-            history.append(HistoryPoint(now, totals[0], totals[1], memory), horizon)
+            history.append(now, totals[0], totals[1], memory, horizon)
         return forget
 
     def _count_for_container(
@@ -675,12 +689,10 @@ class Store:
         histories = {k: s.history.points() for k, s in self._states.items()} if include_histories else {}
         containers = self.container_rows()
         labels = {c.id: c.label for c in containers}
-        processes = tuple(
-            replace(s.row, container=labels.get(s.row.container_id, ""))
-            if s.row.container_id and s.row.container != labels.get(s.row.container_id, "")
-            else s.row
-            for s in self._states.values()
-        )
+        for s in self._states.values():  # a container's name, once known, is kept on its rows
+            if s.row.container_id and s.row.container != labels.get(s.row.container_id, ""):
+                s.row = _evolve(s.row, {"container": labels.get(s.row.container_id, "")})
+        processes = tuple(s.row for s in self._states.values())
         return Snapshot(
             taken_at=now,
             duration_s=max(0.0, now - (self.kmalloc_since or self.started_at)),
@@ -712,6 +724,15 @@ class Store:
                 if include_histories or k == self.focus_container
             },
         )
+
+
+def _evolve(row: ProcessRow, changes: Mapping[str, object]) -> ProcessRow:
+    """`replace(row, **changes)` without re-running __init__: a tick rebuilds thousands of rows, and
+    dataclasses.replace was most of the store's time. Only for fields of the class (not validated)."""
+    new = object.__new__(ProcessRow)
+    new.__dict__.update(row.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
 def _placement(cgroup: str, ref: ContainerRef | None) -> dict[str, object]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import struct
 import time
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +17,7 @@ from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
 from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
 from memtop.probes.base import Probe, int_cflag, map_items
+from memtop.probes.mapread import BatchReader
 
 SIZE_BUCKETS = 64
 CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED, CTR_MEMCG_MAP_FULL = (
@@ -47,7 +50,13 @@ class _TailEvent(ctypes.Structure):
 
 
 def _sum_percpu(values: Any, fields: tuple[str, ...]) -> list[int]:
-    totals = [0] * len(fields)
+    """Each field summed over the CPUs. A value made of u64 fields only is unpacked in one go (thousands
+    of entries a tick: reading them field by field through ctypes was most of the read)."""
+    n = len(fields)
+    if values and ctypes.sizeof(values[0]) == 8 * n:
+        raw = struct.unpack(f"={n * len(values)}Q", bytes(values))
+        return [sum(raw[i::n]) for i in range(n)]
+    totals = [0] * n
     for cpu_value in values:
         for i, name in enumerate(fields):
             totals[i] += getattr(cpu_value, name)
@@ -84,6 +93,8 @@ class KmallocProbe(Probe):
         self._gfp_table: list[tuple[int, str]] = []
         self._boot_offset = 0.0  # wall clock minus CLOCK_MONOTONIC, for tail timestamps
         self._symbols: dict[int, str] = {}
+        self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
+        self._batch: tuple[BatchReader, BatchReader] | bool | None = None  # None: not tried yet
         self.irq_tracking = ""
 
     def cflags(self) -> list[str]:
@@ -171,17 +182,8 @@ class KmallocProbe(Probe):
         """Cumulative totals per tgid (scaled by the sampling rate) and the drop counters."""
         per_tgid: dict[int, KmallocCounters] = {}
         scale = self.sample_every
-        comms = {
-            key: (
-                bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
-                value.cgroup_id,
-                value.memcg_id,
-                value.execs,
-            )
-            for key, value in map_items(self.bpf[b"comms"])
-        }
-        for key, values in map_items(self.bpf[b"pid_stats"]):
-            calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
+        comms = self._read_comms()
+        for key, (calls, bytes_alloc, bytes_req) in self._read_pid_stats():
             comm, cgroup_id, memcg_id, execs = comms.get(key, ("", 0, 0, 0))
             per_tgid[key] = KmallocCounters(
                 calls * scale,
@@ -189,10 +191,7 @@ class KmallocProbe(Probe):
                 bytes_req * scale,
                 comm,
                 cgroup_id,
-                kernel_cgroup_path(
-                    self.resolve_memcg_id(memcg_id) if memcg_id else "",
-                    self.resolve_cgroup_id(cgroup_id) if cgroup_id else "",
-                ),
+                self._cgroup_path(cgroup_id, memcg_id),
                 memcg_id,
                 execs,
             )
@@ -207,6 +206,86 @@ class KmallocProbe(Probe):
             tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
             memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
         )
+
+    def _readers(self) -> tuple[BatchReader, BatchReader] | None:
+        if self._batch is None:
+            try:
+                self._batch = (BatchReader(self.bpf[b"comms"]), BatchReader(self.bpf[b"pid_stats"]))
+            except Exception:  # an older BCC: read entry by entry
+                self._batch = False
+        return self._batch if isinstance(self._batch, tuple) else None
+
+    def _read_comms(self) -> dict[int, tuple[str, int, int, int]]:
+        """tgid -> (name, cgroup2 id, memcg id, execs), from the comms map (struct comm_t)."""
+        readers = self._readers()
+        if readers is not None:
+            try:
+                count, keys, values = readers[0].read()
+                return {
+                    key: (raw.split(b"\0", 1)[0].decode("utf-8", "replace"), cgroup_id, memcg_id, execs)
+                    for (key,), (raw, cgroup_id, memcg_id, execs) in zip(
+                        struct.iter_unpack("=I", keys), struct.iter_unpack("=16sQQQ", values), strict=True
+                    )
+                }
+            except OSError:
+                self._batch = False
+        return {
+            key: (
+                bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                value.cgroup_id,
+                value.memcg_id,
+                value.execs,
+            )
+            for key, value in map_items(self.bpf[b"comms"])
+        }
+
+    def _read_pid_stats(self) -> list[tuple[int, tuple[int, int, int]]]:
+        """[(tgid, (calls, bytes_alloc, bytes_req) summed over the CPUs)] from the per-CPU pid_stats."""
+        readers = self._readers()
+        if readers is not None:
+            reader = readers[1]
+            try:
+                count, keys, values = reader.read()
+            except OSError:
+                self._batch = False
+            else:
+                per_entry = reader.value_size // 8  # every CPU's (calls, bytes_alloc, bytes_req)
+                words = array("Q")
+                words.frombytes(values)
+                out = []
+                for i, (key,) in enumerate(struct.iter_unpack("=I", keys)):
+                    base = i * per_entry
+                    end = base + per_entry
+                    out.append(
+                        (
+                            key,
+                            (
+                                sum(words[base:end:3]),
+                                sum(words[base + 1 : end : 3]),
+                                sum(words[base + 2 : end : 3]),
+                            ),
+                        )
+                    )
+                return out
+        fields = ("calls", "bytes_alloc", "bytes_req")
+        slow = []
+        for key, values in map_items(self.bpf[b"pid_stats"]):
+            calls, bytes_alloc, bytes_req = _sum_percpu(values, fields)
+            slow.append((key, (calls, bytes_alloc, bytes_req)))
+        return slow
+
+    def _cgroup_path(self, cgroup_id: int, memcg_id: int) -> str:
+        """The path to attribute by, for the kernel's ids; cached once both resolved (ids are inodes of
+        directories: a path, once known, stays right for the id)."""
+        ids = (cgroup_id, memcg_id)
+        path = self._paths.get(ids)
+        if path is None:
+            memory = self.resolve_memcg_id(memcg_id) if memcg_id else ""
+            unified = self.resolve_cgroup_id(cgroup_id) if cgroup_id else ""
+            path = kernel_cgroup_path(memory, unified)
+            if (memory or not memcg_id) and (unified or not cgroup_id) and len(self._paths) < 65536:
+                self._paths[ids] = path
+        return path
 
     def forget(self, tgids: list[int]) -> None:
         """Drop the kernel entries of processes that have exited (their totals are already read)."""
