@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from memtop.procinfo import ProcScanner, parse_stat, parse_statm
 
@@ -87,12 +88,13 @@ def test_a_name_and_command_line_follow_exec() -> None:
         proc.stdin.write("go\n")
         proc.stdin.flush()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            # What the kmalloc probe reports for the process: (exec count, name) after the exec.
-            after = scanner.scan(kernel_names={proc.pid: (1, "sleep")})[proc.pid]
-            if after.comm == "sleep":
-                break
-            time.sleep(0.05)
+        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "the exec did not happen"
+            time.sleep(0.02)
+        # Static facts are not re-read every tick: without word from the kernel, the old name stays.
+        assert scanner.scan()[proc.pid].comm == "bash"
+        # The kmalloc probe reports (exec count, name) changed at sched_process_exec.
+        after = scanner.scan(kernel_names={proc.pid: (1, "sleep")})[proc.pid]
         assert (after.comm, after.cmdline) == ("sleep", "sleep 60")
         assert after.start_time == before.start_time  # the same process
     finally:
