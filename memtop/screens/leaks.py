@@ -14,7 +14,7 @@ from memtop import format as fmt
 from memtop.leaks import KIND_USER, LeakRow, frame_function
 from memtop.screens import MemtopScreen
 from memtop.store import Snapshot
-from memtop.widgets import Column, HeaderBar, SortedTable, right
+from memtop.widgets import Column, HeaderBar, VirtualTable, right
 
 OLDER_STEPS = (0.0, 10.0, 60.0, 300.0, 1800.0)  # what the o key cycles through
 
@@ -55,7 +55,7 @@ LEAK_COLUMNS: tuple[Column, ...] = (
 )
 
 
-class LeakTable(SortedTable):
+class LeakTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(LEAK_COLUMNS, sort_group="leaks", **kwargs)
 
