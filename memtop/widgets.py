@@ -107,7 +107,9 @@ def cell_segments(value: str | Text, width: int, console: Console) -> list[Segme
         text = text.copy()
         text.truncate(width, overflow="ellipsis")
         length = text.cell_len
-    segments = list(text.render(console))
+    segments = list(text.render(console))  # the spans' styles; the Text's own style goes under them
+    if text.style:
+        segments = list(Segment.apply_style(segments, console.get_style(text.style)))
     pad = width - length
     if pad > 0:
         if text.justify == "right":
@@ -311,9 +313,13 @@ class VirtualTable(_TableNavigation):
         if self._header is None:
             field, reverse = self._marks or ("", False)
             labels = []
-            for col in self.columns_spec:
-                mark = (" ▼" if reverse else " ▲") if col.field == field else ""
-                labels.append(Text(col.label + mark, style="bold reverse" if mark else "bold"))
+            for col, width in zip(self.columns_spec, self._widths, strict=True):
+                if col.field != field:
+                    labels.append(Text(col.label, style="bold"))
+                    continue
+                label = Text(col.label)  # shortened if need be, so that the mark always shows
+                label.truncate(width - 2, overflow="ellipsis")
+                labels.append(Text.assemble(label, " ▼" if reverse else " ▲", style="bold reverse"))
             self._header = self._line(labels)
         return self._header
 

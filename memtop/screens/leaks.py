@@ -48,7 +48,7 @@ LEAK_COLUMNS: tuple[Column, ...] = (
         lambda r: right(fmt.short_duration(r.oldest_age_s) if r.oldest_age_s is not None else "-"),
         width=8,
     ),
-    Column("growth_bytes_per_s", "GROWTH/min avg", _growth, width=15),
+    Column("growth_bytes_per_s", "GROWTH/min avg", _growth, width=16),
     Column("comm", "PROCESS", processes, numeric=False, width=22),
     Column("kind", "KIND", lambda r: r.kind, numeric=False, width=12),
     Column("top_frame", "TOP FRAME", lambda r: r.top_frame, numeric=False, width=48),
