@@ -38,8 +38,7 @@ def make_app(tmp_path: Path | None = None) -> MemtopApp:
 
 
 def table_pids(app: MemtopApp) -> list[int]:
-    keys = app.screen.query_one(ProcessTable).keys
-    return [int(k.split(":")[0]) for k in keys]
+    return [pid for pid, _ in app.screen.query_one(ProcessTable).keys]
 
 
 def widget_text(app: MemtopApp, selector: str) -> str:
@@ -89,11 +88,7 @@ async def test_a_key_per_column_sorts_and_again_reverses() -> None:
 def _keys(app: MemtopApp):
     from memtop.store import ProcessKey
 
-    out = []
-    for k in app.screen.query_one(ProcessTable).keys:
-        pid, start = k.split(":")
-        out.append(ProcessKey(int(pid), float(start)))
-    return out
+    return [ProcessKey(pid, start) for pid, start in app.screen.query_one(ProcessTable).keys]
 
 
 async def test_filter_by_command_and_pid_then_escape_clears() -> None:
@@ -257,7 +252,7 @@ async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> No
         procs = app.screen.query_one("#container-processes", VirtualTable)
         attributed = {p["pid"] for p in doc["processes"] if p["container_id"] == web["id"]}
         assert set(web["pids"]) <= attributed  # live ones, and those that exited
-        assert {int(k.split(":")[0]) for k in procs.keys} == attributed
+        assert {pid for pid, _ in procs.keys} == attributed
         await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == web["pids"][0]

@@ -53,7 +53,7 @@ def container_details(row: ContainerRow | None, container_id: str) -> Text | Tab
 
 class ContainerProcessTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(PROCESS_COLUMNS, sort_group="processes", **kwargs)
+        super().__init__(PROCESS_COLUMNS, sort_group="processes", row_key=process_row_key, **kwargs)
 
 
 class ContainerScreen(MemtopScreen):
@@ -110,7 +110,7 @@ class ContainerScreen(MemtopScreen):
         sort = self.memtop.sort_for("processes")
         procs = sort_rows((p for p in snap.processes if p.container_id == self.container_id), sort)
         table = self.query_one(ContainerProcessTable)
-        table.set_rows((process_row_key(p.key), p) for p in procs)
+        table.set_rows(procs)
         table.set_header_marks(sort.column, sort.reverse)
 
     def on_virtual_table_row_selected(self, event: VirtualTable.RowSelected) -> None:

@@ -57,7 +57,7 @@ LEAK_COLUMNS: tuple[Column, ...] = (
 
 class LeakTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(LEAK_COLUMNS, sort_group="leaks", **kwargs)
+        super().__init__(LEAK_COLUMNS, sort_group="leaks", row_key=leak_key, **kwargs)
 
 
 def sampling_text(snap: Snapshot) -> str:

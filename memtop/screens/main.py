@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from rich.text import Text
@@ -10,8 +11,8 @@ from textual.binding import Binding
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from memtop.screens import MemtopScreen
-from memtop.screens.leaks import OLDER_STEPS, LeakScreen, LeakTable, leak_key, leak_note
-from memtop.screens.oom import OomTable, oom_key, oom_rows, where
+from memtop.screens.leaks import OLDER_STEPS, LeakScreen, LeakTable, leak_note
+from memtop.screens.oom import OomTable, oom_rows, where
 from memtop.screens.tables import CONTAINER_COLUMNS, PROCESS_COLUMNS, process_row_key
 from memtop.screens.tcp import (
     GROUPINGS,
@@ -19,7 +20,6 @@ from memtop.screens.tcp import (
     TcpScreen,
     TcpTable,
     container_names,
-    tcp_key,
     tcp_views,
 )
 from memtop.store import ContainerRow, ProcessRow, Snapshot, filter_containers, filter_rows, sort_rows
@@ -29,6 +29,7 @@ from memtop.widgets import HeaderBar, VirtualTable
 __all__ = ["PROCESS_COLUMNS", "MainScreen", "ProcessTable", "ContainerTable", "row_key"]
 
 row_key = process_row_key
+container_key = attrgetter("id")
 
 # (tab id, title, the key that jumps to it)
 TABS: tuple[tuple[str, str, str], ...] = (
@@ -52,12 +53,12 @@ def probe_problem(snap: Snapshot, name: str) -> str:
 
 class ProcessTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(PROCESS_COLUMNS, sort_group="processes", **kwargs)
+        super().__init__(PROCESS_COLUMNS, sort_group="processes", row_key=row_key, **kwargs)
 
 
 class ContainerTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(CONTAINER_COLUMNS, sort_group="containers", **kwargs)
+        super().__init__(CONTAINER_COLUMNS, sort_group="containers", row_key=container_key, **kwargs)
 
 
 class MainScreen(MemtopScreen):
@@ -148,7 +149,7 @@ class MainScreen(MemtopScreen):
             processes = [r for r in processes if r.container_id is not None]
         sort = app.sort_for("processes")
         table = self.query_one(ProcessTable)
-        table.set_rows((row_key(r.key), r) for r in sort_rows(processes, sort))
+        table.set_rows(sort_rows(processes, sort))
         table.set_header_marks(sort.column, sort.reverse)
 
     def _show_containers(self, snap: Snapshot) -> None:
@@ -157,7 +158,7 @@ class MainScreen(MemtopScreen):
             filter_containers(snap.containers, self.filter_text), csort, tiebreak=lambda c: c.id
         )
         ctable = self.query_one(ContainerTable)
-        ctable.set_rows((c.id, c) for c in containers)
+        ctable.set_rows(containers)
         ctable.set_header_marks(csort.column, csort.reverse)
 
     def _show_oom(self, snap: Snapshot) -> None:
@@ -170,7 +171,7 @@ class MainScreen(MemtopScreen):
         ]
         ordered = sort_rows([v for _, v in events], osort, tiebreak=lambda v: (v.time, v.victim_pid))
         otable = self.query_one(OomTable)
-        otable.set_rows((oom_key(v.event), v) for v in ordered)
+        otable.set_rows(ordered)
         otable.set_header_marks(osort.column, osort.reverse)
         problem = probe_problem(snap, "oom")
         kills = f"{snap.oom_kills_seen} kills seen live; " if not snap.replay else ""
@@ -180,7 +181,8 @@ class MainScreen(MemtopScreen):
                 ' ("log": from the kernel log, before memtop started)',
                 "  │ Enter: details and the minute before the kill",
                 (f"  [{problem}]" if problem else "", "bold red"),
-            )
+            ),
+            layout=False,  # one line: no layout
         )
 
     def _show_leaks(self, snap: Snapshot) -> None:
@@ -196,13 +198,13 @@ class MainScreen(MemtopScreen):
         lsort = self.memtop.sort_for("leaks")
         ordered = sort_rows(rows, lsort, tiebreak=lambda r: (r.kind, r.stack_id))
         table = self.query_one(LeakTable)
-        table.set_rows((leak_key(r), r) for r in ordered)
+        table.set_rows(ordered)
         table.set_header_marks(lsort.column, lsort.reverse)
         note = leak_note(snap)
         problem = probe_problem(snap, "leaks")
         if problem:
             note.append(f"  [{problem}]", style="bold red")
-        self.query_one("#leaks-note", Static).update(note)
+        self.query_one("#leaks-note", Static).update(note, layout=False)  # one line: no layout
 
     def action_leak_older(self) -> None:
         app = self.memtop
@@ -218,7 +220,7 @@ class MainScreen(MemtopScreen):
         tsort = self.memtop.sort_for("tcp")
         ordered = sort_rows(views, tsort, tiebreak=lambda v: (v.pid, v.daddr, v.dport))
         table = self.query_one(TcpTable)
-        table.set_rows((tcp_key(v.row), v) for v in ordered)
+        table.set_rows(ordered)
         table.set_header_marks(tsort.column, tsort.reverse)
         probe = snap.probes.get("tcp")
         status = (
@@ -234,7 +236,8 @@ class MainScreen(MemtopScreen):
                 f"{snap.tcp_in_flight} in flight  │ ",
                 (RESOLUTION_NOTE, "dim"),
                 (f"  [{status}]" if status else "", "bold red"),
-            )
+            ),
+            layout=False,  # one line: no layout
         )
 
     def selected_process(self) -> ProcessRow | None:

@@ -86,7 +86,7 @@ OOM_COLUMNS: tuple[Column, ...] = (
 
 class OomTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(OOM_COLUMNS, sort_group="oom", **kwargs)
+        super().__init__(OOM_COLUMNS, sort_group="oom", row_key=lambda v: oom_key(v.event), **kwargs)
 
 
 def oom_rows(snap: Snapshot) -> list[tuple[str, _EventView]]:

@@ -30,7 +30,7 @@ TAIL_ROWS = 200
 
 class ProcessLeakTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(LEAK_COLUMNS, sort_group="leaks", **kwargs)
+        super().__init__(LEAK_COLUMNS, sort_group="leaks", row_key=leak_key, **kwargs)
 
 
 TAIL_MAX_PER_SEC = 200  # the kernel-side tail budget (memtop/bpf/kmalloc.c)
@@ -163,7 +163,7 @@ class ProcessScreen(MemtopScreen):
                 yield Sparkline([], id="graph")
                 yield Static(id="sizes")
         with Horizontal(id="process-bottom"):
-            yield VirtualTable(CALL_SITE_COLUMNS, id="call-sites")
+            yield VirtualTable(CALL_SITE_COLUMNS, row_key=lambda s: s.address, id="call-sites")
             yield Static(id="tail")
         yield Static(id="process-leaks-label")
         yield ProcessLeakTable(id="process-leaks")
@@ -193,7 +193,7 @@ class ProcessScreen(MemtopScreen):
         reading = focus.reading if focus else None
         self.query_one("#sizes", Static).update(sizes_text(reading))
         sites = reading.call_sites if reading else ()
-        self.query_one("#call-sites", VirtualTable).set_rows((str(s.address), s) for s in sites[:200])
+        self.query_one("#call-sites", VirtualTable).set_rows(sites[:200])
         self.query_one("#tail", Static).update(
             tail_text(reading, app.tail_min_bytes, snap.drops, not snap.replay)
         )
@@ -215,7 +215,7 @@ class ProcessScreen(MemtopScreen):
         lsort = app.sort_for("leaks")
         ordered = sort_rows(leaks, lsort, tiebreak=lambda r: (r.kind, r.stack_id))
         table = self.query_one(ProcessLeakTable)
-        table.set_rows((leak_key(r), r) for r in ordered)
+        table.set_rows(ordered)
         table.set_header_marks(lsort.column, lsort.reverse)
 
     def action_user_leaks(self) -> None:

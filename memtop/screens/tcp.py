@@ -86,7 +86,7 @@ TCP_COLUMNS: tuple[Column, ...] = (
 
 class TcpTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(TCP_COLUMNS, sort_group="tcp", **kwargs)
+        super().__init__(TCP_COLUMNS, sort_group="tcp", row_key=lambda v: tcp_key(v.row), **kwargs)
 
 
 def container_names(snap: Snapshot) -> dict[str, str]:
