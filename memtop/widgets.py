@@ -93,7 +93,7 @@ class Column:
 
 SORT_DIGITS = "1234567890"  # the key for column i (the tenth column is 0)
 CELL_PADDING = 1  # blank cells on each side of a column, as DataTable draws them
-LINE_CACHE_MAX = 2048  # formatted rows kept for scrolling back (only ever rows that were visible)
+LINE_CACHE_MAX = 512  # formatted rows kept for scrolling back (only ever rows that were visible)
 
 
 def cell_segments(value: str | Text, width: int, console: Console) -> list[Segment]:

@@ -14,7 +14,7 @@ from textual.pilot import Pilot
 
 from memtop.app import MemtopApp
 from memtop.config import Config
-from memtop.screens.main import MainScreen, ProcessTable
+from memtop.screens.main import PROCESS_COLUMNS, MainScreen, ProcessTable
 from memtop.screens.process import ProcessScreen
 from memtop.sources import ReplaySource
 from memtop.widgets import Column, VirtualTable, right
@@ -137,6 +137,11 @@ async def test_sort_keys_order_all_rows_by_raw_values_and_again_reverses(tmp_pat
         # the RSS column of unknowns says so, at the bottom when biggest first
         await press(pilot, "0", "end")
         assert screen_rows(t)[-1].split()[-1] == "-"
+        # a click on a column's header sorts by it, as its key does
+        x = sum(c.width + 2 for c in PROCESS_COLUMNS[:3]) + 1  # in CONTAINER, the fourth column
+        await pilot.click(ProcessTable, offset=(x, 0))
+        await pilot.pause()
+        assert app.sort.column == "container" and "CONTAINER ▲" in screen_rows(t)[0]
 
 
 async def test_filter_keeps_the_matching_rows_in_order(tmp_path: Path) -> None:
@@ -144,11 +149,16 @@ async def test_filter_keeps_the_matching_rows_in_order(tmp_path: Path) -> None:
     app = MemtopApp(ReplaySource(path), Config())
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
+        await press(pilot, "end")  # scrolled to the bottom of 3,000: the few left must show
         await press(pilot, "slash", *"--shard 12", "enter")
         matching = [p for p in procs if "--shard 12" in p["cmdline"]]
         assert 1 < len(matching) < 200
         expected = expected_pids(matching, "kmalloc_bytes_per_s", reverse=True)
         assert table_pids(app) == expected
+        # still at the bottom, of the rows left; the cursor (its process filtered out) on the last
+        assert shown_pids(table(app)) == expected[-page(table(app)) :]
+        assert table(app).cursor_key()[0] == expected[-1]
+        await press(pilot, "home")
         assert shown_pids(table(app)) == expected[: page(table(app))]
         await press(pilot, "escape")
         assert len(table_pids(app)) == MANY
