@@ -1,14 +1,22 @@
-"""Widgets shared by the screens: the header bar and the sortable, diffing table."""
+"""Widgets shared by the screens: the header bar and the sortable virtual table."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from rich.console import Console
+from rich.segment import Segment
+from rich.style import Style
 from rich.text import Text
+from textual import events
 from textual.binding import Binding
-from textual.widgets import DataTable, Static
+from textual.geometry import Region, Size
+from textual.message import Message
+from textual.scroll_view import ScrollView
+from textual.strip import Strip
+from textual.widgets import Static
 
 from memtop import format as fmt
 from memtop.store import Snapshot
@@ -23,7 +31,7 @@ class HeaderBar(Static):
 
     def show(self, snap: Snapshot | None, paused: bool, interval_s: float, exports: int = 0) -> None:
         if snap is None:
-            self.update("memtop  starting…")
+            self.update("memtop  starting…", layout=False)
             return
         up = fmt.short_duration(snap.taken_at - snap.host.boot_time) if snap.host.boot_time else "-"
         mode = (
@@ -69,7 +77,7 @@ class HeaderBar(Static):
         line2.append("│ ")
         line2.append(f"drops {fmt.count(lost)}", style="bold red" if lost else "")
         line2.append(f" │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
-        self.update(Text("\n").join([line1, line2]))
+        self.update(Text("\n").join([line1, line2]), layout=False)  # a fixed height: no layout per tick
 
 
 @dataclass(frozen=True)
@@ -84,15 +92,67 @@ class Column:
 
 
 SORT_DIGITS = "1234567890"  # the key for column i (the tenth column is 0)
+CELL_PADDING = 1  # blank cells on each side of a column, as DataTable draws them
+LINE_CACHE_MAX = 512  # formatted rows kept for scrolling back (only ever rows that were visible)
 
 
-class SortedTable(DataTable[Any]):
-    """A DataTable whose rows are (key, record) pairs re-rendered each tick.
+def cell_segments(value: str | Text, width: int, console: Console) -> list[Segment]:
+    """One cell as segments exactly `width` cells wide: plain strings are text (never markup), one line
+    (line breaks shown as ↵), too long ends in …, `Text(justify="right")` is right-aligned."""
+    text = Text(value) if isinstance(value, str) else value
+    if "\n" in text.plain:
+        text = Text("↵").join(text.split("\n", allow_blank=True))
+    length = text.cell_len
+    if length > width:
+        text = text.copy()
+        text.truncate(width, overflow="ellipsis")
+        length = text.cell_len
+    segments = list(text.render(console))  # the spans' styles; the Text's own style goes under them
+    if text.style:
+        segments = list(Segment.apply_style(segments, console.get_style(text.style)))
+    pad = width - length
+    if pad > 0:
+        if text.justify == "right":
+            segments.insert(0, Segment(" " * pad))
+        elif text.justify == "center":
+            segments.insert(0, Segment(" " * (pad // 2)))
+            segments.append(Segment(" " * (pad - pad // 2)))
+        else:
+            segments.append(Segment(" " * pad))
+    return segments
 
-    Rows are diffed by key: when the order is unchanged only changed cells are updated, otherwise the
-    table is rebuilt and the cursor stays on the same record. A table with a `sort_group` sorts with the
-    digit keys (one per column, again reverses), r (reverse) and < > (previous/next column); the sort
-    order itself lives in the app, so it survives the table being rebuilt.
+
+class _TableNavigation(ScrollView, can_focus=True):
+    """The cursor keys of a VirtualTable (kept apart so the help screen lists only the sort keys)."""
+
+    BINDINGS = [
+        Binding("enter", "select_cursor", "Select", show=False),
+        Binding("up", "cursor_up", "Up", show=False),
+        Binding("down", "cursor_down", "Down", show=False),
+        Binding("pageup", "page_up", "Page up", show=False),
+        Binding("pagedown", "page_down", "Page down", show=False),
+        Binding("home,ctrl+home", "cursor_home", "Top", show=False),
+        Binding("end,ctrl+end", "cursor_end", "Bottom", show=False),
+        Binding("left", "scroll_columns(-1)", "Scroll left", show=False),
+        Binding("right", "scroll_columns(1)", "Scroll right", show=False),
+    ]
+
+
+class VirtualTable(_TableNavigation):
+    """A table of records that formats only the rows on screen (Textual's Line API).
+
+    The screen hands over every record, already filtered and sorted on raw values (`set_rows`); the
+    table keeps the list and, when Textual asks for a line, formats that one row with the columns'
+    `render` functions (cached per row key while the record is the same). `row_key` gives a record's
+    identity (a process's pid and start time), by which the cursor and the cache follow it. A tick
+    therefore costs about the same at 30 rows as at 5,000. The header stays on top, the sorted column
+    is marked ▲/▼ (`set_header_marks`), and the cursor follows its record across ticks and re-sorts (a
+    record that left the data leaves the cursor at the same position). Enter, or a click on the
+    cursor's row, posts `VirtualTable.RowSelected`; a click on the header sorts by that column.
+
+    A table with a `sort_group` sorts with the digit keys (one per column, again reverses), r (reverse)
+    and < > (previous/next column); the sort order itself lives in the app, so it survives the table
+    being rebuilt.
     """
 
     BINDINGS = [
@@ -102,51 +162,298 @@ class SortedTable(DataTable[Any]):
         Binding("greater_than_sign", "sort_shift(1)", "Sort →", show=False),
     ]
 
-    def __init__(self, columns: Sequence[Column], sort_group: str | None = None, **kwargs: Any) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "virtual-table--header",
+        "virtual-table--cursor",
+        "virtual-table--even-row",
+        "virtual-table--odd-row",
+    }
+
+    DEFAULT_CSS = """
+    VirtualTable {
+        background: $surface;
+        color: $foreground;
+        height: auto;
+        max-height: 100%;
+        &:focus {
+            background-tint: $foreground 5%;
+            & > .virtual-table--cursor {
+                background: $block-cursor-background;
+                color: $block-cursor-foreground;
+                text-style: $block-cursor-text-style;
+            }
+            & > .virtual-table--header {
+                background-tint: $foreground 5%;
+            }
+        }
+        &:dark > .virtual-table--even-row {
+            background: $surface-darken-1 40%;
+        }
+        & > .virtual-table--header {
+            text-style: bold;
+            background: $panel;
+            color: $foreground;
+        }
+        &:ansi > .virtual-table--header {
+            background: ansi_bright_blue;
+            color: ansi_default;
+        }
+        & > .virtual-table--even-row {
+            background: $surface-lighten-1 50%;
+        }
+        & > .virtual-table--cursor {
+            background: $block-cursor-blurred-background;
+            color: $block-cursor-blurred-foreground;
+            text-style: $block-cursor-blurred-text-style;
+        }
+    }
+    """
+
+    class RowSelected(Message):
+        """Enter (or a click on the cursor's row): `key` and `record` of the row under the cursor."""
+
+        def __init__(self, table: VirtualTable, key: Hashable, record: Any) -> None:
+            super().__init__()
+            self.table = table
+            self.key = key
+            self.record = record
+
+        @property
+        def control(self) -> VirtualTable:
+            return self.table
+
+    def __init__(
+        self,
+        columns: Sequence[Column],
+        sort_group: str | None = None,
+        *,
+        row_key: Callable[[Any], Hashable] = id,
+        name: str | None = None,
+        id: str | None = None,  # noqa: A002 (Textual's name)
+        classes: str | None = None,
+    ) -> None:
+        super().__init__(name=name, id=id, classes=classes)
         self.columns_spec = list(columns)
         self.sort_group = sort_group
-        self._keys: list[str] = []
-        self._cells: dict[str, tuple[Any, ...]] = {}
+        self.row_key = row_key
+        self.cursor_row = 0
+        self._records: Sequence[Any] = ()
+        self._index: dict[Hashable, int] | None = None  # key -> row, built when asked for
+        self._widths = [c.width if c.width is not None else max(8, len(c.label) + 2) for c in columns]
+        self._table_width = sum(w + 2 * CELL_PADDING for w in self._widths)
+        self._marks: tuple[str, bool] | None = None
+        self._header: Strip | None = None
+        self._lines: dict[Hashable, tuple[Any, Strip]] = {}  # key -> (the record it was drawn from, its line)
+        self._styles: dict[str, Style] = {}
+        self._base_style = Style()
+        self.virtual_size = Size(self._table_width, 1)
 
-    def on_mount(self) -> None:
-        for col in self.columns_spec:
-            self.add_column(col.label, key=col.field, width=col.width)
+    # -- the data ----------------------------------------------------------------------------------------
 
-    def set_header_marks(self, sort_field: str, reverse: bool) -> None:
-        for col in self.columns_spec:
-            mark = (" ▼" if reverse else " ▲") if col.field == sort_field else ""
-            label = Text(col.label + mark, style="bold reverse" if mark else "bold")
-            column = self.columns.get(col.field)  # type: ignore[call-overload]
-            if column is not None:
-                column.label = label
+    def set_rows(self, records: Sequence[Any]) -> None:
+        """Show these records in this order: every row of the table, of which only the visible ones get
+        formatted. The table keeps the sequence as it is (no copy, no per-row work here but finding the
+        cursor's record again), so a tick costs about the same at 5,000 rows as at 30."""
+        cursor_key = self.cursor_key()
+        self._records = records
+        self._index = None
+        self.cursor_row = self._find(cursor_key, self.cursor_row)
+        if len(self._lines) > LINE_CACHE_MAX:
+            self._lines.clear()
+        self.virtual_size = Size(self._table_width, len(records) + 1)
         self.refresh()
 
-    def show_rows(self, rows: Sequence[tuple[str, Sequence[Any]]]) -> None:
-        # Plain strings become Text, never markup: names come from processes, cgroups and state files.
-        rows = [(k, [Text(c) if isinstance(c, str) else c for c in cells]) for k, cells in rows]
-        keys = [k for k, _ in rows]
-        cursor_key = self.cursor_key()
-        if keys == self._keys:
-            for key, cells in rows:
-                old = self._cells.get(key)
-                if old != tuple(cells):
-                    for col, value, previous in zip(
-                        self.columns_spec, cells, old or (None,) * len(cells), strict=True
-                    ):
-                        if value != previous:
-                            self.update_cell(key, col.field, value)
-                    self._cells[key] = tuple(cells)
+    def _find(self, key: Hashable | None, near: int) -> int:
+        """Where the record of `key` is now (scanning only when it moved), else `near` within the rows."""
+        records, row_key = self._records, self.row_key
+        if key is not None:
+            if near < len(records) and row_key(records[near]) == key:
+                return near
+            for i, record in enumerate(records):
+                if row_key(record) == key:
+                    return i
+        return max(0, min(near, len(records) - 1))
+
+    @property
+    def row_count(self) -> int:
+        return len(self._records)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        """Every row's key, in the order shown."""
+        return [self.row_key(r) for r in self._records]
+
+    def record(self, key: Hashable) -> Any:
+        """The record shown under `key` (KeyError if none)."""
+        if self._index is None:
+            self._index = {self.row_key(r): i for i, r in enumerate(self._records)}
+        return self._records[self._index[key]]
+
+    def row_cells(self, key: Hashable) -> list[Text]:
+        """The cells of one row as its columns render them (for tests and tools; drawing does not use it)."""
+        record = self.record(key)
+        return [self._as_text(c.render(record)) for c in self.columns_spec]
+
+    def cursor_key(self) -> Any:
+        """The key of the record under the cursor (None when the table is empty)."""
+        if not 0 <= self.cursor_row < len(self._records):
+            return None
+        return self.row_key(self._records[self.cursor_row])
+
+    def cursor_record(self) -> Any:
+        """The record under the cursor (None when the table is empty)."""
+        if not 0 <= self.cursor_row < len(self._records):
+            return None
+        return self._records[self.cursor_row]
+
+    def set_header_marks(self, sort_field: str, reverse: bool) -> None:
+        if self._marks != (sort_field, reverse):
+            self._marks = (sort_field, reverse)
+            self._header = None
+            self.refresh()
+
+    # -- drawing ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_text(value: str | Text) -> Text:
+        return Text(value) if isinstance(value, str) else value
+
+    def _line(self, cells: Sequence[str | Text]) -> Strip:
+        console = self.app.console
+        pad = Segment(" " * CELL_PADDING)
+        segments: list[Segment] = []
+        for value, width in zip(cells, self._widths, strict=True):
+            segments.append(pad)
+            segments.extend(cell_segments(value, width, console))
+            segments.append(pad)
+        return Strip(segments, self._table_width)
+
+    def _header_line(self) -> Strip:
+        if self._header is None:
+            field, reverse = self._marks or ("", False)
+            labels = []
+            for col, width in zip(self.columns_spec, self._widths, strict=True):
+                if col.field != field:
+                    labels.append(Text(col.label, style="bold"))
+                    continue
+                label = Text(col.label)  # shortened if need be, so that the mark always shows
+                label.truncate(width - 2, overflow="ellipsis")
+                labels.append(Text.assemble(label, " ▼" if reverse else " ▲", style="bold reverse"))
+            self._header = self._line(labels)
+        return self._header
+
+    def _row_line(self, index: int) -> Strip:
+        record = self._records[index]
+        key = self.row_key(record)
+        cached = self._lines.get(key)
+        if cached is not None and (cached[0] is record or cached[0] == record):
+            return cached[1]
+        line = self._line([c.render(record) for c in self.columns_spec])
+        self._lines[key] = (record, line)
+        return line
+
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._styles.clear()
+
+    def _style(self, component: str) -> Style:
+        style = self._styles.get(component)
+        if style is None:
+            style = self._styles[component] = self.get_component_styles(component).rich_style
+        return style
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        self._base_style = self.rich_style  # the widget's style, worked out once per redraw, not per line
+        return super().render_lines(crop)
+
+    def render_line(self, y: int) -> Strip:
+        scroll_x, scroll_y = self.scroll_offset
+        width = self.size.width
+        base = self._base_style
+        if y == 0:
+            style = base + self._style("virtual-table--header")
+            line = Strip(Segment.apply_style(self._header_line(), style))
+            return line.crop_extend(scroll_x, scroll_x + width, style)
+        index = scroll_y + y - 1
+        if index >= len(self._records):
+            return Strip.blank(width, base)
+        if index == self.cursor_row:
+            cursor = self._style("virtual-table--cursor")
+            style = base + cursor
+            post = Style.from_color(cursor.color, cursor.bgcolor)
+            segments = Segment.apply_style(self._row_line(index), style, post)
+        else:
+            zebra = "virtual-table--odd-row" if index % 2 else "virtual-table--even-row"
+            style = base + self._style(zebra)
+            segments = Segment.apply_style(self._row_line(index), style)
+        return Strip(segments).crop_extend(scroll_x, scroll_x + width, style)
+
+    # -- moving -----------------------------------------------------------------------------------------
+
+    @property
+    def _page(self) -> int:
+        """Rows that fit under the header."""
+        return max(1, self.scrollable_content_region.height - 1)
+
+    def move_cursor(self, row: int) -> None:
+        """Put the cursor on row `row` (clamped) and scroll it into view."""
+        if not self._records:
             return
-        scroll_y = self.scroll_y
-        self.clear()
-        for key, cells in rows:
-            self.add_row(*cells, key=key)
-        self._keys = keys
-        self._cells = {k: tuple(c) for k, c in rows}
-        if cursor_key in self._cells:
-            self.move_cursor(row=keys.index(cursor_key), animate=False, scroll=False)
-        self.scroll_to(y=scroll_y, animate=False)
+        self.cursor_row = max(0, min(row, len(self._records) - 1))
+        top = round(self.scroll_y)
+        if self.cursor_row < top:
+            self.scroll_to(y=self.cursor_row, animate=False)
+        elif self.cursor_row >= top + self._page:
+            self.scroll_to(y=self.cursor_row - self._page + 1, animate=False)
+        self.refresh()
+
+    def action_cursor_up(self) -> None:
+        self.move_cursor(self.cursor_row - 1)
+
+    def action_cursor_down(self) -> None:
+        self.move_cursor(self.cursor_row + 1)
+
+    def action_page_up(self) -> None:
+        self.move_cursor(self.cursor_row - self._page)
+
+    def action_page_down(self) -> None:
+        self.move_cursor(self.cursor_row + self._page)
+
+    def action_cursor_home(self) -> None:
+        self.move_cursor(0)
+
+    def action_cursor_end(self) -> None:
+        self.move_cursor(len(self._records) - 1)
+
+    def action_scroll_columns(self, step: int) -> None:
+        self.scroll_to(x=self.scroll_x + step * 8, animate=False)
+
+    def action_select_cursor(self) -> None:
+        key = self.cursor_key()
+        if key is not None:
+            self.post_message(self.RowSelected(self, key, self._records[self.cursor_row]))
+
+    def on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None:
+            return
+        if offset.y == 0:  # the header: sort by the column clicked
+            x = offset.x + round(self.scroll_x)
+            for i, width in enumerate(self._widths):
+                x -= width + 2 * CELL_PADDING
+                if x < 0:
+                    self.action_sort_column(i)
+                    break
+            return
+        row = round(self.scroll_y) + offset.y - 1
+        if row >= len(self._records):
+            return
+        if row == self.cursor_row:
+            self.action_select_cursor()
+        else:
+            self.move_cursor(row)
+
+    # -- sorting ----------------------------------------------------------------------------------------
 
     def action_sort_column(self, index: int) -> None:
         if self.sort_group is not None and index < len(self.columns_spec):
@@ -160,10 +467,9 @@ class SortedTable(DataTable[Any]):
         if self.sort_group is not None:
             self.app.sort_table_shift(self.sort_group, self.columns_spec, step)  # type: ignore[attr-defined]
 
-    def cursor_key(self) -> str | None:
-        if not self._keys or self.cursor_row < 0 or self.cursor_row >= len(self._keys):
-            return None
-        return self._keys[self.cursor_row]
+
+# The name the app's help screen (and older code) uses for the sortable table.
+SortedTable = VirtualTable
 
 
 def right(text: str, style: str = "") -> Text:

@@ -17,7 +17,7 @@ from memtop.screens.main import PROCESS_COLUMNS, MainScreen, ProcessTable
 from memtop.screens.process import ProcessScreen
 from memtop.screens.tables import CONTAINER_COLUMNS
 from memtop.sources import ReplaySource
-from memtop.widgets import SORT_DIGITS, SortedTable
+from memtop.widgets import SORT_DIGITS, VirtualTable
 
 from .conftest import REPLAY
 
@@ -38,8 +38,7 @@ def make_app(tmp_path: Path | None = None) -> MemtopApp:
 
 
 def table_pids(app: MemtopApp) -> list[int]:
-    keys = app.screen.query_one(ProcessTable)._keys
-    return [int(k.split(":")[0]) for k in keys]
+    return [pid for pid, _ in app.screen.query_one(ProcessTable).keys]
 
 
 def widget_text(app: MemtopApp, selector: str) -> str:
@@ -89,11 +88,7 @@ async def test_a_key_per_column_sorts_and_again_reverses() -> None:
 def _keys(app: MemtopApp):
     from memtop.store import ProcessKey
 
-    out = []
-    for k in app.screen.query_one(ProcessTable)._keys:
-        pid, start = k.split(":")
-        out.append(ProcessKey(int(pid), float(start)))
-    return out
+    return [ProcessKey(pid, start) for pid, start in app.screen.query_one(ProcessTable).keys]
 
 
 async def test_filter_by_command_and_pid_then_escape_clears() -> None:
@@ -140,8 +135,8 @@ async def test_process_drilldown_shows_its_own_share_of_each_leak_stack(tmp_path
         await press(pilot, "slash", *str(pid), "enter")
         await press(pilot, "enter")
         assert isinstance(app.screen, ProcessScreen)
-        table = app.screen.query_one("#process-leaks", SortedTable)
-        text = " ".join(str(cell) for key in table._keys for cell in table.get_row(key))
+        table = app.screen.query_one("#process-leaks", VirtualTable)
+        text = " ".join(str(cell) for key in table.keys for cell in table.row_cells(key))
         assert "memtop_share_marker" in text and "12.0 KiB" in text
         assert "8.6 MiB" not in text  # the whole stack's bytes belong to the Leaks tab
 
@@ -156,7 +151,7 @@ async def test_enter_drills_into_the_process_and_escape_returns() -> None:
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen)
         assert app.screen.key.pid == doc["focus"]["pid"]
-        sites = app.screen.query_one("#call-sites", SortedTable)
+        sites = app.screen.query_one("#call-sites", VirtualTable)
         assert sites.row_count >= 1
         first_site = app.snapshot.focus.reading.call_sites[0]
         assert first_site.symbol.startswith("listxattr")
@@ -240,24 +235,24 @@ async def test_containers_tab_lists_containers_sorts_and_drills_into_one() -> No
         table = app.screen.query_one(ContainerTable)
         assert table.has_focus
         by_rate = sorted(doc["containers"], key=lambda c: -c["kmalloc_bytes_per_s"])
-        assert table._keys == [c["id"] for c in by_rate]
+        assert table.keys == [c["id"] for c in by_rate]
         text = widget_text(app, "#container-table")
         assert "web-frontend" in text and "checkout-7d9f8" in text and "shop" in text
         assert "256.0 MiB" in text  # the docker container's limit
         await press(pilot, "9")  # LIMIT: biggest first, unlimited last
         assert app.sort_for("containers").column == "memory_limit_bytes"
         web = next(c for c in doc["containers"] if c["name"] == "web-frontend")
-        assert table._keys[0] == web["id"]
-        await press(pilot, *["up"] * len(table._keys))  # the cursor stayed on its container; go to the top
+        assert table.keys[0] == web["id"]
+        await press(pilot, *["up"] * len(table.keys))  # the cursor stayed on its container; go to the top
         await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, ContainerScreen) and app.screen.container_id == web["id"]
         details = widget_text(app, "#container-details")
         assert "web-frontend" in details and web["id"][:24] in details and "docker" in details
-        procs = app.screen.query_one("#container-processes", SortedTable)
+        procs = app.screen.query_one("#container-processes", VirtualTable)
         attributed = {p["pid"] for p in doc["processes"] if p["container_id"] == web["id"]}
         assert set(web["pids"]) <= attributed  # live ones, and those that exited
-        assert {int(k.split(":")[0]) for k in procs._keys} == attributed
+        assert {pid for pid, _ in procs.keys} == attributed
         await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == web["pids"][0]
@@ -295,7 +290,7 @@ async def test_oom_tab_lists_kills_and_enter_shows_the_kill_with_its_pre_kill_hi
         await press(pilot, "O")
         await pilot.pause()
         table = app.screen.query_one(OomTable)
-        assert table.has_focus and len(table._keys) == len(doc["oom_events"])
+        assert table.has_focus and len(table.keys) == len(doc["oom_events"])
         text = widget_text(app, "#oom-table")
         assert str(kill["victim_pid"]) in text and "cgroup limit" in text
         assert f"{kill['namespace']}/{kill['pod_name']}" in text
@@ -347,17 +342,17 @@ async def test_tcp_tab_groups_filters_and_drills_into_a_destination() -> None:
         await press(pilot, "T")
         await pilot.pause()
         table = app.screen.query_one(TcpTable)
-        assert table.has_focus and len(table._keys) == len(doc["tcp_connect"])
+        assert table.has_focus and len(table.keys) == len(doc["tcp_connect"])
         assert "process × destination" in widget_text(app, "#tcp-note")
         assert "within ×2" in widget_text(app, "#tcp-note")
         await press(pilot, "g")  # by destination: one row per (address, port)
         destinations = {(t["daddr"], t["dport"]) for t in doc["tcp_connect"]}
-        assert len(table._keys) == len(destinations)
+        assert len(table.keys) == len(destinations)
         await press(pilot, "g", "g", "g")  # by process, by container, back to process × destination
-        assert len(table._keys) == len(doc["tcp_connect"])
+        assert len(table.keys) == len(doc["tcp_connect"])
         await press(pilot, "slash", *f"port:{failed['dport']}", "enter")
         await pilot.pause()
-        assert len(table._keys) == 1
+        assert len(table.keys) == 1
         assert "web-frontend" in widget_text(app, "#tcp-table")
         assert "LAST SLOW" in widget_text(app, "#tcp-table")  # the failed connect's time (TZ=UTC here)
         assert time.strftime("%H:%M:%S", time.gmtime(failed["last_slow_at"])) in widget_text(
@@ -386,14 +381,14 @@ async def test_leaks_tab_sorts_by_growth_shows_the_stack_and_hides_young_allocat
         await press(pilot, "L")
         await pilot.pause()
         table = app.screen.query_one(LeakTable)
-        assert table.has_focus and len(table._keys) == len(doc["leaks"])
+        assert table.has_focus and len(table.keys) == len(doc["leaks"])
         fastest = max(doc["leaks"], key=lambda r: r["growth_bytes_per_s"])
-        assert table._keys[0] == f"{fastest['kind']}:{fastest['stack_id']}"
+        assert table.keys[0] == f"{fastest['kind']}:{fastest['stack_id']}"
         note = widget_text(app, "#leaks-note")
         assert f"kernel: 1 in {doc['leak_sample_rates']['kernel']}" in note
         assert f"user PID {doc['leak_user_pid']}" in note
         leak = next(r for r in doc["leaks"] if r["top_frame"].startswith("memtop_test_leak_here"))
-        assert table._keys[0] == f"user:{leak['stack_id']}"  # the leak grows fastest
+        assert table.keys[0] == f"user:{leak['stack_id']}"  # the leak grows fastest
         await press(pilot, "enter")
         await pilot.pause()
         assert isinstance(app.screen, LeakScreen)
@@ -406,7 +401,7 @@ async def test_leaks_tab_sorts_by_growth_shows_the_stack_and_hides_young_allocat
         await app.workers.wait_for_complete()
         await pilot.pause()
         expected = [r for r in doc["leaks"] if r["oldest_age_s"] >= older]
-        assert len(table._keys) == len(expected) < len(doc["leaks"])
+        assert len(table.keys) == len(expected) < len(doc["leaks"])
 
 
 async def test_process_drilldown_lists_that_process_leaks() -> None:
@@ -419,6 +414,6 @@ async def test_process_drilldown_lists_that_process_leaks() -> None:
         app.open_process(row.key)  # (the recorder's own command line names the PID too)
         await pilot.pause()
         assert isinstance(app.screen, ProcessScreen) and app.screen.key.pid == pid
-        rows = app.screen.query_one("#process-leaks", SortedTable)
-        assert len(rows._keys) == sum(1 for r in doc["leaks"] if pid in r["pids"])
+        rows = app.screen.query_one("#process-leaks", VirtualTable)
+        assert len(rows.keys) == sum(1 for r in doc["leaks"] if pid in r["pids"])
         assert "memtop_test_leak_here" in widget_text(app, "#process-leaks")

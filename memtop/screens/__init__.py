@@ -14,14 +14,32 @@ if TYPE_CHECKING:
 
 
 class MemtopScreen(Screen[None]):
-    """A full screen with memtop's header: redrawn from the app's latest Snapshot on every tick."""
+    """A full screen with memtop's header: redrawn from the app's latest Snapshot on every tick while it
+    is shown; a screen under another (a drill-down's parent) is redrawn when it is shown again."""
+
+    _behind = False  # a tick arrived while another screen covered this one
 
     @property
     def memtop(self) -> MemtopApp:
         return self.app  # type: ignore[return-value]
 
+    @property
+    def shown(self) -> bool:
+        """Whether this screen is on top, or just under a modal one (the help) that lets it show."""
+        stack = self.app.screen_stack
+        return bool(stack) and (
+            stack[-1] is self or (stack[-1].is_modal and len(stack) > 1 and stack[-2] is self)
+        )
+
+    def on_screen_resume(self) -> None:
+        if self._behind:
+            self.refresh_view()
+
     def refresh_view(self) -> None:
         app = self.memtop
+        self._behind = not self.shown
+        if self._behind:
+            return
         self.query_one(HeaderBar).show(app.snapshot, app.paused, app.interval_s)
         if app.snapshot is not None:
             self.show_snapshot(app.snapshot)

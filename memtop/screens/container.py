@@ -10,13 +10,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Footer, Sparkline, Static
+from textual.widgets import Footer, Sparkline, Static
 
 from memtop import format as fmt
 from memtop.screens import MemtopScreen
 from memtop.screens.tables import PROCESS_COLUMNS, process_row_key
 from memtop.store import ContainerRow, ProcessRow, Snapshot, sort_rows
-from memtop.widgets import HeaderBar, SortedTable
+from memtop.widgets import HeaderBar, VirtualTable
 
 
 def container_details(row: ContainerRow | None, container_id: str) -> Text | Table:
@@ -51,9 +51,9 @@ def container_details(row: ContainerRow | None, container_id: str) -> Text | Tab
     return grid
 
 
-class ContainerProcessTable(SortedTable):
+class ContainerProcessTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(PROCESS_COLUMNS, sort_group="processes", **kwargs)
+        super().__init__(PROCESS_COLUMNS, sort_group="processes", row_key=process_row_key, **kwargs)
 
 
 class ContainerScreen(MemtopScreen):
@@ -65,7 +65,6 @@ class ContainerScreen(MemtopScreen):
     def __init__(self, container_id: str) -> None:
         super().__init__()
         self.container_id = container_id
-        self._rows: dict[str, ProcessRow] = {}
 
     def compose(self) -> ComposeResult:
         yield HeaderBar(id="header")
@@ -110,17 +109,15 @@ class ContainerScreen(MemtopScreen):
         self.query_one("#memory-graph", Sparkline).data = memory or [0.0]
         sort = self.memtop.sort_for("processes")
         procs = sort_rows((p for p in snap.processes if p.container_id == self.container_id), sort)
-        self._rows = {process_row_key(p.key): p for p in procs}
         table = self.query_one(ContainerProcessTable)
-        table.show_rows([(process_row_key(p.key), [c.render(p) for c in PROCESS_COLUMNS]) for p in procs])
+        table.set_rows(procs)
         table.set_header_marks(sort.column, sort.reverse)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_virtual_table_row_selected(self, event: VirtualTable.RowSelected) -> None:
         event.stop()
         self.action_drill()
 
     def action_drill(self) -> None:
-        key = self.query_one(ContainerProcessTable).cursor_key()
-        row = self._rows.get(key) if key else None
+        row: ProcessRow | None = self.query_one(ContainerProcessTable).cursor_record()
         if row is not None:
             self.memtop.open_process(row.key)

@@ -14,7 +14,7 @@ from memtop import format as fmt
 from memtop.leaks import KIND_USER, LeakRow, frame_function
 from memtop.screens import MemtopScreen
 from memtop.store import Snapshot
-from memtop.widgets import Column, HeaderBar, SortedTable, right
+from memtop.widgets import Column, HeaderBar, VirtualTable, right
 
 OLDER_STEPS = (0.0, 10.0, 60.0, 300.0, 1800.0)  # what the o key cycles through
 
@@ -48,16 +48,16 @@ LEAK_COLUMNS: tuple[Column, ...] = (
         lambda r: right(fmt.short_duration(r.oldest_age_s) if r.oldest_age_s is not None else "-"),
         width=8,
     ),
-    Column("growth_bytes_per_s", "GROWTH/min avg", _growth, width=15),
+    Column("growth_bytes_per_s", "GROWTH/min avg", _growth, width=16),
     Column("comm", "PROCESS", processes, numeric=False, width=22),
     Column("kind", "KIND", lambda r: r.kind, numeric=False, width=12),
     Column("top_frame", "TOP FRAME", lambda r: r.top_frame, numeric=False, width=48),
 )
 
 
-class LeakTable(SortedTable):
+class LeakTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(LEAK_COLUMNS, sort_group="leaks", **kwargs)
+        super().__init__(LEAK_COLUMNS, sort_group="leaks", row_key=leak_key, **kwargs)
 
 
 def sampling_text(snap: Snapshot) -> str:

@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from memtop.screens import MemtopScreen
-from memtop.screens.leaks import LEAK_COLUMNS, OLDER_STEPS, LeakScreen, LeakTable, leak_key, leak_note
-from memtop.screens.oom import OOM_COLUMNS, OomTable, oom_key, oom_rows, where
+from memtop.screens.leaks import OLDER_STEPS, LeakScreen, LeakTable, leak_note
+from memtop.screens.oom import OomTable, oom_rows, where
 from memtop.screens.tables import CONTAINER_COLUMNS, PROCESS_COLUMNS, process_row_key
 from memtop.screens.tcp import (
     GROUPINGS,
     RESOLUTION_NOTE,
-    TCP_COLUMNS,
     TcpScreen,
     TcpTable,
     container_names,
-    tcp_key,
     tcp_views,
 )
 from memtop.store import ContainerRow, ProcessRow, Snapshot, filter_containers, filter_rows, sort_rows
 from memtop.tcp import filter_tcp_rows
-from memtop.widgets import HeaderBar, SortedTable
+from memtop.widgets import HeaderBar, VirtualTable
 
 __all__ = ["PROCESS_COLUMNS", "MainScreen", "ProcessTable", "ContainerTable", "row_key"]
 
 row_key = process_row_key
+container_key = attrgetter("id")
 
 # (tab id, title, the key that jumps to it)
 TABS: tuple[tuple[str, str, str], ...] = (
@@ -51,14 +51,14 @@ def probe_problem(snap: Snapshot, name: str) -> str:
     return f"{name} probe {probe.status}" + (f": {probe.detail}" if probe.detail else "")
 
 
-class ProcessTable(SortedTable):
+class ProcessTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(PROCESS_COLUMNS, sort_group="processes", **kwargs)
+        super().__init__(PROCESS_COLUMNS, sort_group="processes", row_key=row_key, **kwargs)
 
 
-class ContainerTable(SortedTable):
+class ContainerTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(CONTAINER_COLUMNS, sort_group="containers", **kwargs)
+        super().__init__(CONTAINER_COLUMNS, sort_group="containers", row_key=container_key, **kwargs)
 
 
 class MainScreen(MemtopScreen):
@@ -76,8 +76,8 @@ class MainScreen(MemtopScreen):
     def __init__(self) -> None:
         super().__init__()
         self.filter_text = ""
-        self._processes: dict[str, ProcessRow] = {}
-        self._containers: dict[str, ContainerRow] = {}
+        self._stale: set[str] = set()  # tabs not drawn from the latest snapshot (drawn when shown)
+        self._labels: dict[str, str] = {}
         self.tcp_grouping = 0  # index into GROUPINGS
 
     def compose(self) -> ComposeResult:
@@ -108,27 +108,61 @@ class MainScreen(MemtopScreen):
         return self.query_one("#tabs", TabbedContent).active or "processes"
 
     def show_snapshot(self, snap: Snapshot) -> None:
+        """Draw the shown tab from `snap`; the other tabs are drawn when they are shown (a tick costs one
+        tab's filter and sort on raw values, and the tables format only the rows on screen)."""
+        self._stale = {tab for tab, _, _ in TABS}
+        self._show_tab(self.active_tab, snap)
+        self._show_labels(snap)
+
+    def _show_tab(self, tab: str, snap: Snapshot) -> None:
+        self._stale.discard(tab)
+        {
+            "processes": self._show_processes,
+            "containers": self._show_containers,
+            "leaks": self._show_leaks,
+            "oom": self._show_oom,
+            "tcp": self._show_tcp,
+        }[tab](snap)
+
+    def _show_labels(self, snap: Snapshot) -> None:
+        suffix = f" [filter: {self.filter_text}]" if self.filter_text else ""
+        hidden = " [containers only]" if self.memtop.hide_host else ""
+        labels = {
+            "processes": f"Processes{hidden}{suffix}",
+            "containers": f"Containers ({len(snap.containers)}){suffix}",
+            "leaks": f"Leaks ({len(snap.leaks)})",
+            "oom": f"OOM ({len(snap.oom_events)}){suffix}",
+            "tcp": f"TCP ({len(snap.tcp_connect)}){suffix}",
+        }
+        if labels == self._labels:
+            return
+        tabs = self.query_one("#tabs", TabbedContent)
+        for tab, label in labels.items():
+            if self._labels.get(tab) != label:
+                tabs.get_tab(tab).label = label  # type: ignore[assignment]
+        self._labels = labels
+
+    def _show_processes(self, snap: Snapshot) -> None:
         app = self.memtop
         processes = filter_rows(snap.processes, self.filter_text)
         if app.hide_host:
             processes = [r for r in processes if r.container_id is not None]
         sort = app.sort_for("processes")
-        rows = sort_rows(processes, sort)
-        self._processes = {row_key(r.key): r for r in rows}
         table = self.query_one(ProcessTable)
-        table.show_rows([(row_key(r.key), [c.render(r) for c in PROCESS_COLUMNS]) for r in rows])
+        table.set_rows(sort_rows(processes, sort))
         table.set_header_marks(sort.column, sort.reverse)
 
-        csort = app.sort_for("containers")
+    def _show_containers(self, snap: Snapshot) -> None:
+        csort = self.memtop.sort_for("containers")
         containers = sort_rows(
             filter_containers(snap.containers, self.filter_text), csort, tiebreak=lambda c: c.id
         )
-        self._containers = {c.id: c for c in containers}
         ctable = self.query_one(ContainerTable)
-        ctable.show_rows([(c.id, [col.render(c) for col in CONTAINER_COLUMNS]) for c in containers])
+        ctable.set_rows(containers)
         ctable.set_header_marks(csort.column, csort.reverse)
 
-        osort = app.sort_for("oom")
+    def _show_oom(self, snap: Snapshot) -> None:
+        osort = self.memtop.sort_for("oom")
         events = [
             (k, v)
             for k, v in oom_rows(snap)
@@ -137,7 +171,7 @@ class MainScreen(MemtopScreen):
         ]
         ordered = sort_rows([v for _, v in events], osort, tiebreak=lambda v: (v.time, v.victim_pid))
         otable = self.query_one(OomTable)
-        otable.show_rows([(oom_key(v.event), [col.render(v) for col in OOM_COLUMNS]) for v in ordered])
+        otable.set_rows(ordered)
         otable.set_header_marks(osort.column, osort.reverse)
         problem = probe_problem(snap, "oom")
         kills = f"{snap.oom_kills_seen} kills seen live; " if not snap.replay else ""
@@ -147,19 +181,9 @@ class MainScreen(MemtopScreen):
                 ' ("log": from the kernel log, before memtop started)',
                 "  │ Enter: details and the minute before the kill",
                 (f"  [{problem}]" if problem else "", "bold red"),
-            )
+            ),
+            layout=False,  # one line: no layout
         )
-
-        self._show_tcp(snap)
-        self._show_leaks(snap)
-
-        tabs = self.query_one("#tabs", TabbedContent)
-        suffix = f" [filter: {self.filter_text}]" if self.filter_text else ""
-        hidden = " [containers only]" if app.hide_host else ""
-        tabs.get_tab("processes").label = f"Processes{hidden}{suffix}"  # type: ignore[assignment]
-        tabs.get_tab("containers").label = f"Containers ({len(snap.containers)}){suffix}"  # type: ignore[assignment]
-        tabs.get_tab("oom").label = f"OOM ({len(snap.oom_events)}){suffix}"  # type: ignore[assignment]
-        tabs.get_tab("tcp").label = f"TCP ({len(snap.tcp_connect)}){suffix}"  # type: ignore[assignment]
 
     def _show_leaks(self, snap: Snapshot) -> None:
         needle = self.filter_text.strip().lower()
@@ -174,15 +198,13 @@ class MainScreen(MemtopScreen):
         lsort = self.memtop.sort_for("leaks")
         ordered = sort_rows(rows, lsort, tiebreak=lambda r: (r.kind, r.stack_id))
         table = self.query_one(LeakTable)
-        table.show_rows([(leak_key(r), [c.render(r) for c in LEAK_COLUMNS]) for r in ordered])
+        table.set_rows(ordered)
         table.set_header_marks(lsort.column, lsort.reverse)
         note = leak_note(snap)
         problem = probe_problem(snap, "leaks")
         if problem:
             note.append(f"  [{problem}]", style="bold red")
-        self.query_one("#leaks-note", Static).update(note)
-        label = f"Leaks ({len(snap.leaks)})"
-        self.query_one("#tabs", TabbedContent).get_tab("leaks").label = label  # type: ignore[assignment]
+        self.query_one("#leaks-note", Static).update(note, layout=False)  # one line: no layout
 
     def action_leak_older(self) -> None:
         app = self.memtop
@@ -198,7 +220,7 @@ class MainScreen(MemtopScreen):
         tsort = self.memtop.sort_for("tcp")
         ordered = sort_rows(views, tsort, tiebreak=lambda v: (v.pid, v.daddr, v.dport))
         table = self.query_one(TcpTable)
-        table.show_rows([(tcp_key(v.row), [c.render(v) for c in TCP_COLUMNS]) for v in ordered])
+        table.set_rows(ordered)
         table.set_header_marks(tsort.column, tsort.reverse)
         probe = snap.probes.get("tcp")
         status = (
@@ -214,20 +236,21 @@ class MainScreen(MemtopScreen):
                 f"{snap.tcp_in_flight} in flight  │ ",
                 (RESOLUTION_NOTE, "dim"),
                 (f"  [{status}]" if status else "", "bold red"),
-            )
+            ),
+            layout=False,  # one line: no layout
         )
 
     def selected_process(self) -> ProcessRow | None:
-        key = self.query_one(ProcessTable).cursor_key()
-        return self._processes.get(key) if key else None
+        row: ProcessRow | None = self.query_one(ProcessTable).cursor_record()
+        return row
 
     def selected_container(self) -> ContainerRow | None:
-        key = self.query_one(ContainerTable).cursor_key()
-        return self._containers.get(key) if key else None
+        row: ContainerRow | None = self.query_one(ContainerTable).cursor_record()
+        return row
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_virtual_table_row_selected(self, event: VirtualTable.RowSelected) -> None:
         event.stop()
         self.action_drill()
 
@@ -266,6 +289,7 @@ class MainScreen(MemtopScreen):
 
     def action_show_tab(self, tab: str) -> None:
         self.query_one("#tabs", TabbedContent).active = tab
+        self._show_if_stale(tab)
         self._focus_active_table()
 
     def action_next_tab(self, step: int) -> None:
@@ -275,12 +299,18 @@ class MainScreen(MemtopScreen):
         self.action_show_tab(ids[index])
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self._show_if_stale(self.active_tab)
         self._focus_active_table()
+
+    def _show_if_stale(self, tab: str) -> None:
+        snap = self.memtop.snapshot
+        if tab in self._stale and snap is not None:
+            self._show_tab(tab, snap)
 
     def _focus_active_table(self) -> None:
         pane = self.query_one("#tabs", TabbedContent).active_pane
         if pane is not None:
-            tables = pane.query(SortedTable)
+            tables = pane.query(VirtualTable)
             if tables:
                 tables.first().focus()
 

@@ -15,7 +15,7 @@ from memtop import format as fmt
 from memtop.oom import OomEvent
 from memtop.screens import MemtopScreen
 from memtop.store import Snapshot
-from memtop.widgets import Column, HeaderBar, SortedTable, right
+from memtop.widgets import Column, HeaderBar, VirtualTable, right
 
 
 def oom_key(event: OomEvent) -> str:
@@ -84,9 +84,9 @@ OOM_COLUMNS: tuple[Column, ...] = (
 )
 
 
-class OomTable(SortedTable):
+class OomTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(OOM_COLUMNS, sort_group="oom", **kwargs)
+        super().__init__(OOM_COLUMNS, sort_group="oom", row_key=lambda v: oom_key(v.event), **kwargs)
 
 
 def oom_rows(snap: Snapshot) -> list[tuple[str, _EventView]]:

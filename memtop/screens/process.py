@@ -10,14 +10,14 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Footer, Sparkline, Static
+from textual.widgets import Footer, Sparkline, Static
 
 from memtop import format as fmt
 from memtop.model import IRQ_TGID, FocusReading
 from memtop.screens import MemtopScreen
 from memtop.screens.leaks import LEAK_COLUMNS, LeakScreen, leak_key, rows_for, sampling_text
 from memtop.store import ProcessKey, ProcessRow, Snapshot, sort_rows
-from memtop.widgets import Column, HeaderBar, SortedTable, right
+from memtop.widgets import Column, HeaderBar, VirtualTable, right
 
 CALL_SITE_COLUMNS = (
     Column("symbol", "CALL SITE", lambda s: s.symbol, numeric=False, width=30),
@@ -28,9 +28,9 @@ CALL_SITE_COLUMNS = (
 TAIL_ROWS = 200
 
 
-class ProcessLeakTable(SortedTable):
+class ProcessLeakTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(LEAK_COLUMNS, sort_group="leaks", **kwargs)
+        super().__init__(LEAK_COLUMNS, sort_group="leaks", row_key=leak_key, **kwargs)
 
 
 TAIL_MAX_PER_SEC = 200  # the kernel-side tail budget (memtop/bpf/kmalloc.c)
@@ -163,7 +163,7 @@ class ProcessScreen(MemtopScreen):
                 yield Sparkline([], id="graph")
                 yield Static(id="sizes")
         with Horizontal(id="process-bottom"):
-            yield SortedTable(CALL_SITE_COLUMNS, id="call-sites")
+            yield VirtualTable(CALL_SITE_COLUMNS, row_key=lambda s: s.address, id="call-sites")
             yield Static(id="tail")
         yield Static(id="process-leaks-label")
         yield ProcessLeakTable(id="process-leaks")
@@ -193,9 +193,7 @@ class ProcessScreen(MemtopScreen):
         reading = focus.reading if focus else None
         self.query_one("#sizes", Static).update(sizes_text(reading))
         sites = reading.call_sites if reading else ()
-        self.query_one("#call-sites", SortedTable).show_rows(
-            [(str(s.address), [c.render(s) for c in CALL_SITE_COLUMNS]) for s in sites[:200]]
-        )
+        self.query_one("#call-sites", VirtualTable).set_rows(sites[:200])
         self.query_one("#tail", Static).update(
             tail_text(reading, app.tail_min_bytes, snap.drops, not snap.replay)
         )
@@ -217,7 +215,7 @@ class ProcessScreen(MemtopScreen):
         lsort = app.sort_for("leaks")
         ordered = sort_rows(leaks, lsort, tiebreak=lambda r: (r.kind, r.stack_id))
         table = self.query_one(ProcessLeakTable)
-        table.show_rows([(leak_key(r), [c.render(r) for c in LEAK_COLUMNS]) for r in ordered])
+        table.set_rows(ordered)
         table.set_header_marks(lsort.column, lsort.reverse)
 
     def action_user_leaks(self) -> None:
@@ -225,8 +223,8 @@ class ProcessScreen(MemtopScreen):
             return
         self.memtop.toggle_user_leaks(self.key.pid)
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        if event.data_table.id == "process-leaks":
+    def on_virtual_table_row_selected(self, event: VirtualTable.RowSelected) -> None:
+        if event.table.id == "process-leaks":
             event.stop()
             self.action_leak_stack()
 

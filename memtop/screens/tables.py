@@ -3,13 +3,16 @@ it is drawn. Sort keys are the records' own field names, the same as the snapsho
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from operator import attrgetter
+
 from rich.text import Text
 
 from memtop import format as fmt
 from memtop.screens.leaks import LEAK_COLUMNS
 from memtop.screens.oom import OOM_COLUMNS
 from memtop.screens.tcp import TCP_COLUMNS
-from memtop.store import ContainerRow, ProcessKey, ProcessRow, SortKey
+from memtop.store import ContainerRow, ProcessRow, SortKey
 from memtop.widgets import Column, right
 
 
@@ -107,5 +110,5 @@ SORTABLE_TABLES: list[tuple[str, str, tuple[Column, ...]]] = [
 ]
 
 
-def process_row_key(key: ProcessKey) -> str:
-    return f"{key.pid}:{key.start_time!r}"
+# A process's row key in the tables: (pid, start time), its identity across PID reuse.
+process_row_key: Callable[[ProcessRow], tuple[int, float]] = attrgetter("pid", "start_time")

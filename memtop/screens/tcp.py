@@ -16,7 +16,7 @@ from memtop import format as fmt
 from memtop.screens import MemtopScreen
 from memtop.store import Snapshot
 from memtop.tcp import SlowConnect, TcpRow, bucket_upper_bound, group_rows
-from memtop.widgets import Column, HeaderBar, SortedTable, right
+from memtop.widgets import Column, HeaderBar, VirtualTable, right
 
 # (grouping, what the tab says): per process and destination, then merged by each of the others.
 GROUPINGS: tuple[tuple[str, str], ...] = (
@@ -84,9 +84,9 @@ TCP_COLUMNS: tuple[Column, ...] = (
 )
 
 
-class TcpTable(SortedTable):
+class TcpTable(VirtualTable):
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(TCP_COLUMNS, sort_group="tcp", **kwargs)
+        super().__init__(TCP_COLUMNS, sort_group="tcp", row_key=lambda v: tcp_key(v.row), **kwargs)
 
 
 def container_names(snap: Snapshot) -> dict[str, str]:
