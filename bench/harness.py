@@ -62,10 +62,15 @@ def last_line(text: str) -> str:
 
 
 def import_memtop(module: str, name: str) -> Any:
-    """`from memtop.<module> import <name>`, with the repository on sys.path when memtop is not installed."""
+    """`from memtop.<module> import <name>`: the memtop Python finds (PYTHONPATH can point at another
+    checkout, to compare), else this repository's."""
     import importlib
 
-    if str(REPO) not in sys.path:
+    try:
+        return getattr(importlib.import_module(f"memtop.{module}"), name)
+    except ImportError:
+        if str(REPO) in sys.path:
+            raise
         sys.path.insert(0, str(REPO))
     try:
         return getattr(importlib.import_module(f"memtop.{module}"), name)

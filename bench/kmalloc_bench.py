@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -27,10 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402  (the sibling module, found through the path set just above)
     STATS_ELSEWHERE,
     PeriodicReader,
+    RunTimeStats,
     Workload,
     add_common_args,
     build_workload,
     check_unloaded,
+    compile_c,
     finish_workload,
     foreign_attachments,
     foreign_reasons,
@@ -45,12 +48,15 @@ from harness import (  # noqa: E402  (the sibling module, found through the path
     maybe_stats,
     num,
     own_prog_ids,
+    prog_ids_of,
     prog_stats,
     retry_while_foreign,
     run_workload,
+    start_process,
     start_workload,
     stat_delta,
 )
+from tcp_bench import WORKLOAD_C as CONNECT_LOOP_C  # noqa: E402
 
 __all__ = ["build_workload", "run_workload", "main"]  # the smoke test uses the first two
 
@@ -146,6 +152,156 @@ def run_probe(
         prog_ids=ids,
         foreign=foreign,
     )
+
+
+# -- every panel on, beside a minimal counter -----------------------------------------------------------
+
+# The yardstick: the least a BPF program on kmem:kmalloc can do (a classic tracepoint, one per-CPU add).
+MINIMAL_COUNTER_C = r"""
+BPF_PERCPU_ARRAY(hits, u64, 1);
+TRACEPOINT_PROBE(kmem, kmalloc) {
+    int zero = 0;
+    u64 *c = hits.lookup(&zero);
+    if (c)
+        (*c)++;
+    return 0;
+}
+"""
+
+
+PANELS_WARMUP_S = 4.0
+
+
+def panel_probes() -> list[Any]:
+    """memtop's live-mode probes as LiveSource builds them: kmalloc (with the kernel leak tracking
+    compiled in where the probe supports it), oom, tcp, kernel leaks (adaptive sampling)."""
+    kmalloc_probe = probe_class()
+    leaks = import_memtop("probes.leaks", "KernelLeakProbe")()
+    try:
+        kmalloc = kmalloc_probe(leaks=leaks)
+    except TypeError:  # a memtop from before the shared object: each probe loads its own
+        kmalloc = kmalloc_probe()
+    return [
+        kmalloc,
+        import_memtop("probes.oom", "OomProbe")(),
+        import_memtop("probes.tcp", "TcpProbe")(),
+        leaks,
+    ]
+
+
+class AllReader(PeriodicReader):
+    """Reads every probe once a second, as the app's tick does."""
+
+    def __init__(self, probes: list[Any]) -> None:
+        self.probes = probes
+        super().__init__(self)
+
+    def read(self) -> None:
+        for probe in self.probes:
+            if probe.running:
+                probe.read()
+
+
+@dataclass
+class PanelsRun:
+    round: int
+    iterations: int  # of the listxattr loop run alone
+    elapsed_s: float
+    memtop_ns_per_iteration: float  # all memtop programs' run time / loop iterations
+    minimal_ns_per_iteration: float  # the minimal counter's, same window
+    memtop_programs: int
+    loaded_alone_misses: int  # memtop programs' recursion misses while the loop ran alone
+    load_seconds: float  # the loop and a loopback connect loop together
+    load_misses: int  # memtop programs' recursion misses during that
+    load_misses_by_program: dict[str, int] = field(default_factory=dict)
+    foreign: list[str] = field(default_factory=list)
+    attempt: int = 1
+
+
+def run_panels(
+    workload: Workload, connect_loop: Path, seconds: float, round_no: int, all_ids: set[int]
+) -> PanelsRun:
+    """Every panel's probes plus the minimal counter, with the run-time statistics on: the loop alone
+    (BPF ns per iteration of each), then the loop beside a loopback connect loop (recursion misses)."""
+    bcc = import_memtop("probes.base", "import_bcc")()
+    minimal = bcc.BPF(text=MINIMAL_COUNTER_C.encode())
+    probes = panel_probes()
+    reader = AllReader(probes)
+    try:
+        minimal_ids = set(prog_ids_of(os.getpid()).get("kmalloc", []))
+        for probe in probes:
+            probe.start()
+        by_tp = prog_ids_of(os.getpid())
+        ids = {i for progs in by_tp.values() for i in progs} - minimal_ids
+        names = {i: tp for tp, progs in by_tp.items() for i in progs}
+        all_ids.update(ids | minimal_ids)
+        foreign = foreign_attachments(WATCHED_TRACEPOINTS)
+        reader.start()
+        run_workload(workload, PANELS_WARMUP_S)  # the leak probe's adaptive 1-in-N settles meanwhile
+        with RunTimeStats():
+            before = prog_stats(ids | minimal_ids)
+            iterations, elapsed = run_workload(workload, seconds)
+            after = prog_stats(ids | minimal_ids)
+        ours, yardstick = stat_delta(before, after, ids), stat_delta(before, after, minimal_ids)
+        load = start_process([str(connect_loop), repr(seconds)])
+        mid = prog_stats(ids)
+        t0 = time.monotonic()
+        run_workload(workload, seconds)
+        finish_workload(load, seconds)
+        load_seconds = time.monotonic() - t0
+        end = prog_stats(ids)
+        reader.stop()
+        reader.check()
+        foreign = sorted(set(foreign + foreign_attachments(WATCHED_TRACEPOINTS)))
+    finally:
+        reader.stop()
+        for probe in reversed(probes):
+            probe.close()
+        minimal.cleanup()
+    by_program: dict[str, int] = {}
+    for i in ids:
+        by_program[names[i]] = by_program.get(names[i], 0) + end[i].recursion_misses - mid[i].recursion_misses
+    return PanelsRun(
+        round_no,
+        iterations,
+        elapsed,
+        ours.run_time_ns / iterations,
+        yardstick.run_time_ns / iterations,
+        len(ids),
+        ours.recursion_misses,
+        load_seconds,
+        sum(by_program.values()),
+        {k: v for k, v in sorted(by_program.items()) if v},
+        foreign,
+    )
+
+
+def panels_table(runs: list[PanelsRun]) -> str:
+    columns = (
+        "round",
+        "memtop BPF ns/iteration (all panels)",
+        "minimal counter ns/iteration",
+        "ratio",
+        "recursion misses, loop alone",
+        "recursion misses/s, loop + loopback connects",
+    )
+    rows = [
+        [
+            str(r.round),
+            num(r.memtop_ns_per_iteration, ".0f"),
+            num(r.minimal_ns_per_iteration, ".0f"),
+            num(
+                r.memtop_ns_per_iteration / r.minimal_ns_per_iteration
+                if r.minimal_ns_per_iteration
+                else None,
+                ".2f",
+            ),
+            num(r.loaded_alone_misses),
+            num(r.load_misses / r.load_seconds if r.load_seconds else None),
+        ]
+        for r in runs
+    ]
+    return markdown_table(columns, rows)
 
 
 # -- summary ---------------------------------------------------------------------------------------------
@@ -245,6 +401,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_common_args(parser)
     parser.add_argument(
+        "--panels",
+        action="store_true",
+        help="also run every panel's probes beside a minimal kmem:kmalloc counter: BPF ns per iteration "
+        "of both, and recursion misses under a loopback connect load",
+    )
+    parser.add_argument(
         "--sample",
         type=int_in(1, MAX_SAMPLE_EVERY),
         action="append",
@@ -258,6 +420,8 @@ def bench(args: argparse.Namespace) -> int:
     samples = sorted(set(args.sample or [1]))
     info = machine()
     runs: list[Run] = []
+    panels: list[PanelsRun] = []
+    connect_loop: Path | None = None
     all_ids: set[int] = set()
     load_before = load_average()
     probe_class()  # fail early, before building anything
@@ -278,6 +442,13 @@ def bench(args: argparse.Namespace) -> int:
                                 )
 
                         runs.append(retry_while_foreign(once, args.attempts, _progress))
+                if args.panels:
+                    connect_loop = connect_loop or compile_c(Path(tmp), "connect_loop", CONNECT_LOOP_C)
+
+                    def panels_once(round_no: int = round_no, loop: Path = connect_loop) -> PanelsRun:
+                        return run_panels(workload, loop, args.seconds, round_no, all_ids)
+
+                    panels.append(retry_while_foreign(panels_once, args.attempts, _panels_progress))
     except BaseException:
         check_unloaded(all_ids, failed=True)  # best effort: say so if a failure left programs behind
         raise
@@ -287,6 +458,9 @@ def bench(args: argparse.Namespace) -> int:
     skewed = [r for r in runs if r.foreign]
     print(table(summary))
     print()
+    if panels:
+        print(panels_table(panels))
+        print()
     print(machine_line(info))
     print()
     for m in summary:
@@ -316,6 +490,7 @@ def bench(args: argparse.Namespace) -> int:
             },
             "summary": [asdict(m) for m in summary],
             "runs": [asdict(r) for r in runs],
+            "panels": [asdict(r) for r in panels],
             "runs_with_other_tracers": len(skewed),
             "load_average_before": load_before,
         }
@@ -331,6 +506,14 @@ def _progress(run: Run) -> str:
     if run.mode != NONE:
         text += f", {run.reads} reads, probe counted {run.workload_kmallocs / run.iterations:.3f}/iteration"
     return text
+
+
+def _panels_progress(run: PanelsRun) -> str:
+    return (
+        f"round {run.round}: all panels {run.memtop_ns_per_iteration:.0f} ns/iteration vs minimal counter "
+        f"{run.minimal_ns_per_iteration:.0f}; recursion misses {run.loaded_alone_misses} alone, "
+        f"{run.load_misses} under loopback load {run.load_misses_by_program}"
+    )
 
 
 def _id_ranges(ids: set[int]) -> str:

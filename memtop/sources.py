@@ -83,6 +83,9 @@ class LiveSource:
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
         self.memcg_ids = CgroupIdResolver(layout.v1_memory_root)  # v1 ids are directory inodes too
         self.containers = ContainerWatcher(layout, RuntimeRoots.from_overrides(dict(config.runtime_roots)))
+        # The kernel leak programs are compiled into the kmalloc probe's object (one program per
+        # tracepoint); the leak probe falls back to its own object when that fails.
+        self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
         self.kmalloc = KmallocProbe(
             sample_every=config.sample_every,
             max_pids=config.max_pids,
@@ -90,10 +93,10 @@ class LiveSource:
             memcg_hierarchy=current_memory_hierarchy_id() if layout.v1_memory_root else 0,
             v1_memory_root=layout.v1_memory_root,
             resolve_memcg_id=self.memcg_ids.path,
+            leaks=self.leaks,
         )
         self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
         self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
-        self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
         self.user_leaks: Probe | None = None  # UserLeakProbe of one process, while asked for
         self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp, self.leaks]
         self.procs = ProcReader()
