@@ -74,9 +74,37 @@ static __always_inline int leaks_on(void) {
     return cfg && cfg->sample_every;
 }
 
+#if PAGE_LEVEL
+// The last page allocation of each CPU, by thread: a kmalloc larger than the biggest kmalloc cache is
+// served by the page allocator (kmem:mm_page_alloc first, then kmem:kmalloc on the same thread), so its
+// pages are the kmalloc's and must not be counted a second time as a page row.
+struct last_page_t {
+    u64 pfn;
+    u32 tid;
+    u32 order;
+};
+BPF_PERCPU_ARRAY(last_page, struct last_page_t, 1);
+#define KMALLOC_MAX_CACHE_BYTES (2ULL << PAGE_SHIFT_BITS)  // SLUB's KMALLOC_MAX_CACHE_SIZE: two pages
+
+static __always_inline void forget_backing_pages(u64 bytes_alloc) {
+    if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
+        return;
+    int zero = 0;
+    struct last_page_t *last = last_page.lookup(&zero);
+    if (!last || last->tid != (u32)bpf_get_current_pid_tgid() ||
+        ((u64)1 << (PAGE_SHIFT_BITS + last->order)) != bytes_alloc)
+        return;
+    forget(PAGE_KEY_BASE + last->pfn);  // tracked or not: its free must find nothing either
+    last->tid = 0;
+}
+#endif
+
 static __always_inline void leak_kmalloc(void *ctx, u64 ptr, u64 bytes_alloc) {
     if (ptr < MIN_TRACKED_ADDRESS || !leaks_on())
         return;  // failed, or ZERO_SIZE_PTR
+#if PAGE_LEVEL
+    forget_backing_pages(bytes_alloc);
+#endif
     on_alloc(ctx, ptr, bytes_alloc, SOURCE_SLAB);
 }
 
@@ -123,6 +151,13 @@ TRACEPOINT_PROBE(kmem, mm_page_alloc) {
     u64 pfn = args->pfn;
     if (pfn == (u64)-1 || !leaks_on())
         return 0;  // the allocation failed
+    int zero = 0;
+    struct last_page_t *last = last_page.lookup(&zero);
+    if (last) {
+        last->pfn = pfn;
+        last->order = args->order;
+        last->tid = (u32)bpf_get_current_pid_tgid();
+    }
     on_alloc(args, PAGE_KEY_BASE + pfn, (u64)1 << (PAGE_SHIFT_BITS + args->order), SOURCE_PAGE);
     return 0;
 }

@@ -392,6 +392,20 @@ LEAK_EVENTS = ("kfree", "kmem_cache_alloc", "kmem_cache_free", *PAGE_TRACEPOINTS
 BPF_DISPATCH_FRAMES = ("bpf_prog_", "__bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_")
 
 
+# Page allocations made by the slab allocator to grow a cache: the objects in them are tracked (and shown)
+# as slab allocations; counted again as pages they would be counted twice. (Large kmallocs, served by the
+# page allocator directly, are matched in the kernel: see forget_backing_pages in leaks_kernel.h.)
+SLAB_PAGE_FRAMES = ("allocate_slab", "new_slab", "alloc_slab_page")
+
+
+def backs_slab(stack: StackOutstanding) -> bool:
+    """Whether a page row's pages were allocated for a slab (its stack passes through the allocator's
+    slab-growing functions)."""
+    return stack.kind == KIND_KERNEL_PAGES and any(
+        frame.split("+", 1)[0] in SLAB_PAGE_FRAMES for frame in stack.frames
+    )
+
+
 def raw_frees() -> tuple[bool, bool]:
     """Whether kfree's and kmem_cache_free's raw tracepoints take (call_site, ptr[, cache]) here."""
     kfree = raw_args_match("kmem", "kfree", ("call_site", "ptr"))
@@ -553,6 +567,9 @@ class KernelLeakProbe(_LeakProbe):
 
     def read(self) -> LeakReading:
         reading = self._read(KIND_KERNEL)
+        if self.page_level:  # the pages of a slab are the objects' memory, counted on their own rows
+            kept = tuple(s for s in reading.stacks if not backs_slab(s))
+            reading = dataclasses.replace(reading, stacks=kept)
         misses = self.recursion_misses()
         reading = dataclasses.replace(reading, drops={**reading.drops, "recursion_misses": misses})
         if self.sampler is not None:
