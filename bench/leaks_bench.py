@@ -15,29 +15,22 @@ Usage: sudo .venv/bin/python bench/leaks_bench.py [--seconds S] [--rounds N] [--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import kmalloc_bench as kb  # noqa: E402  (the listxattr workload, bpftool helpers, BPF run-time stats)
+import harness as h  # noqa: E402  (the listxattr workload, bpftool helpers, BPF run-time stats)
 
 MEMLEAK = Path("/usr/sbin/memleak-bpfcc")
-READ_INTERVAL_S = 1.0
 ATTACH_TIMEOUT_S = 60.0
 KERNEL_TRACEPOINTS = ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free")
 ALLOC_TRACEPOINT, FREE_TRACEPOINT = "kmalloc", "kfree"  # what the listxattr loop hits
@@ -97,15 +90,8 @@ MEMLEAK_SAMPLED = (
 )
 
 
-STATS_ELSEWHERE = "BPF run-time stats switched on by another process"
-
-
-class BenchError(kb.BenchError):
-    pass
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+BenchError = h.BenchError
+log = h.log
 
 
 # -- tracers ---------------------------------------------------------------------------------------------
@@ -118,34 +104,19 @@ class MemtopTracer:
     def __init__(self, probe: Any) -> None:
         self.probe = probe
         self.pid = os.getpid()
-        self.read_seconds: list[float] = []
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="leak-reader", daemon=True)
+        self.reader = h.PeriodicReader(probe)
 
     def start(self) -> None:
         self.probe.start()
-        self._thread.start()
-
-    def _loop(self) -> None:
-        try:
-            while not self._stop.wait(READ_INTERVAL_S):
-                started = time.perf_counter()
-                self.probe.read()
-                self.read_seconds.append(time.perf_counter() - started)
-        except BaseException as exc:  # reported by the main thread
-            self.error = exc
+        self.reader.start()
 
     def cpu_seconds(self) -> float:
-        return sum(self.read_seconds)
+        return sum(self.reader.read_seconds)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self.reader.stop()
         self.probe.close()
-        if self.error is not None:
-            raise BenchError(f"probe.read() failed: {self.error}")
+        self.reader.check()
 
 
 class MemleakTracer:
@@ -170,7 +141,7 @@ class MemleakTracer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise BenchError(f"memleak exited with {self.proc.returncode}: {kb._last_line(err)}")
+                raise BenchError(f"memleak exited with {self.proc.returncode}: {h.last_line(err)}")
             if self._attached():
                 time.sleep(0.5)  # let it finish attaching the rest
                 self._cpu_start = process_cpu_seconds(self.pid)
@@ -214,22 +185,18 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def bpftool_perf_list() -> list[dict[str, Any]]:
-    return list(kb.bpftool_json("perf", "list") or [])
+    return h.perf_attachments()
 
 
 def prog_names(ids: set[int]) -> dict[int, str]:
     return {
-        int(p["id"]): str(p.get("name", "")) for p in kb.bpftool_json("prog", "show") or [] if p["id"] in ids
+        int(p["id"]): str(p.get("name", "")) for p in h.bpftool_json("prog", "show") or [] if p["id"] in ids
     }
 
 
 def kernel_prog_ids(pid: int) -> dict[str, int]:
     """The tracer's programs on the kmem tracepoints, by tracepoint name."""
-    ids = {
-        a["tracepoint"]: int(a["prog_id"])
-        for a in bpftool_perf_list()
-        if a.get("pid") == pid and a.get("fd_type") == "tracepoint"
-    }
+    ids = {name: progs[0] for name, progs in h.prog_ids_of(pid).items()}
     missing = [tp for tp in (ALLOC_TRACEPOINT, FREE_TRACEPOINT) if tp not in ids]
     if missing:
         raise BenchError(f"pid {pid} has no program on kmem:{', kmem:'.join(missing)} (saw {sorted(ids)})")
@@ -256,12 +223,7 @@ def user_prog_ids(pid: int) -> dict[str, set[int]]:
 
 def foreign_tracers(own: set[int], tracepoints: tuple[str, ...] = KERNEL_TRACEPOINTS) -> list[str]:
     """Other processes' programs on the kmem tracepoints: they would skew every mode."""
-    found = {
-        f"pid {a.get('pid')} on {a.get('tracepoint')}"
-        for a in bpftool_perf_list()
-        if a.get("fd_type") == "tracepoint" and a.get("tracepoint") in tracepoints and a.get("pid") not in own
-    }
-    return sorted(found)
+    return h.foreign_attachments(tracepoints, own)
 
 
 # -- runs ------------------------------------------------------------------------------------------------
@@ -287,21 +249,10 @@ class Run:
 
 
 def stat_delta(
-    before: dict[int, kb.ProgStats], after: dict[int, kb.ProgStats], ids: set[int]
+    before: dict[int, h.ProgStats], after: dict[int, h.ProgStats], ids: set[int]
 ) -> tuple[int, int]:
-    return (
-        sum(after[i].run_time_ns - before[i].run_time_ns for i in ids),
-        sum(after[i].run_cnt - before[i].run_cnt for i in ids),
-    )
-
-
-@contextlib.contextmanager
-def maybe_stats(on: bool) -> Iterator[None]:
-    if on:
-        with kb.RunTimeStats():
-            yield
-    else:
-        yield
+    d = h.stat_delta(before, after, ids)
+    return d.run_time_ns, d.run_cnt
 
 
 def make_kernel_tracer(mode: str) -> Any:
@@ -315,31 +266,31 @@ def make_kernel_tracer(mode: str) -> Any:
 
 
 def kernel_run(
-    workload: kb.Workload, mode: str, stats: bool, seconds: float, round_no: int, warmup_s: float
+    workload: h.Workload, mode: str, stats: bool, seconds: float, round_no: int, warmup_s: float
 ) -> Run:
     """One run of the listxattr loop. A traced mode first runs the loop for `warmup_s` unmeasured, so that
     the adaptive sample rate has settled (it is re-chosen at every read, once a second): the figures are
     the steady state of an always-on probe."""
     if mode == NONE:
         foreign = foreign_tracers(set())
-        iterations, elapsed = kb.run_workload(workload, seconds)
+        iterations, elapsed = h.run_workload(workload, seconds)
         return Run(
             "kernel", mode, False, round_no, iterations, elapsed, iterations / elapsed, foreign=foreign
         )
     tracer = make_kernel_tracer(mode)
-    with maybe_stats(stats):
+    with h.maybe_stats(stats):
         try:
             tracer.start()
             ids = kernel_prog_ids(tracer.pid)
             foreign = foreign_tracers({tracer.pid})
             if warmup_s:
-                kb.run_workload(workload, warmup_s)
+                h.run_workload(workload, warmup_s)
             alloc_ids, free_ids = {ids[ALLOC_TRACEPOINT]}, {ids[FREE_TRACEPOINT]}
-            before = kb.prog_stats(alloc_ids | free_ids)
+            before = h.prog_stats(alloc_ids | free_ids)
             cpu_before, t0 = tracer.cpu_seconds(), time.monotonic()
-            iterations, elapsed = kb.run_workload(workload, seconds)
+            iterations, elapsed = h.run_workload(workload, seconds)
             window = time.monotonic() - t0
-            after = kb.prog_stats(alloc_ids | free_ids)
+            after = h.prog_stats(alloc_ids | free_ids)
             cpu = tracer.cpu_seconds() - cpu_before
             rate = getattr(getattr(tracer, "probe", None), "effective_sample_rate", None)
         finally:
@@ -347,7 +298,7 @@ def kernel_run(
     a_ns, a_cnt = stat_delta(before, after, alloc_ids)
     f_ns, f_cnt = stat_delta(before, after, free_ids)
     if not stats and (a_cnt or f_cnt):
-        foreign.append(STATS_ELSEWHERE)
+        foreign.append(h.STATS_ELSEWHERE)
     return Run(
         "kernel", mode, stats, round_no, iterations, elapsed, iterations / elapsed,
         a_ns, a_cnt, f_ns, f_cnt, cpu, window, rate, foreign,
@@ -355,27 +306,11 @@ def kernel_run(
 
 
 def build_malloc_loop(workdir: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc not found")
-    source, binary = workdir / "malloc_loop.c", workdir / "malloc_loop"
-    source.write_text(MALLOC_LOOP_C)
-    proc = subprocess.run(
-        [gcc, "-O2", "-Wall", "-o", str(binary), str(source)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise BenchError(f"gcc failed to build the malloc loop: {kb._last_line(proc.stderr)}")
-    return binary
+    return h.compile_c(workdir, "malloc_loop", MALLOC_LOOP_C)
 
 
 def user_run(binary: Path, mode: str, stats: bool, seconds: float, round_no: int) -> Run:
-    child = subprocess.Popen(
-        [str(binary), repr(seconds)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = h.start_process([str(binary), repr(seconds)], stdin=True)
     tracer: Any = None
     try:
         assert child.stdout is not None and child.stdin is not None
@@ -387,19 +322,19 @@ def user_run(binary: Path, mode: str, stats: bool, seconds: float, round_no: int
             from memtop.probes.leaks import UserLeakProbe
 
             tracer = MemtopTracer(UserLeakProbe(child.pid))
-        with maybe_stats(stats):
+        with h.maybe_stats(stats):
             groups: dict[str, set[int]] = {"alloc": set(), "free": set()}
             if tracer is not None:
                 tracer.start()
                 groups = user_prog_ids(tracer.pid)
             ids = groups["alloc"] | groups["free"]
-            before = kb.prog_stats(ids) if ids else {}
+            before = h.prog_stats(ids) if ids else {}
             cpu_before, t0 = (tracer.cpu_seconds() if tracer else 0.0), time.monotonic()
             child.stdin.write("go\n")
             child.stdin.flush()
-            iterations, elapsed = kb.finish_workload(child, seconds)  # type: ignore[arg-type]
+            iterations, elapsed = h.finish_workload(child, seconds)
             window = time.monotonic() - t0
-            after = kb.prog_stats(ids) if ids else {}
+            after = h.prog_stats(ids) if ids else {}
             cpu = (tracer.cpu_seconds() - cpu_before) if tracer else 0.0
     finally:
         if tracer is not None:
@@ -409,7 +344,7 @@ def user_run(binary: Path, mode: str, stats: bool, seconds: float, round_no: int
             child.wait()
     a_ns, a_cnt = stat_delta(before, after, groups["alloc"]) if ids else (0, 0)
     f_ns, f_cnt = stat_delta(before, after, groups["free"]) if ids else (0, 0)
-    foreign = [STATS_ELSEWHERE] if not stats and (a_cnt or f_cnt) else []
+    foreign = [h.STATS_ELSEWHERE] if not stats and (a_cnt or f_cnt) else []
     return Run(
         "user", mode, stats, round_no, iterations, elapsed, iterations / elapsed,
         a_ns, a_cnt, f_ns, f_cnt, cpu, window, 1 if mode == MEMTOP_USER else None, foreign,
@@ -488,21 +423,21 @@ COLUMNS = (
 
 
 def markdown_table(summary: list[Summary]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---:|---|" + "---:|" * (len(COLUMNS) - 3)]
-    for s in summary:
-        cells = [
+    rows = [
+        [
             s.mode,
             str(s.runs),
             s.sample_rate or _memleak_rate(s.mode),
-            kb._num(s.iterations_per_s_median),
-            kb._num(s.slowdown_pct, ".1f"),
-            kb._num(s.added_ns_per_iteration, ".0f"),
-            kb._num(s.alloc_prog_ns_per_event, ".0f"),
-            kb._num(s.free_prog_ns_per_event, ".0f"),
-            kb._num(s.tracer_cpu_pct, ".1f"),
+            h.num(s.iterations_per_s_median),
+            h.num(s.slowdown_pct, ".1f"),
+            h.num(s.added_ns_per_iteration, ".0f"),
+            h.num(s.alloc_prog_ns_per_event, ".0f"),
+            h.num(s.free_prog_ns_per_event, ".0f"),
+            h.num(s.tracer_cpu_pct, ".1f"),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for s in summary
+    ]
+    return h.markdown_table(COLUMNS, rows).replace("|---|---:|---:|", "|---|---:|---|", 1)
 
 
 def _memleak_rate(mode: str) -> str:
@@ -522,11 +457,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Measure memtop's leak probes against bcc's memleak (kernel and user mode). Needs root.",
     )
     parser.add_argument(
-        "--seconds", type=kb.positive_float, default=3.0, help="length of each run (default 3)"
+        "--seconds", type=h.positive_float, default=3.0, help="length of each run (default 3)"
     )
-    parser.add_argument(
-        "--rounds", type=kb.int_in(1, 100), default=3, help="rounds of every mode (default 3)"
-    )
+    parser.add_argument("--rounds", type=h.int_in(1, 100), default=3, help="rounds of every mode (default 3)")
     parser.add_argument(
         "--warmup",
         type=float,
@@ -537,14 +470,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--attempts",
-        type=kb.int_in(1, 10),
+        type=h.int_in(1, 10),
         default=3,
         help="tries per run while other tracing is seen on the kmem tracepoints (default 3)",
     )
     parser.add_argument("--only", choices=("kernel", "user"), help="run one of the two benchmarks")
     parser.add_argument(
         "--memleak-sample",
-        type=kb.int_in(2, 1 << 20),
+        type=h.int_in(2, 1 << 20),
         default=1024,
         metavar="N",
         help="kernel mode: also run memleak -s N, at about the N memtop settles on (default 1024)",
@@ -577,30 +510,28 @@ def bench(args: argparse.Namespace) -> int:
         kernel_modes += [MEMLEAK_MODE, f"{MEMLEAK_SAMPLED} {args.memleak_sample}"]
     user_modes = [MEMTOP_USER] + ([MEMLEAK_MODE] if memleak else [])
     benches = [args.only] if args.only else ["kernel", "user"]
-    load_before = Path("/proc/loadavg").read_text().split()[0]
+    load_before = h.load_average()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="memtop-leaks-bench-") as tmp:
-        workload = kb.build_workload(Path(tmp))
+        workload = h.build_workload(Path(tmp))
         malloc_loop = build_malloc_loop(Path(tmp))
         for round_no in range(1, args.rounds + 1):
             for which in benches:
                 for mode in [NONE, *(kernel_modes if which == "kernel" else user_modes)]:
                     for stats in (False, True) if mode != NONE else (False,):
-                        for attempt in range(1, args.attempts + 1):
+
+                        def once(
+                            which: str = which, mode: str = mode, stats: bool = stats, n: int = round_no
+                        ) -> Run:
                             if which == "kernel":
-                                run = kernel_run(workload, mode, stats, args.seconds, round_no, args.warmup)
-                            else:
-                                run = user_run(malloc_loop, mode, stats, args.seconds, round_no)
-                            log(progress(run))
-                            if not run.foreign or attempt == args.attempts:
-                                break
-                            log(f"  other tracing seen: again in {kb.RETRY_WAIT_S:g} s")
-                            time.sleep(kb.RETRY_WAIT_S)
-                        runs.append(run)
-    load_after = Path("/proc/loadavg").read_text().split()[0]
+                                return kernel_run(workload, mode, stats, args.seconds, n, args.warmup)
+                            return user_run(malloc_loop, mode, stats, args.seconds, n)
+
+                        runs.append(h.retry_while_foreign(once, args.attempts, progress))
+    load_after = h.load_average()
 
     summaries: list[Summary] = []
-    info = kb.machine()
+    info = h.machine()
     if "kernel" in benches:
         summary = summarize(runs, "kernel", kernel_modes)
         summaries += summary
@@ -613,13 +544,11 @@ def bench(args: argparse.Namespace) -> int:
         print("User mode: malloc + free loop (glibc)\n")
         print(markdown_table(summary))
         print()
-    print(kb.machine_line(info))
+    print(h.machine_line(info))
     print(f"1-minute load average: {load_before} before, {load_after} after (other jobs share the CPUs).")
     skewed = [r for r in runs if r.foreign]
     if skewed:
-        reasons = sorted(
-            {f.split(" on ")[0] if f.startswith("pid ") else f for r in skewed for f in r.foreign}
-        )
+        reasons = h.foreign_reasons(f for r in skewed for f in r.foreign)
         print(
             f"WARNING: {len(skewed)} of {len(runs)} runs saw other tracing even after {args.attempts} "
             f"attempt(s) ({'; '.join(reasons)}); the tables use each mode's clean runs where there are any."
@@ -636,34 +565,14 @@ def bench(args: argparse.Namespace) -> int:
             },
             "summary": [asdict(s) for s in summaries],
             "runs": [asdict(r) for r in runs],
-            "load_average": [float(load_before), float(load_after)],
+            "load_average": [load_before, load_after],
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("leaks_bench.py: needs root (it loads BPF programs)", file=sys.stderr)
-        return 1
-    if shutil.which("bpftool") is None:
-        print("leaks_bench.py: bpftool not found", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
-    try:
-        return bench(args)
-    except KeyboardInterrupt:
-        print("leaks_bench.py: interrupted", file=sys.stderr)
-        return 130
-    except kb.BenchError as exc:
-        print(f"leaks_bench.py: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        if type(exc).__name__ == "MemtopError":
-            print(f"leaks_bench.py: {exc}", file=sys.stderr)
-            return 1
-        raise
+    return h.main_wrapper("leaks_bench.py", parse_args, bench, argv)
 
 
 if __name__ == "__main__":

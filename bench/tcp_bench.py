@@ -11,7 +11,7 @@ thread, as the app does), and with the probe plus the kernel's BPF run-time stat
 the median connects/s, the probe's slowdown and added ns per connect (from the runs without bpf_stats), and
 from the bpf_stats runs the kernel's account of each BPF program: ns per event, events/s and the BPF time
 per connect. Helpers (bpftool, bpf_stats, the reader thread, machine description) come from
-kmalloc_bench.py.
+harness.py.
 
 Needs root, gcc and bpftool: sudo .venv/bin/python bench/tcp_bench.py --help
 """
@@ -19,11 +19,7 @@ Needs root, gcc and bpftool: sudo .venv/bin/python bench/tcp_bench.py --help
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,26 +30,29 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kmalloc_bench import (  # noqa: E402  (the sibling script, found through the path set just above)
-    BenchError,
+from harness import (  # noqa: E402  (the sibling module, found through the path set just above)
+    STATS_ELSEWHERE,
     PeriodicReader,
-    RunTimeStats,
-    _last_line,
-    _num,
+    add_common_args,
+    check_unloaded,
+    compile_c,
     finish_workload,
     foreign_attachments,
-    int_in,
-    loaded_prog_ids,
+    foreign_reasons,
+    import_memtop,
+    load_average,
     log,
     machine,
     machine_line,
+    main_wrapper,
+    maybe_stats,
+    num,
     own_prog_ids,
-    positive_float,
     prog_stats,
+    retry_while_foreign,
+    start_process,
 )
 
-DEFAULT_ATTEMPTS = 3
-RETRY_WAIT_S = 5.0
 # The probe's tracepoints (event names as bpftool perf list shows them); kmem:kmalloc is watched too
 # because another tracer there (memtop's kmalloc probe) slows every socket allocation in every mode.
 PROBE_TRACEPOINTS = (
@@ -141,43 +140,19 @@ int main(int argc, char **argv) {
 
 
 def build_workload(workdir: Path) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise BenchError("gcc not found (apt install gcc)")
-    source = workdir / "connect_loop.c"
-    binary = workdir / "connect_loop"
-    source.write_text(WORKLOAD_C)
-    proc = subprocess.run(
-        [gcc, "-O2", "-Wall", "-o", str(binary), str(source)], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        raise BenchError(f"gcc failed to build the workload: {_last_line(proc.stderr)}")
-    return binary
+    return compile_c(workdir, "connect_loop", WORKLOAD_C)
 
 
 def start_workload(binary: Path, seconds: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [str(binary), repr(seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    return start_process([str(binary), repr(seconds)])
 
 
 def run_workload(binary: Path, seconds: float) -> tuple[int, float]:
     return finish_workload(start_workload(binary, seconds), seconds)
 
 
-# -- attachments ---------------------------------------------------------------------------------------
-
-
 def probe_class() -> Any:
-    try:
-        from memtop.probes.tcp import TcpProbe
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        try:
-            from memtop.probes.tcp import TcpProbe
-        except ImportError as exc:
-            raise BenchError(f"cannot import memtop ({exc}): run with .venv/bin/python") from None
-    return TcpProbe
+    return import_memtop("probes.tcp", "TcpProbe")
 
 
 # -- one run -------------------------------------------------------------------------------------------
@@ -218,19 +193,18 @@ def run_probe(binary: Path, seconds: float, round_no: int, with_stats: bool, all
         all_ids.update(ids.values())
         foreign = foreign_attachments(WATCHED_TRACEPOINTS)
         reader.start()
-        before = prog_stats(set(ids.values()))
+        before = prog_stats(ids.values())
         t0 = time.monotonic()
         proc = start_workload(binary, seconds)
         connects, elapsed = finish_workload(proc, seconds)
         window = time.monotonic() - t0
-        after = prog_stats(set(ids.values()))
+        after = prog_stats(ids.values())
         foreign = sorted(set(foreign + foreign_attachments(WATCHED_TRACEPOINTS)))
         main_id = ids["inet_sock_set_state"]
         if not with_stats and after[main_id].run_cnt > before[main_id].run_cnt:
-            foreign.append("BPF run-time stats on (kernel.bpf_stats_enabled=1 or another BPF_ENABLE_STATS)")
+            foreign.append(STATS_ELSEWHERE)
         reader.stop()
-        if reader.error is not None:
-            raise BenchError(f"probe.read() failed on the reader thread: {reader.error}")
+        reader.check()
         reading = probe.read()
         ours = [c for k, c in reading.per_key.items() if k.pid == proc.pid]
     finally:
@@ -336,21 +310,21 @@ def markdown(summary: Summary) -> str:
     lines = [
         "| mode | connects/s (median) | slowdown % | slowdown % (median of rounds) | added ns/connect |",
         "|---|---:|---:|---:|---:|",
-        f"| none | {_num(summary.none_connects_per_s)} | – | – | – |",
-        f"| memtop tcp probe | {_num(summary.probe_connects_per_s)} | {_num(summary.slowdown_pct, '.1f')} "
-        f"| {_num(summary.paired_slowdown_pct, '.1f')} | {_num(summary.added_ns_per_connect, ',.0f')} |",
-        f"| memtop tcp probe + bpf_stats | {_num(summary.probe_stats_connects_per_s)} "
-        f"| {_num(summary.slowdown_pct_with_bpf_stats, '.1f')} | – | – |",
+        f"| none | {num(summary.none_connects_per_s)} | – | – | – |",
+        f"| memtop tcp probe | {num(summary.probe_connects_per_s)} | {num(summary.slowdown_pct, '.1f')} "
+        f"| {num(summary.paired_slowdown_pct, '.1f')} | {num(summary.added_ns_per_connect, ',.0f')} |",
+        f"| memtop tcp probe + bpf_stats | {num(summary.probe_stats_connects_per_s)} "
+        f"| {num(summary.slowdown_pct_with_bpf_stats, '.1f')} | – | – |",
         "",
         "| BPF program (tracepoint) | ns/event | events/s | events/connect |",
         "|---|---:|---:|---:|",
     ]
     for p in summary.programs:
         lines.append(
-            f"| {p.tracepoint} | {_num(p.ns_per_event, '.1f')} | {_num(p.events_per_s)} "
-            f"| {_num(p.events_per_connect, '.2f')} |"
+            f"| {p.tracepoint} | {num(p.ns_per_event, '.1f')} | {num(p.events_per_s)} "
+            f"| {num(p.events_per_connect, '.2f')} |"
         )
-    lines.append(f"| all programs, per connect | {_num(summary.bpf_ns_per_connect, '.0f')} ns | | |")
+    lines.append(f"| all programs, per connect | {num(summary.bpf_ns_per_connect, '.0f')} ns | | |")
     return "\n".join(lines)
 
 
@@ -362,15 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="tcp_bench.py",
         description="Measure what memtop's TCP connect probe costs a loopback connect loop. Needs root.",
     )
-    parser.add_argument("--seconds", type=positive_float, default=3.0, help="length of each run (default 3)")
-    parser.add_argument("--rounds", type=int_in(1, 1000), default=5, help="runs of each mode (default 5)")
-    parser.add_argument(
-        "--attempts",
-        type=int_in(1, 10),
-        default=DEFAULT_ATTEMPTS,
-        help="tries per run while other tracers are attached to the same tracepoints (default 3)",
-    )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every run and the summary here")
+    add_common_args(parser)
     return parser.parse_args(argv)
 
 
@@ -388,7 +354,7 @@ def bench(args: argparse.Namespace) -> int:
     info = machine()
     runs: list[Run] = []
     all_ids: set[int] = set()
-    load_before = Path("/proc/loadavg").read_text().split()[0]
+    load_before = load_average()
     probe_class()
     try:
         with tempfile.TemporaryDirectory(prefix="memtop-tcp-bench-") as tmp:
@@ -396,32 +362,18 @@ def bench(args: argparse.Namespace) -> int:
             log(f"workload built; {args.rounds} round(s) of {args.seconds:g} s per mode")
             for round_no in range(1, args.rounds + 1):
                 for mode in (NONE, PROBE, PROBE_STATS):
-                    for attempt in range(1, args.attempts + 1):
-                        stats = RunTimeStats() if mode == PROBE_STATS else contextlib.nullcontext()
-                        with stats:
+
+                    def once(mode: str = mode, round_no: int = round_no) -> Run:
+                        with maybe_stats(mode == PROBE_STATS):
                             if mode == NONE:
-                                run = run_none(binary, args.seconds, round_no)
-                            else:
-                                run = run_probe(binary, args.seconds, round_no, mode == PROBE_STATS, all_ids)
-                        run.attempt = attempt
-                        log(_progress(run))
-                        if not run.foreign or attempt == args.attempts:
-                            break
-                        log(f"  other tracers ({'; '.join(run.foreign)}): again in {RETRY_WAIT_S:g} s")
-                        time.sleep(RETRY_WAIT_S)
-                    runs.append(run)
+                                return run_none(binary, args.seconds, round_no)
+                            return run_probe(binary, args.seconds, round_no, mode == PROBE_STATS, all_ids)
+
+                    runs.append(retry_while_foreign(once, args.attempts, _progress))
     except BaseException:
-        if all_ids:
-            try:
-                leftover = loaded_prog_ids() & all_ids
-            except BenchError:
-                leftover = set()
-            if leftover:
-                log(f"probe programs still loaded after the failure: {sorted(leftover)}")
+        check_unloaded(all_ids, failed=True)
         raise
-    leftover = loaded_prog_ids() & all_ids
-    if leftover:
-        raise BenchError(f"probe programs still loaded after close(): {sorted(leftover)}")
+    check_unloaded(all_ids)
 
     summary = summarize(runs)
     skewed = [r for r in runs if r.foreign]
@@ -437,9 +389,7 @@ def bench(args: argparse.Namespace) -> int:
     print(f"1-minute load average before the runs: {load_before}.")
     print(f"bpftool: none of the probe's {len(all_ids)} program IDs remain loaded.")
     if skewed:
-        reasons = sorted(
-            {f.split(" on ")[0] if f.startswith("pid ") else f for r in skewed for f in r.foreign}
-        )
+        reasons = foreign_reasons(f for r in skewed for f in r.foreign)
         print(
             f"WARNING: {len(skewed)} of {len(runs)} runs had other tracers on the measured tracepoints "
             f"even after {args.attempts} attempt(s) ({'; '.join(reasons)}): their numbers are skewed."
@@ -452,34 +402,14 @@ def bench(args: argparse.Namespace) -> int:
             "summary": asdict(summary),
             "runs": [asdict(r) for r in runs],
             "runs_with_other_tracers": len(skewed),
-            "load_average_before": float(load_before),
+            "load_average_before": load_before,
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("tcp_bench.py: needs root (it loads BPF programs)", file=sys.stderr)
-        return 1
-    if shutil.which("bpftool") is None:
-        print("tcp_bench.py: bpftool not found (apt install bpftool, or sudo make setup)", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
-    try:
-        return bench(args)
-    except KeyboardInterrupt:
-        print("tcp_bench.py: interrupted", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"tcp_bench.py: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        if type(exc).__name__ == "MemtopError":
-            print(f"tcp_bench.py: {exc}", file=sys.stderr)
-            return 1
-        raise
+    return main_wrapper("tcp_bench.py", parse_args, bench, argv)
 
 
 if __name__ == "__main__":

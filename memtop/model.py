@@ -36,6 +36,7 @@ class KmallocReading:
     tail_lost: int = 0  # ring buffer full
     tail_rate_limited: int = 0  # over the tail's per-second budget: counted, not sent
     memcg_map_full_drops: int = 0  # tasks whose cgroup v1 memory cgroup could not be followed
+    recursion_misses: int = 0  # kmallocs (and irq entries/exits) the kernel did not run the programs for
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,9 @@ class LiveSource:
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
         self.memcg_ids = CgroupIdResolver(layout.v1_memory_root)  # v1 ids are directory inodes too
         self.containers = ContainerWatcher(layout, RuntimeRoots.from_overrides(dict(config.runtime_roots)))
+        # The kernel leak programs are compiled into the kmalloc probe's object (one program per
+        # tracepoint); the leak probe falls back to its own object when that fails.
+        self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
         self.kmalloc = KmallocProbe(
             sample_every=config.sample_every,
             max_pids=config.max_pids,
@@ -91,10 +94,10 @@ class LiveSource:
             memcg_hierarchy=current_memory_hierarchy_id() if layout.v1_memory_root else 0,
             v1_memory_root=layout.v1_memory_root,
             resolve_memcg_id=self.memcg_ids.path,
+            leaks=self.leaks,
         )
         self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
         self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
-        self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
         self.user_leaks: Probe | None = None  # UserLeakProbe of one process, while asked for
         self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp, self.leaks]
         self.procs = ProcScanner()
@@ -330,7 +333,13 @@ class LiveSource:
         locked = self._lock.acquire(timeout=CLOSE_LOCK_WAIT_S)
         try:
             self._closed = True
-            probes = [p for p in (*self.probes, self.user_leaks) if p is not None]
+            # A leak probe running inside the kmalloc probe's object goes with it (closing both at once
+            # would detach the same object's programs from two threads).
+            probes = [
+                p
+                for p in (*self.probes, self.user_leaks)
+                if p is not None and not (p is self.leaks and getattr(p, "shared", False))
+            ]
             self.user_leaks = None
             closers = [threading.Thread(target=p.close, name=f"close-{p.name}") for p in probes]
             for t in closers:

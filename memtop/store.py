@@ -360,6 +360,7 @@ class Store:
                 tail_lost=reading.tail_lost,
                 tail_rate_limited=reading.tail_rate_limited,
                 memcg_map_full=reading.memcg_map_full_drops,
+                kmalloc_recursion_misses=reading.recursion_misses,
             )
         else:
             elapsed = 0.0

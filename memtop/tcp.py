@@ -140,7 +140,11 @@ class TcpReading:
     key_map_full: int = 0  # finished connects not counted: the per-destination map was full
     slow_lost: int = 0  # slow/failed connects not sent: the ring buffer was full
     slow_rate_limited: int = 0  # slow/failed connects over the per-CPU rate cap: counted, not sent
-    pending_destroyed: int = 0  # pending connects whose socket was destroyed before finishing
+    pending_destroyed: int = 0  # pending connects whose socket was destroyed before their outcome was seen
+    # Connects whose outcome (established or failed) never reached the probe, closed out instead of being
+    # left in flight: pending_destroyed plus those older than the longest SYN retry time (expired).
+    outcome_lost: int = 0
+    recursion_misses: int = 0  # events the kernel did not run the TCP programs for
 
     def drops(self) -> dict[str, int]:
         return {
@@ -148,6 +152,8 @@ class TcpReading:
             "key_map_full": self.key_map_full,
             "slow_lost": self.slow_lost,
             "slow_rate_limited": self.slow_rate_limited,
+            "outcome_lost": self.outcome_lost,
+            "recursion_misses": self.recursion_misses,
         }
 
 

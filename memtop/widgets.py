@@ -73,7 +73,11 @@ class HeaderBar(Static):
             line2.append("none ")
         drops = snap.drops
         # data lost (unlike the tail's rate cap, which is a budget): maps full, ring buffers full
-        lost = sum(v for k, v in drops.items() if k.endswith(("_full", "_lost")) or k == "tail_lost")
+        lost = sum(
+            v
+            for k, v in drops.items()
+            if k.endswith(("_full", "_lost", "_recursion_misses")) or k == "tail_lost"
+        )
         line2.append("│ ")
         line2.append(f"drops {fmt.count(lost)}", style="bold red" if lost else "")
         line2.append(f" │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")

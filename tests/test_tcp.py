@@ -211,9 +211,18 @@ def test_slow_connects_are_kept_newest_first_bounded_and_mark_their_rows() -> No
 
 def test_drops_and_in_flight_come_from_the_latest_reading() -> None:
     agg = TcpAggregator(started_at=0.0)
-    reading = TcpReading({}, pending_map_full=3, key_map_full=1, slow_lost=2, slow_rate_limited=5)
+    reading = TcpReading(
+        {}, pending_map_full=3, key_map_full=1, slow_lost=2, slow_rate_limited=5, outcome_lost=4
+    )
     agg.ingest(1.0, reading)
-    assert agg.drops() == {"pending_map_full": 3, "key_map_full": 1, "slow_lost": 2, "slow_rate_limited": 5}
+    assert agg.drops() == {
+        "pending_map_full": 3,
+        "key_map_full": 1,
+        "slow_lost": 2,
+        "slow_rate_limited": 5,
+        "outcome_lost": 4,
+        "recursion_misses": 0,
+    }
     assert agg.in_flight() == () and agg.in_flight_count() == 0
 
 

@@ -290,6 +290,8 @@ def test_fast_loopback_connects_are_counted_for_the_right_process_name_and_cgrou
                 "key_map_full": 0,
                 "slow_lost": 0,
                 "slow_rate_limited": 0,
+                "outcome_lost": 0,
+                "recursion_misses": observer.last.recursion_misses,
             }
     finally:
         listener.close()
@@ -403,6 +405,48 @@ def test_a_connect_closed_by_the_application_while_pending_is_a_closed_failure(o
     assert not [c for c in observer.aggregator.in_flight() if c.pid == client.pid]
     row = observer.row(TcpKey(client.pid, 4, "127.0.0.1", listener.port))
     assert row is not None and (row.connects, row.failed) == (2, 2)
+
+
+def test_connects_whose_outcome_was_missed_are_closed_out_as_outcome_lost(observer: Observer) -> None:
+    """The kernel skips a classic tracepoint program on a recursion miss: a connect's SYN_SENT -> CLOSE
+    may never reach the probe. Simulated by detaching the state-change program while two connects are
+    pending: their sockets' destruction closes them out (counted), and an entry whose socket destruction
+    was missed too is expired once older than any SYN retry can last. Nothing stays in flight."""
+    listener = Listener(backlog=0, accept=False)
+    filler = socket.create_connection(("127.0.0.1", listener.port))
+    try:
+        with clients({"host": "127.0.0.1", "port": listener.port, "family": 4, "count": 2, "hold": True}) as (
+            client,
+        ):
+            client.go()
+            assert client.result() == {"held": 2}
+            observer.wait_for(
+                lambda: len([c for c in observer.aggregator.in_flight() if c.pid == client.pid]) == 2,
+                "2 in flight",
+            )
+            lost_before = observer.read().outcome_lost
+            observer.probe.bpf.detach_tracepoint(tp=b"sock:inet_sock_set_state")
+            client.go()  # SYN_SENT -> CLOSE now happens unseen
+            client.result()
+            observer.wait_for(lambda: observer.read().outcome_lost == lost_before + 2, "2 outcomes lost")
+    finally:
+        filler.close()
+        listener.close()
+    reading = observer.read()
+    assert not [c for c in reading.in_flight if c.pid == client.pid]
+    assert reading.drops()["outcome_lost"] == lost_before + 2
+    row = observer.row(TcpKey(client.pid, 4, "127.0.0.1", listener.port))
+    assert row is None or row.connects == 0  # lost outcomes are not made up as failures
+
+    # A pending entry whose destruction was missed as well: expired by age, also counted.
+    table = observer.probe.bpf[b"pending"]
+    stale = table.Leaf()
+    stale.start_ns, stale.tgid, stale.family, stale.dport = 1, client.pid, socket.AF_INET, 9
+    table[table.Key(0xDEAD0000)] = stale
+    reading = observer.read()
+    assert not [c for c in reading.in_flight if c.pid == client.pid and c.dport == 9]
+    assert reading.outcome_lost == lost_before + 3
+    assert reading.in_flight_count == len(table)
 
 
 def test_ipv6_loopback_and_ipv4_mapped_destinations(observer: Observer) -> None:

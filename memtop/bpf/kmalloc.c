@@ -8,6 +8,14 @@
 // irq:softirq_* and irq:irq_handler_* tracepoints; a kmalloc seen while it is non-zero is charged to
 // the [irq] row, not to whatever task happened to be interrupted.
 //
+// Raw tracepoints where the kernel's prototype carries what is read as plain values (kmalloc with
+// RAW_KMALLOC; the irq entry/exit programs read nothing): a raw tracepoint program has its own recursion
+// guard, so it is not skipped because another tracing program runs on the CPU (classic tracepoint
+// programs share one guard: an interrupt's event during any of them is lost), and it fills no record.
+//
+// WITH_LEAKS: the kernel leak tracking of leaks_kernel.h is compiled in, and the kmalloc program feeds it
+// too (one program per tracepoint for both panels); its maps keep their own names.
+//
 // Tunables are set only through validated -D cflags.
 
 #ifndef MAX_PIDS
@@ -43,20 +51,35 @@
 #ifndef MAX_TASKS
 #define MAX_TASKS 65536
 #endif
+#ifndef RAW_KMALLOC
+#define RAW_KMALLOC 1
+#endif
+#ifndef RAW_IRQ
+#define RAW_IRQ 1
+#endif
+#ifndef WITH_LEAKS
+#define WITH_LEAKS 0
+#endif
+
+#if WITH_LEAKS
+#include "leaks_kernel.h"
+#endif
 
 // The key under which interrupt-context allocations are counted (no real tgid is this large).
 #define IRQ_TGID 0xffffffffU
 #define SIZE_BUCKETS 64
+#ifndef COMM_LEN
 #define COMM_LEN 16
+#endif
 
-// Indexes into `counters`.
-#define CTR_PID_MAP_FULL 0
-#define CTR_SITE_MAP_FULL 1
-#define CTR_TAIL_LOST 2
-#define CTR_SAMPLED_EVENTS 3
-#define CTR_TAIL_RATE_LIMITED 4
-#define CTR_MEMCG_MAP_FULL 5
-#define N_COUNTERS 6
+// Indexes into `km_counters`.
+#define KM_PID_MAP_FULL 0
+#define KM_SITE_MAP_FULL 1
+#define KM_TAIL_LOST 2
+#define KM_SAMPLED_EVENTS 3
+#define KM_TAIL_RATE_LIMITED 4
+#define KM_MEMCG_MAP_FULL 5
+#define KM_N_COUNTERS 6
 
 #define CLONE_THREAD_FLAG 0x00010000ULL  // CLONE_THREAD, from the uapi (stable ABI)
 
@@ -71,7 +94,7 @@ struct pid_stats {
 // parent's name; exec runs after a container runtime has moved the process into its cgroup).
 // cgroup_id is the cgroup2 id (the directory's inode number), resolved to a path in user space;
 // memcg_id the same for the cgroup v1 memory hierarchy (0 when not followed or not known).
-struct comm_t {
+struct proc_comm {
     char comm[COMM_LEN];
     u64 cgroup_id;
     u64 memcg_id;
@@ -104,8 +127,8 @@ struct tail_event {
 };
 
 BPF_PERCPU_HASH(pid_stats, u32, struct pid_stats, MAX_PIDS);
-BPF_HASH(comms, u32, struct comm_t, MAX_PIDS);
-BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+BPF_HASH(proc_comms, u32, struct proc_comm, MAX_PIDS);
+BPF_PERCPU_ARRAY(km_counters, u64, KM_N_COUNTERS);
 BPF_PERCPU_ARRAY(irq_depth, u32, 1);
 BPF_ARRAY(focus, struct focus_cfg, 1);
 BPF_PERCPU_HASH(focus_sites, u64, struct site_stats, MAX_CALL_SITES);
@@ -134,8 +157,8 @@ static __always_inline int tail_allowed(u64 now) {
     return 1;
 }
 
-static __always_inline void count(int idx) {
-    u64 *c = counters.lookup(&idx);
+static __always_inline void km_count(int idx) {
+    u64 *c = km_counters.lookup(&idx);
     if (c)
         (*c)++;
 }
@@ -154,6 +177,16 @@ static __always_inline void irq_leave(void) {
         (*depth)--;
 }
 
+#if RAW_IRQ
+#if HAVE_SOFTIRQ_TP
+RAW_TRACEPOINT_PROBE(softirq_entry) { irq_enter(); return 0; }
+RAW_TRACEPOINT_PROBE(softirq_exit) { irq_leave(); return 0; }
+#endif
+#if HAVE_HARDIRQ_TP
+RAW_TRACEPOINT_PROBE(irq_handler_entry) { irq_enter(); return 0; }
+RAW_TRACEPOINT_PROBE(irq_handler_exit) { irq_leave(); return 0; }
+#endif
+#else
 #if HAVE_SOFTIRQ_TP
 TRACEPOINT_PROBE(irq, softirq_entry) { irq_enter(); return 0; }
 TRACEPOINT_PROBE(irq, softirq_exit) { irq_leave(); return 0; }
@@ -161,6 +194,7 @@ TRACEPOINT_PROBE(irq, softirq_exit) { irq_leave(); return 0; }
 #if HAVE_HARDIRQ_TP
 TRACEPOINT_PROBE(irq, irq_handler_entry) { irq_enter(); return 0; }
 TRACEPOINT_PROBE(irq, irq_handler_exit) { irq_leave(); return 0; }
+#endif
 #endif
 
 #if TRACK_V1_MEMCG
@@ -175,7 +209,7 @@ BPF_HASH(memcg_of, u32, u64, MAX_TASKS);
 
 static __always_inline void set_memcg(u32 pid, u64 id) {
     if (memcg_of.update(&pid, &id) != 0)
-        count(CTR_MEMCG_MAP_FULL);
+        km_count(KM_MEMCG_MAP_FULL);
 }
 
 TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
@@ -211,7 +245,7 @@ static __always_inline u64 current_memcg(u32 tgid) { return 0; }
 #if HAVE_EXEC_TP
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct comm_t *c = comms.lookup(&tgid);
+    struct proc_comm *c = proc_comms.lookup(&tgid);
     if (c) {
         bpf_get_current_comm(&c->comm, sizeof(c->comm));
         c->cgroup_id = bpf_get_current_cgroup_id();
@@ -227,7 +261,9 @@ static __always_inline u32 log2_bucket(u64 v) {
     return b < SIZE_BUCKETS ? b : SIZE_BUCKETS - 1;
 }
 
-TRACEPOINT_PROBE(kmem, kmalloc) {
+// One kmalloc: the per-process counters, the drilled-in process's detail, and (WITH_LEAKS) leak tracking.
+static __always_inline void on_kmalloc(void *ctx, u64 call_site, u64 ptr, u64 bytes_req, u64 bytes_alloc,
+                                       u64 gfp_flags, s32 node) {
     int zero = 0;
     u32 *depth = irq_depth.lookup(&zero);
     u32 tgid;
@@ -236,13 +272,11 @@ TRACEPOINT_PROBE(kmem, kmalloc) {
     } else {
         tgid = bpf_get_current_pid_tgid() >> 32;
     }
-    u64 bytes_alloc = args->bytes_alloc;
-    u64 bytes_req = args->bytes_req;
 
     // The drilled-in process: every allocation (not sampled), only while a focus is set.
     struct focus_cfg *f = focus.lookup(&zero);
     if (f && f->tgid != 0 && f->tgid == tgid) {
-        u64 site = args->call_site;
+        u64 site = call_site;
         struct site_stats *s = focus_sites.lookup(&site);
         if (!s) {
             struct site_stats init = {};
@@ -254,7 +288,7 @@ TRACEPOINT_PROBE(kmem, kmalloc) {
             s->bytes_alloc += bytes_alloc;
             s->bytes_req += bytes_req;
         } else {
-            count(CTR_SITE_MAP_FULL);
+            km_count(KM_SITE_MAP_FULL);
         }
         int bucket = log2_bucket(bytes_alloc);
         u64 *h = focus_sizes.lookup(&bucket);
@@ -263,50 +297,66 @@ TRACEPOINT_PROBE(kmem, kmalloc) {
         if (f->tail_on && bytes_alloc >= f->tail_min_bytes) {
             u64 now = bpf_ktime_get_ns();
             if (!tail_allowed(now)) {
-                count(CTR_TAIL_RATE_LIMITED);
+                km_count(KM_TAIL_RATE_LIMITED);
                 goto counters;
             }
             struct tail_event ev = {};
             ev.ts_ns = now;
             ev.call_site = site;
-            ev.ptr = (u64)args->ptr;
+            ev.ptr = ptr;
             ev.bytes_req = bytes_req;
             ev.bytes_alloc = bytes_alloc;
-            ev.gfp_flags = args->gfp_flags;
-            ev.node = args->node;
+            ev.gfp_flags = gfp_flags;
+            ev.node = node;
             ev.tid = (u32)bpf_get_current_pid_tgid();
             if (tail_events.ringbuf_output(&ev, sizeof(ev), 0) != 0)
-                count(CTR_TAIL_LOST);
+                km_count(KM_TAIL_LOST);
         }
     }
 
 counters:;
+#if WITH_LEAKS
+    leak_kmalloc(ctx, ptr, bytes_alloc);
+#endif
 #if SAMPLE_EVERY > 1
     if (bpf_get_prandom_u32() % SAMPLE_EVERY != 0)
-        return 0;
-    count(CTR_SAMPLED_EVENTS);
+        return;
+    km_count(KM_SAMPLED_EVENTS);
 #endif
 
     struct pid_stats *st = pid_stats.lookup(&tgid);
     if (!st) {
         struct pid_stats init = {};
         if (tgid != IRQ_TGID) {
-            struct comm_t c = {};
+            struct proc_comm c = {};
             bpf_get_current_comm(&c.comm, sizeof(c.comm));
             c.cgroup_id = bpf_get_current_cgroup_id();
             c.memcg_id = current_memcg(tgid);
-            comms.update(&tgid, &c);
+            proc_comms.update(&tgid, &c);
         }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.
         pid_stats.insert(&tgid, &init);
         st = pid_stats.lookup(&tgid);
         if (!st) {
-            count(CTR_PID_MAP_FULL);
-            return 0;
+            km_count(KM_PID_MAP_FULL);
+            return;
         }
     }
     st->calls++;
     st->bytes_alloc += bytes_alloc;
     st->bytes_req += bytes_req;
+}
+
+#if RAW_KMALLOC
+// trace_kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node)
+RAW_TRACEPOINT_PROBE(kmalloc) {
+    on_kmalloc(ctx, ctx->args[0], ctx->args[1], ctx->args[2], ctx->args[3], ctx->args[4], (s32)ctx->args[5]);
     return 0;
 }
+#else
+TRACEPOINT_PROBE(kmem, kmalloc) {
+    on_kmalloc(args, args->call_site, (u64)args->ptr, args->bytes_req, args->bytes_alloc, args->gfp_flags,
+               args->node);
+    return 0;
+}
+#endif

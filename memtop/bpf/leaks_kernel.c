@@ -1,104 +1,19 @@
-// memtop kernel leak probe: outstanding slab (and optionally page) allocations by kernel stack.
-//
-// Tracepoints only (kmem:kmalloc, kmem:kfree, kmem:kmem_cache_alloc, kmem:kmem_cache_free, and with
-// PAGE_LEVEL kmem:mm_page_alloc, kmem:mm_page_free, kmem:mm_page_free_batched); the programs read only
-// tracepoint arguments (args->...) and BPF helpers, never kernel struct fields.
-//
-// Sampling: stack capture is the expensive part, so only 1 in N allocations is tracked, chosen with
-// bpf_get_prandom_u32(). N lives in `config` and user space may change it while running (adaptive
-// sampling); each tracked allocation remembers the N it was tracked with (its weight), and the
-// aggregates hold weighted bytes and counts, so changing N never corrupts the totals.
-//
-// Every allocation costs a random number and one lookup of its address in `allocs`: an address that
-// is still there was freed without our seeing it (BPF's recursion guard skips a free that interrupts a
-// running program), so it is released first and counted as a missed free. Every free costs one lookup.
-//
-// Outstanding totals are aggregated here, per (stack id, tgid, source), in a per-CPU hash updated on
-// alloc and on free: a free on another CPU makes that CPU's slot negative, the sum is right.
-// Tunables are set only through validated -D cflags.
+// memtop kernel leak probe, on its own: the kernel leak programs of leaks_kernel.h plus their own
+// kmem:kmalloc program. Live mode normally compiles leaks_kernel.h into kmalloc.c instead (one program
+// per tracepoint for both panels); this file is what runs when that fails, or when the leak probe is used
+// alone (benchmarks, tests).
 
-#ifndef MAX_ALLOCS
-#define MAX_ALLOCS 131072
-#endif
-#ifndef MAX_STACKS
-#define MAX_STACKS 16384
-#endif
-#ifndef STACK_DEPTH
-#define STACK_DEPTH 32  // frames kept per stack (innermost first); the kernel's default 127 costs 4x the memory
-#endif
-#ifndef MAX_AGGREGATES
-#define MAX_AGGREGATES 32768
-#endif
-#ifndef MAX_PIDS
-#define MAX_PIDS 16384
-#endif
-#ifndef PAGE_LEVEL
-#define PAGE_LEVEL 0
-#endif
-#ifndef PAGE_SHIFT_BITS
-#define PAGE_SHIFT_BITS 12
-#endif
+#include "leaks_kernel.h"
 
-#define SOURCE_SLAB 0
-#define SOURCE_PAGE 1
-// Page keys are pfn + this: an address no kernel or user pointer can have (non-canonical on x86-64,
-// 4- and 5-level paging), so pages and slab objects share one map without colliding.
-#define PAGE_KEY_BASE (1ULL << 56)
-// kmalloc(0) returns ZERO_SIZE_PTR (16) to every caller: not an address worth tracking.
-#define MIN_TRACKED_ADDRESS 4096
-#define N_COUNTERS 10
-#define LEAK_STACK_FLAGS 0
-
-#include "leaks_common.h"
-
+#if RAW_KMALLOC
+// Raw tracepoint: args are trace_kmalloc's (call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node).
+RAW_TRACEPOINT_PROBE(kmalloc) {
+    leak_kmalloc(ctx, (u64)ctx->args[1], (u64)ctx->args[3]);
+    return 0;
+}
+#else
 TRACEPOINT_PROBE(kmem, kmalloc) {
-    u64 key = (u64)args->ptr;
-    if (key < MIN_TRACKED_ADDRESS)
-        return 0;  // failed, or ZERO_SIZE_PTR
-    on_alloc(args, key, args->bytes_alloc, SOURCE_SLAB);
-    return 0;
-}
-
-TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
-    u64 key = (u64)args->ptr;
-    if (key < MIN_TRACKED_ADDRESS)
-        return 0;
-    on_alloc(args, key, args->bytes_alloc, SOURCE_SLAB);
-    return 0;
-}
-
-TRACEPOINT_PROBE(kmem, kfree) {
-    u64 key = (u64)args->ptr;
-    if (key < MIN_TRACKED_ADDRESS)
-        return 0;
-    on_free(key);
-    return 0;
-}
-
-TRACEPOINT_PROBE(kmem, kmem_cache_free) {
-    u64 key = (u64)args->ptr;
-    if (key < MIN_TRACKED_ADDRESS)
-        return 0;
-    on_free(key);
-    return 0;
-}
-
-#if PAGE_LEVEL
-TRACEPOINT_PROBE(kmem, mm_page_alloc) {
-    u64 pfn = args->pfn;
-    if (pfn == (u64)-1)
-        return 0;  // the allocation failed
-    on_alloc(args, PAGE_KEY_BASE + pfn, (u64)1 << (PAGE_SHIFT_BITS + args->order), SOURCE_PAGE);
-    return 0;
-}
-
-TRACEPOINT_PROBE(kmem, mm_page_free) {
-    on_free(PAGE_KEY_BASE + args->pfn);
-    return 0;
-}
-
-TRACEPOINT_PROBE(kmem, mm_page_free_batched) {
-    on_free(PAGE_KEY_BASE + args->pfn);
+    leak_kmalloc(args, (u64)args->ptr, args->bytes_alloc);
     return 0;
 }
 #endif

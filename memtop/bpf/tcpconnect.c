@@ -17,6 +17,14 @@
 //
 // Ports in these tracepoints are in host byte order (the kernel stores ntohs() of them).
 //
+// Outcomes lost: a classic tracepoint program is skipped (a recursion miss) when its event fires while
+// another classic tracing program runs on the CPU, so a connect's SYN_SENT -> ESTABLISHED/CLOSE may never
+// be seen. Its pending entry is then closed out, never left in flight: tcp_destroy_sock finds it (the
+// socket is gone and its outcome was not seen: counted as CTR_OUTCOME_LOST), and user space expires
+// entries older than the longest SYN retry time. tcp_destroy_sock and tcp_receive_reset are raw
+// tracepoints (their only argument, the socket, is used as an opaque key: never dereferenced), with a
+// per-program recursion guard of their own.
+//
 // Tunables are set only through validated -D cflags; the slow threshold and the PID filter live in maps
 // so that they can change while the probe runs.
 
@@ -67,7 +75,7 @@
 #define CTR_KEY_MAP_FULL 1
 #define CTR_EVENTS_LOST 2
 #define CTR_EVENTS_RATE_LIMITED 3
-#define CTR_PENDING_DESTROYED 4
+#define CTR_OUTCOME_LOST 4  // pending connects whose socket was destroyed before their outcome was seen
 #define N_COUNTERS 5
 
 // Record kinds in `events`.
@@ -347,17 +355,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state) {
 }
 
 #if HAVE_DESTROY_TP
-TRACEPOINT_PROBE(tcp, tcp_destroy_sock) {
-    u64 sk = (u64)args->skaddr;
+RAW_TRACEPOINT_PROBE(tcp_destroy_sock) {  // (sk)
+    u64 sk = (u64)ctx->args[0];
     if (pending.delete(&sk) == 0)
-        count(CTR_PENDING_DESTROYED);
+        count(CTR_OUTCOME_LOST);
     return 0;
 }
 #endif
 
 #if HAVE_RESET_TP
-TRACEPOINT_PROBE(tcp, tcp_receive_reset) {
-    u64 sk = (u64)args->skaddr;
+RAW_TRACEPOINT_PROBE(tcp_receive_reset) {  // (sk)
+    u64 sk = (u64)ctx->args[0];
     struct pending_t *p = pending.lookup(&sk);
     if (p)
         p->rst = 1;

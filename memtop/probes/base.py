@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import importlib.resources
 import logging
+import os
+import platform
 import re
+import time
 from typing import Any
 
+from memtop import tracefs
 from memtop.errors import MemtopError
 from memtop.model import ProbeStatus
 
@@ -33,6 +39,14 @@ def int_cflag(name: str, value: int, low: int, high: int) -> str:
     return f"-D{name}={value}"
 
 
+def raw_args_match(category: str, event: str, names: tuple[str, ...]) -> bool:
+    """Whether the tracepoint's record fields (common_* left out) are exactly `names`, in order: for the
+    kmem events this means its raw tracepoint's arguments are those values in that order (the record is
+    built from them one to one), so a raw tracepoint program may read them from ctx->args[i]."""
+    fields = [n for n in tracefs.tracepoint_fields(category, event) if not n.startswith("common_")]
+    return fields == list(names)
+
+
 def load_bcc_module() -> Any:
     """`import bcc`, whatever it finds and however it fails (the doctor reports on both)."""
     import bcc
@@ -55,6 +69,106 @@ def import_bcc() -> Any:
             "pip uninstall bcc; apt install python3-bpfcc"
         )
     return bcc
+
+
+BPF_OBJ_GET_INFO_BY_FD = 15  # enum bpf_cmd in linux/bpf.h
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "s390x": 351, "ppc64le": 361}
+
+
+class _ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info (linux/bpf.h) up to recursion_misses (5.12+); the kernel fills what it has."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64)]
+
+
+_libc: Any = None
+
+
+def prog_stats(fd: int) -> tuple[int, int, int] | None:
+    """(run_time_ns, run_cnt, recursion_misses) of the BPF program behind `fd`, from the kernel's
+    BPF_OBJ_GET_INFO_BY_FD; None where it cannot be asked. run_time_ns and run_cnt stay 0 unless the
+    kernel's run-time statistics are on; recursion_misses is always counted: runs the kernel skipped
+    because the program (or, for classic tracepoint programs, any tracing program) was already running
+    on that CPU."""
+    info = _prog_info(fd)
+    if info is None:
+        return None
+    return info.run_time_ns, info.run_cnt, info.recursion_misses
+
+
+def _prog_info(fd: int) -> _ProgInfo | None:
+    global _libc
+    number = SYS_BPF.get(platform.machine())
+    if number is None or fd < 0:
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    info = _ProgInfo()
+    attr = _InfoAttr(fd, ctypes.sizeof(info), ctypes.addressof(info))
+    cmd = ctypes.c_int(BPF_OBJ_GET_INFO_BY_FD)
+    if _libc.syscall(ctypes.c_long(number), cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        log.debug("BPF_OBJ_GET_INFO_BY_FD: %s", os.strerror(ctypes.get_errno()))
+        return None
+    return info
+
+
+BPF_PROG_GET_FD_BY_ID = 13
+
+
+def prog_loaded(prog_id: int) -> bool:
+    """Whether a BPF program with this id is still loaded (BPF_PROG_GET_FD_BY_ID)."""
+    number = SYS_BPF.get(platform.machine())
+    if number is None or _libc is None:
+        return False
+    attr = (ctypes.c_uint32 * 4)(prog_id)
+    fd = _libc.syscall(ctypes.c_long(number), ctypes.c_int(BPF_PROG_GET_FD_BY_ID), ctypes.byref(attr), 16)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True
+
+
+UNLOAD_WAIT_S = 2.0  # the kernel frees a detached raw tracepoint program after an RCU grace period
 
 
 class Probe:
@@ -92,13 +206,51 @@ class Probe:
     def describe(self) -> str:
         return ""
 
+    def own_functions(self) -> list[bytes]:
+        """Names of the loaded BPF functions that are this probe's (all of its object's by default)."""
+        return list(self.bpf.funcs) if self.bpf is not None else []
+
+    def recursion_misses(self) -> int:
+        """Events this probe's programs never saw: the sum of the kernel's recursion_misses over them
+        (see prog_stats). 0 when nothing is loaded."""
+        if self.bpf is None:
+            return 0
+        total = 0
+        for name in self.own_functions():
+            fn = self.bpf.funcs.get(name)
+            stats = prog_stats(fn.fd) if fn is not None else None
+            if stats is not None:
+                total += stats[2]
+        return total
+
+    def status_with_misses(self, misses: int) -> None:
+        """Keep the running status's detail saying how many events were missed (when any)."""
+        if self.status.status != "running":
+            return
+        detail = self.describe()
+        if misses:
+            detail += f"; {misses:,} events missed (recursion)"
+        if detail != self.status.detail:
+            self.status = dataclasses.replace(self.status, detail=detail)
+
     def close(self) -> None:
-        """Detach and unload. Safe to call twice."""
+        """Detach and unload; returns once the kernel has freed the programs (at most UNLOAD_WAIT_S: a
+        detached raw tracepoint program is freed after an RCU grace period). Safe to call twice."""
         bpf, self.bpf = self.bpf, None
         if bpf is not None:
             from memtop.probes.detach import detach_all
 
+            ids = []
+            for fn in list(getattr(bpf, "funcs", {}).values()):
+                info = _prog_info(fn.fd)
+                if info is not None:
+                    ids.append(info.id)
             detach_all([bpf])  # every attachment closed in parallel; errors logged, never raised
+            deadline = time.monotonic() + UNLOAD_WAIT_S
+            while ids and time.monotonic() < deadline:
+                ids = [i for i in ids if prog_loaded(i)]
+                if ids:
+                    time.sleep(0.02)
         if self.status.status == "running":
             self.status = ProbeStatus("stopped", "")
 

@@ -16,7 +16,7 @@ from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
 from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
-from memtop.probes.base import Probe, int_cflag, map_items
+from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match
 from memtop.probes.mapread import BatchReader
 
 SIZE_BUCKETS = 64
@@ -30,6 +30,14 @@ MEMCG_TRACEPOINTS = (
     ("sched", "sched_process_exit"),
 )
 MAX_SAMPLE_EVERY = 1_000_000
+# The raw tracepoint kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node) of 6.1+: the classic
+# record carries the same values in the same order.
+KMALLOC_RAW_ARGS = ("call_site", "ptr", "bytes_req", "bytes_alloc", "gfp_flags", "node")
+
+
+def raw_kmalloc() -> bool:
+    """Whether kmem:kmalloc's raw tracepoint arguments are KMALLOC_RAW_ARGS on this kernel."""
+    return raw_args_match("kmem", "kmalloc", KMALLOC_RAW_ARGS)
 
 
 class _FocusCfg(ctypes.Structure):
@@ -76,8 +84,14 @@ class KmallocProbe(Probe):
         memcg_hierarchy: int = 0,
         v1_memory_root: str | None = None,
         resolve_memcg_id: Callable[[int], str] = lambda _id: "",
+        leaks: Any = None,
     ) -> None:
         super().__init__()
+        # A KernelLeakProbe whose programs are compiled into this probe's object (one program per
+        # tracepoint for both panels); when that fails, this probe starts without them and the leak probe
+        # starts on its own (see KernelLeakProbe.start).
+        self.leaks = leaks
+        self._with_leaks = leaks is not None  # decided again at start
         self.resolve_cgroup_id = resolve_cgroup_id  # cgroup2 id -> path (memtop.containers.CgroupIdResolver)
         # cgroup v1: the memory controller's hierarchy id (0: not on v1) and mount point; ids -> paths
         self.memcg_hierarchy = memcg_hierarchy
@@ -111,6 +125,9 @@ class KmallocProbe(Probe):
             int_cflag("HAVE_EXEC_TP", int(tracefs.tracepoint_exists("sched", "sched_process_exec")), 0, 1),
             int_cflag("TRACK_V1_MEMCG", int(self._track_memcg()), 0, 1),
             int_cflag("V1_MEMCG_HIERARCHY", self.memcg_hierarchy, 0, 1 << 30),
+            int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
+            int_cflag("RAW_IRQ", 1, 0, 1),
+            *(["-DWITH_LEAKS=1", *self.leaks.cflags()] if self._with_leaks else []),
         ]
 
     def _track_memcg(self) -> bool:
@@ -135,7 +152,17 @@ class KmallocProbe(Probe):
             fmt = ""
         self._gfp_table = parse_gfp_table(fmt)
         self._boot_offset = time.time() - time.monotonic()
-        super().start()
+        self._with_leaks = self.leaks is not None and self.leaks.can_embed()
+        if self._with_leaks:
+            try:
+                super().start()
+            except MemtopError as exc:  # the leak part must not take the kmalloc counters down
+                self.leaks.embed_error = str(exc)
+                self._with_leaks = False
+        if not self._with_leaks:
+            super().start()
+        elif self.leaks is not None:
+            self.leaks.adopt(self.bpf)
         self._reset_irq_depth()
         if self._track_memcg():
             self._seed_memcg()
@@ -171,9 +198,23 @@ class KmallocProbe(Probe):
             seeded += 1
         self.memcg_seeded = seeded
 
+    def own_functions(self) -> list[bytes]:
+        if self.bpf is None:
+            return []
+        leak_functions = set(self.leaks.own_functions()) if self._with_leaks and self.leaks else set()
+        return [name for name in self.bpf.funcs if name not in leak_functions]
+
+    def close(self) -> None:
+        if self._with_leaks and self.leaks is not None:
+            self.leaks.host_closed(self.bpf)
+        super().close()
+
     def describe(self) -> str:
         sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
-        text = f"kmem:kmalloc, {sampling}, irq split: {self.irq_tracking}"
+        kind = "raw tracepoint" if raw_kmalloc() else "tracepoint"
+        text = f"kmem:kmalloc ({kind}), {sampling}, irq split: {self.irq_tracking}"
+        if self._with_leaks:
+            text += ", shared with kernel leaks"
         return f"{text}, v1 memory cgroups: {self.memcg_tracking}" if self.memcg_hierarchy else text
 
     # -- the per-process counters ------------------------------------------------------------------
@@ -195,8 +236,10 @@ class KmallocProbe(Probe):
                 memcg_id,
                 execs,
             )
-        counters = self.bpf[b"counters"]
+        counters = self.bpf[b"km_counters"]
         sums = [sum(counters.getvalue(i)) for i in range(6)]
+        misses = self.recursion_misses()
+        self.status_with_misses(misses)
         return KmallocReading(
             per_tgid=per_tgid,
             sample_every=self.sample_every,
@@ -205,12 +248,13 @@ class KmallocProbe(Probe):
             tail_lost=sums[CTR_TAIL_LOST],
             tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
             memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
+            recursion_misses=misses,
         )
 
     def _readers(self) -> tuple[BatchReader, BatchReader] | None:
         if self._batch is None:
             try:
-                self._batch = (BatchReader(self.bpf[b"comms"]), BatchReader(self.bpf[b"pid_stats"]))
+                self._batch = (BatchReader(self.bpf[b"proc_comms"]), BatchReader(self.bpf[b"pid_stats"]))
             except Exception:  # an older BCC: read entry by entry
                 self._batch = False
         return self._batch if isinstance(self._batch, tuple) else None
@@ -236,7 +280,7 @@ class KmallocProbe(Probe):
                 value.memcg_id,
                 value.execs,
             )
-            for key, value in map_items(self.bpf[b"comms"])
+            for key, value in map_items(self.bpf[b"proc_comms"])
         }
 
     def _read_pid_stats(self) -> list[tuple[int, tuple[int, int, int]]]:
@@ -289,7 +333,7 @@ class KmallocProbe(Probe):
 
     def forget(self, tgids: list[int]) -> None:
         """Drop the kernel entries of processes that have exited (their totals are already read)."""
-        for name in (b"pid_stats", b"comms"):
+        for name in (b"pid_stats", b"proc_comms"):
             table = self.bpf[name]
             for tgid in tgids:
                 with contextlib.suppress(KeyError):

@@ -31,7 +31,8 @@ from memtop.leaks import (
     LeakReading,
     StackOutstanding,
 )
-from memtop.probes.base import Probe, _one_line, import_bcc, int_cflag
+from memtop.model import ProbeStatus
+from memtop.probes.base import Probe, _one_line, import_bcc, int_cflag, raw_args_match
 
 # Indexes into the programs' `counters` array (see leaks_kernel.c / leaks_user.c).
 COUNTER_NAMES = (
@@ -385,6 +386,33 @@ class _LeakProbe(Probe):
 
 KERNEL_TRACEPOINTS = ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free")
 PAGE_TRACEPOINTS = ("mm_page_alloc", "mm_page_free", "mm_page_free_batched")
+# The programs leaks_kernel.h adds to an object (kmalloc's is the host's when compiled into kmalloc.c).
+LEAK_EVENTS = ("kfree", "kmem_cache_alloc", "kmem_cache_free", *PAGE_TRACEPOINTS)
+# Frames the kernel's BPF dispatch puts on top of a raw tracepoint program's stack: not the allocation's.
+BPF_DISPATCH_FRAMES = ("bpf_prog_", "__bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_")
+
+
+# Page allocations made by the slab allocator to grow a cache: the objects in them are tracked (and shown)
+# as slab allocations; counted again as pages they would be counted twice. (Large kmallocs, served by the
+# page allocator directly, are matched in the kernel: see forget_backing_pages in leaks_kernel.h.)
+SLAB_PAGE_FRAMES = ("allocate_slab", "new_slab", "alloc_slab_page")
+
+
+def backs_slab(stack: StackOutstanding) -> bool:
+    """Whether a page row's pages were allocated for a slab (its stack passes through the allocator's
+    slab-growing functions)."""
+    return stack.kind == KIND_KERNEL_PAGES and any(
+        frame.split("+", 1)[0] in SLAB_PAGE_FRAMES for frame in stack.frames
+    )
+
+
+def raw_frees() -> tuple[bool, bool]:
+    """Whether kfree's and kmem_cache_free's raw tracepoints take (call_site, ptr[, cache]) here."""
+    kfree = raw_args_match("kmem", "kfree", ("call_site", "ptr"))
+    cache_free = raw_args_match("kmem", "kmem_cache_free", ("call_site", "ptr", "name")) or raw_args_match(
+        "kmem", "kmem_cache_free", ("call_site", "ptr")
+    )
+    return kfree, cache_free
 
 
 class KernelLeakProbe(_LeakProbe):
@@ -417,29 +445,105 @@ class KernelLeakProbe(_LeakProbe):
             self.sample_rate = self.sampler.rate
         else:
             self.sample_rate = sample_every
+        self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
+        self.shared = False  # running inside that object
+        self.embed_error = ""  # why compiling into it failed (then this probe runs on its own)
 
     def cflags(self) -> list[str]:
         page_shift = resource.getpagesize().bit_length() - 1
+        raw_kfree, raw_cache_free = raw_frees()
+        from memtop.probes.kmalloc import raw_kmalloc
+
         return [
             *super().cflags(),
             int_cflag("PAGE_LEVEL", int(self.page_level), 0, 1),
             int_cflag("PAGE_SHIFT_BITS", page_shift, 10, 20),
+            int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
+            int_cflag("RAW_KFREE", int(raw_kfree), 0, 1),
+            int_cflag("RAW_CACHE_FREE", int(raw_cache_free), 0, 1),
         ]
 
-    def start(self) -> None:
+    def _missing(self) -> list[str]:
         needed = KERNEL_TRACEPOINTS + (PAGE_TRACEPOINTS if self.page_level else ())
-        missing = [f"kmem:{event}" for event in needed if not tracefs.tracepoint_exists("kmem", event)]
+        return [f"kmem:{event}" for event in needed if not tracefs.tracepoint_exists("kmem", event)]
+
+    # -- compiled into the kmalloc probe's object --------------------------------------------------
+
+    def can_embed(self) -> bool:
+        """Whether the kmalloc probe should try compiling this probe's programs into its own object."""
+        return not self._missing()
+
+    def adopt(self, bpf: Any) -> None:
+        """The kmalloc probe's object, loaded with this probe's programs in it; start() will use it."""
+        self._host_bpf = bpf
+
+    def host_closed(self, bpf: Any) -> None:
+        """The kmalloc probe is detaching the object this probe runs in."""
+        if self.shared and self.bpf is bpf:
+            self.bpf = None
+            self.shared = False
+            if self.status.status == "running":
+                self.status = ProbeStatus("error", "stopped: its programs ran in the kmalloc probe's object")
+        self._host_bpf = None
+
+    def own_functions(self) -> list[bytes]:
+        bpf = self.bpf if self.bpf is not None else self._host_bpf
+        if bpf is None:
+            return []
+        if not self.shared and self._host_bpf is None:
+            return list(bpf.funcs)
+        return [name for name in bpf.funcs if any(event.encode() in name for event in LEAK_EVENTS)]
+
+    def dump(self) -> str:
+        return (
+            super().dump()
+            + "\n// (live mode compiles leaks_kernel.h into kmalloc.c with -DWITH_LEAKS=1; this file is its"
+            " fallback)"
+        )
+
+    def start(self) -> None:
+        missing = self._missing()
         if missing:
             raise MemtopError(
                 f"tracepoint {', '.join(missing)} missing: the leaks probe needs it (run `memtop doctor`)"
             )
-        super().start()
+        if self._host_bpf is not None:
+            self.bpf, self.shared = self._host_bpf, True
+            self.status = ProbeStatus("running", self.describe())
+        else:
+            super().start()
         self._set_sample_rate(self.sample_rate)
+
+    def close(self) -> None:
+        """Standalone: detach and unload. Inside the kmalloc probe's object: switch tracking off and detach
+        this probe's own programs (kfree, kmem_cache_*, pages); the shared kmalloc program stays."""
+        if not self.shared:
+            super().close()
+            return
+        bpf, self.bpf, self.shared = self.bpf, None, False
+        if bpf is not None:
+            with contextlib.suppress(Exception):
+                config = bpf[b"config"]
+                value = config[ctypes.c_int(0)]
+                value.sample_every = 0
+                config[ctypes.c_int(0)] = value
+            for name in [n for n in bpf.funcs if any(e.encode() in n for e in LEAK_EVENTS)]:
+                with contextlib.suppress(Exception):
+                    if name.startswith(b"raw_tracepoint__"):
+                        bpf.detach_raw_tracepoint(tp=name[len(b"raw_tracepoint__") :])
+                    else:
+                        category, _, event = name[len(b"tracepoint__") :].partition(b"__")
+                        bpf.detach_tracepoint(tp=category + b":" + event)
+        if self.status.status == "running":
+            self.status = ProbeStatus("stopped", "")
 
     def describe(self) -> str:
         how = "adaptive" if self.sampler is not None else "fixed"
         pages = ", pages" if self.page_level else ""
-        return f"kmem slab alloc/free{pages}, 1 in {self.sample_rate} tracked ({how})"
+        where = ", in the kmalloc probe's programs" if self.shared else ""
+        if self.embed_error:
+            where = f", on its own (compiling it into the kmalloc probe failed: {self.embed_error})"
+        return f"kmem slab alloc/free{pages}, 1 in {self.sample_rate} tracked ({how}){where}"
 
     @property
     def effective_sample_rate(self) -> int:
@@ -452,16 +556,30 @@ class KernelLeakProbe(_LeakProbe):
         raw = self.bpf.ksym(address, show_offset=True)
         return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
+    def stack_frames(self, stack_id: int) -> tuple[str, ...]:
+        """The allocation's frames: a raw tracepoint program's stack starts inside the BPF dispatch
+        (the program, bpf_trace_run*, __bpf_trace_*), which is cut off."""
+        frames = super().stack_frames(stack_id)
+        start = 0
+        while start < len(frames) - 1 and frames[start].startswith(BPF_DISPATCH_FRAMES):
+            start += 1
+        return frames[start:]
+
     def read(self) -> LeakReading:
         reading = self._read(KIND_KERNEL)
+        if self.page_level:  # the pages of a slab are the objects' memory, counted on their own rows
+            kept = tuple(s for s in reading.stacks if not backs_slab(s))
+            reading = dataclasses.replace(reading, stacks=kept)
+        misses = self.recursion_misses()
+        reading = dataclasses.replace(reading, drops={**reading.drops, "recursion_misses": misses})
         if self.sampler is not None:
             rate = self.sampler.update(
                 time.monotonic(), reading.alloc_events, self.map_fill(reading.tracked_now)
             )
             if rate != self.sample_rate:
                 self._set_sample_rate(rate)
-                self.status = type(self.status)("running", self.describe())
                 reading = dataclasses.replace(reading, sample_rate=rate)  # the N in force from now on
+        self.status_with_misses(misses)
         return reading
 
 

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from memtop import tracefs
@@ -35,7 +36,7 @@ CTR_PENDING_MAP_FULL = 0
 CTR_KEY_MAP_FULL = 1
 CTR_EVENTS_LOST = 2
 CTR_EVENTS_RATE_LIMITED = 3
-CTR_PENDING_DESTROYED = 4
+CTR_OUTCOME_LOST = 4
 N_COUNTERS = 5
 EV_CONNECT, EV_ERROR = 1, 2
 MAX_SLOW_MS = 3_600_000
@@ -51,6 +52,22 @@ OPTIONAL_TRACEPOINTS = (
     ("tcp", "tcp_retransmit_skb", "HAVE_RETRANSMIT_TP"),
     ("sock", "inet_sk_error_report", "HAVE_ERROR_TP"),
 )
+
+
+SYN_TIMEOUT_MARGIN_S = 10.0
+
+
+def syn_timeout_s(retries: int | None = None) -> float:
+    """The longest a connect can stay in SYN_SENT (seconds): the initial 1 s RTO doubled on each of
+    net.ipv4.tcp_syn_retries retransmits (each wait capped at TCP_RTO_MAX, 120 s), plus a margin. A
+    socket's own TCP_SYNCNT can ask for more retries; such a connect that outlives this is expired too."""
+    if retries is None:
+        try:
+            retries = int(Path("/proc/sys/net/ipv4/tcp_syn_retries").read_text())
+        except (OSError, ValueError):
+            retries = 6
+    total = sum(min(2.0**i, 120.0) for i in range(max(0, min(retries, 127)) + 1))
+    return total + SYN_TIMEOUT_MARGIN_S
 
 
 class _Config(ctypes.Structure):
@@ -113,6 +130,7 @@ class TcpProbe(Probe):
         self.max_keys = max_keys
         self.events_per_s = events_per_s
         self.optional: dict[str, bool] = {}
+        self.expired = 0  # pending connects older than the longest SYN retry time, deleted by read()
         self._boot_offset = 0.0  # wall clock minus CLOCK_MONOTONIC
         self._held: dict[int, tuple[_EventCopy, float]] = {}  # failures waiting for their error record
         self._ready: list[SlowConnect] = []
@@ -220,6 +238,8 @@ class TcpProbe(Probe):
         if len(raw_entries) >= EVICT_DEAD_AT * self.max_keys:
             self._evict_dead(table, raw_entries)
         in_flight, in_flight_count = self._in_flight()
+        misses = self.recursion_misses()
+        self.status_with_misses(misses)
         counters = self.bpf[b"counters"]
         sums = [sum(counters.getvalue(i)) for i in range(N_COUNTERS)]
         return TcpReading(
@@ -231,7 +251,9 @@ class TcpProbe(Probe):
             key_map_full=sums[CTR_KEY_MAP_FULL],
             slow_lost=sums[CTR_EVENTS_LOST],
             slow_rate_limited=sums[CTR_EVENTS_RATE_LIMITED],
-            pending_destroyed=sums[CTR_PENDING_DESTROYED],
+            pending_destroyed=sums[CTR_OUTCOME_LOST],
+            outcome_lost=sums[CTR_OUTCOME_LOST] + self.expired,
+            recursion_misses=misses,
         )
 
     def forget(self, pids: Iterable[int]) -> None:
@@ -251,7 +273,18 @@ class TcpProbe(Probe):
                     del table[key]
 
     def _in_flight(self) -> tuple[tuple[InFlightConnect, ...], int]:
-        entries = [value for _, value in _items(self.bpf[b"pending"])]
+        """Pending connects, oldest first. One older than any SYN retry can last (its outcome was lost
+        and its socket's destruction too) is deleted and counted in `expired`."""
+        table = self.bpf[b"pending"]
+        cutoff = time.monotonic_ns() - int(syn_timeout_s() * 1e9)
+        entries = []
+        for key, value in _items(table):
+            if value.start_ns < cutoff:
+                with contextlib.suppress(KeyError):
+                    del table[key if isinstance(key, table.Key) else table.Key(key)]
+                    self.expired += 1
+                continue
+            entries.append(value)
         entries.sort(key=lambda v: v.start_ns)
         listed = tuple(
             InFlightConnect(

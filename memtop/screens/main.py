@@ -233,7 +233,7 @@ class MainScreen(MemtopScreen):
             Text.assemble(
                 ("grouping: ", "bold"),
                 f"{grouping_label} (g)  │ {len(snap.tcp_slow_connects)} slow/failed, {slow}  │ "
-                f"{snap.tcp_in_flight} in flight  │ ",
+                f"{snap.tcp_in_flight} in flight{_outcomes_lost(snap)}  │ ",
                 (RESOLUTION_NOTE, "dim"),
                 (f"  [{status}]" if status else "", "bold red"),
             ),
@@ -344,3 +344,9 @@ class MainScreen(MemtopScreen):
         if event.key == "escape" and box.has_focus:
             event.stop()
             self.action_clear_filter()
+
+
+def _outcomes_lost(snap: Snapshot) -> str:
+    """Connects whose outcome never reached memtop (closed out, not left in flight), when there are any."""
+    lost = snap.drops.get("tcp_outcome_lost", 0)
+    return f", {lost:,} outcome lost" if lost else ""

@@ -1,0 +1,174 @@
+// memtop kernel leak tracking: outstanding slab (and optionally page) allocations by kernel stack.
+//
+// Included by kmalloc.c (WITH_LEAKS: its kmem:kmalloc program calls leak_kmalloc, so both panels share
+// one program per tracepoint) or by leaks_kernel.c (on its own, with its own kmalloc program). This file
+// holds the programs on kmem:kfree, kmem:kmem_cache_alloc, kmem:kmem_cache_free and, with PAGE_LEVEL,
+// kmem:mm_page_alloc, kmem:mm_page_free, kmem:mm_page_free_batched. They read only tracepoint arguments
+// and BPF helpers, never kernel struct fields. kfree and kmem_cache_free are raw tracepoints where the
+// running kernel's prototype is (call_site, ptr[, cache]) (RAW_KFREE, RAW_CACHE_FREE): a raw tracepoint
+// has its own per-program recursion guard (a classic one is skipped whenever any classic tracing program
+// runs on the CPU) and no record to fill. kmem_cache_alloc stays classic: its size and cache name are
+// struct fields behind the raw tracepoint's kmem_cache pointer.
+//
+// Sampling: stack capture is the expensive part, so only 1 in N allocations is tracked, chosen with
+// bpf_get_prandom_u32(). N lives in `config` and user space may change it while running (adaptive
+// sampling); each tracked allocation remembers the N it was tracked with (its weight), and the
+// aggregates hold weighted bytes and counts, so changing N never corrupts the totals.
+//
+// Every allocation costs a random number and one lookup of its address in `allocs`: an address that
+// is still there was freed without our seeing it (BPF's recursion guard skips a free that interrupts a
+// running program), so it is released first and counted as a missed free. Every free costs one lookup.
+//
+// Outstanding totals are aggregated here, per (stack id, tgid, source), in a per-CPU hash updated on
+// alloc and on free: a free on another CPU makes that CPU's slot negative, the sum is right.
+// Tunables are set only through validated -D cflags.
+
+#ifndef MAX_ALLOCS
+#define MAX_ALLOCS 131072
+#endif
+#ifndef MAX_STACKS
+#define MAX_STACKS 16384
+#endif
+#ifndef STACK_DEPTH
+#define STACK_DEPTH 32  // frames kept per stack (innermost first); the kernel's default 127 costs 4x the memory
+#endif
+#ifndef MAX_AGGREGATES
+#define MAX_AGGREGATES 32768
+#endif
+#ifndef MAX_PIDS
+#define MAX_PIDS 16384
+#endif
+#ifndef PAGE_LEVEL
+#define PAGE_LEVEL 0
+#endif
+#ifndef PAGE_SHIFT_BITS
+#define PAGE_SHIFT_BITS 12
+#endif
+#ifndef RAW_KMALLOC
+#define RAW_KMALLOC 1
+#endif
+#ifndef RAW_KFREE
+#define RAW_KFREE 1
+#endif
+#ifndef RAW_CACHE_FREE
+#define RAW_CACHE_FREE 1
+#endif
+
+#define SOURCE_SLAB 0
+#define SOURCE_PAGE 1
+// Page keys are pfn + this: an address no kernel or user pointer can have (non-canonical on x86-64,
+// 4- and 5-level paging), so pages and slab objects share one map without colliding.
+#define PAGE_KEY_BASE (1ULL << 56)
+// kmalloc(0) returns ZERO_SIZE_PTR (16) to every caller: not an address worth tracking.
+#define MIN_TRACKED_ADDRESS 4096
+#define N_COUNTERS 10
+#define LEAK_STACK_FLAGS 0
+
+#include "leaks_common.h"
+
+// Off (sample_every 0) until user space configures the probe: an embedded leak part costs one array
+// lookup per kmalloc while the Leaks panel is off.
+static __always_inline int leaks_on(void) {
+    int zero = 0;
+    struct leak_config *cfg = config.lookup(&zero);
+    return cfg && cfg->sample_every;
+}
+
+#if PAGE_LEVEL
+// The last page allocation of each CPU, by thread: a kmalloc larger than the biggest kmalloc cache is
+// served by the page allocator (kmem:mm_page_alloc first, then kmem:kmalloc on the same thread), so its
+// pages are the kmalloc's and must not be counted a second time as a page row.
+struct last_page_t {
+    u64 pfn;
+    u32 tid;
+    u32 order;
+};
+BPF_PERCPU_ARRAY(last_page, struct last_page_t, 1);
+#define KMALLOC_MAX_CACHE_BYTES (2ULL << PAGE_SHIFT_BITS)  // SLUB's KMALLOC_MAX_CACHE_SIZE: two pages
+
+static __always_inline void forget_backing_pages(u64 bytes_alloc) {
+    if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
+        return;
+    int zero = 0;
+    struct last_page_t *last = last_page.lookup(&zero);
+    if (!last || last->tid != (u32)bpf_get_current_pid_tgid() ||
+        ((u64)1 << (PAGE_SHIFT_BITS + last->order)) != bytes_alloc)
+        return;
+    forget(PAGE_KEY_BASE + last->pfn);  // tracked or not: its free must find nothing either
+    last->tid = 0;
+}
+#endif
+
+static __always_inline void leak_kmalloc(void *ctx, u64 ptr, u64 bytes_alloc) {
+    if (ptr < MIN_TRACKED_ADDRESS || !leaks_on())
+        return;  // failed, or ZERO_SIZE_PTR
+#if PAGE_LEVEL
+    forget_backing_pages(bytes_alloc);
+#endif
+    on_alloc(ctx, ptr, bytes_alloc, SOURCE_SLAB);
+}
+
+static __always_inline void leak_free(u64 ptr) {
+    if (ptr < MIN_TRACKED_ADDRESS)
+        return;
+    on_free(ptr);
+}
+
+TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
+    u64 key = (u64)args->ptr;
+    if (key < MIN_TRACKED_ADDRESS || !leaks_on())
+        return 0;
+    on_alloc(args, key, args->bytes_alloc, SOURCE_SLAB);
+    return 0;
+}
+
+#if RAW_KFREE
+RAW_TRACEPOINT_PROBE(kfree) {  // (call_site, ptr)
+    leak_free((u64)ctx->args[1]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kmem, kfree) {
+    leak_free((u64)args->ptr);
+    return 0;
+}
+#endif
+
+#if RAW_CACHE_FREE
+RAW_TRACEPOINT_PROBE(kmem_cache_free) {  // (call_site, ptr, cache)
+    leak_free((u64)ctx->args[1]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kmem, kmem_cache_free) {
+    leak_free((u64)args->ptr);
+    return 0;
+}
+#endif
+
+#if PAGE_LEVEL
+TRACEPOINT_PROBE(kmem, mm_page_alloc) {
+    u64 pfn = args->pfn;
+    if (pfn == (u64)-1 || !leaks_on())
+        return 0;  // the allocation failed
+    int zero = 0;
+    struct last_page_t *last = last_page.lookup(&zero);
+    if (last) {
+        last->pfn = pfn;
+        last->order = args->order;
+        last->tid = (u32)bpf_get_current_pid_tgid();
+    }
+    on_alloc(args, PAGE_KEY_BASE + pfn, (u64)1 << (PAGE_SHIFT_BITS + args->order), SOURCE_PAGE);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kmem, mm_page_free) {
+    on_free(PAGE_KEY_BASE + args->pfn);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kmem, mm_page_free_batched) {
+    on_free(PAGE_KEY_BASE + args->pfn);
+    return 0;
+}
+#endif
