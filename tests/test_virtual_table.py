@@ -364,3 +364,25 @@ async def test_wide_tables_scroll_sideways_and_clicks_move_the_cursor() -> None:
         await pilot.click(VirtualTable, offset=(3, 4))  # the cursor's row again: selects it
         await pilot.pause()
         assert [r.n for r in app.selected] == [3]
+
+
+async def test_the_main_screen_under_a_drilldown_is_redrawn_when_shown_again(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from memtop.app import SnapshotReady
+
+    path, _ = many_processes(tmp_path, n=300)
+    app = MemtopApp(ReplaySource(path), Config())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        main = app.screen
+        t = table(app)
+        await press(pilot, "enter")
+        assert isinstance(app.screen, ProcessScreen)
+        snap = app.snapshot
+        assert snap is not None
+        app.post_message(SnapshotReady(replace(snap, processes=snap.processes[:100])))
+        await pilot.pause()
+        assert t.row_count == 300  # not drawn while covered
+        await press(pilot, "escape")
+        assert app.screen is main and t.row_count == 100
