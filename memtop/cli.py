@@ -292,7 +292,7 @@ def run_tui(config: Config) -> int:
         preflight_live()
         source = LiveSource(config)
     # Detach first, then let the UI go; the whole exit is bounded (memtop.lifecycle).
-    guard = ExitGuard(source.close)
+    guard = ExitGuard(lambda: source.close(wait_for_unload=False))
     guard.save_terminal()
     guard.install_signals()
     guard.install_thread_hook()
@@ -312,6 +312,9 @@ def run_tui(config: Config) -> int:
     finally:
         guard.begin(guard.code or 0)  # arms the watchdog: nothing after this may hang the exit
         guard.uninstall()
+    # Detached, and the terminal is restored: leave now rather than wait for the interpreter to tear
+    # down modules and join threads (a probe still compiling, the UI library's leftovers).
+    guard.force_exit(guard.code or 0)
     return guard.code or 0
 
 

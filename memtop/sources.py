@@ -6,6 +6,8 @@ which source they have, which is how the UI is tested without root.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import socket
 import threading
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 CLOSE_LOCK_WAIT_S = 1.0
+STARTER_NICE = 10  # the probe-starting thread's nice value (Linux sets it per thread)
 
 
 class Source(Protocol):
@@ -53,7 +56,7 @@ class Source(Protocol):
 
     def set_leak_older(self, older_s: float) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, wait_for_unload: bool = True) -> None: ...
 
 
 def host_info() -> HostInfo:
@@ -146,6 +149,9 @@ class LiveSource:
         return probe
 
     def _start_quietly(self, user_leaks: UserLeakProbe | None) -> None:
+        # Compiling (clang, in this thread) must not slow the first screens: run it at a lower priority.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), STARTER_NICE)
         try:
             self._start(user_leaks)
         except MemtopError as exc:  # --leaks-pid could not start: say so in its panel
@@ -326,9 +332,11 @@ class LiveSource:
             if pid and self.kmalloc.running:
                 self.kmalloc.set_focus(pid, min_bytes)
 
-    def close(self) -> None:
+    def close(self, wait_for_unload: bool = True) -> None:
         """Detach every probe, all at once (safe to call more than once, from any thread). A probe still
-        compiling is detached by the starting thread as soon as it attaches (`_attach_done`)."""
+        compiling is detached by the starting thread as soon as it attaches (`_attach_done`).
+        `wait_for_unload`: return only once the kernel has freed the programs (an exiting process need
+        not wait: the kernel frees them after an RCU grace period either way)."""
         # A tick stuck in a read must not keep the probes attached: wait for it a little, then go on.
         locked = self._lock.acquire(timeout=CLOSE_LOCK_WAIT_S)
         try:
@@ -341,6 +349,8 @@ class LiveSource:
                 if p is not None and not (p is self.leaks and getattr(p, "shared", False))
             ]
             self.user_leaks = None
+            for p in probes:
+                p.wait_for_unload = wait_for_unload
             closers = [threading.Thread(target=p.close, name=f"close-{p.name}") for p in probes]
             for t in closers:
                 t.start()
@@ -406,5 +416,5 @@ class ReplaySource:
     def set_leak_older(self, older_s: float) -> None:
         self._older_s = older_s
 
-    def close(self) -> None:
+    def close(self, wait_for_unload: bool = True) -> None:
         pass

@@ -60,17 +60,7 @@ class HeaderBar(Static):
         if snap.oom_kills_seen:
             line2.append(f" OOM kills: {snap.oom_kills_seen} ", style="bold white on red")
             line2.append(" │ ")
-        line2.append("probes: ")
-        for name, p in snap.probes.items():
-            if p.status in ("running", "replay"):
-                line2.append(f"{name} ✓ ", style="green")
-            else:
-                line2.append(f"{name} {p.status}", style="bold red" if p.status == "error" else "yellow")
-                line2.append(
-                    f" ({p.detail}) " if p.detail else " ", style="red" if p.status == "error" else ""
-                )
-        if not snap.probes:
-            line2.append("none ")
+        # Counts first: a long probe error is what gets cut at the right edge, never them.
         drops = snap.drops
         # data lost (unlike the tail's rate cap, which is a budget): maps full, ring buffers full
         lost = sum(
@@ -78,9 +68,23 @@ class HeaderBar(Static):
             for k, v in drops.items()
             if k.endswith(("_full", "_lost", "_recursion_misses")) or k == "tail_lost"
         )
-        line2.append("│ ")
+        line2.append(f"{len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)} │ ")
         line2.append(f"drops {fmt.count(lost)}", style="bold red" if lost else "")
-        line2.append(f" │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
+        line2.append(" │ probes: ")
+        for name, p in snap.probes.items():
+            if p.status in ("running", "replay"):
+                line2.append(f"{name} ✓ ", style="green")
+            elif p.status == "starting":  # still compiling and attaching (in the background)
+                line2.append(f"{name} … ", style="yellow")
+            else:
+                line2.append(f"{name} {p.status}", style="bold red" if p.status == "error" else "yellow")
+                line2.append(
+                    f" ({p.detail}) " if p.detail else " ", style="red" if p.status == "error" else ""
+                )
+        if not snap.probes:
+            line2.append("none ")
+        if any(p.status == "starting" for p in snap.probes.values()):
+            line2.append("(… starting)", style="yellow")
         self.update(Text("\n").join([line1, line2]), layout=False)  # a fixed height: no layout per tick
 
 

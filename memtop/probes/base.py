@@ -177,6 +177,10 @@ class Probe:
     name = "probe"
     source = ""
 
+    # close() waits for the kernel to free the programs (tests and benchmarks look right after); an
+    # exiting memtop need not: its descriptors go with it and the kernel frees the programs after.
+    wait_for_unload = True
+
     def __init__(self) -> None:
         self.bpf: Any = None
         self.status = ProbeStatus("stopped", "")
@@ -246,7 +250,7 @@ class Probe:
                 if info is not None:
                     ids.append(info.id)
             detach_all([bpf])  # every attachment closed in parallel; errors logged, never raised
-            deadline = time.monotonic() + UNLOAD_WAIT_S
+            deadline = time.monotonic() + (UNLOAD_WAIT_S if self.wait_for_unload else 0.0)
             while ids and time.monotonic() < deadline:
                 ids = [i for i in ids if prog_loaded(i)]
                 if ids:
