@@ -190,7 +190,7 @@ def stop_group(proc: subprocess.Popen[str]) -> None:
     proc.wait()
 
 
-# -- measuring ------------------------------------------------------------------------------------------------
+# -- measuring --------------------------------------------------------------------------------
 
 
 class KmallocMeter:
@@ -344,7 +344,7 @@ def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dic
     }
 
 
-# -- main -------------------------------------------------------------------------------------------------------
+# -- main --------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -438,12 +438,13 @@ def bench(args: argparse.Namespace) -> int:
     print(f"\nBPF programs left loaded after quitting: {left}")
     if soak_result:
         mib = 1 / (1 << 20)
+        r = soak_result
         print(
-            f"\nSoak: {soak_result['processes']:,} processes for {soak_result['seconds']:g} s, 10 % replaced every "
-            f"{soak_result['replaced_every_s']:g} s: RSS {soak_result['rss_at_start_bytes'] * mib:.1f} MiB at start, "
-            f"{soak_result['rss_at_settle_bytes'] * mib:.1f} MiB at {soak_result['settle_s']:g} s, "
-            f"{soak_result['rss_at_end_bytes'] * mib:.1f} MiB at the end (growth after settling: "
-            f"{soak_result['growth_after_settle_bytes'] * mib:.1f} MiB)"
+            f"\nSoak: {r['processes']:,} processes for {r['seconds']:g} s, 10 % replaced every "
+            f"{r['replaced_every_s']:g} s: RSS {r['rss_at_start_bytes'] * mib:.1f} MiB at start, "
+            f"{r['rss_at_settle_bytes'] * mib:.1f} MiB at {r['settle_s']:g} s, "
+            f"{r['rss_at_end_bytes'] * mib:.1f} MiB at the end (growth after settling: "
+            f"{r['growth_after_settle_bytes'] * mib:.1f} MiB)"
         )
     if args.json:
         args.json.write_text(
