@@ -7,6 +7,7 @@ the previous one has been applied, so a slow tick never piles up.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -106,6 +107,10 @@ class MemtopApp(App[None]):
         previous = self.snapshot
         self.snapshot = message.snapshot
         self.ticks += 1
+        if self.ticks == 1:
+            # What exists now (modules, widgets, the first rows) lives as long as the app: keep it out of
+            # the collector's full passes, which otherwise rescan it every few ticks.
+            gc.freeze()
         if previous is not None and message.snapshot.oom_kills_seen > previous.oom_kills_seen:
             self.announce_kills(message.snapshot, message.snapshot.oom_kills_seen - previous.oom_kills_seen)
         self.redraw()

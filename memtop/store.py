@@ -7,6 +7,7 @@ Rates are a pure function of (previous totals, current totals, elapsed). Each pr
 
 from __future__ import annotations
 
+import operator
 import time
 from array import array
 from collections import deque
@@ -819,9 +820,21 @@ R = TypeVar("R")
 
 
 def sort_rows(rows: Iterable[R], sort: SortKey, tiebreak: Callable[[R], Any] | None = None) -> list[R]:
-    """Sorted on raw values; ties broken by pid (or `tiebreak`) so the order is stable tick to tick."""
-    ordered = sorted(rows, key=tiebreak or (lambda r: getattr(r, "pid", 0)))
+    """Sorted on raw values; ties broken by pid (or `tiebreak`) so the order is stable tick to tick.
+    Unknown (None) values sort below every known one, names case-insensitively."""
+    ordered = sorted(rows, key=tiebreak or _pid_of)
+    if ordered:
+        getter = operator.attrgetter(sort.column)
+        if not isinstance(getter(ordered[0]), str):
+            try:  # the common case, thousands of numbers: compare them as they are
+                return sorted(ordered, key=getter, reverse=sort.reverse)
+            except TypeError:  # some are None (or a name column): the general key below
+                pass
     return sorted(ordered, key=_sort_value(sort.column), reverse=sort.reverse)
+
+
+def _pid_of(row: Any) -> Any:
+    return getattr(row, "pid", 0)
 
 
 def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
