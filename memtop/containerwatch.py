@@ -16,9 +16,11 @@ from memtop.cgroups import CgroupLayout
 from memtop.containers import (
     ContainerRef,
     MetadataReader,
+    RuntimeCgroupIndex,
     RuntimeRoots,
     parse_cgroup_path,
     read_cgroup_memory,
+    set_runtime_cgroups,
 )
 from memtop.store import ContainerState
 
@@ -32,11 +34,17 @@ class ContainerWatcher:
         # Walk the hierarchy that holds the memory controller (v1 memory on v1/hybrid hosts, else cgroup2).
         self.root = layout.v1_memory_root or layout.v2_root
         self.metadata = MetadataReader(roots or RuntimeRoots())
+        self.runtime_cgroups = RuntimeCgroupIndex(self.metadata.roots)
         self._found: dict[str, ContainerRef] = {}
         self._last_scan = 0.0
 
     def scan(self) -> dict[str, ContainerRef]:
-        """Every container cgroup under the root: id -> ref (the outermost dir of each container)."""
+        """Every container cgroup under the root: id -> ref (the outermost dir of each container).
+
+        First the runtimes' state is read for the container cgroups it names (so a path with no runtime
+        marker, such as plain `ctr run`'s `/<namespace>/<id>`, is a container for every panel), then the
+        hierarchy is walked."""
+        set_runtime_cgroups(self.runtime_cgroups.scan())
         found: dict[str, ContainerRef] = {}
         if self.root is None:
             return found
@@ -81,9 +89,10 @@ class ContainerWatcher:
             states[container_id] = ContainerState(
                 ref=ref,
                 meta=self.metadata.lookup(ref),
-                memory_bytes=memory.usage_bytes,
+                memory_bytes=memory.working_set_bytes,
                 memory_limit_bytes=memory.limit_bytes,
                 pids=self._pids(ref.cgroup_path),
+                memory_usage_bytes=memory.usage_bytes,
             )
         return states
 

@@ -45,11 +45,13 @@ class OomEvent:
     memcg_limit_bytes: int | None = None
     memcg_usage_bytes: int | None = None
     reaped_at: float | None = None  # oom:finish_task_reaping / "oom_reaper: reaped process", when seen
-    # Filled in by the store.
+    # Filled in by the source when the kill is seen (kept with the event: the container may be gone soon).
     container_id: str | None = None
     pod_uid: str = ""
     pod_name: str = ""
     namespace: str = ""
+    container_name: str = ""  # as `docker ps`/`podman ps`/`lxc-ls` name it ("" when it had none)
+    runtime: str = ""  # the container's runtime ("" on the host)
     history: tuple = ()  # type: ignore[type-arg]  # the store's pre-kill samples (store.HistoryPoint)
     history_of: str = ""  # whose samples: "container" (cgroup memory usage) or "process" (RSS)
     victim_history: tuple = ()  # type: ignore[type-arg]  # the victim process's own (RSS), when held

@@ -82,7 +82,7 @@ class LiveSource:
         layout = current_layout()
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
         self.memcg_ids = CgroupIdResolver(layout.v1_memory_root)  # v1 ids are directory inodes too
-        self.containers = ContainerWatcher(layout, RuntimeRoots.from_overrides(dict(config.runtime_roots)))
+        self.containers = ContainerWatcher(layout, RuntimeRoots.with_added(config.runtime_roots))
         self.kmalloc = KmallocProbe(
             sample_every=config.sample_every,
             max_pids=config.max_pids,
@@ -161,6 +161,8 @@ class LiveSource:
             pod_uid=ref.pod_uid,
             pod_name=meta.pod_name,
             namespace=meta.namespace,
+            container_name=meta.name,
+            runtime=meta.runtime or ref.runtime,
         )
 
     def tick(self, include_histories: bool = False) -> Snapshot:

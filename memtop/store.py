@@ -106,9 +106,10 @@ class ContainerState:
 
     ref: ContainerRef
     meta: ContainerMeta = ContainerMeta()
-    memory_bytes: int | None = None
-    memory_limit_bytes: int | None = None  # None: unlimited (or unknown)
+    memory_bytes: int | None = None  # working set: usage - inactive file (what `docker stats` shows)
+    memory_limit_bytes: int | None = None  # effective (hierarchical) limit; None: unlimited (or unknown)
     pids: tuple[int, ...] = ()  # processes in its cgroup now (None of the probes needed to see them)
+    memory_usage_bytes: int | None = None  # raw cgroup usage, page cache included
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,14 @@ class ContainerRow:
     kmalloc_calls_per_s: float = 0.0
     kmalloc_bytes: int = 0  # since memtop started, including processes that have exited
     kmalloc_calls: int = 0
-    memory_bytes: int | None = None
-    memory_limit_bytes: int | None = None
+    memory_bytes: int | None = None  # working set = usage - inactive file (kubelet's, `docker stats`')
+    memory_limit_bytes: int | None = None  # the effective limit: its own or an ancestor cgroup's, smallest
     oom_kills: int = 0  # kills of its processes memtop saw (since start, and in the kernel log before)
+    memory_usage_bytes: int | None = None  # the cgroup's raw usage, page cache included
 
     @property
     def short_id(self) -> str:
-        return self.id[:12] if self.runtime != "lxc" else self.id
+        return self.id[:12] if len(self.id) == 64 and not self.id.strip("0123456789abcdef") else self.id
 
     @property
     def label(self) -> str:
@@ -147,6 +149,7 @@ class ContainerRow:
 
     @property
     def memory_pct(self) -> float | None:
+        """Working set against the effective limit, in percent."""
         if self.memory_bytes is None or not self.memory_limit_bytes:
             return None
         return 100.0 * self.memory_bytes / self.memory_limit_bytes
@@ -554,6 +557,7 @@ class Store:
                     memory_bytes=cstate.memory_bytes if cstate else None,
                     memory_limit_bytes=cstate.memory_limit_bytes if cstate else None,
                     oom_kills=kills.get(container_id, 0),
+                    memory_usage_bytes=cstate.memory_usage_bytes if cstate else None,
                 )
             )
         return tuple(rows)
