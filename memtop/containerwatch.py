@@ -25,6 +25,7 @@ from memtop.containers import (
 from memtop.store import ContainerState
 
 SCAN_EVERY_S = 5.0
+STATE_SCAN_EVERY_S = 1.0  # the runtimes' state files (which containers exist where)
 MAX_CGROUP_DIRS = 200_000  # a bound on one walk of the hierarchy
 
 
@@ -35,16 +36,15 @@ class ContainerWatcher:
         self.root = layout.v1_memory_root or layout.v2_root
         self.metadata = MetadataReader(roots or RuntimeRoots())
         self.runtime_cgroups = RuntimeCgroupIndex(self.metadata.roots)
+        self._last_state_scan = 0.0
+        self.refresh_runtime_cgroups()
         self._found: dict[str, ContainerRef] = {}
         self._last_scan = 0.0
 
     def scan(self) -> dict[str, ContainerRef]:
         """Every container cgroup under the root: id -> ref (the outermost dir of each container).
 
-        First the runtimes' state is read for the container cgroups it names (so a path with no runtime
-        marker, such as plain `ctr run`'s `/<namespace>/<id>`, is a container for every panel), then the
-        hierarchy is walked."""
-        set_runtime_cgroups(self.runtime_cgroups.scan())
+        Paths with no runtime marker count when the runtimes' state names them (refresh_runtime_cgroups)."""
         found: dict[str, ContainerRef] = {}
         if self.root is None:
             return found
@@ -67,11 +67,34 @@ class ContainerWatcher:
                 stack.append(path)  # below: sub-cgroups, or containers nested in it (kind, dind)
         return found
 
+    def ref_of(self, cgroup_path: str) -> ContainerRef | None:
+        """The container of a cgroup path, reading the runtimes' state again first when the path is not
+        known yet (a container that started and was OOM-killed since the last read)."""
+        if not cgroup_path:
+            return None
+        ref = parse_cgroup_path(cgroup_path)
+        if ref is None:
+            self._last_state_scan = 0.0
+            self.refresh_runtime_cgroups()
+            ref = parse_cgroup_path(cgroup_path)
+        return ref
+
+    def refresh_runtime_cgroups(self, now: float | None = None) -> None:
+        """Read the runtimes' state for the container cgroups it names, so that a path with no runtime
+        marker (plain `ctr run`'s `/<namespace>/<id>`) is a container for every panel (one stat per
+        container's state file; at most once a second)."""
+        now = time.monotonic() if now is None else now
+        if self._last_state_scan and now - self._last_state_scan < STATE_SCAN_EVERY_S:
+            return
+        self._last_state_scan = now
+        set_runtime_cgroups(self.runtime_cgroups.scan())
+
     def states(
         self, extra: Iterable[ContainerRef] = (), now: float | None = None
     ) -> dict[str, ContainerState]:
         """The containers now, with pids, memory and names; `extra` adds refs seen through processes."""
         now = time.monotonic() if now is None else now
+        self.refresh_runtime_cgroups(now)
         if now - self._last_scan >= SCAN_EVERY_S or not self._last_scan:
             self._found = self.scan()
             self._last_scan = now

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import psutil
 
 from memtop.config import Config
-from memtop.containers import parse_cgroup_path
 from memtop.errors import MemtopError
 from memtop.export import read_snapshot
 from memtop.leaks import LeakRow
@@ -151,7 +150,7 @@ class LiveSource:
 
     def _attribute_oom(self, event: OomEvent) -> OomEvent:
         """The victim's container, pod and names, looked up right away (the container may go soon)."""
-        ref = parse_cgroup_path(event.cgroup_path) if event.cgroup_path else None
+        ref = self.containers.ref_of(event.cgroup_path)
         if ref is None:
             return event
         meta = self.containers.metadata.lookup(ref)

@@ -621,7 +621,10 @@ class Store:
 
 
 def _placement(cgroup: str, ref: ContainerRef | None) -> dict[str, object]:
-    """A process's container id, or for a host process its systemd unit."""
+    """A process's container id, or for a host process its systemd unit. A process placed on the host is
+    looked at again (cached): a container the runtimes' state names may have become known since."""
+    if ref is None and cgroup:
+        ref = parse_cgroup_path(cgroup)
     return {
         "cgroup_path": cgroup,
         "container_id": ref.container_id if ref else None,
