@@ -346,11 +346,14 @@ class Store:
             if ref is None:
                 return
             self._refs[ref.container_id] = ref
-        totals = self._container_totals.setdefault(row.container_id, [0.0, 0.0, 0, 0])
-        totals[0] += bytes_per_s
-        totals[1] += calls_per_s
-        totals[2] += d_bytes
-        totals[3] += d_calls
+        # The container, and any container it is nested in (docker-in-docker, kind): an outer container's
+        # kmalloc counts its inner ones, as its process count and memory (its cgroup subtree) do.
+        for container_id in (row.container_id, *_outer_containers(self._refs[row.container_id].cgroup_path)):
+            totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
+            totals[0] += bytes_per_s
+            totals[1] += calls_per_s
+            totals[2] += d_bytes
+            totals[3] += d_calls
 
     def _state_for(
         self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float
@@ -494,8 +497,25 @@ class Store:
         rows = []
         for row in self.tcp.rows():
             path, container_id = self._place(row.cgroup_id)
-            rows.append(replace(row, cgroup_path=path, container_id=container_id))
+            proc = self._process_of(row.pid)
+            if proc is not None:  # one attribution for every panel: the process's own (v1 memory cgroup too)
+                rows.append(
+                    replace(
+                        row,
+                        cgroup_path=proc.cgroup_path or path,
+                        container_id=proc.container_id,
+                        comm=proc.comm,
+                    )
+                )
+            else:
+                rows.append(replace(row, cgroup_path=path, container_id=container_id))
         return tuple(rows)
+
+    def _process_of(self, pid: int) -> ProcessRow | None:
+        """The process now holding `pid`, as the Processes panel shows it (its name, not a thread's)."""
+        key = self._live_key.get(pid)
+        state = self._states.get(key) if key is not None else None
+        return state.row if state is not None else None
 
     def _tcp_slow(self) -> tuple[SlowConnect, ...]:
         if self.tcp is None:
@@ -503,6 +523,9 @@ class Store:
         slow = []
         for event in self.tcp.slow_connects():
             path, container_id = self._place(event.cgroup_id)
+            proc = self._process_of(event.pid)
+            if proc is not None:
+                path, container_id = proc.cgroup_path or path, proc.container_id
             slow.append(replace(event, cgroup_path=path, container_id=container_id))
         return tuple(slow)
 
@@ -620,6 +643,19 @@ class Store:
         )
 
 
+def _outer_containers(cgroup_path: str) -> tuple[str, ...]:
+    """Ids of the containers a container's cgroup is nested in, innermost first (usually none)."""
+    parts = [p for p in cgroup_path.split("/") if p]
+    out: list[str] = []
+    for n in range(len(parts) - 1, 0, -1):
+        ref = parse_cgroup_path("/" + "/".join(parts[:n]))
+        if ref is None:
+            break
+        if ref.cgroup_path != cgroup_path and ref.container_id not in out:
+            out.append(ref.container_id)
+    return tuple(out)
+
+
 def _placement(cgroup: str, ref: ContainerRef | None) -> dict[str, object]:
     """A process's container id, or for a host process its systemd unit. A process placed on the host is
     looked at again (cached): a container the runtimes' state names may have become known since."""
@@ -710,8 +746,8 @@ def sort_rows(rows: Iterable[R], sort: SortKey, tiebreak: Callable[[R], Any] | N
 
 
 def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
-    """Rows whose command, command line, PID or container contains `text` (case-insensitive);
-    empty text keeps all."""
+    """Rows whose command, command line, PID, container (name or id) or systemd unit contains `text`
+    (case-insensitive); empty text keeps all."""
     needle = text.strip().lower()
     if not needle:
         return list(rows)
@@ -722,6 +758,7 @@ def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
         or needle in r.cmdline.lower()
         or (not r.is_irq and needle in str(r.pid))
         or (r.container_id is not None and needle in f"{r.container.lower()} {r.container_id}")
+        or (r.unit != "" and needle in r.unit.lower())
     ]
 
 
