@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import stat
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -584,10 +585,15 @@ class MetadataReader:
         self._missed: dict[tuple[str, str], float] = {}
         self._index_cache: dict[Path, tuple[tuple[int, int], dict[str, Mapping[str, Any]]]] = {}
         self._files: list[Path] = []  # the state files the read in progress looked at
+        self._lock = threading.Lock()  # the OOM probe's thread looks names up too
 
-    def lookup(self, ref: ContainerRef, now: float | None = None) -> ContainerMeta:
-        """Names for `ref`, or an empty ContainerMeta when the host has none (yet). Never raises."""
-        now = time.monotonic() if now is None else now
+    def lookup(self, ref: ContainerRef, now: float | None = None, fresh: bool = False) -> ContainerMeta:
+        """Names for `ref`, or an empty ContainerMeta when the host has none (yet). Never raises.
+        Thread-safe. `fresh`: a remembered miss is tried again now (an OOM victim's container)."""
+        with self._lock:
+            return self._lookup(ref, time.monotonic() if now is None else now, fresh)
+
+    def _lookup(self, ref: ContainerRef, now: float, fresh: bool) -> ContainerMeta:
         key = (ref.runtime, ref.container_id)
         found = self._found.get(key)
         if found is not None:
@@ -601,7 +607,7 @@ class MetadataReader:
             del self._found[key]  # a state file changed (`docker rename`?): read again
         else:
             missed_at = self._missed.get(key)
-            if missed_at is not None and now - missed_at < self.retry_s:
+            if missed_at is not None and now - missed_at < self.retry_s and not fresh:
                 return EMPTY_META
         self._files = []
         try:

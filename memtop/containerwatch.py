@@ -8,6 +8,7 @@ files. I/O lives here so the store stays pure; no bcc, no textual.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +38,7 @@ class ContainerWatcher:
         self.metadata = MetadataReader(roots or RuntimeRoots())
         self.runtime_cgroups = RuntimeCgroupIndex(self.metadata.roots)
         self._last_state_scan = 0.0
+        self._lock = threading.Lock()
         self.refresh_runtime_cgroups()
         self._found: dict[str, ContainerRef] = {}
         self._last_scan = 0.0
@@ -69,25 +71,39 @@ class ContainerWatcher:
 
     def ref_of(self, cgroup_path: str) -> ContainerRef | None:
         """The container of a cgroup path, reading the runtimes' state again first when the path is not
-        known yet (a container that started and was OOM-killed since the last read)."""
+        known yet (a container that started and was OOM-killed since the last read). Thread-safe."""
         if not cgroup_path:
             return None
         ref = parse_cgroup_path(cgroup_path)
         if ref is None:
-            self._last_state_scan = 0.0
-            self.refresh_runtime_cgroups()
+            self.refresh_runtime_cgroups(force=True)
             ref = parse_cgroup_path(cgroup_path)
         return ref
 
-    def refresh_runtime_cgroups(self, now: float | None = None) -> None:
+    def remember(self, cgroup_path: str) -> None:
+        """Look up (and so cache) the names of the container of `cgroup_path` now, while its state files
+        still exist: for an OOM victim, whose container a runtime may remove at once. Thread-safe."""
+        ref = self.ref_of(cgroup_path)
+        if ref is not None:
+            self.metadata.lookup(ref, fresh=True)
+
+    def remember_new(self, cgroup_path: str) -> None:
+        """A cgroup was just created: if it is a container's own (by its path's runtime marker or the
+        runtimes' state read last), cache its names now (it may live less than a refresh). Thread-safe."""
+        ref = parse_cgroup_path(cgroup_path)
+        if ref is not None and ref.cgroup_path == cgroup_path.rstrip("/"):
+            self.metadata.lookup(ref, fresh=True)
+
+    def refresh_runtime_cgroups(self, now: float | None = None, force: bool = False) -> None:
         """Read the runtimes' state for the container cgroups it names, so that a path with no runtime
         marker (plain `ctr run`'s `/<namespace>/<id>`) is a container for every panel (one stat per
-        container's state file; at most once a second)."""
+        container's state file; at most once a second unless forced). Thread-safe."""
         now = time.monotonic() if now is None else now
-        if self._last_state_scan and now - self._last_state_scan < STATE_SCAN_EVERY_S:
-            return
-        self._last_state_scan = now
-        set_runtime_cgroups(self.runtime_cgroups.scan())
+        with self._lock:
+            if not force and self._last_state_scan and now - self._last_state_scan < STATE_SCAN_EVERY_S:
+                return
+            self._last_state_scan = now
+            set_runtime_cgroups(self.runtime_cgroups.scan())
 
     def states(
         self, extra: Iterable[ContainerRef] = (), now: float | None = None

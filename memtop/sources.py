@@ -90,7 +90,11 @@ class LiveSource:
             v1_memory_root=layout.v1_memory_root,
             resolve_memcg_id=self.memcg_ids.path,
         )
-        self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
+        self.oom = OomProbe(
+            resolve_cgroup_id=self.cgroup_ids.path,
+            on_victim_cgroup=self.containers.remember,
+            on_cgroup_created=self.containers.remember_new,
+        )
         self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
         self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
         self.user_leaks: Probe | None = None  # UserLeakProbe of one process, while asked for

@@ -464,3 +464,50 @@ def test_memtop_snapshot_cli_with_runtime_roots(
         assert item is not None, (runtime, sorted(got))
         assert (item["name"], item["runtime"], item["memory_limit_bytes"]) == (c.name, runtime, LIMIT), item
         assert item["kmalloc_calls"] > 0 and item["memory_usage_bytes"] >= item["memory_bytes"] > 0
+
+
+RM_RUNS = 12  # more than the kernel log prints in 5 s
+
+
+def test_oom_kills_of_containers_run_with_rm_keep_their_names(runtimes: Runtimes, live: Live) -> None:
+    """`docker run --rm` whose process is OOM-killed: the container (and its cgroup and state) is gone a
+    moment later, likely before the next refresh. Each kill still names its own container, also past the
+    kernel log's rate limit."""
+    names = [unique("rt-rm") for _ in range(RM_RUNS)]
+    started = time.time() - 5
+    for name in names:
+        subprocess.run(
+            [
+                *runtimes.docker.cli,
+                "run",
+                "--rm",
+                "--name",
+                name,
+                "--memory",
+                str(OOM_LIMIT),
+                "--memory-swap",
+                str(OOM_LIMIT),
+                "--network",
+                "none",
+                IMAGE,
+                "/bin/memhog",
+                str(4 * OOM_LIMIT // MiB),
+            ],
+            capture_output=True,
+            timeout=120,
+        )
+
+    def check(snap: Snapshot) -> bool:
+        mine = [e for e in snap.oom_events if e.victim_comm == "memhog" and e.time >= started]
+        got = {e.container_name for e in mine}
+        assert set(names) <= got, [
+            (e.container_name, e.container_id, e.constraint, e.cgroup_path) for e in mine
+        ]
+        for e in mine:
+            if e.container_name in names:
+                assert (
+                    e.constraint == "memcg" and e.runtime == "docker" and e.memcg_limit_bytes == OOM_LIMIT
+                ), e
+        return True
+
+    live.wait_for(f"{RM_RUNS} OOM kills, each with its container's name", check, timeout=60)

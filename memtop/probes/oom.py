@@ -99,10 +99,19 @@ class OomProbe(Probe):
         follow_kmsg: bool = True,
         kmsg_path: str = "/dev/kmsg",
         poll_timeout_ms: int = 100,
+        on_victim_cgroup: Callable[[str], None] | None = None,
+        on_cgroup_created: Callable[[str], None] | None = None,
     ) -> None:
-        """resolve_cgroup_id maps a cgroup2 id (the inode of its directory) to its path, "" if unknown."""
+        """resolve_cgroup_id maps a cgroup2 id (the inode of its directory) to its path, "" if unknown.
+        on_victim_cgroup, if given, is called from the probe's thread with each victim's cgroup path the
+        moment the kill is explained: the source looks up the container's names then, before a runtime
+        removes it (`docker run --rm`). on_cgroup_created, likewise, with the path of each cgroup2 directory
+        created (cgroup:cgroup_mkdir): a runtime has written its state by then, and a container that
+        lives less than a refresh is named too."""
         super().__init__()
         self.resolve_cgroup_id = resolve_cgroup_id
+        self.on_victim_cgroup = on_victim_cgroup
+        self.on_cgroup_created = on_cgroup_created
         self.max_tasks = max_tasks
         self.follow_kmsg = follow_kmsg
         self.kmsg_path = kmsg_path
@@ -268,11 +277,17 @@ class OomProbe(Probe):
             oom_score_adj=raw.oom_score_adj if "oom_score_adj" in present else None,
         )
         try:
-            return self._attribute(event, raw)
+            event = self._attribute(event, raw)
         except Exception as exc:
             self.resolve_errors += 1
             log.warning("oom probe: explaining the kill of %d: %s", pid, exc)
             return event
+        if self.on_victim_cgroup is not None and event.cgroup_path:
+            try:
+                self.on_victim_cgroup(event.cgroup_path)
+            except Exception as exc:  # names are a nicety: the kill itself is kept
+                log.warning("oom probe: looking up the container of %d: %s", pid, exc)
+        return event
 
     def _attribute(self, event: OomEvent, raw: _Event) -> OomEvent:
         pid = event.victim_pid
@@ -349,6 +364,8 @@ class OomProbe(Probe):
             path = _comm(bytes(raw.path))
             if raw.kind == KIND_CGROUP and path.startswith("/") and len(path) < CGROUP_PATH_LEN - 1:
                 self._remember_cgroup(raw.id, path)  # (a path that filled the buffer may be cut short)
+                if self.on_cgroup_created is not None:
+                    self.on_cgroup_created(path)
         except Exception as exc:  # pragma: no cover - a callback must never raise into BCC
             log.warning("oom probe cgroup event: %s", exc)
 
