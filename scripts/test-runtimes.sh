@@ -21,7 +21,7 @@ set -euo pipefail
 RUN="${MEMTOP_RT_RUN:-/run/memtop-test-rt}"
 DATA="${MEMTOP_RT_DATA:-/var/lib/memtop-test-rt}"
 PKGS=(docker.io podman containerd runc lxc busybox-static gcc libc6-dev)
-SHARED_CGROUPS="docker libpod_parent lxc.pivot default" # parents our containers' cgroups go in
+SHARED_CGROUPS="docker libpod_parent lxc.pivot default kubepods k8s.io" # parents our containers' cgroups go in
 DOCKER=/usr/bin/docker # Debian's CLI; another `docker` may shadow it on PATH
 
 say() { printf 'test-runtimes: %s\n' "$*" >&2; }

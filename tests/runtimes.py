@@ -5,11 +5,11 @@ Session fixtures (made visible to every test module by tests/conftest.py):
 - `docker_engine`: a working Docker Engine of the tests' own. Yields a `DockerEngine` whose `.cli` is
   `("/usr/bin/docker", "-H", "unix:///run/memtop-test-rt-<pid>/docker.sock")` (Debian's CLI, never another
   `docker` on PATH) and `.host` the `-H` value; `engine.run("ps", "-q")` runs the CLI and returns stdout
-  (raises `subprocess.CalledProcessError` with stderr on failure). Any test module can use it, e.g. to build
-  an image with `engine.run("build", "-t", "x:1", dir)` (no registry is reachable: use `FROM scratch` or
-  `engine.run("import", tarball, "x:1")`; the `runtimes` fixture's `memtop-test:1` image has busybox).
-  Its dockerd runs on the cgroupfs driver with no bridge and no iptables changes; containers need
-  `--network none`.
+  (raises `CommandError`, a `subprocess.CalledProcessError` whose message has stderr). Any test module
+  can use it, e.g. to build an image with `engine.run("build", "-t", "x:1", dir)` (no registry is
+  reachable: use `FROM scratch` or `engine.run("import", tarball, "x:1")`; the `runtimes` fixture's
+  `memtop-test:1` image has busybox). Its dockerd runs on the cgroupfs driver with no bridge and no
+  iptables changes; containers need `--network none`.
 - `runtimes`: everything: `.docker` (the `docker_engine`), `.podman(...)`, `.ctr(...)`, `.lxc_*`, the image
   `memtop-test:1` in all of them (busybox-static plus the static programs in PROGRAMS, compiled here), and
   `.runtime_roots`, the `--runtime-root` pairs memtop needs to find their state.
@@ -41,6 +41,7 @@ IMAGE = "memtop-test:1"
 PODMAN_IMAGE = "localhost/memtop-test:1"
 NEEDED = ("containerd", "dockerd", DOCKER, "ctr", "podman", "lxc-create", "busybox", "runc", "gcc")
 TIMEOUT = 120
+CTR_NAMESPACES = ("default", "k8s.io")  # plain `ctr run`'s, and the CRI plugin's (driven by hand: no kubelet)
 
 # Static test programs put in the image's /bin (C, compiled with gcc -static).
 PROGRAMS = {
@@ -81,12 +82,19 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+class CommandError(subprocess.CalledProcessError):
+    """A runtime command failed; its message has the command's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}: {(self.stderr or '').strip()[-1000:]}"
+
+
 def _run(
     cmd: list[str] | tuple[str, ...], env: dict[str, str] | None = None, timeout: float = TIMEOUT
 ) -> str:
     proc = subprocess.run(list(cmd), capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        raise CommandError(proc.returncode, cmd, proc.stdout, proc.stderr)
     return proc.stdout
 
 
@@ -248,5 +256,6 @@ def runtimes(
     rt.podman("import", "--change", 'CMD ["/bin/sh"]', str(tarball), PODMAN_IMAGE)
     oci = workdir / "oci.tar"
     rt.podman("save", "-q", "--format", "oci-archive", "-o", str(oci), PODMAN_IMAGE)
-    rt.ctr("image", "import", str(oci))
+    for namespace in CTR_NAMESPACES:
+        rt.ctr("image", "import", str(oci), namespace=namespace)
     return rt

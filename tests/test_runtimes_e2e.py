@@ -10,10 +10,14 @@ tests wait for what they expect to appear, with generous deadlines (the CPU is s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +127,7 @@ def exec_in(rt: Runtimes, c: Started, command: str) -> None:
         rt.lxc("attach", c.id, "--", *argv)
 
 
-def remove(rt: Runtimes, c: Started) -> None:
+def remove(rt: Runtimes, c: Started, namespace: str = "default") -> None:
     if c.runtime == "docker":
         subprocess.run([*rt.docker.cli, "rm", "-f", c.id], capture_output=True, timeout=120)
     elif c.runtime == "podman":
@@ -131,7 +135,7 @@ def remove(rt: Runtimes, c: Started) -> None:
             ["podman", "rm", "-f", "-t", "0", c.id], env=rt.podman_env, capture_output=True, timeout=120
         )
     elif c.runtime == "containerd":
-        ctr = ["ctr", "--address", rt.info["containerd_socket"], "-n", "default"]
+        ctr = ["ctr", "--address", rt.info["containerd_socket"], "-n", namespace]
         subprocess.run([*ctr, "task", "kill", "-s", "KILL", c.id], capture_output=True, timeout=60)
         for _ in range(50):
             if (
@@ -511,3 +515,66 @@ def test_oom_kills_of_containers_run_with_rm_keep_their_names(runtimes: Runtimes
         return True
 
     live.wait_for(f"{RM_RUNS} OOM kills, each with its container's name", check, timeout=60)
+
+
+def test_cri_container_through_ctr_with_a_pod_limit(runtimes: Runtimes, live: Live) -> None:
+    """No kubelet here: a container made the way the CRI plugin makes one (namespace k8s.io, a kubepods
+    cgroupfs path, CRI annotations), with the memory limit on its pod's cgroup only. memtop names the
+    container and pod from containerd's state, and shows the pod's limit as the container's (the effective,
+    hierarchical limit; issue #13, fault 7)."""
+    from memtop.cgroups import current_layout
+
+    layout = current_layout()
+    memory_root = Path(layout.v1_memory_root or layout.v2_root or "")
+    pod_uid = str(uuid.uuid4())
+    cid = secrets.token_hex(32)
+    pod = f"kubepods/burstable/pod{pod_uid}"
+    made = [p for p in ("kubepods", "kubepods/burstable") if not (memory_root / p).exists()]
+    (memory_root / pod).mkdir(parents=True)
+    limit_file = "memory.limit_in_bytes" if layout.v1_memory_root else "memory.max"
+    (memory_root / pod / limit_file).write_text(str(48 * MiB))
+    notes = {
+        "io.kubernetes.cri.container-type": "container",
+        "io.kubernetes.cri.container-name": "app",
+        "io.kubernetes.cri.sandbox-name": "web-1",
+        "io.kubernetes.cri.sandbox-namespace": "shop",
+    }
+    c = Started("containerd", cid, "app")
+    try:
+        runtimes.ctr(
+            "run",
+            "-d",
+            "--null-io",
+            "--cgroup",
+            f"/{pod}/{cid}",
+            *[f"--annotation={k}={v}" for k, v in notes.items()],
+            "localhost/memtop-test:1",
+            cid,
+            "/bin/sh",
+            "-c",
+            WORKLOAD,
+            namespace="k8s.io",
+        )
+
+        def check(snap: Snapshot) -> bool:
+            row = row_of(snap, c)
+            assert (row.runtime, row.name, row.pod_name, row.namespace) == (
+                "containerd",
+                "app",
+                "web-1",
+                "shop",
+            ), row
+            assert (row.pod_uid, row.qos) == (pod_uid, "burstable"), row
+            assert row.memory_limit_bytes == 48 * MiB, row.memory_limit_bytes
+            assert workload_pids(row.pids) == ["kload", "kload", "sh"]
+            procs = [p for p in snap.processes if p.container_id == cid and p.comm == "kload"]
+            assert procs and all(p.container == "app" for p in procs)
+            return True
+
+        live.wait_for("the CRI-made container with its pod", check)
+    finally:
+        remove(runtimes, c, namespace="k8s.io")
+        for hierarchy in [memory_root.parent / h for h in os.listdir(memory_root.parent)] + [memory_root]:
+            for rel in (f"{pod}/{cid}", pod, *reversed(made)):
+                with contextlib.suppress(OSError):
+                    (hierarchy / rel).rmdir()
