@@ -26,6 +26,7 @@ from memtop.containers import (
 from memtop.store import ContainerState
 
 SCAN_EVERY_S = 5.0
+MAX_REMEMBERED = 1024
 STATE_SCAN_EVERY_S = 1.0  # the runtimes' state files (which containers exist where)
 MAX_CGROUP_DIRS = 200_000  # a bound on one walk of the hierarchy
 
@@ -39,6 +40,7 @@ class ContainerWatcher:
         self.runtime_cgroups = RuntimeCgroupIndex(self.metadata.roots)
         self._last_state_scan = 0.0
         self._lock = threading.Lock()
+        self._remembered: dict[str, ContainerRef] = {}  # OOM victims' container cgroups, by path
         self.refresh_runtime_cgroups()
         self._found: dict[str, ContainerRef] = {}
         self._last_scan = 0.0
@@ -77,7 +79,7 @@ class ContainerWatcher:
         ref = parse_cgroup_path(cgroup_path)
         if ref is None:
             self.refresh_runtime_cgroups(force=True)
-            ref = parse_cgroup_path(cgroup_path)
+            ref = parse_cgroup_path(cgroup_path) or self._remembered.get(cgroup_path)
         return ref
 
     def remember(self, cgroup_path: str) -> None:
@@ -86,6 +88,11 @@ class ContainerWatcher:
         ref = self.ref_of(cgroup_path)
         if ref is not None:
             self.metadata.lookup(ref, fresh=True)
+            with self._lock:  # known after the runtime removed it (`ctr run --rm`: no marker in its path)
+                self._remembered.pop(cgroup_path, None)
+                self._remembered[cgroup_path] = ref
+                while len(self._remembered) > MAX_REMEMBERED:
+                    del self._remembered[next(iter(self._remembered))]
 
     def remember_new(self, cgroup_path: str) -> None:
         """A cgroup was just created: if it is a container's own (by its path's runtime marker or the

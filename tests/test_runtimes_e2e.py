@@ -578,3 +578,39 @@ def test_cri_container_through_ctr_with_a_pod_limit(runtimes: Runtimes, live: Li
             for rel in (f"{pod}/{cid}", pod, *reversed(made)):
                 with contextlib.suppress(OSError):
                     (hierarchy / rel).rmdir()
+
+
+def test_oom_kill_in_a_ctr_run_rm_container_keeps_its_name(runtimes: Runtimes, live: Live) -> None:
+    """`ctr run --rm`: no runtime marker in its cgroup path, and its task state is gone a moment after the
+    kill; the kill still belongs to the container, by name."""
+    name = unique("rt-ctr-rm")
+    started = time.time() - 5
+    subprocess.run(
+        [
+            "ctr",
+            "--address",
+            runtimes.info["containerd_socket"],
+            "-n",
+            "default",
+            "run",
+            "--rm",
+            "--null-io",
+            "--memory-limit",
+            str(OOM_LIMIT),
+            "localhost/memtop-test:1",
+            name,
+            "/bin/memhog",
+            str(4 * OOM_LIMIT // MiB),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+
+    def check(snap: Snapshot) -> bool:
+        mine = [e for e in snap.oom_events if e.victim_comm == "memhog" and e.time >= started]
+        event = next((e for e in mine if e.container_id == name), None)
+        assert event is not None, [(e.container_id, e.container_name, e.cgroup_path) for e in mine]
+        assert (event.container_name, event.runtime, event.constraint) == (name, "containerd", "memcg"), event
+        return True
+
+    live.wait_for("the kill in the removed ctr container", check)
