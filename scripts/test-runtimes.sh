@@ -20,7 +20,7 @@ set -euo pipefail
 
 RUN="${MEMTOP_RT_RUN:-/run/memtop-test-rt}"
 DATA="${MEMTOP_RT_DATA:-/var/lib/memtop-test-rt}"
-PKGS=(docker.io podman containerd runc lxc busybox-static gcc libc6-dev)
+PKGS=(docker.io podman containerd runc containernetworking-plugins lxc busybox-static gcc libc6-dev)
 SHARED_CGROUPS="docker libpod_parent lxc.pivot default kubepods k8s.io" # parents our containers' cgroups go in
 DOCKER=/usr/bin/docker # Debian's CLI; another `docker` may shadow it on PATH
 
@@ -39,17 +39,18 @@ install() {
     fi
     # Debian's postinst scripts would start dockerd/containerd on their default sockets: forbid it while apt
     # runs (policy-rc.d exit 101 = "action not allowed"), and put back whatever was there before.
-    local policy=/usr/sbin/policy-rc.d ours=0
+    local policy=/usr/sbin/policy-rc.d ours=0 rc=0
     if [[ ! -e $policy ]]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy"
         chmod +x "$policy"
         ours=1
     fi
-    trap '((ours)) && rm -f /usr/sbin/policy-rc.d' RETURN
     say "install: apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } || rc=$?
+    if ((ours)); then rm -f "$policy"; fi
+    ((rc == 0)) || die "apt-get failed (exit $rc)"
+    say "install: done"
 }
 
 alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
