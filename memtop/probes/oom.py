@@ -135,7 +135,8 @@ class OomProbe(Probe):
         self._v1_memory = False
         self._tracker = MemcgOomTracker(None, False)
         self._known_paths: dict[int, str] = {}  # cgroup2 id -> path, from cgroup_mkdir and /proc at start
-        # Where each victim's cgroup came from: "current", "task_map", "kmsg", "proc", "trigger", "none".
+        # Where each victim's cgroup came from: "current", "task_map", "kmsg", "proc", "memcg_counters",
+        # "trigger", "none".
         self.attributed_by: dict[str, int] = {}
 
     # -- set-up ------------------------------------------------------------------------------------------
@@ -317,10 +318,17 @@ class OomProbe(Probe):
         if raw.trigger_cgroup_id:  # a guess of last resort: the victim's own is unknown
             candidates.append(("trigger", self._cgroup_path(raw.trigger_cgroup_id)))
         source, cgroup_path = next(((s, c) for s, c in candidates if c), ("none", ""))
-        self.attributed_by[source] = self.attributed_by.get(source, 0) + 1
         memcg_of_victim = cgroup_path
         if self._v1_memory:
             memcg_of_victim = from_log or (from_id if id_is_memcg else "") or proc_memory or cgroup_path
+            if memcg_of_victim in ("", "/"):
+                # Nothing named the victim's memory cgroup (no log line: past the kernel log's rate limit;
+                # a v1-only runtime's process sits at the cgroup2 root): the one whose own OOM kill count
+                # grew is its.
+                by_counters = self._tracker.victim_by_counters()
+                if by_counters:
+                    source, cgroup_path, memcg_of_victim = "memcg_counters", by_counters, by_counters
+        self.attributed_by[source] = self.attributed_by.get(source, 0) + 1
         cause = self._tracker.cause(memcg_of_victim)  # always: it also remembers counters for next time
         constraint, memcg_path = cause.constraint, cause.memcg_path
         limit, usage = cause.memcg_limit_bytes, cause.memcg_usage_bytes
