@@ -935,3 +935,24 @@ def test_ctr_container_without_runtime_marker_is_found_from_containerd_state(tmp
     finally:
         set_runtime_cgroups({})
     assert parse_cgroup_path("/default/web1") is None
+
+
+def test_container_details_show_working_set_and_raw_usage() -> None:
+    from rich.console import Console
+
+    from memtop.screens.container import container_details
+    from memtop.store import ContainerRow
+
+    row = ContainerRow(
+        id=ID,
+        runtime="docker",
+        cgroup_path=f"/docker/{ID}",
+        name="web",
+        memory_bytes=3 << 20,
+        memory_limit_bytes=64 << 20,
+        memory_usage_bytes=43 << 20,
+    )
+    console = Console(width=200, record=True)
+    console.print(container_details(row, ID))
+    text = console.export_text()
+    assert "3.0 MiB" in text and "working set" in text and "43.0 MiB" in text and "4.7%" in text, text
