@@ -28,7 +28,7 @@ from memtop.config import Config
 from memtop.export import snapshot_to_dict
 from memtop.oom import read_kmsg_backlog
 from memtop.sources import LiveSource
-from memtop.store import ContainerRow, Snapshot
+from memtop.store import ContainerRow, Snapshot, filter_containers, filter_rows
 
 from .runtimes import IMAGE, PODMAN_IMAGE, REPO, Runtimes, unique
 
@@ -253,6 +253,9 @@ def test_container_name_id_runtime_limit_and_processes(
     snap = live.wait_for(f"{runtime} container with its name, limit and processes", check)
     label = row_of(snap, c).label
     assert label == c.name
+    # the filters find it by the name its runtime's own CLI shows
+    assert [r.id for r in filter_containers(snap.containers, c.name)] == [c.id]
+    assert "kload" in {p.comm for p in filter_rows(snap.processes, c.name) if not p.exited}
     if runtime == "containerd":  # plain `ctr run`: a cgroup path with no runtime marker (/default/<id>)
         assert row_of(snap, c).cgroup_path == f"/default/{c.id}"
 
