@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint screenshots bench clean venv-exists
+.PHONY: setup run test test-runtimes lint screenshots bench clean venv-exists
 
 setup:
 	bash scripts/setup.sh
@@ -14,8 +14,13 @@ setup:
 run: setup
 	$(VENV)/bin/memtop $(ARGS)
 
-test: setup
+test: setup test-runtimes
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# TEST-ONLY: the container runtimes the end-to-end container tests run (docker.io podman containerd lxc
+# busybox-static from apt; a no-op once installed). `run`, `setup` and `bench` never install them.
+test-runtimes:
+	bash scripts/test-runtimes.sh install
 
 # lint and screenshots need no root: they only need a venv that `sudo make setup` made once.
 venv-exists:

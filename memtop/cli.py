@@ -90,7 +90,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="RUNTIME=DIR",
-        help="where a container runtime keeps its state files, for container names "
+        help="another directory where a container runtime keeps its state, searched before the defaults "
         f"(RUNTIME: {', '.join(RUNTIME_ROOT_NAMES)}; repeatable)",
     )
     parser.add_argument(

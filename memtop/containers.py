@@ -39,10 +39,11 @@ import contextlib
 import json
 import os
 import stat
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,8 @@ class ContainerRef:
 
     @property
     def short_id(self) -> str:
-        """What `docker ps` shows: the first 12 hex digits (an LXC name is already short)."""
-        return self.container_id if self.runtime == "lxc" else self.container_id[:12]
+        """What `docker ps` shows: the first 12 hex digits (an LXC name or a `ctr run` id as it is)."""
+        return self.container_id[:12] if is_container_id(self.container_id) else self.container_id
 
 
 def is_container_id(text: str) -> bool:
@@ -190,16 +191,43 @@ def _components(path: str) -> list[str] | None:
     return parts
 
 
+# Container cgroups the runtimes' own state names (cgroup path -> ref), for paths with no runtime marker
+# such as plain `ctr run`'s `/<namespace>/<id>`. Set by the live source from `RuntimeCgroupIndex`.
+_runtime_cgroups: dict[str, ContainerRef] = {}
+_runtime_generation = 0  # bumped whenever that set changes: placements made before may be stale
+
+
+def runtime_cgroups_generation() -> int:
+    """Changes whenever the set of runtime-named container cgroups does (callers re-place their rows)."""
+    return _runtime_generation
+
+
+def set_runtime_cgroups(refs: Mapping[str, ContainerRef]) -> None:
+    """Make `parse_cgroup_path` (every panel's attribution) also recognise these container cgroups, found in
+    the runtimes' state (path -> ref). A path's runtime marker, where it has one, still decides first."""
+    global _runtime_cgroups, _runtime_generation
+    fresh = {path.rstrip("/") or "/": ref for path, ref in refs.items()}
+    if fresh != _runtime_cgroups:
+        _runtime_cgroups = fresh
+        _runtime_generation += 1
+        _parse_cached.cache_clear()
+
+
 def _parse_cgroup_path(path: str) -> ContainerRef | None:
     parts = _components(path)
     if not parts:
         return None
+    known = _runtime_cgroups
     for i in range(len(parts) - 1, -1, -1):
         found = _container_at(parts, i)
         if found is not None:
             runtime, container_id, pod = found
             uid, qos = pod if pod is not None else ("", "")
             return ContainerRef(runtime, container_id, "/" + "/".join(parts[: i + 1]), uid, qos)
+        if known:
+            ref = known.get("/" + "/".join(parts[: i + 1]))
+            if ref is not None:
+                return ref
     return None
 
 
@@ -301,29 +329,73 @@ class ContainerMeta:
 EMPTY_META = ContainerMeta()
 
 
+_STORAGE = Path("/var/lib/containers/storage")
+
+
 @dataclass(frozen=True)
 class RuntimeRoots:
-    """Where each runtime keeps its per-container state; configurable so tests can use fixture trees."""
+    """Where each runtime keeps its per-container state, searched in order (the first that has a container
+    wins). `with_added` puts a user's directories before the defaults; `only` (tests, fixture trees) uses
+    nothing else."""
 
-    docker: Path = Path("/var/lib/docker/containers")  # <id>/config.v2.json
-    containerd: Path = Path("/run/containerd/io.containerd.runtime.v2.task")  # <namespace>/<id>/config.json
-    crio: Path = Path("/var/lib/containers/storage/overlay-containers")  # <id>/userdata/config.json
-    podman: Path = Path("/var/lib/containers/storage/overlay-containers")  # + containers.json for names
-    lxc: Path = Path("/var/lib/lxc")  # <name>/config
+    docker: tuple[Path, ...] = (Path("/var/lib/docker/containers"),)  # <id>/config.v2.json
+    containerd: tuple[Path, ...] = (  # <namespace>/<id>/config.json
+        Path("/run/containerd/io.containerd.runtime.v2.task"),
+        Path("/run/docker/containerd/daemon/io.containerd.runtime.v2.task"),  # dockerd's own containerd
+    )
+    crio: tuple[Path, ...] = (_STORAGE / "overlay-containers",)  # <id>/userdata/config.json
+    # + containers.json for names; vfs-containers/ when the overlay driver is unavailable
+    podman: tuple[Path, ...] = (_STORAGE / "overlay-containers", _STORAGE / "vfs-containers")
+    lxc: tuple[Path, ...] = (Path("/var/lib/lxc"),)  # <name>/config
 
     @classmethod
-    def from_overrides(cls, overrides: Mapping[str, str]) -> RuntimeRoots:
-        """Defaults with some roots replaced, e.g. {"docker": "/srv/docker/containers"}."""
-        known = [f.name for f in fields(cls)]
-        values: dict[str, Path] = {}
-        for key, value in overrides.items():
+    def with_added(cls, pairs: Mapping[str, str] | Iterable[tuple[str, str]]) -> RuntimeRoots:
+        """The defaults, with each (runtime, directory) searched before them, e.g. ("docker", "/srv/docker").
+
+        A directory may be the runtime's own state root (/srv/docker, a containers/storage graph root, a
+        containerd state dir) or the per-container directory inside it (.../containers,
+        .../overlay-containers, .../io.containerd.runtime.v2.task). Raises MemtopError (one line) for an
+        unknown runtime or an empty directory.
+        """
+        added = cls._parse(pairs)
+        base = cls()
+        return cls(**{name: (*added.get(name, ()), *getattr(base, name)) for name in _ROOT_FIELDS})
+
+    @classmethod
+    def only(cls, pairs: Mapping[str, str] | Iterable[tuple[str, str]]) -> RuntimeRoots:
+        """Just these directories (no defaults): for fixture trees."""
+        added = cls._parse(pairs)
+        return cls(**{name: added.get(name, ()) for name in _ROOT_FIELDS})
+
+    @staticmethod
+    def _parse(pairs: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, tuple[Path, ...]]:
+        items = pairs.items() if isinstance(pairs, Mapping) else pairs
+        out: dict[str, tuple[Path, ...]] = {}
+        for key, value in items:
             field = "crio" if key == "cri-o" else key
-            if field not in known:
-                raise MemtopError(f"unknown container runtime {key!r} (expected one of: {', '.join(known)})")
+            if field not in _ROOT_FIELDS:
+                raise MemtopError(
+                    f"unknown container runtime {key!r} (expected one of: {', '.join(_ROOT_FIELDS)})"
+                )
             if not value:
                 raise MemtopError(f"empty state directory for container runtime {key!r}")
-            values[field] = Path(value)
-        return cls(**values)
+            out[field] = (*out.get(field, ()), *_expand_root(field, Path(value)))
+        return out
+
+
+def _expand_root(field: str, root: Path) -> tuple[Path, ...]:
+    """A runtime's state root -> the per-container directories inside it (or `root` itself)."""
+    inner = {
+        "docker": ("containers",),
+        "containerd": ("io.containerd.runtime.v2.task",),
+        "crio": ("overlay-containers", "vfs-containers"),
+        "podman": ("overlay-containers", "vfs-containers"),
+    }.get(field, ())
+    found = tuple(root / name for name in inner if (root / name).is_dir())
+    return found or (root,)
+
+
+_ROOT_FIELDS = tuple(f.name for f in fields(RuntimeRoots))
 
 
 def _read_capped(path: Path, cap: int) -> bytes | None:
@@ -478,32 +550,73 @@ def _lxc_meta(config: bytes, name: str) -> ContainerMeta:
     return ContainerMeta(name=name, image=image, runtime="lxc")
 
 
+_Signature = tuple[tuple[str, int, int] | None, ...]
+
+
+@dataclass
+class _Known:
+    meta: ContainerMeta
+    files: tuple[Path, ...]  # the state files the names came from
+    signature: _Signature  # their (path, mtime_ns, size) when read
+    checked_at: float
+
+
+def _signature(files: Iterable[Path]) -> _Signature:
+    out: list[tuple[str, int, int] | None] = []
+    for path in files:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):
+            out.append(None)
+            continue
+        out.append((str(path), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
 class MetadataReader:
     """Names for containers from runtime state files, cached per container id.
 
     A miss (no state file yet, unreadable, corrupt) is remembered for `retry_s` seconds and then tried
-    again, since a container seen in its first moments may not have its state written yet.
+    again, since a container seen in its first moments may not have its state written yet. A hit is
+    checked again every `recheck_s` seconds: one stat of each state file it came from, and a re-read when
+    one changed (`docker rename` rewrites config.v2.json, `podman rename` containers.json).
     """
 
-    def __init__(self, roots: RuntimeRoots = RuntimeRoots(), retry_s: float = 30.0) -> None:
+    def __init__(
+        self, roots: RuntimeRoots = RuntimeRoots(), retry_s: float = 30.0, recheck_s: float = 2.0
+    ) -> None:
         self.roots = roots
         self.retry_s = retry_s
-        self._found: OrderedDict[tuple[str, str], ContainerMeta] = OrderedDict()
+        self.recheck_s = recheck_s
+        self._found: OrderedDict[tuple[str, str], _Known] = OrderedDict()
         self._missed: dict[tuple[str, str], float] = {}
-        self._index_cache: tuple[tuple[int, int], dict[str, Mapping[str, Any]]] | None = None
-        self._index_path: Path | None = None
+        self._index_cache: dict[Path, tuple[tuple[int, int], dict[str, Mapping[str, Any]]]] = {}
+        self._files: list[Path] = []  # the state files the read in progress looked at
+        self._lock = threading.Lock()  # the OOM probe's thread looks names up too
 
-    def lookup(self, ref: ContainerRef, now: float | None = None) -> ContainerMeta:
-        """Names for `ref`, or an empty ContainerMeta when the host has none (yet). Never raises."""
-        now = time.monotonic() if now is None else now
+    def lookup(self, ref: ContainerRef, now: float | None = None, fresh: bool = False) -> ContainerMeta:
+        """Names for `ref`, or an empty ContainerMeta when the host has none (yet). Never raises.
+        Thread-safe. `fresh`: a remembered miss is tried again now (an OOM victim's container)."""
+        with self._lock:
+            return self._lookup(ref, time.monotonic() if now is None else now, fresh)
+
+    def _lookup(self, ref: ContainerRef, now: float, fresh: bool) -> ContainerMeta:
         key = (ref.runtime, ref.container_id)
         found = self._found.get(key)
         if found is not None:
             self._found.move_to_end(key)  # least recently seen containers are evicted first
-            return found
-        missed_at = self._missed.get(key)
-        if missed_at is not None and now - missed_at < self.retry_s:
-            return EMPTY_META
+            if now - found.checked_at < self.recheck_s:
+                return found.meta
+            found.checked_at = now
+            signature = _signature(found.files)
+            if signature == found.signature or None in signature:
+                return found.meta  # unchanged, or being removed: the names it had stay
+            del self._found[key]  # a state file changed (`docker rename`?): read again
+        else:
+            missed_at = self._missed.get(key)
+            if missed_at is not None and now - missed_at < self.retry_s and not fresh:
+                return EMPTY_META
+        self._files = []
         try:
             meta = self._read(ref)
         except Exception:  # a bad state file must never take the collector down
@@ -515,7 +628,8 @@ class MetadataReader:
                 self._missed.pop(next(iter(self._missed)))
             return EMPTY_META
         self._missed.pop(key, None)
-        self._found[key] = meta
+        files = tuple(dict.fromkeys(self._files))
+        self._found[key] = _Known(meta, files, _signature(files), now)
         if len(self._found) > MAX_CACHED_META:
             self._found.popitem(last=False)
         return meta
@@ -526,12 +640,20 @@ class MetadataReader:
             self._found.pop(key, None)
             self._missed.pop(key, None)
 
+    def _json(self, path: Path, cap: int = MAX_STATE_FILE_BYTES) -> Any:
+        loaded = _read_json(path, cap)
+        if loaded is not None:
+            self._files.append(path)
+        return loaded
+
     def _read(self, ref: ContainerRef) -> ContainerMeta | None:
         if ref.runtime == "lxc":
             return self._read_lxc(ref.container_id)
-        if not is_container_id(ref.container_id):
-            return None
         cid = ref.container_id
+        if ref.runtime == "containerd" and is_safe_lxc_name(cid) and not is_container_id(cid):
+            return self._read_containerd(cid)  # `ctr run` takes any name as the id
+        if not is_container_id(cid):
+            return None
         readers = {
             "docker": (self._read_docker,),
             "containerd": (self._read_containerd,),
@@ -546,29 +668,22 @@ class MetadataReader:
         return None
 
     def _read_docker(self, cid: str) -> ContainerMeta | None:
-        return _docker_meta(_read_json(self.roots.docker / cid / "config.v2.json"))
-
-    def _read_containerd(self, cid: str) -> ContainerMeta | None:
-        for namespace in self._containerd_namespaces():
-            path = self.roots.containerd / namespace / cid / "config.json"
-            spec = _read_json(path)
-            if spec is not None:
-                return _containerd_meta(spec)
+        for root in self.roots.docker:
+            meta = _docker_meta(self._json(root / cid / "config.v2.json"))
+            if meta is not None:
+                return meta
         return None
 
-    def _containerd_namespaces(self) -> Iterator[str]:
-        """k8s.io first (the CRI plugin's), then moby (Docker >= 23), then the rest, sorted."""
-        try:
-            with os.scandir(self.roots.containerd) as entries:
-                names = sorted(
-                    e.name for e in entries if is_safe_lxc_name(e.name) and e.is_dir(follow_symlinks=False)
-                )
-        except (OSError, ValueError):
-            return
-        names = names[:MAX_CONTAINERD_NAMESPACES]
-        preferred = [n for n in ("k8s.io", "moby") if n in names]
-        yield from preferred
-        yield from (n for n in names if n not in preferred)
+    def _read_containerd(self, cid: str) -> ContainerMeta | None:
+        for root in self.roots.containerd:
+            for namespace in containerd_namespaces(root):
+                spec = self._json(root / namespace / cid / "config.json")
+                if spec is not None:
+                    meta = _containerd_meta(spec)
+                    if meta is not None and not meta.name and not is_container_id(cid):
+                        meta = replace(meta, name=cid)  # plain `ctr run`: the id is the name `ctr c ls` shows
+                    return meta
+        return None
 
     def _storage_index(self, root: Path) -> dict[str, Mapping[str, Any]]:
         """containers/storage's containers.json by id, re-read only when the file changes."""
@@ -577,21 +692,28 @@ class MetadataReader:
             st = os.stat(path)
         except (OSError, ValueError):
             return {}
+        self._files.append(path)
         signature = (st.st_mtime_ns, st.st_size)
-        if self._index_cache is not None and self._index_path == path and self._index_cache[0] == signature:
-            return self._index_cache[1]
+        cached = self._index_cache.get(path)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         loaded = _read_json(path, MAX_INDEX_FILE_BYTES)
         index: dict[str, Mapping[str, Any]] = {}
         if isinstance(loaded, list):
             for entry in loaded:
                 if isinstance(entry, dict) and isinstance(entry.get("id"), str):
                     index[entry["id"]] = entry
-        self._index_cache, self._index_path = (signature, index), path
+        self._index_cache[path] = (signature, index)
         return index
 
-    def _read_storage(self, root: Path, cid: str) -> ContainerMeta | None:
-        spec = _read_json(root / cid / "userdata" / "config.json")
-        return _storage_meta(spec, self._storage_index(root).get(cid))
+    def _read_storage(self, roots: tuple[Path, ...], cid: str) -> ContainerMeta | None:
+        for root in roots:
+            entry = self._storage_index(root).get(cid)
+            spec = self._json(root / cid / "userdata" / "config.json")
+            if spec is None and entry is None:
+                continue
+            return _storage_meta(spec, entry)
+        return None
 
     def _read_crio(self, cid: str) -> ContainerMeta | None:
         return self._read_storage(self.roots.crio, cid)
@@ -602,8 +724,96 @@ class MetadataReader:
     def _read_lxc(self, name: str) -> ContainerMeta | None:
         if not is_safe_lxc_name(name):
             return None
-        config = _read_capped(self.roots.lxc / name / "config", MAX_STATE_FILE_BYTES)
-        return _lxc_meta(config, name) if config is not None else None
+        for root in self.roots.lxc:
+            config = _read_capped(root / name / "config", MAX_STATE_FILE_BYTES)
+            if config is not None:
+                self._files.append(root / name / "config")
+                return _lxc_meta(config, name)
+        return None
+
+
+def containerd_namespaces(root: Path) -> list[str]:
+    """The namespaces under a containerd task root: k8s.io first (the CRI plugin's), then moby (Docker
+    >= 23), then the rest, sorted; at most MAX_CONTAINERD_NAMESPACES."""
+    try:
+        with os.scandir(root) as entries:
+            names = sorted(
+                e.name for e in entries if is_safe_lxc_name(e.name) and e.is_dir(follow_symlinks=False)
+            )
+    except (OSError, ValueError):
+        return []
+    names = names[:MAX_CONTAINERD_NAMESPACES]
+    preferred = [n for n in ("k8s.io", "moby") if n in names]
+    return preferred + [n for n in names if n not in preferred]
+
+
+class RuntimeCgroupIndex:
+    """The container cgroups the runtimes' own state says exist, whatever their paths look like.
+
+    containerd's task bundles (`<root>/<namespace>/<id>/config.json`, one per running task: plain `ctr run`,
+    nerdctl, Docker's `moby` namespace, the CRI plugin's `k8s.io`) and containers/storage's
+    `<id>/userdata/config.json` (Podman, CRI-O) are OCI specs whose `linux.cgroupsPath` is the container's
+    cgroup. Only absolute paths (the cgroupfs drivers') are taken: a systemd `slice:prefix:id` path always
+    carries its runtime's marker. Each spec is re-read only when its (mtime, size) changes.
+    """
+
+    def __init__(self, roots: RuntimeRoots) -> None:
+        self.roots = roots
+        self._specs: dict[Path, tuple[tuple[int, int], str]] = {}
+
+    def scan(self) -> dict[str, ContainerRef]:
+        """cgroup path -> ref of every container found now. Never raises."""
+        found: dict[str, ContainerRef] = {}
+        seen: set[Path] = set()
+        for root in self.roots.containerd:
+            for namespace in containerd_namespaces(root):
+                for cid in _safe_subdirs(root / namespace):
+                    spec = root / namespace / cid / "config.json"
+                    seen.add(spec)
+                    path = self._cgroups_path(spec)
+                    if path:
+                        runtime = "docker" if namespace == "moby" else "containerd"
+                        found.setdefault(path, ContainerRef(runtime, cid, path))
+        for runtime, roots in (("podman", self.roots.podman), ("cri-o", self.roots.crio)):
+            for root in roots:
+                for cid in _safe_subdirs(root):
+                    spec = root / cid / "userdata" / "config.json"
+                    if not is_container_id(cid) or spec in seen:
+                        continue
+                    seen.add(spec)
+                    path = self._cgroups_path(spec)
+                    if path:
+                        found.setdefault(path, ContainerRef(runtime, cid, path))
+        for gone in [p for p in self._specs if p not in seen]:
+            del self._specs[gone]
+        return found
+
+    def _cgroups_path(self, spec: Path) -> str:
+        try:
+            st = os.stat(spec)
+        except (OSError, ValueError):
+            return ""
+        signature = (st.st_mtime_ns, st.st_size)
+        cached = self._specs.get(spec)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        loaded = _read_json(spec)
+        linux = loaded.get("linux") if isinstance(loaded, dict) else None
+        path = _str(linux.get("cgroupsPath")) if isinstance(linux, dict) else ""
+        parts = _components(path) if path.startswith("/") else None
+        path = "/" + "/".join(parts) if parts else ""
+        self._specs[spec] = (signature, path)
+        return path
+
+
+def _safe_subdirs(directory: Path, limit: int = MAX_CACHED_META) -> list[str]:
+    try:
+        with os.scandir(directory) as entries:
+            return [e.name for e in entries if is_safe_lxc_name(e.name) and e.is_dir(follow_symlinks=False)][
+                :limit
+            ]
+    except (OSError, ValueError):
+        return []
 
 
 # -- a cgroup's memory ------------------------------------------------------------------------------
@@ -613,8 +823,11 @@ V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE 
 
 @dataclass(frozen=True)
 class CgroupMemory:
-    usage_bytes: int | None
-    limit_bytes: int | None  # None = unlimited (or unknown when usage is None too)
+    """A cgroup's memory as the memory controller reports it (bytes; None where unknown or unlimited)."""
+
+    usage_bytes: int | None  # raw usage, page cache included (v1 memory.usage_in_bytes, v2 memory.current)
+    limit_bytes: int | None  # the effective limit: the smallest of its own and its ancestors'; None = none
+    working_set_bytes: int | None = None  # usage - inactive_file, as kubelet and `docker stats` report it
 
 
 def _cgroup_dir(cgroup_path: str, layout: CgroupLayout) -> tuple[Path, bool] | None:
@@ -644,25 +857,54 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
+def _stat_fields(text: str | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+def _v2_limit(directory: Path, root: Path) -> int | None:
+    """The smallest memory.max from `directory` up to (not including) the root: the effective limit."""
+    limit: int | None = None
+    while directory != root and root in directory.parents:
+        text = _read_small(directory / "memory.max")
+        if text is not None and text.strip().isdigit():
+            value = int(text.strip())
+            limit = value if limit is None else min(limit, value)
+        directory = directory.parent
+    return limit
+
+
 def read_cgroup_memory(cgroup_path: str, layout: CgroupLayout) -> CgroupMemory:
-    """Usage and limit: v1 memory.usage_in_bytes / limit_in_bytes, else v2 memory.current / memory.max."""
+    """Usage, working set and effective limit of a cgroup.
+
+    v1: memory.usage_in_bytes, memory.stat's `total_inactive_file` and `hierarchical_memory_limit` (the
+    smallest limit of the cgroup and its ancestors). v2: memory.current, memory.stat's `inactive_file`, and
+    the smallest memory.max of the cgroup and its ancestors. Working set = usage - inactive file (never
+    below 0): what kubelet and `docker stats` show, and what the OOM killer effectively competes for.
+    """
     where = _cgroup_dir(cgroup_path, layout)
     if where is None:
         return CgroupMemory(None, None)
     directory, is_v1 = where
+    stat = _stat_fields(_read_small(directory / "memory.stat"))
     if is_v1:
         usage = _read_int(directory / "memory.usage_in_bytes")
-        limit = _read_int(directory / "memory.limit_in_bytes")
-        return CgroupMemory(usage, limit if limit is not None and limit < V1_UNLIMITED else None)
-    usage = _read_int(directory / "memory.current")
-    max_text = _read_small(directory / "memory.max")
-    limit = None
-    if max_text is not None and max_text.strip() != "max":
-        try:
-            limit = int(max_text.strip())
-        except ValueError:
-            limit = None
-    return CgroupMemory(usage, limit)
+        limit = stat.get("hierarchical_memory_limit")
+        if limit is None:
+            limit = _read_int(directory / "memory.limit_in_bytes")
+        inactive = stat.get("total_inactive_file")
+        limit = limit if limit is not None and limit < V1_UNLIMITED else None
+    else:
+        usage = _read_int(directory / "memory.current")
+        assert layout.v2_root is not None
+        limit = _v2_limit(directory, Path(layout.v2_root))
+        inactive = stat.get("inactive_file")
+    working_set = None if usage is None else max(0, usage - (inactive or 0))
+    return CgroupMemory(usage, limit, working_set)
 
 
 # -- cgroup2 id -> path ----------------------------------------------------------------------------

@@ -77,6 +77,7 @@ CONTAINER_FIELDS = (
     "kmalloc_bytes",
     "kmalloc_calls",
     "oom_kills",
+    "memory_usage_bytes",
 )
 
 
@@ -106,6 +107,8 @@ OOM_FIELDS = (
     "uid",
     "reaped_at",
     "history_of",
+    "container_name",
+    "runtime",
 )
 _OOM_INT_FIELDS = {
     "victim_pid",
@@ -462,6 +465,7 @@ def _container_from_dict(item: Mapping[str, Any], i: int) -> ContainerRow:
         memory_bytes=_int(item.get("memory_bytes"), f"{where}.memory_bytes", optional=True),
         memory_limit_bytes=_int(item.get("memory_limit_bytes"), f"{where}.memory_limit_bytes", optional=True),
         oom_kills=_int(item.get("oom_kills", 0), f"{where}.oom_kills") or 0,
+        memory_usage_bytes=_int(item.get("memory_usage_bytes"), f"{where}.memory_usage_bytes", optional=True),
     )
 
 

@@ -45,11 +45,13 @@ class OomEvent:
     memcg_limit_bytes: int | None = None
     memcg_usage_bytes: int | None = None
     reaped_at: float | None = None  # oom:finish_task_reaping / "oom_reaper: reaped process", when seen
-    # Filled in by the store.
+    # Filled in by the source when the kill is seen (kept with the event: the container may be gone soon).
     container_id: str | None = None
     pod_uid: str = ""
     pod_name: str = ""
     namespace: str = ""
+    container_name: str = ""  # as `docker ps`/`podman ps`/`lxc-ls` name it ("" when it had none)
+    runtime: str = ""  # the container's runtime ("" on the host)
     history: tuple = ()  # type: ignore[type-arg]  # the store's pre-kill samples (store.HistoryPoint)
     history_of: str = ""  # whose samples: "container" (cgroup memory usage) or "process" (RSS)
     victim_history: tuple = ()  # type: ignore[type-arg]  # the victim process's own (RSS), when held
@@ -617,6 +619,7 @@ class MemcgOomTracker:
         self.v1 = v1
         self._seen: dict[str, MemcgState] = {}
         self._last_memcg: tuple[float, OomCause] | None = None
+        self._oom_kills: dict[str, int] = {}  # v1: each memory cgroup's own oom_kill count, last read
 
     def directory(self, path: str) -> Path | None:
         if self.memory_root is None:
@@ -649,6 +652,48 @@ class MemcgOomTracker:
         self._seen[path] = state
         while len(self._seen) > self.MAX_REMEMBERED:
             del self._seen[next(iter(self._seen))]
+        if self.v1 and state.oom_kill is not None:
+            self._oom_kills[path] = state.oom_kill
+
+    def victim_by_counters(self, max_cgroups: int = MAX_REMEMBERED) -> str:
+        """cgroup v1: the memory cgroup whose own oom_kill count grew since it was last read, "" if none.
+
+        The kernel counts every OOM kill in the victim's own memory cgroup (memory.oom_control `oom_kill`;
+        v1 does not propagate it upwards), whether or not its log line was printed. So when nothing else
+        names the victim's cgroup (no log line past the log's rate limit, a victim gone from /proc, a
+        cgroup2 path that is the root because the runtime used only v1 hierarchies), the cgroup whose count
+        grew is the victim's. Grown from a known count beats first seen with kills; then the deepest. Walks
+        the memory hierarchy (bounded): for the rare kill nothing else placed.
+        """
+        if self.memory_root is None or not self.v1:
+            return ""
+        grew: list[str] = []
+        first_seen: list[str] = []
+        n = 0
+        for dirpath, _dirnames, _files in os.walk(self.memory_root):
+            if n >= max_cgroups:
+                break
+            rel = os.path.relpath(dirpath, self.memory_root)
+            if rel == ".":
+                continue
+            n += 1
+            count = _read_keyed(Path(dirpath) / "memory.oom_control").get("oom_kill")
+            if count is None:
+                continue
+            path = "/" + rel.replace(os.sep, "/")
+            before = self._oom_kills.get(path)
+            if before is None and path in self._seen:
+                before = self._seen[path].oom_kill
+            self._oom_kills[path] = count
+            if before is None:
+                if count > 0:
+                    first_seen.append(path)
+            elif count > before:
+                grew.append(path)
+        while len(self._oom_kills) > self.MAX_REMEMBERED:
+            del self._oom_kills[next(iter(self._oom_kills))]
+        found = grew or first_seen
+        return max(found, key=lambda p: p.count("/")) if found else ""
 
     def cause(self, victim_memcg: str, now: float | None = None) -> OomCause:
         """Why a victim in memory cgroup `victim_memcg` was killed (read right when the kill is seen).

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import psutil
 
 from memtop.config import Config
-from memtop.containers import parse_cgroup_path
 from memtop.errors import MemtopError
 from memtop.export import read_snapshot
 from memtop.leaks import LeakRow
@@ -86,7 +85,7 @@ class LiveSource:
         layout = current_layout()
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
         self.memcg_ids = CgroupIdResolver(layout.v1_memory_root)  # v1 ids are directory inodes too
-        self.containers = ContainerWatcher(layout, RuntimeRoots.from_overrides(dict(config.runtime_roots)))
+        self.containers = ContainerWatcher(layout, RuntimeRoots.with_added(config.runtime_roots))
         # The kernel leak programs are compiled into the kmalloc probe's object (one program per
         # tracepoint); the leak probe falls back to its own object when that fails.
         self.leaks = KernelLeakProbe(sample_every=config.leak_sample, page_level=config.leak_pages)
@@ -99,7 +98,11 @@ class LiveSource:
             resolve_memcg_id=self.memcg_ids.path,
             leaks=self.leaks,
         )
-        self.oom = OomProbe(resolve_cgroup_id=self.cgroup_ids.path)
+        self.oom = OomProbe(
+            resolve_cgroup_id=self.cgroup_ids.path,
+            on_victim_cgroup=self.containers.remember,
+            on_cgroup_created=self.containers.remember_new,
+        )
         self.tcp = TcpProbe(slow_ms=config.tcp_slow_ms)
         self.user_leaks: Probe | None = None  # UserLeakProbe of one process, while asked for
         self.probes: list[Probe] = [self.kmalloc, self.oom, self.tcp, self.leaks]
@@ -219,7 +222,7 @@ class LiveSource:
 
     def _attribute_oom(self, event: OomEvent) -> OomEvent:
         """The victim's container, pod and names, looked up right away (the container may go soon)."""
-        ref = parse_cgroup_path(event.cgroup_path) if event.cgroup_path else None
+        ref = self.containers.ref_of(event.cgroup_path)
         if ref is None:
             return event
         meta = self.containers.metadata.lookup(ref)
@@ -229,6 +232,8 @@ class LiveSource:
             pod_uid=ref.pod_uid,
             pod_name=meta.pod_name,
             namespace=meta.namespace,
+            container_name=meta.name,
+            runtime=meta.runtime or ref.runtime,
         )
 
     def tick(self, include_histories: bool = False) -> Snapshot:

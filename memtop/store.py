@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, TypeVar
 
-from memtop.containers import ContainerMeta, ContainerRef, host_unit, parse_cgroup_path
+from memtop.containers import (
+    ContainerMeta,
+    ContainerRef,
+    host_unit,
+    parse_cgroup_path,
+    runtime_cgroups_generation,
+)
 from memtop.leaks import KIND_USER, LeakReading, LeakRow, LeakTracker
 from memtop.model import (
     IRQ_COMM,
@@ -112,9 +118,10 @@ class ContainerState:
 
     ref: ContainerRef
     meta: ContainerMeta = ContainerMeta()
-    memory_bytes: int | None = None
-    memory_limit_bytes: int | None = None  # None: unlimited (or unknown)
+    memory_bytes: int | None = None  # working set: usage - inactive file (what `docker stats` shows)
+    memory_limit_bytes: int | None = None  # effective (hierarchical) limit; None: unlimited (or unknown)
     pids: tuple[int, ...] = ()  # processes in its cgroup now (None of the probes needed to see them)
+    memory_usage_bytes: int | None = None  # raw cgroup usage, page cache included
 
 
 @dataclass(frozen=True)
@@ -135,13 +142,14 @@ class ContainerRow:
     kmalloc_calls_per_s: float = 0.0
     kmalloc_bytes: int = 0  # since memtop started, including processes that have exited
     kmalloc_calls: int = 0
-    memory_bytes: int | None = None
-    memory_limit_bytes: int | None = None
+    memory_bytes: int | None = None  # working set = usage - inactive file (kubelet's, `docker stats`')
+    memory_limit_bytes: int | None = None  # the effective limit: its own or an ancestor cgroup's, smallest
     oom_kills: int = 0  # kills of its processes memtop saw (since start, and in the kernel log before)
+    memory_usage_bytes: int | None = None  # the cgroup's raw usage, page cache included
 
     @property
     def short_id(self) -> str:
-        return self.id[:12] if self.runtime != "lxc" else self.id
+        return self.id[:12] if len(self.id) == 64 and not self.id.strip("0123456789abcdef") else self.id
 
     @property
     def label(self) -> str:
@@ -153,6 +161,7 @@ class ContainerRow:
 
     @property
     def memory_pct(self) -> float | None:
+        """Working set against the effective limit, in percent."""
         if self.memory_bytes is None or not self.memory_limit_bytes:
             return None
         return 100.0 * self.memory_bytes / self.memory_limit_bytes
@@ -303,6 +312,7 @@ class Store:
         self.kmalloc_since: float | None = started_at
         self._last_kmalloc: float = started_at
         self._kmalloc_baseline: dict[int, KmallocCounters] = {}  # tgid -> counts before the window
+        self._placed_generation = runtime_cgroups_generation()  # rows placed against this container set
         self._totals = (0.0, 0.0)
         self._sample_every = 1
         self._drops: dict[str, int] = {}
@@ -375,6 +385,11 @@ class Store:
         # but the rows that changed.
         rate = 1.0 / elapsed if elapsed > 0 else 0.0
         live_key, states = self._live_key, self._states
+        generation = runtime_cgroups_generation()
+        if generation != self._placed_generation:  # the runtimes named new containers: place rows again
+            self._placed_generation = generation
+            for state in states.values():
+                state.info = None
         for tgid in per_tgid.keys() | procs.keys():
             counters = per_tgid.get(tgid, _NO_COUNTERS)
             info = procs.get(tgid)
@@ -454,11 +469,14 @@ class Store:
             if ref is None:
                 return
             self._refs[ref.container_id] = ref
-        totals = self._container_totals.setdefault(row.container_id, [0.0, 0.0, 0, 0])
-        totals[0] += bytes_per_s
-        totals[1] += calls_per_s
-        totals[2] += d_bytes
-        totals[3] += d_calls
+        # The container, and any container it is nested in (docker-in-docker, kind): an outer container's
+        # kmalloc counts its inner ones, as its process count and memory (its cgroup subtree) do.
+        for container_id in (row.container_id, *_outer_containers(self._refs[row.container_id].cgroup_path)):
+            totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
+            totals[0] += bytes_per_s
+            totals[1] += calls_per_s
+            totals[2] += d_bytes
+            totals[3] += d_calls
 
     def _state_for(
         self, tgid: int, counters: KmallocCounters, info: ProcInfo | None, now: float
@@ -605,8 +623,25 @@ class Store:
         rows = []
         for row in self.tcp.rows():
             path, container_id = self._place(row.cgroup_id)
-            rows.append(replace(row, cgroup_path=path, container_id=container_id))
+            proc = self._process_of(row.pid)
+            if proc is not None:  # one attribution for every panel: the process's own (v1 memory cgroup too)
+                rows.append(
+                    replace(
+                        row,
+                        cgroup_path=proc.cgroup_path or path,
+                        container_id=proc.container_id,
+                        comm=proc.comm,
+                    )
+                )
+            else:
+                rows.append(replace(row, cgroup_path=path, container_id=container_id))
         return tuple(rows)
+
+    def _process_of(self, pid: int) -> ProcessRow | None:
+        """The process now holding `pid`, as the Processes panel shows it (its name, not a thread's)."""
+        key = self._live_key.get(pid)
+        state = self._states.get(key) if key is not None else None
+        return state.row if state is not None else None
 
     def _tcp_slow(self) -> tuple[SlowConnect, ...]:
         if self.tcp is None:
@@ -614,6 +649,9 @@ class Store:
         slow = []
         for event in self.tcp.slow_connects():
             path, container_id = self._place(event.cgroup_id)
+            proc = self._process_of(event.pid)
+            if proc is not None:
+                path, container_id = proc.cgroup_path or path, proc.container_id
             slow.append(replace(event, cgroup_path=path, container_id=container_id))
         return tuple(slow)
 
@@ -668,6 +706,7 @@ class Store:
                     memory_bytes=cstate.memory_bytes if cstate else None,
                     memory_limit_bytes=cstate.memory_limit_bytes if cstate else None,
                     oom_kills=kills.get(container_id, 0),
+                    memory_usage_bytes=cstate.memory_usage_bytes if cstate else None,
                 )
             )
         return tuple(rows)
@@ -737,8 +776,24 @@ def _evolve(row: ProcessRow, changes: Mapping[str, object]) -> ProcessRow:
     return new
 
 
+def _outer_containers(cgroup_path: str) -> tuple[str, ...]:
+    """Ids of the containers a container's cgroup is nested in, innermost first (usually none)."""
+    parts = [p for p in cgroup_path.split("/") if p]
+    out: list[str] = []
+    for n in range(len(parts) - 1, 0, -1):
+        ref = parse_cgroup_path("/" + "/".join(parts[:n]))
+        if ref is None:
+            break
+        if ref.cgroup_path != cgroup_path and ref.container_id not in out:
+            out.append(ref.container_id)
+    return tuple(out)
+
+
 def _placement(cgroup: str, ref: ContainerRef | None) -> dict[str, object]:
-    """A process's container id, or for a host process its systemd unit."""
+    """A process's container id, or for a host process its systemd unit. A process placed on the host is
+    looked at again (cached): a container the runtimes' state names may have become known since."""
+    if ref is None and cgroup:
+        ref = parse_cgroup_path(cgroup)
     return {
         "cgroup_path": cgroup,
         "container_id": ref.container_id if ref else None,
@@ -838,8 +893,8 @@ def _pid_of(row: Any) -> Any:
 
 
 def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
-    """Rows whose command, command line, PID or container contains `text` (case-insensitive);
-    empty text keeps all."""
+    """Rows whose command, command line, PID, container (name or id) or systemd unit contains `text`
+    (case-insensitive); empty text keeps all."""
     needle = text.strip().lower()
     if not needle:
         return list(rows)
@@ -850,6 +905,7 @@ def filter_rows(rows: Iterable[ProcessRow], text: str) -> list[ProcessRow]:
         or needle in r.cmdline.lower()
         or (not r.is_irq and needle in str(r.pid))
         or (r.container_id is not None and needle in f"{r.container.lower()} {r.container_id}")
+        or (r.unit != "" and needle in r.unit.lower())
     ]
 
 

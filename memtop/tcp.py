@@ -423,9 +423,17 @@ def _common(values: Iterable[Any], mixed: Any) -> Any:
     return distinct.pop() if len(distinct) == 1 else mixed
 
 
+def endpoint(family: int, daddr: str, dport: int) -> tuple[int, str, int]:
+    """(family, address, port) with an IPv4-mapped IPv6 address (::ffff:a.b.c.d, a dual-stack socket's
+    connect to an IPv4 peer) as the IPv4 endpoint it is, so both group together."""
+    if family == 6 and daddr.startswith("::ffff:") and daddr.count(".") == 3:
+        return 4, daddr[len("::ffff:") :], dport
+    return family, daddr, dport
+
+
 def _group_key(row: TcpRow, by: str) -> tuple[Any, ...]:
     if by == "destination":
-        return (row.family, row.daddr, row.dport)
+        return endpoint(row.family, row.daddr, row.dport)
     if by == "process":
         return (row.pid,)
     return (row.container_id,)
@@ -454,7 +462,7 @@ def _merge(rows: list[TcpRow]) -> TcpRow:
     histogram = merge_histograms(*(r.histogram for r in rows))
     interval_histogram = merge_histograms(*(r.interval_histogram for r in rows))
     max_us = max(r.max_us for r in rows)
-    destinations = {(r.family, r.daddr, r.dport) for r in rows}
+    destinations = {endpoint(r.family, r.daddr, r.dport) for r in rows}
     family, daddr, dport = destinations.pop() if len(destinations) == 1 else (0, "", 0)
     slow_times = [r.last_slow_at for r in rows if r.last_slow_at is not None]
     return TcpRow(

@@ -58,3 +58,7 @@ def _bpf_required_but_missing() -> None:
 @pytest.fixture
 def replay_path() -> Path:
     return REPLAY
+
+
+# Real container runtimes (session fixtures: docker_engine, runtimes); see tests/runtimes.py.
+from .runtimes import docker_engine, runtime_daemons, runtimes  # noqa: E402, F401

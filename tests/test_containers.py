@@ -3,6 +3,7 @@ tests/data/runtimes shaped like the real ones), cgroup memory files and cgroup2 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from memtop.containers import (
     ContainerMeta,
     ContainerRef,
     MetadataReader,
+    RuntimeCgroupIndex,
     RuntimeRoots,
     container_of_proc_cgroup,
     host_unit,
@@ -26,6 +28,7 @@ from memtop.containers import (
     parse_k8s_name,
     read_cgroup_memory,
     scan_cgroup_ids,
+    set_runtime_cgroups,
 )
 from memtop.errors import MemtopError
 
@@ -435,20 +438,33 @@ def test_misc_helpers() -> None:
 # -- runtime roots ------------------------------------------------------------------------------------
 
 
-def test_runtime_roots_overrides() -> None:
-    roots = RuntimeRoots.from_overrides({"docker": "/srv/docker/containers", "cri-o": "/srv/crio"})
-    assert roots.docker == Path("/srv/docker/containers")
-    assert roots.crio == Path("/srv/crio")
+def test_runtime_root_adds_to_the_defaults_and_comes_first(tmp_path: Path) -> None:
+    """--runtime-root docker=DIR searched before the default, not instead of it (issue #13, fault 8)."""
+    roots = RuntimeRoots.with_added([("docker", "/srv/docker/containers"), ("cri-o", "/srv/crio")])
+    assert roots.docker == (Path("/srv/docker/containers"), Path("/var/lib/docker/containers"))
+    assert roots.crio[0] == Path("/srv/crio") and roots.crio[1:] == RuntimeRoots().crio
     assert roots.lxc == RuntimeRoots().lxc
-    assert RuntimeRoots.from_overrides({}) == RuntimeRoots()
+    assert RuntimeRoots.with_added({}) == RuntimeRoots()
+    twice = RuntimeRoots.with_added([("lxc", "/a"), ("lxc", "/b")])
+    assert twice.lxc == (Path("/a"), Path("/b"), Path("/var/lib/lxc"))
+    # A state root is taken down to the per-container directories inside it.
+    (tmp_path / "containers").mkdir()
+    (tmp_path / "vfs-containers").mkdir()
+    assert RuntimeRoots.only({"docker": str(tmp_path)}).docker == (tmp_path / "containers",)
+    assert RuntimeRoots.only({"podman": str(tmp_path)}).podman == (tmp_path / "vfs-containers",)
+
+
+def test_podman_vfs_storage_is_looked_at_by_default() -> None:
+    assert Path("/var/lib/containers/storage/vfs-containers") in RuntimeRoots().podman
+    assert Path("/var/lib/containers/storage/overlay-containers") in RuntimeRoots().podman
 
 
 def test_runtime_roots_unknown_key_is_one_line_error() -> None:
     with pytest.raises(MemtopError) as err:
-        RuntimeRoots.from_overrides({"rkt": "/var/lib/rkt"})
+        RuntimeRoots.with_added({"rkt": "/var/lib/rkt"})
     assert "\n" not in str(err.value) and "rkt" in str(err.value)
     with pytest.raises(MemtopError):
-        RuntimeRoots.from_overrides({"docker": ""})
+        RuntimeRoots.only({"docker": ""})
 
 
 # -- metadata from fixture trees ----------------------------------------------------------------------
@@ -468,7 +484,7 @@ MISSING = "0" * 64
 
 def fixture_roots(base: Path = RUNTIMES_DATA) -> RuntimeRoots:
     storage = str(base / "containers-storage" / "overlay-containers")
-    return RuntimeRoots.from_overrides(
+    return RuntimeRoots.only(
         {
             "docker": str(base / "docker" / "containers"),
             "containerd": str(base / "containerd" / "io.containerd.runtime.v2.task"),
@@ -566,7 +582,7 @@ def test_metadata_missing_corrupt_and_wrong_runtime_are_empty() -> None:
 
 
 def test_metadata_with_default_roots_on_a_host_without_runtimes_is_empty(tmp_path: Path) -> None:
-    roots = RuntimeRoots.from_overrides(
+    roots = RuntimeRoots.only(
         {k: str(tmp_path / k) for k in ("docker", "containerd", "crio", "podman", "lxc")}
     )
     reader = MetadataReader(roots)
@@ -592,8 +608,8 @@ def test_metadata_with_default_roots_on_a_host_without_runtimes_is_empty(tmp_pat
 def test_metadata_never_follows_unvalidated_ids(runtime: str, evil: str) -> None:
     roots = fixture_roots()
     # The files are there: joining the id unvalidated would reach them.
-    assert (roots.docker / "../../secret/config.v2.json").is_file()
-    assert (roots.lxc / "../secret/config").is_file()
+    assert (roots.docker[0] / "../../secret/config.v2.json").is_file()
+    assert (roots.lxc[0] / "../secret/config").is_file()
     assert MetadataReader(roots).lookup(ContainerRef(runtime, evil, "/x"), now=0.0) == ContainerMeta()
 
 
@@ -612,7 +628,7 @@ def test_metadata_fifo_in_place_of_a_state_file_does_not_block(tmp_path: Path) -
     cid_dir = tmp_path / "docker" / MISSING
     cid_dir.mkdir(parents=True)
     os.mkfifo(cid_dir / "config.v2.json")
-    reader = MetadataReader(RuntimeRoots.from_overrides({"docker": str(tmp_path / "docker")}))
+    reader = MetadataReader(RuntimeRoots.only({"docker": str(tmp_path / "docker")}))
     assert reader.lookup(ref("docker", MISSING), now=0.0) == ContainerMeta()
 
 
@@ -626,7 +642,7 @@ def test_metadata_json_of_the_wrong_shape_is_empty_or_partial(tmp_path: Path) ->
     ]:
         (docker / cid).mkdir(parents=True)
         (docker / cid / "config.v2.json").write_text(text)
-    reader = MetadataReader(RuntimeRoots.from_overrides({"docker": str(docker)}))
+    reader = MetadataReader(RuntimeRoots.only({"docker": str(docker)}))
     assert reader.lookup(ref("docker", "1" * 64), now=0.0) == ContainerMeta()
     assert reader.lookup(ref("docker", "2" * 64), now=0.0) == ContainerMeta(runtime="docker")
     assert reader.lookup(ref("docker", "3" * 64), now=0.0) == ContainerMeta(name="ok", runtime="docker")
@@ -636,7 +652,7 @@ def test_metadata_json_of_the_wrong_shape_is_empty_or_partial(tmp_path: Path) ->
 def test_metadata_miss_is_retried_after_retry_s(tmp_path: Path) -> None:
     docker = tmp_path / "docker"
     docker.mkdir()
-    reader = MetadataReader(RuntimeRoots.from_overrides({"docker": str(docker)}), retry_s=30.0)
+    reader = MetadataReader(RuntimeRoots.only({"docker": str(docker)}), retry_s=30.0)
     web = ref("docker", DOCKER_WEB)
     assert reader.lookup(web, now=100.0) == ContainerMeta()
     # the container's state appears just after its first sighting
@@ -654,7 +670,7 @@ def test_metadata_miss_is_retried_after_retry_s(tmp_path: Path) -> None:
 def test_metadata_storage_index_is_reread_when_it_changes(tmp_path: Path) -> None:
     storage = tmp_path / "storage"
     shutil.copytree(RUNTIMES_DATA / "containers-storage" / "overlay-containers", storage)
-    reader = MetadataReader(RuntimeRoots.from_overrides({"podman": str(storage)}), retry_s=0.0)
+    reader = MetadataReader(RuntimeRoots.only({"podman": str(storage)}), retry_s=0.0)
     assert reader.lookup(ref("podman", MISSING), now=0.0) == ContainerMeta()
     index = storage / "containers.json"
     index.write_text(index.read_text()[:-2] + ',{"id":"' + MISSING + '","names":["late"],"metadata":"{}"}]\n')
@@ -686,16 +702,45 @@ def make_v2(tmp_path: Path, rel: str, current: str, maximum: str, events: str | 
 
 def test_read_cgroup_memory_v1(tmp_path: Path) -> None:
     layout = make_v1(tmp_path, f"docker/{ID}", "123456\n", "268435456\n")
-    assert read_cgroup_memory(f"/docker/{ID}", layout) == CgroupMemory(123456, 268435456)
+    assert read_cgroup_memory(f"/docker/{ID}", layout) == CgroupMemory(123456, 268435456, 123456)
     layout = make_v1(tmp_path, "unlimited", "42\n", "9223372036854771712\n")
-    assert read_cgroup_memory("/unlimited", layout) == CgroupMemory(42, None)
+    assert read_cgroup_memory("/unlimited", layout) == CgroupMemory(42, None, 42)
 
 
 def test_read_cgroup_memory_v2(tmp_path: Path) -> None:
     layout = make_v2(tmp_path, f"system.slice/docker-{ID}.scope", "8192\n", "1048576\n")
-    assert read_cgroup_memory(f"/system.slice/docker-{ID}.scope", layout) == CgroupMemory(8192, 1048576)
+    assert read_cgroup_memory(f"/system.slice/docker-{ID}.scope", layout) == CgroupMemory(8192, 1048576, 8192)
     layout = make_v2(tmp_path, "free", "4096\n", "max\n")
-    assert read_cgroup_memory("/free", layout) == CgroupMemory(4096, None)
+    assert read_cgroup_memory("/free", layout) == CgroupMemory(4096, None, 4096)
+
+
+def test_working_set_is_usage_minus_inactive_file(tmp_path: Path) -> None:
+    """41.4 MiB of usage after a 40 MiB file write is a 1.4 MiB working set, as `docker stats` says
+    (issue #13, fault 7): v1 memory.stat total_inactive_file, v2 inactive_file."""
+    mib = 1 << 20
+    layout = make_v1(tmp_path, f"docker/{ID}", f"{int(41.4 * mib)}\n", f"{64 * mib}\n")
+    stat = f"cache {40 * mib}\ninactive_file {mib}\ntotal_inactive_file {40 * mib}\n"
+    (tmp_path / "memory" / "docker" / ID / "memory.stat").write_text(stat)
+    got = read_cgroup_memory(f"/docker/{ID}", layout)
+    assert got.usage_bytes == int(41.4 * mib) and got.working_set_bytes == int(41.4 * mib) - 40 * mib
+    layout = make_v2(tmp_path, "c", f"{10 * mib}\n", "max\n")
+    (tmp_path / "cg2" / "c" / "memory.stat").write_text(f"anon {mib}\ninactive_file {12 * mib}\n")
+    assert read_cgroup_memory("/c", layout).working_set_bytes == 0  # never below zero
+
+
+def test_limit_set_on_a_parent_is_the_effective_limit(tmp_path: Path) -> None:
+    """A container whose limit is on a parent cgroup shows that limit, not "none" (issue #13, fault 7)."""
+    layout = make_v2(tmp_path, "pod", "0\n", "33554432\n")
+    make_v2(tmp_path, f"pod/{ID}", "4096\n", "max\n")
+    make_v2(tmp_path, f"pod/{ID}/inner", "4096\n", "67108864\n")
+    assert read_cgroup_memory(f"/pod/{ID}", layout).limit_bytes == 32 << 20
+    assert read_cgroup_memory(f"/pod/{ID}/inner", layout).limit_bytes == 32 << 20  # the smallest
+    layout = make_v1(tmp_path, f"kubepods/{ID}", "4096\n", "9223372036854771712\n")
+    stat = tmp_path / "memory" / "kubepods" / ID / "memory.stat"
+    stat.write_text("cache 0\nhierarchical_memory_limit 50331648\ntotal_inactive_file 0\n")
+    assert read_cgroup_memory(f"/kubepods/{ID}", layout).limit_bytes == 48 << 20
+    stat.write_text("hierarchical_memory_limit 9223372036854771712\n")
+    assert read_cgroup_memory(f"/kubepods/{ID}", layout).limit_bytes is None
 
 
 def test_read_cgroup_memory_unreadable_or_bad(tmp_path: Path) -> None:
@@ -823,3 +868,91 @@ DOCKER_ID = "a" * 64
 )
 def test_kernel_cgroup_path_prefers_a_container(memory: str, unified: str, expected: str) -> None:
     assert kernel_cgroup_path(memory, unified) == expected
+
+
+def test_metadata_rename_is_seen_without_restart(tmp_path: Path) -> None:
+    """`docker rename` rewrites config.v2.json: the new name shows within recheck_s (issue #13, fault 2)."""
+    docker = tmp_path / "docker"
+    shutil.copytree(RUNTIMES_DATA / "docker" / "containers" / DOCKER_WEB, docker / DOCKER_WEB)
+    reader = MetadataReader(RuntimeRoots.only({"docker": str(docker)}), recheck_s=2.0)
+    web = ref("docker", DOCKER_WEB)
+    assert reader.lookup(web, now=10.0).name == "web"
+    config = docker / DOCKER_WEB / "config.v2.json"
+    doc = json.loads(config.read_text())
+    doc["Name"] = "/web-renamed"
+    config.write_text(json.dumps(doc))
+    os.utime(config, ns=(1, 1))  # a different mtime even on a coarse clock
+    assert reader.lookup(web, now=11.0).name == "web"  # not re-checked within recheck_s
+    assert reader.lookup(web, now=12.0).name == "web-renamed"
+    config.unlink()  # removed with its container: the last names stay
+    assert reader.lookup(web, now=20.0).name == "web-renamed"
+
+
+def test_podman_rename_through_the_storage_index(tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    shutil.copytree(RUNTIMES_DATA / "containers-storage" / "overlay-containers", storage)
+    reader = MetadataReader(RuntimeRoots.only({"podman": str(storage)}), recheck_s=0.0)
+    before = reader.lookup(ref("podman", PODMAN_DB), now=0.0).name
+    index = storage / "containers.json"
+    index.write_text(index.read_text().replace(f'"{before}"', '"db-renamed"'))
+    os.utime(index, ns=(1, 1))
+    assert before and reader.lookup(ref("podman", PODMAN_DB), now=1.0).name == "db-renamed"
+
+
+def test_ctr_container_without_runtime_marker_is_found_from_containerd_state(tmp_path: Path) -> None:
+    """Plain `ctr run` puts a container at /<namespace>/<id>: only containerd's task directory says it is
+    one (issue #13, fault 1). Every panel's attribution (parse_cgroup_path) then sees it."""
+    task = tmp_path / "containerd" / "default" / "web1"
+    task.mkdir(parents=True)
+    (task / "config.json").write_text(
+        json.dumps({"ociVersion": "1.0.2", "linux": {"cgroupsPath": "/default/web1"}})
+    )
+    moby = tmp_path / "containerd" / "moby" / ID
+    moby.mkdir(parents=True)
+    (moby / "config.json").write_text(json.dumps({"linux": {"cgroupsPath": f"/custom-parent/{ID}"}}))
+    systemd = tmp_path / "containerd" / "k8s.io" / ("e" * 64)
+    systemd.mkdir(parents=True)
+    (systemd / "config.json").write_text(
+        json.dumps({"linux": {"cgroupsPath": f"kubepods.slice:cri-containerd:{'e' * 64}"}})
+    )
+    roots = RuntimeRoots.only({"containerd": str(tmp_path / "containerd")})
+    assert parse_cgroup_path("/default/web1") is None  # no marker in the path
+    found = RuntimeCgroupIndex(roots).scan()
+    assert set(found) == {"/default/web1", f"/custom-parent/{ID}"}
+    try:
+        set_runtime_cgroups(found)
+        web1 = parse_cgroup_path("/default/web1/sub")
+        assert web1 == ContainerRef("containerd", "web1", "/default/web1")
+        assert web1.short_id == "web1"
+        assert parse_cgroup_path(f"/custom-parent/{ID}") == ContainerRef("docker", ID, f"/custom-parent/{ID}")
+        assert parse_cgroup_path("/default") is None and parse_cgroup_path("/default/web2") is None
+        # a marker inside still wins (docker in a ctr container)
+        assert parse_cgroup_path(f"/default/web1/docker/{ID}") == ContainerRef(
+            "docker", ID, f"/default/web1/docker/{ID}"
+        )
+        meta = MetadataReader(roots).lookup(web1, now=0.0)
+        assert meta.name == "web1" and meta.runtime == "containerd"
+    finally:
+        set_runtime_cgroups({})
+    assert parse_cgroup_path("/default/web1") is None
+
+
+def test_container_details_show_working_set_and_raw_usage() -> None:
+    from rich.console import Console
+
+    from memtop.screens.container import container_details
+    from memtop.store import ContainerRow
+
+    row = ContainerRow(
+        id=ID,
+        runtime="docker",
+        cgroup_path=f"/docker/{ID}",
+        name="web",
+        memory_bytes=3 << 20,
+        memory_limit_bytes=64 << 20,
+        memory_usage_bytes=43 << 20,
+    )
+    console = Console(width=200, record=True)
+    console.print(container_details(row, ID))
+    text = console.export_text()
+    assert "3.0 MiB" in text and "working set" in text and "43.0 MiB" in text and "4.7%" in text, text

@@ -581,3 +581,22 @@ def test_probe_v1_only_container_is_named_by_the_kernel_log_not_the_cgroup2_root
     (ev,) = probe.read().events
     assert ev.cgroup_path == f"/t/docker/{container}" and probe.attributed_by == {"kmsg": 1}
     assert ev.constraint == "memcg" and ev.memcg_path == f"/t/docker/{container}"
+
+
+def test_v1_victim_by_counters_is_the_cgroup_whose_own_oom_kill_grew(tmp_path: Path) -> None:
+    """No log line and no cgroup from the kernel or /proc: the memory cgroup whose own oom_kill count grew
+    is the victim's (issue #13, fault 6); each kill is counted once."""
+    t, tracker = v1_tree(tmp_path)
+    assert tracker.victim_by_counters() == ""  # nothing grew since prime
+    t.set("/docker/a", oom_kill=1, peak=64 * MiB)
+    assert tracker.victim_by_counters() == "/docker/a"
+    assert tracker.victim_by_counters() == ""  # that kill was counted
+    t.set("/docker/a", oom_kill=2)
+    assert tracker.cause("/docker/a").memcg_path == "/docker/a"  # the cause's read is remembered too
+    assert tracker.victim_by_counters() == ""
+    t.set("/docker/a", oom_kill=3)
+    t.set("/new", oom_kill=4)  # first seen, with kills: only when no known count grew
+    assert tracker.victim_by_counters() == "/docker/a"
+    t.set("/late/x", oom_kill=1)
+    assert tracker.victim_by_counters() == "/late/x"
+    assert MemcgOomTracker(str(tmp_path), v1=False).victim_by_counters() == ""

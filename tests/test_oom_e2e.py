@@ -309,3 +309,28 @@ def test_close_detaches_and_stops_the_thread() -> None:
     assert not any(t.name == "memtop-oom" for t in threading.enumerate())
     probe.close()  # twice is fine
     assert probe.read().events == ()
+
+
+V1_ONLY_KILLS = 6
+
+
+def test_v1_only_kills_without_log_lines_are_placed_by_the_memory_cgroups_counters(make_probe) -> None:  # type: ignore[no-untyped-def]
+    """A process only in a v1 memory cgroup (its cgroup2 path is the root) and no kernel log line (past the
+    log's rate limit of 10 kills in 5 s; here the log is not read at all): the memory cgroup whose own
+    oom_kill counter grew is the victim's, with its limit (issue #13, fault 6). Several kills in a row, each
+    in the same cgroup, as a container whose processes keep getting killed."""
+    probe = make_probe(follow_kmsg=False)
+    with test_cgroup(docker_path(), memory_limit_bytes=LIMIT, v2=False) as cg:
+        checked_limit(cg)
+        pids = [run_to_death(cg, FAST)[0] for _ in range(V1_ONLY_KILLS)]
+        seen: list[OomEvent] = []
+
+        def all_arrived() -> bool:
+            seen.extend(probe.read().events)
+            return {e.victim_pid for e in seen} >= set(pids)
+
+        wait_for(all_arrived, 15.0, "every OOM event")
+    events = [e for e in seen if e.victim_pid in pids]
+    for ev in events:
+        assert (ev.cgroup_path, ev.constraint, ev.memcg_path) == (cg.path, "memcg", cg.path), ev
+        assert ev.memcg_limit_bytes == LIMIT

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 from memtop.model import IRQ_TGID, KmallocCounters, KmallocReading, ProcInfo
 from memtop.store import (
     HostInfo,
@@ -253,3 +255,53 @@ def test_the_drilled_in_process_gets_its_own_share_of_each_leak_stack_and_it_sur
     del doc["focus"]["leaks"]  # a file written before the field existed: not known, not empty
     old = snapshot_from_dict(doc)
     assert old.focus is not None and old.focus.leaks is None
+
+
+# -- one attribution for every panel (issue #13, fault 9) ------------------------------------------------
+
+OUTER = "a" * 64
+INNER = "b" * 64
+
+
+def test_outer_container_counts_its_nested_containers_kmalloc() -> None:
+    """docker-in-docker: the outer container's process count and memory include the inner one's (its
+    cgroup subtree); so must its kmalloc."""
+    from memtop.containers import parse_cgroup_path
+
+    store = new_store()
+    outer_path, inner_path = f"/docker/{OUTER}", f"/docker/{OUTER}/docker/{INNER}"
+    outer_proc = replace(
+        info(1, comm="dockerd"), cgroup_path=outer_path, container=parse_cgroup_path(outer_path)
+    )
+    inner_proc = replace(info(2, comm="app"), cgroup_path=inner_path, container=parse_cgroup_path(inner_path))
+    store.ingest(1001.0, reading(p1=(10, 1000, 1000), p2=(30, 3000, 3000)), {1: outer_proc, 2: inner_proc})
+    snap = store.snapshot(1001.0)
+    outer, inner = snap.container(OUTER), snap.container(INNER)
+    assert outer is not None and inner is not None
+    assert inner.kmalloc_calls == 30
+    assert outer.kmalloc_calls == 40 and outer.kmalloc_bytes == 4000
+
+
+def test_tcp_rows_take_the_processs_container_and_name() -> None:
+    """A process placed only in a v1 memory cgroup (its cgroup2 path is the root) shows its container in
+    TCP as in Processes; a TCP row's command is the process's name, not the connecting thread's."""
+    from memtop.containers import parse_cgroup_path
+    from memtop.tcp import TcpCounters, TcpKey, TcpReading
+
+    store = new_store()
+    path = f"/docker/{OUTER}"
+    proc = replace(info(7, comm="java"), cgroup_path=path, container=parse_cgroup_path(path))
+    store.ingest(1001.0, reading(p7=(1, 100, 100)), {7: proc})
+    key = TcpKey(7, 4, "10.0.0.1", 443)
+    store.ingest_tcp(1001.0, TcpReading({key: TcpCounters("http-worker-3", 55, 1, 0, 10, (0, 1))}))
+    store.set_cgroup_paths({55: "/"})
+    row = store.snapshot(1001.0).tcp_connect[0]
+    assert row.container_id == OUTER and row.comm == "java" and row.cgroup_path == path
+
+
+def test_filter_finds_host_processes_by_their_systemd_unit() -> None:
+    rows = [
+        ProcessRow(pid=1, start_time=0.0, comm="sshd", unit="ssh.service"),
+        ProcessRow(pid=2, start_time=0.0, comm="cron", unit="cron.service"),
+    ]
+    assert [r.pid for r in filter_rows(rows, "ssh.serv")] == [1]

@@ -427,3 +427,19 @@ def test_view_filter_by_port_address_prefix_network_pid_and_word() -> None:
     assert pids("port:443 curl") == [1] and pids("port:443 java") == []
     assert pids("addr:not-a-network/99") == []
     assert len(pids("")) == 4
+
+
+def test_ipv4_mapped_ipv6_destination_groups_with_its_ipv4_address() -> None:
+    """A dual-stack socket's connect to ::ffff:10.0.0.1 is the same endpoint as 10.0.0.1 (issue #13)."""
+    agg = TcpAggregator(started_at=0.0)
+    mapped = TcpKey(300, 6, "::ffff:10.0.0.1", 443)
+    agg.ingest(1.0, TcpReading({WEB: counters(3, b4=3), mapped: counters(2, b4=2), DB: counters(1, b4=1)}))
+    groups = {(g.family, g.daddr, g.dport): g for g in group_rows(agg.rows(), "destination")}
+    assert set(groups) == {(4, "10.0.0.1", 443), (4, "10.0.0.2", 5432)}
+    assert groups[(4, "10.0.0.1", 443)].members == 2 and groups[(4, "10.0.0.1", 443)].connects == 5
+    # a real IPv6 destination stays itself
+    v6 = TcpKey(300, 6, "fd00::1", 443)
+    agg.ingest(2.0, TcpReading({v6: counters(1, b4=1)}))
+    assert (6, "fd00::1", 443) in {
+        (g.family, g.daddr, g.dport) for g in group_rows(agg.rows(), "destination")
+    }

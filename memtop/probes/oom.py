@@ -99,10 +99,19 @@ class OomProbe(Probe):
         follow_kmsg: bool = True,
         kmsg_path: str = "/dev/kmsg",
         poll_timeout_ms: int = 100,
+        on_victim_cgroup: Callable[[str], None] | None = None,
+        on_cgroup_created: Callable[[str], None] | None = None,
     ) -> None:
-        """resolve_cgroup_id maps a cgroup2 id (the inode of its directory) to its path, "" if unknown."""
+        """resolve_cgroup_id maps a cgroup2 id (the inode of its directory) to its path, "" if unknown.
+        on_victim_cgroup, if given, is called from the probe's thread with each victim's cgroup path the
+        moment the kill is explained: the source looks up the container's names then, before a runtime
+        removes it (`docker run --rm`). on_cgroup_created, likewise, with the path of each cgroup2 directory
+        created (cgroup:cgroup_mkdir): a runtime has written its state by then, and a container that
+        lives less than a refresh is named too."""
         super().__init__()
         self.resolve_cgroup_id = resolve_cgroup_id
+        self.on_victim_cgroup = on_victim_cgroup
+        self.on_cgroup_created = on_cgroup_created
         self.max_tasks = max_tasks
         self.follow_kmsg = follow_kmsg
         self.kmsg_path = kmsg_path
@@ -126,7 +135,8 @@ class OomProbe(Probe):
         self._v1_memory = False
         self._tracker = MemcgOomTracker(None, False)
         self._known_paths: dict[int, str] = {}  # cgroup2 id -> path, from cgroup_mkdir and /proc at start
-        # Where each victim's cgroup came from: "current", "task_map", "kmsg", "proc", "trigger", "none".
+        # Where each victim's cgroup came from: "current", "task_map", "kmsg", "proc", "memcg_counters",
+        # "trigger", "none".
         self.attributed_by: dict[str, int] = {}
 
     # -- set-up ------------------------------------------------------------------------------------------
@@ -268,11 +278,17 @@ class OomProbe(Probe):
             oom_score_adj=raw.oom_score_adj if "oom_score_adj" in present else None,
         )
         try:
-            return self._attribute(event, raw)
+            event = self._attribute(event, raw)
         except Exception as exc:
             self.resolve_errors += 1
             log.warning("oom probe: explaining the kill of %d: %s", pid, exc)
             return event
+        if self.on_victim_cgroup is not None and event.cgroup_path:
+            try:
+                self.on_victim_cgroup(event.cgroup_path)
+            except Exception as exc:  # names are a nicety: the kill itself is kept
+                log.warning("oom probe: looking up the container of %d: %s", pid, exc)
+        return event
 
     def _attribute(self, event: OomEvent, raw: _Event) -> OomEvent:
         pid = event.victim_pid
@@ -302,10 +318,17 @@ class OomProbe(Probe):
         if raw.trigger_cgroup_id:  # a guess of last resort: the victim's own is unknown
             candidates.append(("trigger", self._cgroup_path(raw.trigger_cgroup_id)))
         source, cgroup_path = next(((s, c) for s, c in candidates if c), ("none", ""))
-        self.attributed_by[source] = self.attributed_by.get(source, 0) + 1
         memcg_of_victim = cgroup_path
         if self._v1_memory:
             memcg_of_victim = from_log or (from_id if id_is_memcg else "") or proc_memory or cgroup_path
+            if memcg_of_victim in ("", "/"):
+                # Nothing named the victim's memory cgroup (no log line: past the kernel log's rate limit;
+                # a v1-only runtime's process sits at the cgroup2 root): the one whose own OOM kill count
+                # grew is its.
+                by_counters = self._tracker.victim_by_counters()
+                if by_counters:
+                    source, cgroup_path, memcg_of_victim = "memcg_counters", by_counters, by_counters
+        self.attributed_by[source] = self.attributed_by.get(source, 0) + 1
         cause = self._tracker.cause(memcg_of_victim)  # always: it also remembers counters for next time
         constraint, memcg_path = cause.constraint, cause.memcg_path
         limit, usage = cause.memcg_limit_bytes, cause.memcg_usage_bytes
@@ -349,6 +372,8 @@ class OomProbe(Probe):
             path = _comm(bytes(raw.path))
             if raw.kind == KIND_CGROUP and path.startswith("/") and len(path) < CGROUP_PATH_LEN - 1:
                 self._remember_cgroup(raw.id, path)  # (a path that filled the buffer may be cut short)
+                if self.on_cgroup_created is not None:
+                    self.on_cgroup_created(path)
         except Exception as exc:  # pragma: no cover - a callback must never raise into BCC
             log.warning("oom probe cgroup event: %s", exc)
 

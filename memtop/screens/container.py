@@ -29,6 +29,9 @@ def container_details(row: ContainerRow | None, container_id: str) -> Text | Tab
     if row.pod_uid:
         pod += f"  (uid {row.pod_uid})"
     limit = "no limit" if row.memory_limit_bytes is None else f"limit {fmt.size(row.memory_limit_bytes)}"
+    memory = f"{fmt.size(row.memory_bytes)}  {limit}  ({fmt.percent(row.memory_pct)})"
+    if row.memory_usage_bytes is not None:  # absent in snapshots written before it was kept
+        memory += f"  working set; usage with page cache {fmt.size(row.memory_usage_bytes)}"
     for label, value in (
         ("container", row.name or "-"),
         ("id", row.id),
@@ -38,7 +41,7 @@ def container_details(row: ContainerRow | None, container_id: str) -> Text | Tab
         ("QoS", row.qos or "-"),
         ("image", row.image or "-"),
         ("cgroup", row.cgroup_path),
-        ("memory", f"{fmt.size(row.memory_bytes)}  {limit}  ({fmt.percent(row.memory_pct)})"),
+        ("memory", memory),
         ("processes", str(row.processes)),
         ("OOM kills", str(row.oom_kills)),
         (

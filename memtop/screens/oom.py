@@ -34,9 +34,12 @@ def cause(event: OomEvent) -> str:
 
 def where(event: OomEvent) -> str:
     if event.pod_name:
-        return f"{event.namespace}/{event.pod_name}" if event.namespace else event.pod_name
+        pod = f"{event.namespace}/{event.pod_name}" if event.namespace else event.pod_name
+        return f"{pod} {event.container_name}" if event.container_name else pod
+    if event.container_name:
+        return event.container_name
     if event.container_id:
-        return event.container_id[:12]
+        return event.container_id[:12] if len(event.container_id) == 64 else event.container_id
     return event.cgroup_path or "-"
 
 
@@ -110,7 +113,12 @@ def oom_details(event: OomEvent) -> Table:
         ("cause", f"{cause(event)}  {limit}".rstrip()),
         ("trigger", _trigger(event)),
         ("cgroup", event.cgroup_path or "-"),
-        ("container", event.container_id or "host"),
+        (
+            "container",
+            f"{event.container_name or '-'}  {event.runtime}  id {event.container_id}"
+            if event.container_id
+            else "host",
+        ),
         ("pod", f"{event.pod_name or '-'}  uid {event.pod_uid or '-'}"),
         ("namespace", event.namespace or "-"),
         (
