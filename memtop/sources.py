@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 CLOSE_LOCK_WAIT_S = 1.0
+FIRST_SCAN_BUDGET_S = 0.2  # per tick, reading new processes while no kmalloc counts arrive yet
 STARTER_NICE = 10  # the probe-starting thread's nice value (Linux sets it per thread)
 
 
@@ -246,7 +247,9 @@ class LiveSource:
                 for tgid, counters in reading.per_tgid.items():
                     ids[tgid] = (counters.cgroup_id, counters.memcg_id)
                     names[tgid] = (counters.execs, counters.comm)
-            procs = self.procs.scan(ids, names)
+            # Before the kmalloc probe attaches nothing is taken as exited: the first scans may leave
+            # some processes for the next, and the first screen comes sooner on a busy host.
+            procs = self.procs.scan(ids, names, discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S)
             forget = self.store.ingest(now, reading, procs)
             self.store.set_containers(self.containers.states(self.store.container_refs().values()))
             oom = self._read(self.oom, self.oom.read) if self._ready(self.oom) else None
