@@ -272,7 +272,7 @@ class ProcScanner:
         if not info.kernel_thread and rss == 0 and vms == 0:  # its mm is gone: a zombie or exiting
             proc.info = replace(info, rss_bytes=0, vms_bytes=0)
             return None
-        if rss != info.rss_bytes or vms != info.vms_bytes:
+        if not info.kernel_thread and (rss != info.rss_bytes or vms != info.vms_bytes):
             info = replace(info, rss_bytes=rss, vms_bytes=vms)
         proc.info = info
         return info

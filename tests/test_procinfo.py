@@ -40,6 +40,8 @@ def test_every_process_is_listed_with_rss_and_kernel_threads_without() -> None:
         assert me.start_time > 0 and "pytest" in me.cmdline
         kthreads = [p for p in procs.values() if p.kernel_thread]
         assert kthreads and all(p.rss_bytes is None for p in kthreads)
+        again = scanner.scan()  # a refresh keeps "no user memory", not 0 B
+        assert all(again[p.pid].rss_bytes is None for p in kthreads if p.pid in again)
         assert 2 in procs and procs[2].cmdline == "[kthreadd]"
         listed = len([n for n in os.listdir("/proc") if n.isdigit()])
         assert abs(len(procs) - listed) <= 10  # processes come and go between the two listings
