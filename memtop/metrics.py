@@ -48,10 +48,13 @@ CONTAINER_LABELS = ("namespace", "pod", "container", "container_id", "runtime")
 HOST_LABELS = ("unit", "command")
 NO_CONTAINER = ("", "", "", "", "")  # host processes: every container label empty (absent in PromQL)
 
-# TCP latency: memtop's log2 bucket b (see memtop/tcp.py) counts [2**(b-1), 2**b) us, so its upper bound
-# is 2**b us. The last bucket also holds everything longer, so its upper bound is +Inf.
-LATENCY_LE_S: tuple[float, ...] = tuple((1 << b) / 1e6 for b in range(LATENCY_BUCKETS - 1))
-_LE_TEXT = tuple(floatToGoString(le) for le in LATENCY_LE_S) + ("+Inf",)
+# TCP latency: memtop's log2 bucket b (see memtop/tcp.py) counts [2**(b-1), 2**b) us, so 2**b us is its
+# upper bound. The exported buckets are those from 8 us to 33.6 s (2**3 .. 2**25 us, one per power of two:
+# 23 and +Inf per series); a loopback connect takes longer than 8 us and a SYN given up takes longer than
+# 33 s, so the ends hold nothing a percentile needs, and a third fewer series go to Prometheus.
+LATENCY_BUCKET_RANGE = range(3, 26)
+LATENCY_LE_S: tuple[float, ...] = tuple((1 << b) / 1e6 for b in LATENCY_BUCKET_RANGE)
+_LE_TEXT = tuple(floatToGoString(le) for le in LATENCY_LE_S)
 
 # Drop counter names in Snapshot.drops -> (probe, reason).
 _DROP_PREFIXES = (("leak_user_", "leaks-user"), ("leak_", "leaks"), ("tcp_", "tcp"), ("oom_", "oom"))
@@ -529,11 +532,14 @@ class MetricsSink:
 
 
 def _cumulative_buckets(counts: Sequence[float]) -> list[tuple[str, float]]:
-    running = 0.0
-    buckets = []
-    for le, count in zip(_LE_TEXT, counts, strict=True):
-        running += count
-        buckets.append((le, running))
+    """memtop's per-bucket counts -> Prometheus' cumulative (le, count) pairs, +Inf last."""
+    running = [0.0] * len(counts)
+    total = 0.0
+    for b, count in enumerate(counts):
+        total += count
+        running[b] = total
+    buckets = [(le, running[b]) for le, b in zip(_LE_TEXT, LATENCY_BUCKET_RANGE, strict=True)]
+    buckets.append(("+Inf", total))
     return buckets
 
 
