@@ -389,7 +389,7 @@ class MetricsSink:
             if labels not in self._oom.series and len(self._oom.series) >= self.options.top:
                 labels = container + (event.constraint, OTHER, OTHER)
             self._oom.add(labels, (1,), now)
-        self._oom_seen = (self._oom_seen | {e.key for e in snap.oom_events}) & keys
+        self._oom_seen = keys  # a kill that left memtop's log (1,000 newest) cannot come back
         for labels, entry in self._oom.series.items():  # alive while its container is (the host always)
             if (
                 labels[3] == ""

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test-only dependencies of the metrics tests: Debian's `prometheus` package (the prometheus server, which
 # the engine test starts on 127.0.0.1 in a temp dir, and promtool, which lints the exposition and checks the
-# alert rules and dashboard queries). `make run` never calls this; the test path does.
+# alert rules and dashboard queries), and debootstrap (the image test builds its Debian base with it).
+# `make run` never calls this; the test path does.
 #
 # It never leaves a system-wide Prometheus running: the package's service is kept from starting while it
 # installs (policy-rc.d, the Debian way), and where systemd runs, the unit is disabled and stopped after.
@@ -10,8 +11,8 @@ set -euo pipefail
 
 say() { printf 'test-deps: %s\n' "$*"; }
 
-if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
-    say "prometheus and promtool already installed ($(prometheus --version 2>&1 | head -n 1))"
+if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v debootstrap >/dev/null; then
+    say "already installed: prometheus, promtool ($(prometheus --version 2>&1 | head -n 1 | cut -d' ' -f3)), debootstrap"
     exit 0
 fi
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -30,9 +31,9 @@ cleanup() { if ((made_policy)); then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
-say "apt: installing prometheus (server and promtool), its service kept stopped"
+say "apt: installing prometheus (server and promtool; its service kept stopped) and debootstrap"
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+apt-get install -y -qq --no-install-recommends prometheus debootstrap >/dev/null
 
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
     systemctl disable --now prometheus.service >/dev/null 2>&1 || true

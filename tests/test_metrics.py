@@ -455,3 +455,15 @@ def test_server_negotiates_the_format(accept: str, content_type: str, tail: str)
         server.close()
     assert body.endswith(tail)
     assert "memtop_kmalloc_bytes_total{" in body and "process_resident_memory_bytes" in body
+
+
+def test_the_metrics_sink_imports_neither_textual_nor_bcc() -> None:
+    """An exporter is a sink: no probe work, no UI (checked in a fresh interpreter)."""
+    import sys
+
+    code = (
+        "import sys, memtop.metrics\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'bcc'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
