@@ -339,13 +339,21 @@ def run_snapshot(config: Config) -> int:
 
 def run_exporter(config: Config, listen: str, options: object) -> int:
     """Tick every interval in this thread and serve the latest snapshot's metrics from another; SIGTERM or
-    SIGINT stop it within one tick's work, with every probe detached (exit 0: stopping is how it ends)."""
+    SIGINT stop it within one tick's work, with every probe detached (exit 0: stopping is how it ends).
+    A second signal while it detaches is ignored: it must not cut the detaching short."""
     from memtop.metrics import MetricsEndpoint, MetricsOptions
     from memtop.sources import LiveSource
 
     assert isinstance(options, MetricsOptions)
     preflight_live()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    stops = (signal.SIGTERM, signal.SIGINT)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in stops}
     endpoint = None
     source = LiveSource(config)
     try:
@@ -361,14 +369,20 @@ def run_exporter(config: Config, listen: str, options: object) -> int:
             if delay < 0:  # a tick took longer than the interval: start counting again from now
                 next_tick, delay = time.monotonic(), 0.0
             time.sleep(delay)
-    except (_Terminated, KeyboardInterrupt):
-        print("memtop: stopped; probes detached", file=sys.stderr)
-        return 0
+    except _Terminated:
+        pass
     finally:
-        source.close()
-        if endpoint is not None:
-            endpoint.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            source.close()
+            if endpoint is not None:
+                endpoint.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    print("memtop: stopped; probes detached", file=sys.stderr)
+    return 0
 
 
 def run_tui(config: Config) -> int:

@@ -467,3 +467,39 @@ def test_the_metrics_sink_imports_neither_textual_nor_bcc() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_a_stuck_scrape_does_not_hold_up_the_next_snapshot() -> None:
+    """The collector thread never waits for a scrape: while one is stuck inside collect(), on_snapshot
+    still completes and the next scrape serves the new snapshot."""
+    import threading
+
+    sink = MetricsSink(process_metrics=False)
+    sink.on_snapshot(snap(1001.0, containers=(container(kbytes=10),)))
+    inside, release = threading.Event(), threading.Event()
+
+    class Stuck:
+        def collect(self):  # type: ignore[no-untyped-def]
+            inside.set()
+            release.wait(30)
+            return iter(())
+
+    sink.registry.register(Stuck())  # type: ignore[arg-type]
+    server = MetricsServer(sink.registry, "127.0.0.1", 0)
+    scrape = threading.Thread(target=lambda: urllib.request.urlopen(server.url, timeout=60).read())
+    scrape.start()
+    try:
+        assert inside.wait(30), "the scrape never reached collect()"
+        sink.on_snapshot(snap(1002.0, containers=(container(kbytes=50),)))  # returns while it is stuck
+        assert scrape.is_alive()
+        served = {
+            s.labels["container_id"]: s.value
+            for family in sink.collect()  # the sink itself: the registry would wait on the stuck collector
+            for s in family.samples
+            if s.name == "memtop_kmalloc_bytes_total"
+        }
+        assert served[CID] == 50
+    finally:
+        release.set()
+        scrape.join(timeout=30)
+        server.close()

@@ -323,3 +323,34 @@ def check_deploy_queries(prom: Prometheus) -> None:
         prom.query(expr)  # raises on an error
         missing = {n for n in selector_names(expr) if n not in scraped} - optional
         assert not missing, f"{where}: {expr} names {missing}, not scraped from the exporter"
+
+
+def test_sigint_then_sigterm_stop_the_exporter_with_every_probe_detached() -> None:
+    """Ctrl-C, then a SIGTERM while it detaches (an impatient user, a service manager): exit 0, all gone."""
+    with tempfile.TemporaryDirectory(prefix="memtop-exporter-") as tmp:
+        exporter = Exporter(Path(tmp))
+        held = exporter.prog_ids
+        assert held, "the exporter held no BPF programs"
+        exporter.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        code = exporter.stop()  # sends SIGTERM while it is still running
+        err = exporter.stderr_path.read_text()
+        assert code == 0, err
+        assert "probes detached" in err
+    assert not held & loaded_prog_ids(), "BPF programs left loaded after SIGINT"
+
+
+def test_a_taken_port_is_one_line_before_any_probe_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(MEMTOP), "exporter", "--metrics-listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith(f"memtop: error: cannot serve metrics on 127.0.0.1:{port}: ")
