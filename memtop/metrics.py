@@ -50,8 +50,8 @@ NO_CONTAINER = ("", "", "", "", "")  # host processes: every container label emp
 
 # TCP latency: memtop's log2 bucket b (see memtop/tcp.py) counts [2**(b-1), 2**b) us, so 2**b us is its
 # upper bound. The exported buckets are those from 8 us to 33.6 s (2**3 .. 2**25 us, one per power of two:
-# 23 and +Inf per series); a loopback connect takes longer than 8 us and a SYN given up takes longer than
-# 33 s, so the ends hold nothing a percentile needs, and a third fewer series go to Prometheus.
+# 23 and +Inf per series, a third fewer than all 32): connects faster than 8 us count in the 8 us bucket
+# (cumulative buckets lose nothing, only resolution below it), slower than 33.6 s in +Inf only.
 LATENCY_BUCKET_RANGE = range(3, 26)
 LATENCY_LE_S: tuple[float, ...] = tuple((1 << b) / 1e6 for b in LATENCY_BUCKET_RANGE)
 _LE_TEXT = tuple(floatToGoString(le) for le in LATENCY_LE_S)
