@@ -182,7 +182,70 @@ def build_parser() -> argparse.ArgumentParser:
         help="also collect call sites, sizes and a tail for this process",
     )
     sub.add_parser("doctor", help="check this host for everything memtop needs")
+    exporter = sub.add_parser(
+        "exporter", help="collect without the UI and serve Prometheus metrics on /metrics until stopped"
+    )
+    _common(exporter)
+    exporter.set_defaults(interval=5.0)
+    for action in exporter._actions:
+        if action.dest == "interval":
+            action.help = "how often the probes are read (default 5)"
+    from memtop.metrics import DEFAULT_LISTEN
+
+    add_metrics_arguments(exporter, default_listen=DEFAULT_LISTEN)
     return parser
+
+
+def _listen(text: str) -> str:
+    from memtop.metrics import parse_listen
+
+    try:
+        parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser, default_listen: str | None) -> None:
+    """--metrics-listen and its companions: for `memtop exporter` (listening by default) and for
+    `memtop record` (default_listen=None: no metrics unless asked for)."""
+    from memtop.metrics import DEFAULT_GRACE_S, DEFAULT_TOP
+
+    where = f"default {default_listen}: loopback only" if default_listen else "default: no metrics"
+    parser.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        default=default_listen,
+        metavar="HOST:PORT",
+        help=f"serve Prometheus metrics on http://HOST:PORT/metrics ({where}; 0.0.0.0:PORT or [::]:PORT "
+        "binds every address; port 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--metrics-top",
+        type=_int_in(1, 10_000, "--metrics-top"),
+        default=DEFAULT_TOP,
+        metavar="N",
+        help=f"export the top N host groups, leak frames and TCP ports one by one, the rest as [other] "
+        f"(default {DEFAULT_TOP})",
+    )
+    parser.add_argument(
+        "--metrics-grace",
+        type=_float_in(0, 86400, "--metrics-grace"),
+        default=DEFAULT_GRACE_S,
+        metavar="SECONDS",
+        help=f"keep exporting what is gone for this long (default {DEFAULT_GRACE_S:g})",
+    )
+    parser.add_argument(
+        "--metrics-dest-addr",
+        action="store_true",
+        help="label TCP metrics with the destination address too (more series)",
+    )
+
+
+def metrics_options_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from memtop.metrics import MetricsOptions
+
+    return MetricsOptions(top=args.metrics_top, grace_s=args.metrics_grace, dest_addr=args.metrics_dest_addr)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -281,6 +344,54 @@ def run_snapshot(config: Config) -> int:
     return 0
 
 
+def run_exporter(config: Config, listen: str, options: object) -> int:
+    """Tick every interval in this thread and serve the latest snapshot's metrics from another; SIGTERM or
+    SIGINT stop it within one tick's work, with every probe detached (exit 0: stopping is how it ends).
+    A second signal while it detaches is ignored: it must not cut the detaching short."""
+    from memtop.metrics import MetricsEndpoint, MetricsOptions
+    from memtop.sources import LiveSource
+
+    assert isinstance(options, MetricsOptions)
+    preflight_live()
+    stops = (signal.SIGTERM, signal.SIGINT)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        raise _Terminated(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in stops}
+    endpoint = None
+    source = LiveSource(config)
+    try:
+        endpoint = MetricsEndpoint(listen, options)  # bind first: a taken port fails before BPF compiles
+        print(f"memtop: serving metrics on {endpoint.server.url}", file=sys.stderr, flush=True)
+        source.start()
+        print(f"memtop: collecting every {config.interval_s:g}s", file=sys.stderr, flush=True)
+        next_tick = time.monotonic()
+        while True:
+            endpoint.on_snapshot(source.tick())
+            next_tick += config.interval_s
+            delay = next_tick - time.monotonic()
+            if delay < 0:  # a tick took longer than the interval: start counting again from now
+                next_tick, delay = time.monotonic(), 0.0
+            time.sleep(delay)
+    except _Terminated:
+        pass
+    finally:
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            source.close()
+            if endpoint is not None:
+                endpoint.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    print("memtop: stopped; probes detached", file=sys.stderr)
+    return 0
+
+
 def run_tui(config: Config) -> int:
     from memtop.lifecycle import ExitGuard
     from memtop.sources import LiveSource, ReplaySource, Source
@@ -344,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dump_bpf(config)
         if args.command == "snapshot":
             return run_snapshot(config)
+        if args.command == "exporter":
+            return run_exporter(config, args.metrics_listen, metrics_options_from_args(args))
         return run_tui(config)
     except MemtopError as exc:
         print(f"memtop: error: {exc}", file=sys.stderr)

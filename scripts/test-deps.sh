@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Test-only dependencies of the metrics tests: Debian's `prometheus` package (the prometheus server, which
+# the engine test starts on 127.0.0.1 in a temp dir, and promtool, which lints the exposition and checks the
+# alert rules and dashboard queries), and debootstrap (the image test builds its Debian base with it).
+# `make run` never calls this; the test path does.
+#
+# It never leaves a system-wide Prometheus running: the package's service is kept from starting while it
+# installs (policy-rc.d, the Debian way), and where systemd runs, the unit is disabled and stopped after.
+# Idempotent: one line saying what it did or that it was already done.
+set -euo pipefail
+
+say() { printf 'test-deps: %s\n' "$*"; }
+
+if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v debootstrap >/dev/null; then
+    say "already installed: prometheus, promtool ($(prometheus --version 2>&1 | head -n 1 | cut -d' ' -f3)), debootstrap"
+    exit 0
+fi
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "test-deps: must run as root to install prometheus (apt); try: sudo bash $0" >&2
+    exit 1
+fi
+
+policy=/usr/sbin/policy-rc.d
+made_policy=0
+if [[ ! -e "$policy" ]]; then
+    printf '#!/bin/sh\n# memtop test-deps: no service starts during this install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    made_policy=1
+fi
+cleanup() { if ((made_policy)); then rm -f "$policy"; fi; }
+trap cleanup EXIT
+
+export DEBIAN_FRONTEND=noninteractive
+say "apt: installing prometheus (server and promtool; its service kept stopped) and debootstrap"
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends prometheus debootstrap >/dev/null
+
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+fi
+if command -v pgrep >/dev/null && pgrep -x prometheus >/dev/null && [[ ! -d /run/systemd/system ]]; then
+    say "note: a prometheus process is running that this script did not start; left alone"
+fi
+say "installed: $(prometheus --version 2>&1 | head -n 1)"
