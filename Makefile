@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 ARGS        ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-runtimes lint screenshots bench clean venv-exists
+.PHONY: setup run test test-runtimes test-deps lint screenshots bench clean venv-exists
 
 setup:
 	bash scripts/setup.sh
@@ -14,13 +14,17 @@ setup:
 run: setup
 	$(VENV)/bin/memtop $(ARGS)
 
-test: setup test-runtimes
+test: setup test-runtimes test-deps
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # TEST-ONLY: the container runtimes the end-to-end container tests run (docker.io podman containerd lxc
 # busybox-static from apt; a no-op once installed). `run`, `setup` and `bench` never install them.
 test-runtimes:
 	bash scripts/test-runtimes.sh install
+
+# TEST-ONLY: prometheus (promtool; its service kept stopped) and debootstrap for the metrics and image tests.
+test-deps:
+	bash scripts/test-deps.sh
 
 # lint and screenshots need no root: they only need a venv that `sudo make setup` made once.
 venv-exists:
