@@ -230,6 +230,9 @@ def first_bin_at_least(older_than_s: float) -> int:
 
 TRACK_BUDGET_PER_S = 10_000  # tracked allocations/s: each costs a stack walk and map updates (~0.6 us)
 MAX_SAMPLE_RATE = 1 << 20
+# User mode (uprobes): the probe itself already costs every call microseconds, and a tracked allocation adds
+# its stack walk; what sampling protects there is mostly the address map, so the budget is higher.
+USER_TRACK_BUDGET_PER_S = 20_000
 
 
 def _pow2_at_least(value: float) -> int:
