@@ -1,0 +1,75 @@
+"""End-to-end: user-mode leak tracking on programs that fail allocator calls, allocate a lot, use another
+allocator (tcmalloc, jemalloc, a static musl binary), exec, or run code from a stripped library.
+Every expected value is what the program really holds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memtop.leaks import LeakTracker
+
+from .conftest import DATA
+from .test_bpf_e2e import loaded_prog_ids, prog_ids_held_by
+from .test_leaks_e2e import STACKS, Driven, on_stack
+
+pytestmark = pytest.mark.bpf
+
+CFLAGS = ["-g", "-O0", "-fno-omit-frame-pointer", "-fno-inline", "-Wall"]
+
+
+def build(compiler: str, source: Path, out: Path, *extra: str) -> Path:
+    path = shutil.which(compiler)
+    if path is None:
+        pytest.fail(f"{compiler} is needed (scripts/setup.sh installs it)")
+    subprocess.run([path, *CFLAGS, "-o", str(out), str(source), *extra], check=True)
+    return out
+
+
+# -- 1. failed calls change nothing --------------------------------------------------------------------------
+
+# command -> (function on the stack, bytes, allocations) outstanding after it ran
+FAILURES: dict[str, tuple[str, int, int]] = {
+    "realloc_fail": ("memtop_kept_by_failed_realloc", 100_000, 1000),
+    "realloc_zero": ("memtop_freed_by_realloc_zero", 0, 0),
+    "realloc_null": ("memtop_realloc_null", 3000, 10),
+    "reallocarray_fail": ("memtop_kept_by_failed_reallocarray", 100_000, 500),
+    "memalign_fail": ("memtop_failed_memalign", 0, 0),
+    "aligned_fail": ("memtop_failed_aligned", 0, 0),
+    "mmap_fail": ("memtop_failed_mmap", 0, 0),
+    "mremap_fail": ("memtop_kept_by_failed_mremap", 65536, 1),
+    "mremap_move": ("memtop_moved_by_mremap", 131072, 1),
+    "munmap_partial": ("memtop_partly_unmapped", 3 * 4096, 1),
+    "munmap_fail": ("memtop_kept_by_failed_munmap", 2 * 4096, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def failing_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("gcc", DATA / "failing_allocs.c", tmp_path_factory.mktemp("failing") / "failing")
+
+
+@pytest.mark.parametrize("command", list(FAILURES))
+def test_failed_calls_do_not_change_what_is_outstanding(failing_binary: Path, command: str) -> None:
+    from memtop.probes.leaks import UserLeakProbe
+
+    child = Driven([str(failing_binary)])
+    probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
+    try:
+        probe.start()
+        assert {"realloc", "reallocarray", "posix_memalign", "mremap", "munmap"} <= set(probe.attached)
+        assert child.send(command) == "done"
+        function, expected_bytes, expected_allocations = FAILURES[command]
+        reading = probe.read()
+        assert on_stack(reading, function) == (expected_bytes, expected_allocations), reading.stacks
+        # A failed call never puts anything on the stack of the call itself (the sentinel, MAP_FAILED).
+        assert not any(s.outstanding_bytes < 0 or s.allocations < 0 for s in reading.stacks)
+        assert reading.drops["missed_frees"] == 0
+    finally:
+        probe.close()
+        child.stop()
