@@ -73,3 +73,41 @@ def test_failed_calls_do_not_change_what_is_outstanding(failing_binary: Path, co
     finally:
         probe.close()
         child.stop()
+
+
+# -- 2. big programs get estimates -----------------------------------------------------------------------------
+
+MANY_THREADS, MANY_PER_THREAD, MANY_SIZE = 8, 1_000_000, 4
+
+
+def test_big_program_gets_a_sampled_estimate_not_a_cap(tmp_path: Path) -> None:
+    """8 x 1,000,000 malloc(4) kept: 32x what the address map holds. Read once a second as the live view
+    does; the adaptive 1-in-N makes the row an estimate within 10 % of the truth, and says so."""
+    import select
+
+    from memtop.probes.leaks import UserLeakProbe
+
+    binary = build("gcc", DATA / "many_mallocs.c", tmp_path / "many", "-pthread")
+    # nice 10: on a small shared machine the 8 allocating threads would otherwise starve the reads this test
+    # makes once a second (as the live view does), and the map would fill between two of them.
+    child = Driven(["nice", "-n", "10", str(binary)])
+    probe = UserLeakProbe(child.pid, max_stacks=STACKS)  # adaptive: the default
+    try:
+        probe.start()
+        assert child.proc.stdin is not None and child.proc.stdout is not None
+        child.proc.stdin.write("run\n")
+        child.proc.stdin.flush()
+        while not select.select([child.proc.stdout], [], [], 1.0)[0]:
+            probe.read()  # a live tick
+        assert child.reply_line() == "done"
+        reading = probe.read()
+        outstanding, allocations = on_stack(reading, "memtop_many_small")
+        expected = MANY_THREADS * MANY_PER_THREAD
+        assert abs(allocations - expected) <= 0.1 * expected, (allocations, reading.drops)
+        assert outstanding == allocations * MANY_SIZE
+        assert reading.drops["alloc_map_full"] <= 0.05 * expected
+        assert reading.sample_rate > 1
+        assert "(estimates)" in probe.describe() and f"1 in {probe.sample_rate}" in probe.describe()
+    finally:
+        probe.close()
+        child.stop()

@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import random
 import resource
 import struct
 import time
@@ -149,6 +150,7 @@ def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
 
 
 BPF_NOEXIST = 1
+BPF_EXIST = 2
 
 
 def take_if_empty(table: Any, raw_key: bytes) -> None:
@@ -552,6 +554,12 @@ class UserLeakProbe(_LeakProbe):
         self.attached: list[str] = []
         self.hooks: list[allocators.Hook] = []
         self.alloc_events = 0
+        # Thinning (see _thin): what the kernel's aggregates are off by, per raw agg_key, and the entries
+        # it took out of the address map (which the counters do not know about).
+        self._corrections: dict[bytes, tuple[int, int]] = {}
+        self._thinned = 0
+        # address key -> (its ts_ns, extra weight, size, raw agg_key) of entries kept by thinning
+        self._extra: dict[bytes, tuple[int, int, int, bytes]] = {}
 
     def cflags(self) -> list[str]:
         return [*super().cflags(), int_cflag("USER_PAGE_SIZE", resource.getpagesize(), 4096, 1 << 21)]
@@ -639,16 +647,102 @@ class UserLeakProbe(_LeakProbe):
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         return self._module_symbols.checked(address, name)
 
+    def _aggregates(self) -> dict[bytes, tuple[int, int]]:
+        totals = super()._aggregates()
+        for raw_key in [k for k in self._corrections if k not in totals]:
+            del self._corrections[raw_key]  # pruned: nothing is left to correct
+        for raw_key, (extra_bytes, extra_allocations) in self._corrections.items():
+            outstanding, allocations = totals[raw_key]
+            totals[raw_key] = (outstanding + extra_bytes, allocations + extra_allocations)
+        return totals
+
+    def _thin(self, rate: int) -> None:
+        """Bring the tracked allocations to the new 1-in-`rate`: each one tracked with a smaller weight w
+        stays with probability w/rate (standing for `rate` from now on), else leaves the address map. The
+        estimate stays unbiased and the map, full when the rate was raised for it, empties to about w/rate:
+        without this, a map filled before the rate rose (or by a slow leak) would stay full and drop
+        everything new.
+
+        Nothing the BPF programs write is written from here (a BPF update racing with ours would be lost):
+        the leaving entries are deleted in batches, and what the kernel's aggregates are then off by (the
+        weight of those deleted, the extra weight of those kept) is kept in _corrections and added when they
+        are read. A kept entry's extra weight is taken back once a scan finds it freed (_reconcile)."""
+        from bcc.libbcc import lib
+
+        table = self.bpf[b"allocs"]
+        keys, values, count = raw_batch_lookup(table)
+        chance = random.Random()
+        leaving: list[bytes] = []
+        leaving_deltas: list[tuple[bytes, int, int]] = []
+        for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
+            ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+        ):
+            raw_key = keys[i * 8 : (i + 1) * 8]
+            effective = weight + self._extra.get(raw_key, (0, 0, 0, b""))[1]
+            if effective >= rate or effective <= 0:
+                continue
+            raw_agg = AGG_KEY.pack(stack_id, tgid, source, 0)
+            if chance.random() * rate < effective:
+                self._extra[raw_key] = (ts_ns, rate - weight, size, raw_agg)
+                self._correct(raw_agg, size * (rate - effective), rate - effective)
+            else:
+                leaving.append(raw_key)
+                leaving_deltas.append((raw_agg, -size * effective, -effective))
+        done = 0
+        while done < len(leaving):  # a batch stops at a key freed meanwhile: skip it and go on
+            batch = b"".join(leaving[done:])
+            n = ctypes.c_uint32(len(leaving) - done)
+            result = lib.bpf_delete_batch(
+                table.map_fd, ctypes.create_string_buffer(batch, len(batch)), ctypes.byref(n)
+            )
+            for raw_agg, delta_bytes, delta_allocations in leaving_deltas[done : done + n.value]:
+                self._correct(raw_agg, delta_bytes, delta_allocations)
+            for raw_key in leaving[done : done + n.value]:
+                self._extra.pop(raw_key, None)
+            self._thinned += n.value
+            done += n.value + (1 if result != 0 else 0)
+            if result != 0 and n.value == 0 and ctypes.get_errno() not in (errno.ENOENT, 0):
+                break  # the kernel cannot batch-delete: leave the rest
+
+    def _correct(self, raw_agg: bytes, delta_bytes: int, delta_allocations: int) -> None:
+        extra_bytes, extra_allocations = self._corrections.get(raw_agg, (0, 0))
+        self._corrections[raw_agg] = (extra_bytes + delta_bytes, extra_allocations + delta_allocations)
+
+    def _read_ages(self, now_ns: int) -> _Ages:
+        before = self._last_age_scan
+        ages = super()._read_ages(now_ns)
+        if self._extra and self._last_age_scan != before:
+            self._reconcile()
+        return ages
+
+    def _reconcile(self) -> None:
+        """Take back the extra weight of kept entries that have been freed (or reused by a new allocation)."""
+        keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+        present = {
+            keys[i * 8 : (i + 1) * 8]: ts_ns
+            for i, (_, ts_ns, _, _, _, _) in enumerate(
+                ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+            )
+        }
+        for raw_key, (ts_ns, extra, size, raw_agg) in list(self._extra.items()):
+            if present.get(raw_key) != ts_ns:
+                del self._extra[raw_key]
+                self._correct(raw_agg, -size * extra, -extra)
+
     def read(self) -> LeakReading:
         self._comms.clear()  # names are read again: a process may have exec'd
         reading = self._read(KIND_USER)
+        reading = dataclasses.replace(reading, tracked_now=max(0, reading.tracked_now - self._thinned))
         self.alloc_events = reading.alloc_events
         if self.sampler is not None:
             rate = self.sampler.update(
                 time.monotonic(), reading.alloc_events, self.map_fill(reading.tracked_now)
             )
             if rate != self.sample_rate:
+                raised = rate > self.sample_rate
                 self._set_sample_rate(rate)
+                if raised:
+                    self._thin(rate)
                 reading = dataclasses.replace(reading, sample_rate=rate)  # the N in force from now on
         self.status = type(self.status)("running", self.describe())
         return reading
