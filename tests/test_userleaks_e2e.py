@@ -5,6 +5,7 @@ Every expected value is what the program really holds.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -110,4 +111,81 @@ def test_big_program_gets_a_sampled_estimate_not_a_cap(tmp_path: Path) -> None:
         assert "(estimates)" in probe.describe() and f"1 in {probe.sample_rate}" in probe.describe()
     finally:
         probe.close()
+        child.stop()
+
+
+# -- 3. the allocator the process really uses ---------------------------------------------------------------
+
+NEW_BLOCKS, NEW_BLOCK_SIZE, NODE_SIZE = 100, 10000, 48
+
+
+@pytest.mark.parametrize("allocator", ["tcmalloc", "jemalloc"])
+def test_cpp_program_on_another_allocator(tmp_path: Path, allocator: str) -> None:
+    """tcmalloc and jemalloc provide malloc, free and operator new/delete themselves: libc's are never
+    called. The probe hooks the object that exports them (found by its symbols) and sees new[] leak."""
+    from memtop.probes.leaks import UserLeakProbe
+
+    binary = build("g++", DATA / "leaky_new.cc", tmp_path / f"leaky_{allocator}", f"-l{allocator}")
+    child = Driven([str(binary)])
+    probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
+    try:
+        probe.start()
+        assert allocator in Path(probe.allocator).name, probe.allocator
+        # Aliases (new[] = new, delete = free in tcmalloc) share one uprobe.
+        assert {"malloc", "free", "_Znwm"} <= set(probe.attached), probe.attached  # delete may be free
+        assert {hook.obj.path for hook in probe.hooks if hook.symbol.startswith(("malloc", "_Zn"))} == {
+            probe.allocator
+        }
+        assert child.send("run") == "ran"
+        reading = probe.read()
+        # C++ frames come demangled: "f()".
+        assert on_stack(reading, "memtop_leak_new_array()") == (NEW_BLOCKS * NEW_BLOCK_SIZE, NEW_BLOCKS)
+        assert on_stack(reading, "memtop_leak_new_object()") == (NEW_BLOCKS * NODE_SIZE, NEW_BLOCKS)
+        assert on_stack(reading, "memtop_new_and_delete()") == (0, 0)
+        tracker = LeakTracker()
+        tracker.ingest(0.0, reading)
+        tops = {row.top_frame for row in tracker.rows()}
+        assert {"memtop_leak_new_array()", "memtop_leak_new_object()"} <= tops, tops
+    finally:
+        probe.close()
+        child.stop()
+
+
+def test_static_musl_program(tmp_path: Path) -> None:
+    """A static executable: malloc is a function of the executable itself (its .symtab)."""
+    from memtop.probes.leaks import UserLeakProbe
+
+    binary = build("musl-gcc", DATA / "leaky_static.c", tmp_path / "leaky_static", "-static")
+    child = Driven([str(binary)])
+    probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
+    ours = set()
+    try:
+        probe.start()
+        ours = prog_ids_held_by(os.getpid())
+        assert probe.allocator == str(binary)
+        assert {"malloc", "free"} <= set(probe.attached)
+        assert child.send("run") == "ran"
+        reading = probe.read()
+        assert on_stack(reading, "memtop_static_leak") == (100 * 3000, 100)
+    finally:
+        probe.close()
+        child.stop()
+    assert ours and not (ours & loaded_prog_ids())
+
+
+def test_a_stripped_static_program_is_said_not_followed(tmp_path: Path) -> None:
+    from memtop.errors import MemtopError
+    from memtop.probes.leaks import UserLeakProbe
+
+    binary = build("musl-gcc", DATA / "leaky_static.c", tmp_path / "stripped_static", "-static", "-s")
+    child = Driven([str(binary)])
+    try:
+        probe = UserLeakProbe(child.pid)
+        with pytest.raises(MemtopError) as raised:
+            probe.start()
+        message = str(raised.value)
+        assert "\n" not in message and "not followed" in message and "malloc" in message
+        assert "static" in message
+        assert probe.bpf is None
+    finally:
         child.stop()
