@@ -189,3 +189,68 @@ def test_a_stripped_static_program_is_said_not_followed(tmp_path: Path) -> None:
         assert probe.bpf is None
     finally:
         child.stop()
+
+
+# -- 4. names and stacks users can read -------------------------------------------------------------------------
+
+EXEC_SCRIPT = """
+echo ready
+read line
+words="$line $line $line"  # bash allocates while tracked: the probe first sees this process as bash
+exec python3 -c 'import sys; print("started", flush=True); keep = [bytearray(5000) for _ in range(50)]; sys.stdin.readline()'
+"""
+
+
+def test_rows_name_the_process_after_exec() -> None:
+    """Tracking starts on a shell that allocates, then execs python3: every row says python3."""
+    from memtop.probes.leaks import UserLeakProbe
+
+    child = Driven(["bash", "-c", EXEC_SCRIPT])
+    probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
+    try:
+        probe.start()
+        assert child.send("go") == "started"
+        reading = probe.read()
+        names = {s.comm for s in reading.stacks if s.pid == child.pid}
+        assert names == {"python3"}, names
+    finally:
+        probe.close()
+        child.stop()
+
+
+def test_frames_in_a_stripped_library_read_lib_plus_offset(tmp_path: Path) -> None:
+    from memtop.probes.leaks import UserLeakProbe
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.fail("gcc is needed")
+    lib = tmp_path / "libmemtopstrip.so"
+    subprocess.run(
+        [gcc, *CFLAGS, "-shared", "-fPIC", "-o", str(lib), str(DATA / "stripped_lib.c")], check=True
+    )
+    subprocess.run(["strip", "--strip-unneeded", str(lib)], check=True)
+    binary = build(
+        "gcc",
+        DATA / "stripped_main.c",
+        tmp_path / "stripped_main",
+        f"-L{tmp_path}",
+        "-lmemtopstrip",
+        f"-Wl,-rpath,{tmp_path}",
+    )
+    child = Driven([str(binary)])
+    probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
+    try:
+        probe.start()
+        assert child.send("run") == "ran"
+        reading = probe.read()
+        stacks = [s for s in reading.stacks if any("memtop_exported_entry" in f for f in s.frames)]
+        assert (
+            sum(s.allocations for s in stacks) == 20 and sum(s.outstanding_bytes for s in stacks) == 20 * 512
+        )
+        for s in stacks:
+            # The innermost frame is the hidden helper: no symbol is known to contain it.
+            assert s.frames[0].startswith("libmemtopstrip.so+0x"), s.frames
+            assert s.frames[1].startswith("memtop_exported_entry+0x"), s.frames
+    finally:
+        probe.close()
+        child.stop()
