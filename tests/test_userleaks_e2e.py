@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ def build(compiler: str, source: Path, out: Path, *extra: str) -> Path:
     return out
 
 
-# -- 1. failed calls change nothing --------------------------------------------------------------------------
+# -- 1. failed calls change nothing ---------------------------------------------------------------------
 
 # command -> (function on the stack, bytes, allocations) outstanding after it ran
 FAILURES: dict[str, tuple[str, int, int]] = {
@@ -76,7 +75,7 @@ def test_failed_calls_do_not_change_what_is_outstanding(failing_binary: Path, co
         child.stop()
 
 
-# -- 2. big programs get estimates -----------------------------------------------------------------------------
+# -- 2. big programs get estimates ----------------------------------------------------------------------
 
 MANY_THREADS, MANY_PER_THREAD, MANY_SIZE = 8, 1_000_000, 4
 
@@ -114,7 +113,7 @@ def test_big_program_gets_a_sampled_estimate_not_a_cap(tmp_path: Path) -> None:
         child.stop()
 
 
-# -- 3. the allocator the process really uses ---------------------------------------------------------------
+# -- 3. the allocator the process really uses -----------------------------------------------------------
 
 NEW_BLOCKS, NEW_BLOCK_SIZE, NODE_SIZE = 100, 10000, 48
 
@@ -191,13 +190,14 @@ def test_a_stripped_static_program_is_said_not_followed(tmp_path: Path) -> None:
         child.stop()
 
 
-# -- 4. names and stacks users can read -------------------------------------------------------------------------
+# -- 4. names and stacks users can read -----------------------------------------------------------------
 
 EXEC_SCRIPT = """
 echo ready
 read line
 words="$line $line $line"  # bash allocates while tracked: the probe first sees this process as bash
-exec python3 -c 'import sys; print("started", flush=True); keep = [bytearray(5000) for _ in range(50)]; sys.stdin.readline()'
+exec python3 -c 'import sys; print("started", flush=True); keep = [bytearray(5000) for _ in range(50)]; \
+sys.stdin.readline()'
 """
 
 
