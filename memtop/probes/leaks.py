@@ -504,11 +504,6 @@ def mapped_objects(pid: int) -> dict[str, str]:
     return objects
 
 
-# What a uprobe costs the traced program per allocator call on this kind of machine (bench/userleaks_bench.py:
-# a malloc+free loop traced vs untraced; see the README). Said where tracking starts.
-UPROBE_COST_NOTE = "uprobes slow each malloc/free call by about {us} us"
-
-
 class UserLeakProbe(_LeakProbe):
     """Outstanding heap allocations and anonymous mmaps of one process by user stack: uprobes on the
     allocator entry points the process really resolves (memtop.probes.allocators: its link map, by
