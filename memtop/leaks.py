@@ -233,7 +233,7 @@ MAX_SAMPLE_RATE = 1 << 20
 # What a uprobe costs the traced program per allocator call, measured with bench/userleaks_bench.py on the
 # project's 2-core test VM (a malloc+free loop traced vs untraced; see the README). Sampling cannot remove it:
 # every call still enters the kernel. Said where tracking starts (the drill-down's m, the README).
-UPROBE_COST_US = 10
+UPROBE_COST_US = 8
 UPROBE_COST_NOTE = f"uprobes: ~{UPROBE_COST_US} us per call"
 
 # User mode (uprobes): the probe itself already costs every call microseconds, and a tracked allocation adds
