@@ -121,7 +121,10 @@ NEW_BLOCKS, NEW_BLOCK_SIZE, NODE_SIZE = 100, 10000, 48
 @pytest.mark.parametrize("allocator", ["tcmalloc", "jemalloc"])
 def test_cpp_program_on_another_allocator(tmp_path: Path, allocator: str) -> None:
     """tcmalloc and jemalloc provide malloc, free and operator new/delete themselves: libc's are never
-    called. The probe hooks the object that exports them (found by its symbols) and sees new[] leak."""
+    called. The probe hooks the object that exports them (found by its symbols) and sees new[] leak.
+
+    A throwing operator new is followed at its call sites (no uretprobe, which a bad_alloc could not
+    unwind through): the first run reports the sites, the read hooks them, the second run is seen whole."""
     from memtop.probes.leaks import UserLeakProbe
 
     binary = build("g++", DATA / "leaky_new.cc", tmp_path / f"leaky_{allocator}", f"-l{allocator}")
@@ -135,11 +138,24 @@ def test_cpp_program_on_another_allocator(tmp_path: Path, allocator: str) -> Non
         assert {hook.obj.path for hook in probe.hooks if hook.symbol.startswith(("malloc", "_Zn"))} == {
             probe.allocator
         }
+        # new throws through the hooked operator new and the program catches it, as without memtop.
+        assert child.send("throw") == "caught 3"
         assert child.send("run") == "ran"
+        probe.read()  # hooks the call sites reported by the first run
+        assert probe.new_sites_hooked >= 2
+        before = probe.read()
+        assert child.send("run") == "ran"
+        assert child.send("throw") == "caught 3"
         reading = probe.read()
+        assert child.proc.poll() is None
+
         # C++ frames come demangled: "f()".
-        assert on_stack(reading, "memtop_leak_new_array()") == (NEW_BLOCKS * NEW_BLOCK_SIZE, NEW_BLOCKS)
-        assert on_stack(reading, "memtop_leak_new_object()") == (NEW_BLOCKS * NODE_SIZE, NEW_BLOCKS)
+        def second_run(function: str) -> tuple[int, int]:
+            now, then = on_stack(reading, function), on_stack(before, function)
+            return now[0] - then[0], now[1] - then[1]
+
+        assert second_run("memtop_leak_new_array()") == (NEW_BLOCKS * NEW_BLOCK_SIZE, NEW_BLOCKS)
+        assert second_run("memtop_leak_new_object()") == (NEW_BLOCKS * NODE_SIZE, NEW_BLOCKS)
         assert on_stack(reading, "memtop_new_and_delete()") == (0, 0)
         tracker = LeakTracker()
         tracker.ingest(0.0, reading)

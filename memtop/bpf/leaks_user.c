@@ -38,6 +38,9 @@
 #ifndef USER_PAGE_SIZE
 #define USER_PAGE_SIZE 4096
 #endif
+#ifndef MAX_NEW_SITES
+#define MAX_NEW_SITES 4096
+#endif
 
 #define SOURCE_HEAP 0
 #define SOURCE_MMAP 1
@@ -56,6 +59,8 @@
 #define OP_MMAP 3      // returns the mapping, MAP_FAILED on failure
 #define OP_MREMAP 4    // returns the new mapping, MAP_FAILED on failure (the old one stays)
 #define OP_MUNMAP 5    // returns 0, -1 on failure (nothing unmapped)
+#define OP_NEW 6       // a throwing operator new: its return is seen at the call site (cxx_new_site)
+#define NEW_STALE_NS 10000000  // an OP_NEW call pending longer than 10 ms threw (its return never came)
 
 // The outermost allocator call in progress on one thread, from its entry to its return.
 struct pending_call {
@@ -66,6 +71,7 @@ struct pending_call {
     u64 old_len;  // mremap: the old length; munmap: the length unmapped
     u32 op;       // OP_*
     u32 has_old;  // `old` was tracked: taken out of `allocs` at entry, its record is in old_info
+    u64 ts_ns;    // entry time (OP_NEW: tells a call that threw from one still running)
     struct alloc_info old_info;
 };
 BPF_HASH(pending, u32, struct pending_call, MAX_THREADS);
@@ -75,7 +81,11 @@ BPF_HASH(pending, u32, struct pending_call, MAX_THREADS);
 // True when this thread is inside a tracked allocator call (an outer call at or above this stack pointer).
 static __always_inline int nested(u32 tid, u64 sp) {
     struct pending_call *outer = pending.lookup(&tid);
-    return outer && sp <= outer->sp;  // equal: a tail call from the outer function
+    if (!outer)
+        return 0;
+    if (outer->op == OP_NEW)  // it may have thrown: only calls strictly below it and soon after are inside it
+        return sp < outer->sp && bpf_ktime_get_ns() - outer->ts_ns < NEW_STALE_NS;
+    return sp <= outer->sp;  // equal: a tail call from the outer function
 }
 
 // Start *call as this thread's outermost call; 0 when the call is nested. A pending call left above this
@@ -88,6 +98,7 @@ static __always_inline int begin(struct pt_regs *ctx, u32 op, struct pending_cal
     __builtin_memset(call, 0, sizeof(*call));
     call->sp = sp;
     call->op = op;
+    call->ts_ns = bpf_ktime_get_ns();
     return 1;
 }
 
@@ -260,6 +271,49 @@ int alloc_return(struct pt_regs *ctx) {
         break;
     }
     }
+    return 0;
+}
+
+// -- C++ operator new that throws ---------------------------------------------------------------------------
+// A uretprobe replaces the return address with a trampoline the C++ unwinder cannot step through: an
+// exception thrown by operator new (bad_alloc) would then terminate the program. So a throwing operator
+// new gets no uretprobe: its entry records the call and the return address, and user space puts a uprobe
+// (cxx_new_site) on each return address seen (new_sites -> hooked_sites). Calls from a site not hooked yet
+// are not seen (the first ones at each call site, until the next read).
+
+BPF_HASH(new_sites, u64, u8, MAX_NEW_SITES);     // return addresses of operator new calls, to be hooked
+BPF_HASH(hooked_sites, u64, u8, MAX_NEW_SITES);  // return addresses with a cxx_new_site uprobe
+
+int cxx_new_enter(struct pt_regs *ctx) {
+    u64 sp = PT_REGS_SP(ctx);
+    u64 site = 0;
+    if (bpf_probe_read_user(&site, sizeof(site), (void *)sp) != 0)
+        return 0;
+    if (!hooked_sites.lookup(&site)) {
+        u8 one = 1;
+        new_sites.update(&site, &one);
+        return 0;
+    }
+    struct pending_call c, *call = &c;
+    if (!begin(ctx, OP_NEW, call))
+        return 0;
+    call->size = PT_REGS_PARM1(ctx);
+    commit(call);
+    return 0;
+}
+
+// A uprobe at a return address of operator new: the new that returns here is the thread's pending one
+// when the stack pointer is just above its entry's. (A site is also reached by any jump to it: ignored.)
+int cxx_new_site(struct pt_regs *ctx) {
+    u32 tid = bpf_get_current_pid_tgid();
+    struct pending_call *found = pending.lookup(&tid);
+    if (!found || found->op != OP_NEW || PT_REGS_SP(ctx) != found->sp + 8)
+        return 0;
+    u64 size = found->size;
+    pending.delete(&tid);
+    u64 address = PT_REGS_RC(ctx);
+    if (address)
+        on_alloc(ctx, address, size, SOURCE_HEAP);
     return 0;
 }
 

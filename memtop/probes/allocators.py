@@ -34,13 +34,14 @@ ENTRY_POINTS: tuple[tuple[str, str, str, str | None], ...] = (
     ("free", HEAP, "free_enter", None),
     ("cfree", HEAP, "free_enter", None),
     # C++ operator new (size first in every variant) and operator delete (pointer first), plain, array,
-    # nothrow, sized and aligned.
-    ("_Znwm", CXX, "malloc_enter", "alloc_return"),
-    ("_Znam", CXX, "malloc_enter", "alloc_return"),
+    # nothrow, sized and aligned. A throwing new gets no uretprobe (an exception could not unwind through
+    # it): its returns are hooked at each call site (UserLeakProbe.hook_new_sites).
+    ("_Znwm", CXX, "cxx_new_enter", None),  # throws: no uretprobe (see leaks_user.c)
+    ("_Znam", CXX, "cxx_new_enter", None),  # throws: no uretprobe (see leaks_user.c)
     ("_ZnwmRKSt9nothrow_t", CXX, "malloc_enter", "alloc_return"),
     ("_ZnamRKSt9nothrow_t", CXX, "malloc_enter", "alloc_return"),
-    ("_ZnwmSt11align_val_t", CXX, "malloc_enter", "alloc_return"),
-    ("_ZnamSt11align_val_t", CXX, "malloc_enter", "alloc_return"),
+    ("_ZnwmSt11align_val_t", CXX, "cxx_new_enter", None),  # throws: no uretprobe (see leaks_user.c)
+    ("_ZnamSt11align_val_t", CXX, "cxx_new_enter", None),  # throws: no uretprobe (see leaks_user.c)
     ("_ZnwmSt11align_val_tRKSt9nothrow_t", CXX, "malloc_enter", "alloc_return"),
     ("_ZnamSt11align_val_tRKSt9nothrow_t", CXX, "malloc_enter", "alloc_return"),
     ("_ZdlPv", CXX, "free_enter", None),

@@ -504,6 +504,10 @@ def mapped_objects(pid: int) -> dict[str, str]:
     return objects
 
 
+MAX_NEW_SITES = 4096  # call sites of a throwing operator new hooked at most (each is one uprobe)
+NEW_SITES_PER_READ = 256  # hooked per read at most (an attach takes a few ms)
+
+
 class UserLeakProbe(_LeakProbe):
     """Outstanding heap allocations and anonymous mmaps of one process by user stack: uprobes on the
     allocator entry points the process really resolves (memtop.probes.allocators: its link map, by
@@ -555,9 +559,15 @@ class UserLeakProbe(_LeakProbe):
         self._thinned = 0
         # address key -> (its ts_ns, extra weight, size, raw agg_key) of entries kept by thinning
         self._extra: dict[bytes, tuple[int, int, int, bytes]] = {}
+        self.new_sites_hooked = 0  # call sites of a throwing operator new with a uprobe on their return
+        self.new_sites_failed = 0
 
     def cflags(self) -> list[str]:
-        return [*super().cflags(), int_cflag("USER_PAGE_SIZE", resource.getpagesize(), 4096, 1 << 21)]
+        return [
+            *super().cflags(),
+            int_cflag("USER_PAGE_SIZE", resource.getpagesize(), 4096, 1 << 21),
+            int_cflag("MAX_NEW_SITES", MAX_NEW_SITES, 16, 1 << 16),
+        ]
 
     def find_functions(self) -> list[allocators.Hook]:
         """The uprobes to attach: each allocator entry point at the object the process resolves it to.
@@ -608,8 +618,11 @@ class UserLeakProbe(_LeakProbe):
         functions = ", ".join(self.attached)
         how = "adaptive" if self.sampler is not None else "fixed"
         estimate = " (estimates)" if self.sample_rate > 1 else ""
+        sites = (
+            f", operator new hooked at {self.new_sites_hooked} call sites" if self.new_sites_hooked else ""
+        )
         return (
-            f"pid {self.pid}: uprobes on {where} ({functions}){mmap}, 1 in {self.sample_rate} tracked "
+            f"pid {self.pid}: uprobes on {where} ({functions}){mmap}{sites}, 1 in {self.sample_rate} tracked "
             f"({how}){estimate}, {self.alloc_events:,} allocator calls seen"
         )
 
@@ -724,7 +737,40 @@ class UserLeakProbe(_LeakProbe):
                 del self._extra[raw_key]
                 self._correct(raw_agg, -size * extra, -extra)
 
+    def hook_new_sites(self, budget: int = NEW_SITES_PER_READ) -> int:
+        """Put a uprobe (cxx_new_site) on each new return address of a throwing operator new that the BPF
+        program reported, at most `budget` per call; returns how many were hooked. See leaks_user.c: such a
+        new gets no uretprobe, which an exception could not unwind through."""
+        reported = self.bpf[b"new_sites"]
+        hooked = self.bpf[b"hooked_sites"]
+        one = ctypes.c_uint8(1)
+        done = 0
+        for key in list(reported.keys())[:budget]:
+            site = key.value
+            with contextlib.suppress(KeyError):
+                del reported[key]
+            if self.new_sites_hooked + self.new_sites_failed >= MAX_NEW_SITES:
+                self.new_sites_failed += 1
+                continue
+            where = self._module_symbols.file_address(site)
+            try:
+                if where is None:
+                    raise OSError("not in a mapped file")
+                map_file, elf_address = where
+                self.bpf.attach_uprobe(
+                    name=map_file.encode(), addr=elf_address, fn_name=b"cxx_new_site", pid=self.pid
+                )
+            except Exception:  # unmapped meanwhile, or the kernel refused: that site stays unseen
+                self.new_sites_failed += 1
+                continue
+            hooked[ctypes.c_uint64(site)] = one
+            self.new_sites_hooked += 1
+            done += 1
+        return done
+
     def read(self) -> LeakReading:
+        if "cxx_new_enter" in {hook.entry for hook in self.hooks}:
+            self.hook_new_sites()
         self._comms.clear()  # names are read again: a process may have exec'd
         reading = self._read(KIND_USER)
         reading = dataclasses.replace(reading, tracked_now=max(0, reading.tracked_now - self._thinned))
@@ -794,6 +840,18 @@ class ModuleSymbols:
             symbols = info.symbols if info else []
             table = self._tables[path] = ([s.value for s in symbols], symbols, info)
         return table
+
+    def file_address(self, address: int) -> tuple[str, int] | None:
+        """(the map_files path of the file mapped at `address`, the address in the file's own terms)."""
+        mapping = self._mapping(address)
+        if mapping is None:
+            return None
+        start, _end, offset, path, map_file = mapping
+        info = self._table(path, map_file)[2]
+        if info is None:
+            return None
+        elf_address = address if info.is_exec else info.vaddr(address - start + offset)
+        return None if elf_address is None else (map_file, elf_address)
 
     def locate(self, address: int) -> tuple[str, int, Symbol | None] | None:
         """(file name, address in the file's own terms, the symbol containing it or None), or None when

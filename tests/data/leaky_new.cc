@@ -1,9 +1,11 @@
 // memtop test program: leaks through operator new[] (and new), for linking against another allocator
 // (tcmalloc, jemalloc). "run" leaks BLOCKS x BLOCK_SIZE bytes with new[] and BLOCKS objects with new,
-// frees as many, and replies "ran". Built with g++ -g -O0 -fno-omit-frame-pointer -fno-inline.
+// news and deletes as many, and replies "ran". "throw" makes new[] throw bad_alloc three times, catches it
+// and replies "caught N". Built with g++ -g -O0 -fno-omit-frame-pointer -fno-inline.
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <string>
+#include <new>
 
 #define BLOCKS 100
 #define BLOCK_SIZE 10000
@@ -34,6 +36,20 @@ __attribute__((noinline)) void memtop_new_and_delete(void) {
     }
 }
 
+__attribute__((noinline)) int memtop_new_that_throws(void) {
+    int caught = 0;
+    for (int i = 0; i < 3; i++) {
+        try {
+            volatile size_t impossible = SIZE_MAX / 4;
+            char *p = new char[impossible];
+            p[0] = 1;
+        } catch (const std::bad_alloc &) {
+            caught++;
+        }
+    }
+    return caught;
+}
+
 int main() {
     char line[64];
     setvbuf(stdout, nullptr, _IOLBF, 0);
@@ -46,6 +62,8 @@ int main() {
             }
             memtop_new_and_delete();
             std::printf("ran\n");
+        } else if (std::strncmp(line, "throw", 5) == 0) {
+            std::printf("caught %d\n", memtop_new_that_throws());
         }
     }
     return 0;
