@@ -128,6 +128,7 @@ def test_cpp_program_on_another_allocator(tmp_path: Path, allocator: str) -> Non
     from memtop.probes.leaks import UserLeakProbe
 
     binary = build("g++", DATA / "leaky_new.cc", tmp_path / f"leaky_{allocator}", f"-l{allocator}")
+    ours: set[int] = set()
     child = Driven([str(binary)])
     probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
     try:
@@ -156,6 +157,7 @@ def test_cpp_program_on_another_allocator(tmp_path: Path, allocator: str) -> Non
 
         assert second_run("memtop_leak_new_array()") == (NEW_BLOCKS * NEW_BLOCK_SIZE, NEW_BLOCKS)
         assert second_run("memtop_leak_new_object()") == (NEW_BLOCKS * NODE_SIZE, NEW_BLOCKS)
+        ours = prog_ids_held_by(os.getpid())
         assert on_stack(reading, "memtop_new_and_delete()") == (0, 0)
         tracker = LeakTracker()
         tracker.ingest(0.0, reading)
@@ -164,6 +166,7 @@ def test_cpp_program_on_another_allocator(tmp_path: Path, allocator: str) -> Non
     finally:
         probe.close()
         child.stop()
+    assert ours and not (ours & loaded_prog_ids()), "programs (and call-site uprobes) left after close()"
 
 
 def test_static_musl_program(tmp_path: Path) -> None:
@@ -173,7 +176,7 @@ def test_static_musl_program(tmp_path: Path) -> None:
     binary = build("musl-gcc", DATA / "leaky_static.c", tmp_path / "leaky_static", "-static")
     child = Driven([str(binary)])
     probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
-    ours = set()
+    ours: set[int] = set()
     try:
         probe.start()
         ours = prog_ids_held_by(os.getpid())
