@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -215,23 +216,32 @@ EXEC_SCRIPT = """
 echo ready
 read line
 words="$line $line $line"  # bash allocates while tracked: the probe first sees this process as bash
+echo allocated
+read line
 exec python3 -c 'import sys; print("started", flush=True); keep = [bytearray(5000) for _ in range(50)]; \
 sys.stdin.readline()'
 """
 
 
 def test_rows_name_the_process_after_exec() -> None:
-    """Tracking starts on a shell that allocates, then execs python3: every row says python3."""
+    """Tracking starts on a shell that allocates, then execs python3: every row says python3, and what the
+    shell had allocated (never freed: exec discards it) is forgotten."""
     from memtop.probes.leaks import UserLeakProbe
 
     child = Driven(["bash", "-c", EXEC_SCRIPT])
     probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
     try:
         probe.start()
+        assert child.send("allocate") == "allocated"
+        shell_allocated = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
         assert child.send("go") == "started"
         reading = probe.read()
         names = {s.comm for s in reading.stacks if s.pid == child.pid}
         assert names == {"python3"}, names
+        from_the_shell = [
+            s for s in reading.stacks if s.oldest_ns is not None and s.oldest_ns < shell_allocated
+        ]
+        assert not from_the_shell, from_the_shell
     finally:
         probe.close()
         child.stop()

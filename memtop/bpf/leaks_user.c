@@ -274,6 +274,21 @@ int alloc_return(struct pt_regs *ctx) {
     return 0;
 }
 
+// -- exec ---------------------------------------------------------------------------------------------------
+// An exec discards the process's heap without a free: user space forgets what was tracked before it.
+// (sched:sched_process_exec; reads no argument, only helpers.)
+
+BPF_HASH(execs, u32, u64, MAX_PIDS);  // tgid -> bpf_ktime_get_ns() of its latest exec
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!comms.lookup(&tgid))
+        return 0;  // nothing tracked for it
+    u64 now = bpf_ktime_get_ns();
+    execs.update(&tgid, &now);
+    return 0;
+}
+
 // -- C++ operator new that throws ---------------------------------------------------------------------------
 // A uretprobe replaces the return address with a trampoline the C++ unwinder cannot step through: an
 // exception thrown by operator new (bad_alloc) would then terminate the program. So a throwing operator

@@ -675,8 +675,6 @@ class UserLeakProbe(_LeakProbe):
         the leaving entries are deleted in batches, and what the kernel's aggregates are then off by (the
         weight of those deleted, the extra weight of those kept) is kept in _corrections and added when they
         are read. A kept entry's extra weight is taken back once a scan finds it freed (_reconcile)."""
-        from bcc.libbcc import lib
-
         table = self.bpf[b"allocs"]
         keys, values, count = raw_batch_lookup(table)
         chance = random.Random()
@@ -696,21 +694,7 @@ class UserLeakProbe(_LeakProbe):
             else:
                 leaving.append(raw_key)
                 leaving_deltas.append((raw_agg, -size * effective, -effective))
-        done = 0
-        while done < len(leaving):  # a batch stops at a key freed meanwhile: skip it and go on
-            batch = b"".join(leaving[done:])
-            n = ctypes.c_uint32(len(leaving) - done)
-            result = lib.bpf_delete_batch(
-                table.map_fd, ctypes.create_string_buffer(batch, len(batch)), ctypes.byref(n)
-            )
-            for raw_agg, delta_bytes, delta_allocations in leaving_deltas[done : done + n.value]:
-                self._correct(raw_agg, delta_bytes, delta_allocations)
-            for raw_key in leaving[done : done + n.value]:
-                self._extra.pop(raw_key, None)
-            self._thinned += n.value
-            done += n.value + (1 if result != 0 else 0)
-            if result != 0 and n.value == 0 and ctypes.get_errno() not in (errno.ENOENT, 0):
-                break  # the kernel cannot batch-delete: leave the rest
+        self._delete_tracked(leaving, leaving_deltas)
 
     def _correct(self, raw_agg: bytes, delta_bytes: int, delta_allocations: int) -> None:
         extra_bytes, extra_allocations = self._corrections.get(raw_agg, (0, 0))
@@ -768,7 +752,65 @@ class UserLeakProbe(_LeakProbe):
             done += 1
         return done
 
+    def _after_execs(self) -> None:
+        """Forget what processes tracked here allocated before their latest exec (the new image never frees
+        it), re-read their symbols, and hook the allocator of the new image where it is another one."""
+        execs = self.bpf[b"execs"]
+        seen = [(key.value, value.value) for key, value in execs.items()]
+        if not seen:
+            return
+        for tgid, _ in seen:
+            with contextlib.suppress(KeyError):
+                del execs[ctypes.c_uint32(tgid)]
+        table = self.bpf[b"allocs"]
+        keys, values, count = raw_batch_lookup(table)
+        before = dict(seen)
+        leaving: list[bytes] = []
+        deltas: list[tuple[bytes, int, int]] = []
+        for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
+            ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+        ):
+            if tgid in before and ts_ns < before[tgid]:
+                raw_key = keys[i * 8 : (i + 1) * 8]
+                effective = weight + self._extra.get(raw_key, (0, 0, 0, b""))[1]
+                leaving.append(raw_key)
+                deltas.append((AGG_KEY.pack(stack_id, tgid, source, 0), -size * effective, -effective))
+        self._delete_tracked(leaving, deltas)
+        _drop_symbol_cache(self.pid)
+        self._module_symbols = ModuleSymbols(self.pid)
+        self._symbols.clear()
+        self._frames.clear()
+        if self.pid in before:
+            with contextlib.suppress(MemtopError):
+                attached = {(hook.obj.path, hook.address) for hook in self.hooks}
+                for hook in allocators.resolve(self.pid).hooks:
+                    if (hook.obj.path, hook.address) not in attached:
+                        with contextlib.suppress(Exception):
+                            self._attach(hook)
+                            self.hooks.append(hook)
+
+    def _delete_tracked(self, leaving: list[bytes], deltas: list[tuple[bytes, int, int]]) -> None:
+        """Take these address keys out of the map, correcting their aggregates by `deltas` (bytes,
+        allocations) for each one deleted here (not freed meanwhile)."""
+        from bcc.libbcc import lib
+
+        fd = self.bpf[b"allocs"].map_fd
+        done = 0
+        while done < len(leaving):  # a batch stops at a key freed meanwhile: skip it and go on
+            batch = b"".join(leaving[done:])
+            n = ctypes.c_uint32(len(leaving) - done)
+            result = lib.bpf_delete_batch(fd, ctypes.create_string_buffer(batch, len(batch)), ctypes.byref(n))
+            for raw_agg, delta_bytes, delta_allocations in deltas[done : done + n.value]:
+                self._correct(raw_agg, delta_bytes, delta_allocations)
+            for raw_key in leaving[done : done + n.value]:
+                self._extra.pop(raw_key, None)
+            self._thinned += n.value
+            done += n.value + (1 if result != 0 else 0)
+            if result != 0 and n.value == 0 and ctypes.get_errno() not in (errno.ENOENT, 0):
+                break  # the kernel cannot batch-delete: leave the rest
+
     def read(self) -> LeakReading:
+        self._after_execs()
         if "cxx_new_enter" in {hook.entry for hook in self.hooks}:
             self.hook_new_sites()
         self._comms.clear()  # names are read again: a process may have exec'd
