@@ -283,3 +283,23 @@ def test_frames_in_a_stripped_library_read_lib_plus_offset(tmp_path: Path) -> No
     finally:
         probe.close()
         child.stop()
+
+
+def test_userleaks_bench_smoke(tmp_path: Path) -> None:
+    """bench/userleaks_bench.py end to end, briefly: it prints its table and writes JSON. No timing is
+    asserted."""
+    import json
+    import sys
+
+    bench = Path(__file__).resolve().parent.parent / "bench" / "userleaks_bench.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--iterations", "2000", "--rounds", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "uprobe cost per call" in proc.stdout
+    modes = {row["mode"] for row in json.loads(out.read_text())["summary"]}
+    assert modes == {"untraced", "traced, N=1", "traced, 1 in 64"}
