@@ -43,6 +43,7 @@ bench: setup
 	$(PY) bench/leaks_bench.py
 	$(PY) bench/tcp_bench.py
 	$(PY) bench/ui_bench.py
+	$(PY) bench/userleaks_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache memtop.egg-info build dist

@@ -20,6 +20,7 @@ from textual.timer import Timer
 
 from memtop.config import Config
 from memtop.errors import MemtopError
+from memtop.leaks import UPROBE_COST_NOTE
 from memtop.sources import Source
 from memtop.store import ProcessKey, Snapshot, SortKey
 from memtop.widgets import Column
@@ -291,7 +292,7 @@ class MemtopApp(App[None]):
             self.notify(f"stopped tracking PID {pid}'s allocations")
             self.refresh_now()
             return
-        self.notify(f"attaching to PID {pid}'s allocator…", timeout=3)
+        self.notify(f"attaching to PID {pid}'s allocator… ({UPROBE_COST_NOTE})", timeout=5)
         self._start_user_leaks(pid)
 
     @work(thread=True, exclusive=True, group="user-leaks", exit_on_error=False)

@@ -128,6 +128,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="also track this process's user-space allocations (uprobes on its malloc)",
     )
     parser.add_argument(
+        "--user-leak-sample",
+        type=_int_in(1, 1 << 20, "--user-leak-sample"),
+        default=None,
+        metavar="N",
+        help="track 1 in N of a process's own allocations (m, --leaks-pid; default: N adapts to the rate)",
+    )
+    parser.add_argument(
         "--older",
         type=_float_in(0, 365 * 86400, "--older"),
         default=0.0,
@@ -265,6 +272,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         leak_sample=args.leak_sample,
         leak_pages=args.leak_pages,
         leaks_pid=args.leaks_pid,
+        user_leak_sample=args.user_leak_sample,
         older_s=args.older,
     )
 
@@ -438,7 +446,7 @@ def dump_bpf(config: Config) -> int:
     if config.leaks_pid is not None:
         from memtop.probes.leaks import UserLeakProbe
 
-        probes.append(UserLeakProbe(config.leaks_pid))
+        probes.append(UserLeakProbe(config.leaks_pid, sample_every=config.user_leak_sample))
     print("\n".join(probe.dump() for probe in probes))
     return 0
 

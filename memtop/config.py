@@ -28,4 +28,5 @@ class Config:
     leak_sample: int | None = None  # kernel leak tracking: 1 in N allocations; None adapts N to the rate
     leak_pages: bool = False  # also track page allocations (kmem:mm_page_alloc/free)
     leaks_pid: int | None = None  # also track this process's user-space allocations from the start
+    user_leak_sample: int | None = None  # user leak tracking (m, --leaks-pid): 1 in N; None adapts N
     older_s: float = 0.0  # the Leaks panel hides allocations younger than this

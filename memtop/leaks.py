@@ -230,6 +230,15 @@ def first_bin_at_least(older_than_s: float) -> int:
 
 TRACK_BUDGET_PER_S = 10_000  # tracked allocations/s: each costs a stack walk and map updates (~0.6 us)
 MAX_SAMPLE_RATE = 1 << 20
+# What a uprobe costs the traced program per allocator call, measured with bench/userleaks_bench.py on the
+# project's 2-core test VM (a malloc+free loop traced vs untraced; see the README). Sampling cannot remove it:
+# every call still enters the kernel. Said where tracking starts (the drill-down's m, the README).
+UPROBE_COST_US = 8
+UPROBE_COST_NOTE = f"uprobes: ~{UPROBE_COST_US} us per call"
+
+# User mode (uprobes): the probe itself already costs every call microseconds, and a tracked allocation adds
+# its stack walk; what sampling protects there is mostly the address map, so the budget is higher.
+USER_TRACK_BUDGET_PER_S = 20_000
 
 
 def _pow2_at_least(value: float) -> int:

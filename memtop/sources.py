@@ -148,7 +148,8 @@ class LiveSource:
             return None
         from memtop.probes.leaks import UserLeakProbe
 
-        probe = UserLeakProbe(self.config.leaks_pid)  # checks the PID before anything compiles
+        # checks the PID before anything compiles
+        probe = UserLeakProbe(self.config.leaks_pid, sample_every=self.config.user_leak_sample)
         probe.find_functions()  # and that it has an allocator to hook (MemtopError: one line, no UI)
         return probe
 
@@ -292,10 +293,16 @@ class LiveSource:
         (one line) when it cannot: no such process, no allocator found, uprobes refused."""
         from memtop.probes.leaks import UserLeakProbe
 
-        self._track_user_leaks(UserLeakProbe(pid))  # validates the pid before compiling anything
+        # validates the pid before compiling anything
+        self._track_user_leaks(UserLeakProbe(pid, sample_every=self.config.user_leak_sample))
 
     def _track_user_leaks(self, probe: UserLeakProbe) -> None:
-        probe.start()  # compiles outside the lock: ticks go on meanwhile
+        try:
+            probe.start()  # compiles outside the lock: ticks go on meanwhile
+        except MemtopError as exc:  # the Leaks panel says why (which object provides malloc, ...)
+            with self._lock:
+                self.store.probes[probe.name] = ProbeStatus("error", str(exc))
+            raise
         with self._lock:
             self._stop_user_leaks()
             self.user_leaks = probe

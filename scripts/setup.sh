@@ -36,7 +36,9 @@ fallback_headers_pkg() {
     fi
 }
 
-BASE_PKGS=(python3-bpfcc bpfcc-tools python3-venv bpftool gcc make iproute2)
+# g++, libgoogle-perftools-dev (tcmalloc), libjemalloc-dev, musl-tools: the user leak tests build programs on
+# other allocators and a static musl binary.
+BASE_PKGS=(python3-bpfcc bpfcc-tools python3-venv bpftool gcc make iproute2 g++ libgoogle-perftools-dev libjemalloc-dev musl-tools)
 missing=()
 for pkg in "${BASE_PKGS[@]}"; do
     is_installed "$pkg" || missing+=("$pkg")

@@ -142,7 +142,9 @@ def test_leaks_pid_of_no_process_is_refused_before_compiling() -> None:
 def test_leaks_pid_without_an_allocator_detaches_everything_and_says_one_line() -> None:
     """A kernel thread maps no malloc: refused after the other probes started. They are detached before
     the exit (the OOM probe's poll thread printed errors when they were not)."""
-    assert_one_line_error(run("--leaks-pid", "2"), "no malloc/free found in the objects process 2 has mapped")
+    assert_one_line_error(
+        run("--leaks-pid", "2"), "PID 2 maps no executable file: its allocations are not followed"
+    )
 
 
 @pytest.mark.bpf

@@ -569,9 +569,11 @@ def test_mapped_objects_put_the_executable_first(tmp_path: Any, monkeypatch: pyt
         "/opt/app/bin/app",
         "/usr/lib/x86_64-linux-gnu/libc.so.6",
         "/opt/app/lib/libjemalloc.so.2",
+        "/tmp/gone.so",  # deleted on disk (an upgraded library): map_files still opens what is mapped
     ]
     assert objects["/usr/lib/x86_64-linux-gnu/libc.so.6"] == "/proc/4242/map_files/7f00-7f01"
     assert objects["/opt/app/bin/app"] == "/proc/4242/map_files/5500-5501"
+    assert objects["/tmp/gone.so"] == "/proc/4242/map_files/7f03-7f04"
 
 
 def test_user_probe_refuses_a_missing_process() -> None:

@@ -119,7 +119,7 @@ def leaky(leaky_binary: Path) -> Iterator[Driven]:
 def test_user_probe_finds_the_leaks_and_not_the_freed_blocks(leaky: Driven) -> None:
     from memtop.probes.leaks import UserLeakProbe
 
-    probe = UserLeakProbe(leaky.pid, max_stacks=STACKS)
+    probe = UserLeakProbe(leaky.pid, sample_every=1, max_stacks=STACKS)  # exact
     probe.start()
     ours = prog_ids_held_by(os.getpid())
     try:
@@ -214,7 +214,7 @@ def test_user_probe_in_a_chroot_probes_the_process_own_libc(leaky_binary: Path, 
         pytest.fail("chroot (coreutils) is needed")
     inside = chroot_with(leaky_binary, tmp_path)
     child = Driven(["chroot", str(tmp_path), str(inside)])
-    probe = UserLeakProbe(child.pid, max_stacks=STACKS)
+    probe = UserLeakProbe(child.pid, sample_every=1, max_stacks=STACKS)
     try:
         probe.start()
         assert probe.allocator.startswith(str(tmp_path)), probe.allocator  # the copy, as maps names it

@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import random
 import resource
 import struct
 import time
@@ -27,12 +28,15 @@ from memtop.leaks import (
     KIND_USER,
     MAX_SAMPLE_RATE,
     STACK_LOST,
+    USER_TRACK_BUDGET_PER_S,
     AdaptiveSampler,
     LeakReading,
     StackOutstanding,
 )
 from memtop.model import ProbeStatus
-from memtop.probes.base import Probe, _one_line, import_bcc, int_cflag, raw_args_match
+from memtop.probes import allocators
+from memtop.probes.base import Probe, _one_line, int_cflag, raw_args_match
+from memtop.probes.elf import ElfError, ElfInfo, Symbol, read_elf
 
 # Indexes into the programs' `counters` array (see leaks_kernel.c / leaks_user.c).
 COUNTER_NAMES = (
@@ -147,6 +151,7 @@ def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
 
 
 BPF_NOEXIST = 1
+BPF_EXIST = 2
 
 
 def take_if_empty(table: Any, raw_key: bytes) -> None:
@@ -585,27 +590,6 @@ class KernelLeakProbe(_LeakProbe):
 
 # -- one process ------------------------------------------------------------------------------------------
 
-# (symbol, entry program, return program or None). Symbols at the same address (glibc's memalign is
-# aligned_alloc) are attached once.
-ALLOCATOR_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
-    ("malloc", "malloc_enter", "alloc_return"),
-    ("calloc", "calloc_enter", "alloc_return"),
-    ("realloc", "realloc_enter", "alloc_return"),
-    ("reallocarray", "reallocarray_enter", "alloc_return"),
-    ("posix_memalign", "posix_memalign_enter", "posix_memalign_return"),
-    ("aligned_alloc", "aligned_alloc_enter", "alloc_return"),
-    ("memalign", "aligned_alloc_enter", "alloc_return"),
-    ("valloc", "valloc_enter", "alloc_return"),
-    ("pvalloc", "valloc_enter", "alloc_return"),
-    ("free", "free_enter", None),
-)
-# Looked for in the allocator's object, else in libc (where jemalloc & co get their pages from).
-MAPPING_FUNCTIONS: tuple[tuple[str, str, str | None], ...] = (
-    ("mmap", "mmap_enter", "mmap_return"),
-    ("mmap64", "mmap_enter", "mmap_return"),
-    ("munmap", "munmap_enter", None),
-)
-
 
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks (field 22 of /proc/PID/stat), None if it is gone or a
@@ -625,46 +609,32 @@ def mapped_objects(pid: int) -> dict[str, str]:
     /proc/PID/map_files/<range> of one of its mappings}.
 
     The map_files link opens the very file the process mapped, wherever it lives: inside a container's
-    mount namespace, under a chroot, or replaced on disk since. The path alone can name another file
-    from here (it is resolved against our root, or the container's), and uprobes go by inode.
+    mount namespace, under a chroot, or replaced (deleted) on disk since. The path alone can name another
+    file from here (it is resolved against our root, or the container's), and uprobes go by inode.
     """
+    objects = {o.path: o.open_path for o in allocators.mapped_objects(pid)}
     try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError as exc:
-        raise MemtopError(f"cannot read /proc/{pid}/maps: {exc.strerror}") from None
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
+        exe = os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)")
     except OSError:
         exe = ""
-    objects: dict[str, str] = {}
-    for line in maps.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) < 6 or "x" not in parts[1]:
-            continue
-        path = parts[5]
-        if path.startswith("/") and not path.endswith(" (deleted)") and path not in objects:
-            objects[path] = f"/proc/{pid}/map_files/{parts[0]}"
     if exe in objects:
         objects = {exe: objects[exe], **{k: v for k, v in objects.items() if k != exe}}
     return objects
 
 
-MAPPING_NAMES = frozenset(name for name, _, _ in MAPPING_FUNCTIONS)
-
-
-def _is_libc(path: str) -> bool:
-    base = os.path.basename(path)
-    return base.startswith(("libc.so", "libc-", "libc.musl", "ld-musl"))
-
-
-def _is_dynamic_linker(path: str) -> bool:
-    return os.path.basename(path).startswith(("ld-linux", "ld64.so", "ld.so"))
+MAX_NEW_SITES = 4096  # call sites of a throwing operator new hooked at most (each is one uprobe)
+NEW_SITES_PER_READ = 256  # hooked per read at most (an attach takes a few ms)
 
 
 class UserLeakProbe(_LeakProbe):
     """Outstanding heap allocations and anonymous mmaps of one process by user stack: uprobes on the
-    allocator it has mapped, opened through /proc/PID/map_files so that containers and chroots get their
-    own copy probed."""
+    allocator entry points the process really resolves (memtop.probes.allocators: its link map, by
+    exported symbols), opened through /proc/PID/map_files so that containers and chroots get their own copy
+    probed.
+
+    sample_every None: adaptive 1-in-N (AdaptiveSampler starting at 1, so small programs are exact);
+    an integer fixes N. Counts are then estimates (each tracked allocation stands for N).
+    """
 
     name = "leaks-user"
     source = "leaks_user.c"
@@ -673,18 +643,25 @@ class UserLeakProbe(_LeakProbe):
     def __init__(
         self,
         pid: int,
-        sample_every: int = 1,
+        sample_every: int | None = None,
         max_allocs: int = 262144,
         max_stacks: int = 16384,
         max_aggregates: int = 32768,
         age_scan_budget: float = AGE_SCAN_BUDGET,
+        sampler: AdaptiveSampler | None = None,
     ) -> None:
         super().__init__(max_allocs, max_stacks, max_aggregates, age_scan_budget)
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise MemtopError(f"PID must be a positive integer, got {pid!r}")
-        int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)
+        if sample_every is not None:
+            int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)  # validates: one-line MemtopError
         self.pid = pid
-        self.sample_rate = sample_every
+        self.sampler: AdaptiveSampler | None = None
+        if sample_every is None:
+            self.sampler = sampler or AdaptiveSampler(budget_per_s=USER_TRACK_BUDGET_PER_S, initial=1)
+            self.sample_rate = self.sampler.rate
+        else:
+            self.sample_rate = sample_every
         self.start_time = process_start_time(pid)
         if self.start_time is None:
             raise MemtopError(f"no process with PID {pid}")
@@ -692,85 +669,80 @@ class UserLeakProbe(_LeakProbe):
         self.allocator = ""  # the object whose malloc is probed, as the process sees it
         self.mapper = ""  # the object whose mmap is probed ("" when none was found)
         self.attached: list[str] = []
+        self.hooks: list[allocators.Hook] = []
+        self.alloc_events = 0
+        # Thinning (see _thin): what the kernel's aggregates are off by, per raw agg_key, and the entries
+        # it took out of the address map (which the counters do not know about).
+        self._corrections: dict[bytes, tuple[int, int]] = {}
+        self._thinned = 0
+        # address key -> (its ts_ns, extra weight, size, raw agg_key) of entries kept by thinning
+        self._extra: dict[bytes, tuple[int, int, int, bytes]] = {}
+        self.new_sites_hooked = 0  # call sites of a throwing operator new with a uprobe on their return
+        self.new_sites_failed = 0
 
-    def find_functions(self) -> list[tuple[str, dict[str, int]]]:
-        """[(path to open it by, {function: address})] to probe: the object that defines the process's
-        malloc (the executable itself when it is static or links an allocator in, else a library other than
-        libc such as jemalloc or tcmalloc, else libc), then where its mmap comes from (the same object, or
-        libc)."""
-        bcc = import_bcc()
-        objects = mapped_objects(self.pid)
-        candidates = [p for p in objects if not _is_dynamic_linker(p)]
-        ordered = candidates[:1] + [p for p in candidates[1:] if not _is_libc(p)]
-        ordered += [p for p in candidates[1:] if _is_libc(p)]
-        names = [name for name, _, _ in ALLOCATOR_FUNCTIONS + MAPPING_FUNCTIONS]
-        pattern = ("^(" + "|".join(names) + ")$").encode()
-        found: dict[str, dict[str, int]] = {}
-        for path in ordered:
-            try:
-                symbols = bcc.BPF.get_user_functions_and_addresses(objects[path].encode(), pattern)
-            except Exception:  # unreadable or not ELF: not an allocator
-                continue
-            found[path] = {name.decode(): address for name, address in symbols}
-            if not self.allocator and "malloc" in found[path] and "free" in found[path]:
-                self.allocator = path
-            if self.allocator and "mmap" in found.get(self.allocator, {}):
-                self.mapper = self.allocator
-                break
-            if self.allocator and _is_libc(path) and "mmap" in found[path]:
-                self.mapper = path
-                break
-        if not self.allocator:
-            raise MemtopError(f"no malloc/free found in the objects process {self.pid} has mapped")
-        allocator = {k: v for k, v in found[self.allocator].items() if k not in dict.fromkeys(MAPPING_NAMES)}
-        targets = [(objects[self.allocator], allocator)]
-        if self.mapper:
-            mapping = {k: v for k, v in found[self.mapper].items() if k in MAPPING_NAMES}
-            targets.append((objects[self.mapper], mapping))
-        return targets
+    def cflags(self) -> list[str]:
+        return [
+            *super().cflags(),
+            int_cflag("USER_PAGE_SIZE", resource.getpagesize(), 4096, 1 << 21),
+            int_cflag("MAX_NEW_SITES", MAX_NEW_SITES, 16, 1 << 16),
+        ]
+
+    def find_functions(self) -> list[allocators.Hook]:
+        """The uprobes to attach: each allocator entry point at the object the process resolves it to.
+        Raises MemtopError (one line, naming the object that provides malloc) when malloc/free cannot be
+        followed."""
+        resolution = allocators.resolve(self.pid)
+        reason = allocators.not_followed_reason(self.pid, resolution)
+        if reason:
+            raise MemtopError(reason)
+        provider = resolution.malloc_provider
+        self.allocator = provider.path if provider else ""
+        mmap_found = resolution.providers.get("mmap")
+        self.mapper = mmap_found[0].path if mmap_found else ""
+        self.hooks = resolution.hooks
+        return resolution.hooks
 
     def start(self) -> None:
-        targets = self.find_functions()
+        hooks = self.find_functions()
         super().start()
         try:
-            config = self.bpf[b"config"]
-            value = config[ctypes.c_int(0)]
-            value.sample_every = self.sample_rate
-            config[ctypes.c_int(0)] = value
-            for host_path, functions in targets:
-                self._attach(host_path, functions)
+            self._set_sample_rate(self.sample_rate)
+            for hook in hooks:
+                self._attach(hook)
         except Exception as exc:
             self.close()
             if isinstance(exc, MemtopError):
                 raise
+            if process_start_time(self.pid) != self.start_time:
+                raise MemtopError(f"PID {self.pid} exited") from None
             raise MemtopError(
                 f"leaks-user probe failed to attach to PID {self.pid}: {_one_line(exc)}"
             ) from None
+        if self.sampler is not None:
+            self.sampler.update(time.monotonic(), 0)  # the first read already has a rate to adapt to
         self.status = type(self.status)("running", self.describe())
 
-    def _attach(self, host_path: str, functions: dict[str, int]) -> None:
-        seen: set[int] = set()
-        for symbol, entry, ret in ALLOCATOR_FUNCTIONS + MAPPING_FUNCTIONS:
-            address = functions.get(symbol)
-            if address is None or address in seen:
-                continue
-            seen.add(address)
-            self.bpf.attach_uprobe(
-                name=host_path.encode(), sym=symbol.encode(), fn_name=entry.encode(), pid=self.pid
-            )
-            if ret is not None:
-                self.bpf.attach_uretprobe(
-                    name=host_path.encode(), sym=symbol.encode(), fn_name=ret.encode(), pid=self.pid
-                )
-            self.attached.append(symbol)
+    def _attach(self, hook: allocators.Hook) -> None:
+        path = hook.obj.open_path.encode()
+        self.bpf.attach_uprobe(name=path, addr=hook.address, fn_name=hook.entry.encode(), pid=self.pid)
+        if hook.ret is not None:
+            self.bpf.attach_uretprobe(name=path, addr=hook.address, fn_name=hook.ret.encode(), pid=self.pid)
+        self.attached.append(hook.symbol)
 
     def describe(self) -> str:
-        where = os.path.basename(self.allocator)
-        if self.mapper and self.mapper != self.allocator:
-            where += f" + {os.path.basename(self.mapper)}"
+        objects = list(dict.fromkeys(os.path.basename(hook.obj.path) for hook in self.hooks))
+        where = " + ".join(objects) or os.path.basename(self.allocator)
         mmap = "" if self.mapper else ", no mmap tracking"
         functions = ", ".join(self.attached)
-        return f"pid {self.pid}: uprobes on {where} ({functions}){mmap}, 1 in {self.sample_rate} tracked"
+        how = "adaptive" if self.sampler is not None else "fixed"
+        estimate = " (estimates)" if self.sample_rate > 1 else ""
+        sites = (
+            f", operator new hooked at {self.new_sites_hooked} call sites" if self.new_sites_hooked else ""
+        )
+        return (
+            f"pid {self.pid}: uprobes on {where} ({functions}){mmap}{sites}, 1 in {self.sample_rate} tracked "
+            f"({how}){estimate}, {self.alloc_events:,} allocator calls seen"
+        )
 
     @property
     def alive(self) -> bool:
@@ -784,15 +756,197 @@ class UserLeakProbe(_LeakProbe):
     def kind_of(self, source: int) -> str:
         return KIND_USER
 
+    def comm(self, tgid: int) -> str:
+        """The process's name now (it follows exec), else the name the BPF program saw."""
+        name = self._comms.get(tgid)
+        if name is None:
+            with contextlib.suppress(OSError):
+                name = Path(f"/proc/{tgid}/comm").read_text().strip()
+            if not name:
+                self._comms.pop(tgid, None)
+                name = super().comm(tgid)
+            self._comms[tgid] = name
+        return name
+
     def symbolize(self, address: int) -> str:
         raw = self.bpf.sym(address, self.pid, show_module=True, show_offset=True)
         name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        if name.startswith("[unknown]"):  # BCC could not open the module (a chroot): read it ourselves
-            name = self._module_symbols.resolve(address) or name
-        return name
+        return self._module_symbols.checked(address, name)
+
+    def _aggregates(self) -> dict[bytes, tuple[int, int]]:
+        totals = super()._aggregates()
+        for raw_key in [k for k in self._corrections if k not in totals]:
+            del self._corrections[raw_key]  # pruned: nothing is left to correct
+        for raw_key, (extra_bytes, extra_allocations) in self._corrections.items():
+            outstanding, allocations = totals[raw_key]
+            totals[raw_key] = (outstanding + extra_bytes, allocations + extra_allocations)
+        return totals
+
+    def _thin(self, rate: int) -> None:
+        """Bring the tracked allocations to the new 1-in-`rate`: each one tracked with a smaller weight w
+        stays with probability w/rate (standing for `rate` from now on), else leaves the address map. The
+        estimate stays unbiased and the map, full when the rate was raised for it, empties to about w/rate:
+        without this, a map filled before the rate rose (or by a slow leak) would stay full and drop
+        everything new.
+
+        Nothing the BPF programs write is written from here (a BPF update racing with ours would be lost):
+        the leaving entries are deleted in batches, and what the kernel's aggregates are then off by (the
+        weight of those deleted, the extra weight of those kept) is kept in _corrections and added when they
+        are read. A kept entry's extra weight is taken back once a scan finds it freed (_reconcile)."""
+        table = self.bpf[b"allocs"]
+        keys, values, count = raw_batch_lookup(table)
+        chance = random.Random()
+        leaving: list[bytes] = []
+        leaving_deltas: list[tuple[bytes, int, int]] = []
+        for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
+            ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+        ):
+            raw_key = keys[i * 8 : (i + 1) * 8]
+            effective = weight + self._extra.get(raw_key, (0, 0, 0, b""))[1]
+            if effective >= rate or effective <= 0:
+                continue
+            raw_agg = AGG_KEY.pack(stack_id, tgid, source, 0)
+            if chance.random() * rate < effective:
+                self._extra[raw_key] = (ts_ns, rate - weight, size, raw_agg)
+                self._correct(raw_agg, size * (rate - effective), rate - effective)
+            else:
+                leaving.append(raw_key)
+                leaving_deltas.append((raw_agg, -size * effective, -effective))
+        self._delete_tracked(leaving, leaving_deltas)
+
+    def _correct(self, raw_agg: bytes, delta_bytes: int, delta_allocations: int) -> None:
+        extra_bytes, extra_allocations = self._corrections.get(raw_agg, (0, 0))
+        self._corrections[raw_agg] = (extra_bytes + delta_bytes, extra_allocations + delta_allocations)
+
+    def _read_ages(self, now_ns: int) -> _Ages:
+        before = self._last_age_scan
+        ages = super()._read_ages(now_ns)
+        if self._extra and self._last_age_scan != before:
+            self._reconcile()
+        return ages
+
+    def _reconcile(self) -> None:
+        """Take back the extra weight of kept entries that have been freed (or reused by a new allocation)."""
+        keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+        present = {
+            keys[i * 8 : (i + 1) * 8]: ts_ns
+            for i, (_, ts_ns, _, _, _, _) in enumerate(
+                ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+            )
+        }
+        for raw_key, (ts_ns, extra, size, raw_agg) in list(self._extra.items()):
+            if present.get(raw_key) != ts_ns:
+                del self._extra[raw_key]
+                self._correct(raw_agg, -size * extra, -extra)
+
+    def hook_new_sites(self, budget: int = NEW_SITES_PER_READ) -> int:
+        """Put a uprobe (cxx_new_site) on each new return address of a throwing operator new that the BPF
+        program reported, at most `budget` per call; returns how many were hooked. See leaks_user.c: such a
+        new gets no uretprobe, which an exception could not unwind through."""
+        reported = self.bpf[b"new_sites"]
+        hooked = self.bpf[b"hooked_sites"]
+        one = ctypes.c_uint8(1)
+        done = 0
+        for key in list(reported.keys())[:budget]:
+            site = key.value
+            with contextlib.suppress(KeyError):
+                del reported[key]
+            if self.new_sites_hooked + self.new_sites_failed >= MAX_NEW_SITES:
+                self.new_sites_failed += 1
+                continue
+            where = self._module_symbols.file_address(site)
+            try:
+                if where is None:
+                    raise OSError("not in a mapped file")
+                map_file, elf_address = where
+                self.bpf.attach_uprobe(
+                    name=map_file.encode(), addr=elf_address, fn_name=b"cxx_new_site", pid=self.pid
+                )
+            except Exception:  # unmapped meanwhile, or the kernel refused: that site stays unseen
+                self.new_sites_failed += 1
+                continue
+            hooked[ctypes.c_uint64(site)] = one
+            self.new_sites_hooked += 1
+            done += 1
+        return done
+
+    def _after_execs(self) -> None:
+        """Forget what processes tracked here allocated before their latest exec (the new image never frees
+        it), re-read their symbols, and hook the allocator of the new image where it is another one."""
+        execs = self.bpf[b"execs"]
+        seen = [(key.value, value.value) for key, value in execs.items()]
+        if not seen:
+            return
+        for tgid, _ in seen:
+            with contextlib.suppress(KeyError):
+                del execs[ctypes.c_uint32(tgid)]
+        table = self.bpf[b"allocs"]
+        keys, values, count = raw_batch_lookup(table)
+        before = dict(seen)
+        leaving: list[bytes] = []
+        deltas: list[tuple[bytes, int, int]] = []
+        for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
+            ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+        ):
+            if tgid in before and ts_ns < before[tgid]:
+                raw_key = keys[i * 8 : (i + 1) * 8]
+                effective = weight + self._extra.get(raw_key, (0, 0, 0, b""))[1]
+                leaving.append(raw_key)
+                deltas.append((AGG_KEY.pack(stack_id, tgid, source, 0), -size * effective, -effective))
+        self._delete_tracked(leaving, deltas)
+        _drop_symbol_cache(self.pid)
+        self._module_symbols = ModuleSymbols(self.pid)
+        self._symbols.clear()
+        self._frames.clear()
+        if self.pid in before:
+            with contextlib.suppress(MemtopError):
+                attached = {(hook.obj.path, hook.address) for hook in self.hooks}
+                for hook in allocators.resolve(self.pid).hooks:
+                    if (hook.obj.path, hook.address) not in attached:
+                        with contextlib.suppress(Exception):
+                            self._attach(hook)
+                            self.hooks.append(hook)
+
+    def _delete_tracked(self, leaving: list[bytes], deltas: list[tuple[bytes, int, int]]) -> None:
+        """Take these address keys out of the map, correcting their aggregates by `deltas` (bytes,
+        allocations) for each one deleted here (not freed meanwhile)."""
+        from bcc.libbcc import lib
+
+        fd = self.bpf[b"allocs"].map_fd
+        done = 0
+        while done < len(leaving):  # a batch stops at a key freed meanwhile: skip it and go on
+            batch = b"".join(leaving[done:])
+            n = ctypes.c_uint32(len(leaving) - done)
+            result = lib.bpf_delete_batch(fd, ctypes.create_string_buffer(batch, len(batch)), ctypes.byref(n))
+            for raw_agg, delta_bytes, delta_allocations in deltas[done : done + n.value]:
+                self._correct(raw_agg, delta_bytes, delta_allocations)
+            for raw_key in leaving[done : done + n.value]:
+                self._extra.pop(raw_key, None)
+            self._thinned += n.value
+            done += n.value + (1 if result != 0 else 0)
+            if result != 0 and n.value == 0 and ctypes.get_errno() not in (errno.ENOENT, 0):
+                break  # the kernel cannot batch-delete: leave the rest
 
     def read(self) -> LeakReading:
-        return self._read(KIND_USER)
+        self._after_execs()
+        if "cxx_new_enter" in {hook.entry for hook in self.hooks}:
+            self.hook_new_sites()
+        self._comms.clear()  # names are read again: a process may have exec'd
+        reading = self._read(KIND_USER)
+        reading = dataclasses.replace(reading, tracked_now=max(0, reading.tracked_now - self._thinned))
+        self.alloc_events = reading.alloc_events
+        if self.sampler is not None:
+            rate = self.sampler.update(
+                time.monotonic(), reading.alloc_events, self.map_fill(reading.tracked_now)
+            )
+            if rate != self.sample_rate:
+                raised = rate > self.sample_rate
+                self._set_sample_rate(rate)
+                if raised:
+                    self._thin(rate)
+                reading = dataclasses.replace(reading, sample_rate=rate)  # the N in force from now on
+        self.status = type(self.status)("running", self.describe())
+        return reading
 
     def close(self) -> None:
         super().close()
@@ -800,14 +954,19 @@ class UserLeakProbe(_LeakProbe):
 
 
 class ModuleSymbols:
-    """Function symbols of the files a process maps, read through /proc/PID/map_files: the fallback for
-    addresses BCC's resolver leaves unknown because it looks for the file under /proc/PID/root (a chrooted
-    process's files are not there). Names are not demangled."""
+    """Function symbols, with their sizes, of the files a process maps, read through /proc/PID/map_files.
+
+    It checks BCC's names: BCC names an address after the nearest symbol before it, which in a stripped
+    library is some unrelated exported function. A frame is named after a symbol only when the symbol is
+    known to contain it ([value, value + size)); otherwise it reads `lib+0xADDR`, the address in the file's
+    own terms (what addr2line or objdump take). It also names frames BCC left unknown because it looks for
+    the file under /proc/PID/root (a chrooted process's files are not there). Names it finds itself are not
+    demangled."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._mappings: list[tuple[int, int, int, str, str]] = []  # start, end, file offset, path, map_file
-        self._tables: dict[str, tuple[list[int], list[str], bool]] = {}  # path -> starts, names, is ET_EXEC
+        self._tables: dict[str, tuple[list[int], list[Symbol], ElfInfo | None]] = {}
 
     def _load_mappings(self) -> None:
         mappings = []
@@ -817,8 +976,9 @@ class ModuleSymbols:
                 if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
                     continue
                 start, end = (int(x, 16) for x in parts[0].split("-"))
+                path = parts[5].removesuffix(" (deleted)")
                 mappings.append(
-                    (start, end, int(parts[2], 16), parts[5], f"/proc/{self.pid}/map_files/{parts[0]}")
+                    (start, end, int(parts[2], 16), path, f"/proc/{self.pid}/map_files/{parts[0]}")
                 )
         self._mappings = mappings
 
@@ -831,34 +991,75 @@ class ModuleSymbols:
                 self._load_mappings()
         return None
 
-    def _table(self, path: str, map_file: str) -> tuple[list[int], list[str], bool]:
+    def _table(self, path: str, map_file: str) -> tuple[list[int], list[Symbol], ElfInfo | None]:
         table = self._tables.get(path)
         if table is None:
-            symbols: list[tuple[int, str]] = []
-            is_exec = False
-            with contextlib.suppress(Exception):
-                bcc = import_bcc()
-                found = bcc.BPF.get_user_functions_and_addresses(map_file.encode(), b".")
-                symbols = sorted(
-                    (address, name.decode("utf-8", "replace")) for name, address in found if address
-                )
-                with open(map_file, "rb") as elf:
-                    is_exec = elf.read(18)[16:18] == b"\x02\x00"  # e_type ET_EXEC: absolute addresses
-            table = self._tables[path] = ([a for a, _ in symbols], [n for _, n in symbols], is_exec)
+            info = None
+            with contextlib.suppress(OSError, ElfError):
+                info = read_elf(map_file, symbols=True)
+            symbols = info.symbols if info else []
+            table = self._tables[path] = ([s.value for s in symbols], symbols, info)
         return table
 
-    def resolve(self, address: int) -> str | None:
+    def file_address(self, address: int) -> tuple[str, int] | None:
+        """(the map_files path of the file mapped at `address`, the address in the file's own terms)."""
         mapping = self._mapping(address)
         if mapping is None:
             return None
         start, _end, offset, path, map_file = mapping
-        starts, names, is_exec = self._table(path, map_file)
-        # In a shared object or PIE, file offsets and virtual addresses coincide in the text segment.
-        elf_address = address if is_exec else address - start + offset
-        index = bisect.bisect_right(starts, elf_address) - 1
-        if index < 0:
+        info = self._table(path, map_file)[2]
+        if info is None:
             return None
-        return f"{names[index]}+0x{elf_address - starts[index]:x} [{os.path.basename(path)}]"
+        elf_address = address if info.is_exec else info.vaddr(address - start + offset)
+        return None if elf_address is None else (map_file, elf_address)
+
+    def locate(self, address: int) -> tuple[str, int, Symbol | None] | None:
+        """(file name, address in the file's own terms, the symbol containing it or None), or None when
+        the address is in no mapped file this can read."""
+        mapping = self._mapping(address)
+        if mapping is None:
+            return None
+        start, _end, offset, path, map_file = mapping
+        starts, symbols, info = self._table(path, map_file)
+        if info is None:
+            return None
+        elf_address = address if info.is_exec else info.vaddr(address - start + offset)
+        if elf_address is None:
+            return None
+        containing = None
+        index = bisect.bisect_right(starts, elf_address) - 1
+        # Symbols sorted by value: look back over the ones starting at or before the address for one that
+        # contains it (nested or aliased symbols share starts).
+        while index >= 0:
+            symbol = symbols[index]
+            if symbol.value <= elf_address < symbol.value + symbol.size:
+                containing = symbol
+                break
+            if elf_address - symbol.value > 1 << 20:
+                break
+            index -= 1
+        return os.path.basename(path), elf_address, containing
+
+    def resolve(self, address: int) -> str | None:
+        located = self.locate(address)
+        if located is None:
+            return None
+        module, elf_address, symbol = located
+        if symbol is None:
+            return f"{module}+0x{elf_address:x}"
+        return f"{symbol.name}+0x{elf_address - symbol.value:x} [{module}]"
+
+    def checked(self, address: int, bcc_name: str) -> str:
+        """BCC's name for `address` if a symbol of the file is known to contain it, else `lib+0xADDR`."""
+        located = self.locate(address)
+        if located is None:
+            return bcc_name
+        module, elf_address, symbol = located
+        if symbol is None:
+            return f"{module}+0x{elf_address:x}"
+        if bcc_name.startswith("[unknown]"):  # BCC could not open the module (a chroot): our own name
+            return f"{symbol.name}+0x{elf_address - symbol.value:x} [{module}]"
+        return bcc_name
 
 
 def _drop_symbol_cache(pid: int) -> None:

@@ -65,9 +65,12 @@ def sampling_text(snap: Snapshot) -> str:
     parts = []
     for kind, rate in sorted(rates.items()):
         if kind == KIND_USER:
-            parts.append(f"user PID {snap.leak_user_pid}: 1 in {rate}")
+            parts.append(f"user PID {snap.leak_user_pid}: 1 in {rate}" + (" (estimates)" if rate > 1 else ""))
         else:
             parts.append(f"kernel: 1 in {rate}" + (" (estimates)" if rate > 1 else ""))
+    user = snap.probes.get("leaks-user")
+    if user is not None and user.status == "error":  # e.g. which object provides malloc, not followed
+        parts.append(f"user: {user.detail}")
     return ", ".join(parts) or "no data"
 
 

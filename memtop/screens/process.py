@@ -13,6 +13,7 @@ from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Sparkline, Static
 
 from memtop import format as fmt
+from memtop.leaks import UPROBE_COST_NOTE
 from memtop.model import IRQ_TGID, FocusReading
 from memtop.screens import MemtopScreen
 from memtop.screens.leaks import LEAK_COLUMNS, LeakScreen, leak_key, rows_for, sampling_text
@@ -207,7 +208,7 @@ class ProcessScreen(MemtopScreen):
                 (
                     "  + its own malloc (tracking: m stops)"
                     if tracking
-                    else "  │ m: also track its malloc/free"
+                    else f"  │ m: also track its malloc/free ({UPROBE_COST_NOTE})"
                 ),
                 "  │ Enter: whole stack",
             )
