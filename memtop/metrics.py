@@ -437,15 +437,12 @@ class MetricsSink:
         processes: list[tuple[Labels, float]] = []
         for row in snap.containers:
             labels = self._labels[row.id]
-            # Once the store has memory_usage_bytes, memory_bytes is the working set (issue #13).
-            raw_usage = getattr(row, "memory_usage_bytes", None)
-            if hasattr(row, "memory_usage_bytes"):
-                if raw_usage is not None:
-                    usage.append((labels, float(raw_usage)))
-                if row.memory_bytes is not None:
-                    working_set.append((labels, float(row.memory_bytes)))
-            elif row.memory_bytes is not None:
-                usage.append((labels, float(row.memory_bytes)))
+            # memory_bytes is the working set (usage - inactive file, as kubelet's), memory_usage_bytes the
+            # cgroup's raw usage with page cache.
+            if row.memory_usage_bytes is not None:
+                usage.append((labels, float(row.memory_usage_bytes)))
+            if row.memory_bytes is not None:
+                working_set.append((labels, float(row.memory_bytes)))
             if row.memory_limit_bytes:
                 limit.append((labels, float(row.memory_limit_bytes)))
             processes.append((labels, float(row.processes)))

@@ -45,7 +45,8 @@ def container(cid: str = CID, kbytes: int = 0, kcalls: int = 0, **kw: object) ->
         namespace="shop",
         kmalloc_bytes=kbytes,
         kmalloc_calls=kcalls,
-        memory_bytes=300 << 20,
+        memory_bytes=300 << 20,  # the working set
+        memory_usage_bytes=340 << 20,  # raw usage, page cache included
         memory_limit_bytes=512 << 20,
         pids=(10, 11),
     )
@@ -176,7 +177,8 @@ def test_containers_are_labelled_as_kubernetes_users_join_on() -> None:
     assert value(sink, "memtop_kmalloc_bytes_total", **labels) == 4096
     assert value(sink, "memtop_kmalloc_calls_total", **labels) == 16
     assert value(sink, "memtop_container_memory_limit_bytes", **labels) == 512 << 20
-    assert value(sink, "memtop_container_memory_usage_bytes", **labels) == 300 << 20
+    assert value(sink, "memtop_container_memory_usage_bytes", **labels) == 340 << 20
+    assert value(sink, "memtop_container_memory_working_set_bytes", **labels) == 300 << 20
     assert value(sink, "memtop_container_processes", **labels) == 2
     assert value(sink, "memtop_containers") == 1
     assert value(sink, "memtop_build_info", kernel="6.18.0") == 1
@@ -186,19 +188,6 @@ def test_unlimited_container_has_no_limit_series() -> None:
     sink = MetricsSink(process_metrics=False)
     sink.on_snapshot(snap(1001.0, containers=(container(memory_limit_bytes=None),)))
     assert value(sink, "memtop_container_memory_limit_bytes") is None
-
-
-def test_working_set_is_exported_once_the_store_has_raw_usage_beside_it() -> None:
-    """Issue #13 makes memory_bytes the working set and adds memory_usage_bytes (raw usage)."""
-
-    class WithUsage(ContainerRow):
-        memory_usage_bytes: int | None = 400 << 20
-
-    row = WithUsage(**{f: getattr(container(), f) for f in ContainerRow.__dataclass_fields__})
-    sink = MetricsSink(process_metrics=False)
-    sink.on_snapshot(snap(1001.0, containers=(row,)))
-    assert value(sink, "memtop_container_memory_working_set_bytes") == 300 << 20
-    assert value(sink, "memtop_container_memory_usage_bytes") == 400 << 20
 
 
 def test_counters_add_growth_and_never_go_back() -> None:
@@ -391,7 +380,7 @@ def test_every_served_name_is_declared() -> None:
         )
     )
     served = {n for n, _, _ in describe_series(sink) if not n.startswith("process_")}
-    assert served == metric_names() - {"memtop_container_memory_working_set_bytes"}
+    assert served == metric_names()
 
 
 # -- the exposition, checked by the real linter -------------------------------------------------------
