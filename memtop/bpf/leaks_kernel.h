@@ -47,6 +47,9 @@
 #ifndef RAW_KMALLOC
 #define RAW_KMALLOC 1
 #endif
+#ifndef HAVE_CACHE_NAME
+#define HAVE_CACHE_NAME 1  // kmem:kmem_cache_alloc carries the cache's name (6.x)
+#endif
 #ifndef RAW_KFREE
 #define RAW_KFREE 1
 #endif
@@ -56,6 +59,13 @@
 
 #define SOURCE_SLAB 0
 #define SOURCE_PAGE 1
+// A slab allocation's source also names its cache, in bits 8-31, so that user space can hold each
+// cache's outstanding total to what the kernel says is live there (frees without a tracepoint:
+// kmem_cache_free_bulk, the NAPI skb cache, kfree_rcu batches): kmem_cache_alloc's cache name hashed
+// (cache_id), or for a kmalloc KMALLOC_CLASS | its bytes_alloc (the size class of the kmalloc-* caches).
+#define CACHE_SHIFT 8
+#define KMALLOC_CLASS (1U << 23)
+#define KMALLOC_MAX_CACHE_BYTES (2ULL << PAGE_SHIFT_BITS)  // SLUB's KMALLOC_MAX_CACHE_SIZE: two pages
 // Page keys are pfn + this: an address no kernel or user pointer can have (non-canonical on x86-64,
 // 4- and 5-level paging), so pages and slab objects share one map without colliding.
 #define PAGE_KEY_BASE (1ULL << 56)
@@ -84,7 +94,6 @@ struct last_page_t {
     u32 order;
 };
 BPF_PERCPU_ARRAY(last_page, struct last_page_t, 1);
-#define KMALLOC_MAX_CACHE_BYTES (2ULL << PAGE_SHIFT_BITS)  // SLUB's KMALLOC_MAX_CACHE_SIZE: two pages
 
 static __always_inline void forget_backing_pages(u64 bytes_alloc) {
     if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
@@ -105,7 +114,17 @@ static __always_inline void leak_kmalloc(void *ctx, u64 ptr, u64 bytes_alloc) {
 #if PAGE_LEVEL
     forget_backing_pages(bytes_alloc);
 #endif
-    on_alloc(ctx, ptr, bytes_alloc, SOURCE_SLAB);
+    u32 source = SOURCE_SLAB;
+    if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
+        source |= (KMALLOC_CLASS | (u32)bytes_alloc) << CACHE_SHIFT;
+    on_alloc(ctx, ptr, bytes_alloc, source);
+}
+
+// 23 bits of a hash of a cache name's first 15 bytes (zero-padded to 16), as memtop/probes/leaks.py's
+// cache_id computes it.
+static __always_inline u32 cache_id(u64 lo, u64 hi) {
+    u64 h = (lo ^ (hi * 0x9E3779B97F4A7C15ULL)) * 0xFF51AFD7ED558CCDULL;
+    return (u32)(h >> 41) & (KMALLOC_CLASS - 1);
 }
 
 static __always_inline void leak_free(u64 ptr) {
@@ -118,7 +137,13 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
     u64 key = (u64)args->ptr;
     if (key < MIN_TRACKED_ADDRESS || !leaks_on())
         return 0;
-    on_alloc(args, key, args->bytes_alloc, SOURCE_SLAB);
+    u32 source = SOURCE_SLAB;
+#if HAVE_CACHE_NAME
+    u64 name[2] = {};
+    bpf_probe_read_kernel_str(name, sizeof(name), (char *)args + (args->data_loc_name & 0xFFFF));
+    source |= cache_id(name[0], name[1]) << CACHE_SHIFT;
+#endif
+    on_alloc(args, key, args->bytes_alloc, source);
     return 0;
 }
 
