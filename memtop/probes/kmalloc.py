@@ -13,13 +13,19 @@ from memtop.cgroups import running_cgroup_ids
 from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
-from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
+from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, RetiredCounters, TailEvent
 from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match
 
 SIZE_BUCKETS = 64
-CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED, CTR_MEMCG_MAP_FULL = (
-    range(6)
-)
+(
+    CTR_PID_MAP_FULL,
+    CTR_SITE_MAP_FULL,
+    CTR_TAIL_LOST,
+    CTR_SAMPLED,
+    CTR_TAIL_RATE_LIMITED,
+    CTR_MEMCG_MAP_FULL,
+    CTR_PIDS_REUSED,
+) = range(7)
 # What following cgroup v1 memory cgroups takes (see memcg_of in kmalloc.c).
 MEMCG_TRACEPOINTS = (
     ("cgroup", "cgroup_attach_task"),
@@ -52,6 +58,14 @@ class _TailEvent(ctypes.Structure):
         ("node", ctypes.c_int32),
         ("tid", ctypes.c_uint32),
     ]
+
+
+def _struct_items(table: Any) -> list[tuple[Any, Any]]:
+    """(key, value) pairs of a BPF hash with struct keys, in one batch syscall when the kernel has it."""
+    try:
+        return list(table.items_lookup_batch())
+    except Exception:
+        return list(table.items())
 
 
 def _sum_percpu(values: Any, fields: tuple[str, ...]) -> list[int]:
@@ -99,6 +113,7 @@ class KmallocProbe(Probe):
         self._boot_offset = 0.0  # wall clock minus CLOCK_MONOTONIC, for tail timestamps
         self._symbols: dict[int, str] = {}
         self.irq_tracking = ""
+        self._gens: dict[int, int] = {}  # tgid -> the generation its counters were read from last
 
     def cflags(self) -> list[str]:
         softirq = all(tracefs.tracepoint_exists("irq", e) for e in ("softirq_entry", "softirq_exit"))
@@ -116,6 +131,7 @@ class KmallocProbe(Probe):
             int_cflag("V1_MEMCG_HIERARCHY", self.memcg_hierarchy, 0, 1 << 30),
             int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
             int_cflag("RAW_IRQ", 1, 0, 1),
+            int_cflag("HAVE_NEWTASK_TP", int(tracefs.tracepoint_exists("task", "task_newtask")), 0, 1),
             *(["-DWITH_LEAKS=1", *self.leaks.cflags()] if self._with_leaks else []),
         ]
 
@@ -209,21 +225,31 @@ class KmallocProbe(Probe):
     # -- the per-process counters ------------------------------------------------------------------
 
     def read(self) -> KmallocReading:
-        """Cumulative totals per tgid (scaled by the sampling rate) and the drop counters."""
+        """Cumulative totals per tgid (scaled by the sampling rate), the final totals of processes whose
+        PID was reused (retired: deleted from the kernel once read), and the drop counters."""
         per_tgid: dict[int, KmallocCounters] = {}
+        retired: list[RetiredCounters] = []
         scale = self.sample_every
         comms = {
-            key: (
+            (key.tgid, key.gen): (
                 bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
                 value.cgroup_id,
                 value.memcg_id,
+                value.first_ns,
             )
-            for key, value in map_items(self.bpf[b"proc_comms"])
+            for key, value in _struct_items(self.bpf[b"proc_comms"])
         }
-        for key, values in map_items(self.bpf[b"pid_stats"]):
+        stats = _struct_items(self.bpf[b"pid_stats"])
+        # After pid_stats: an entry read there has a generation at most the one read here.
+        gens = dict(map_items(self.bpf[b"gens"]))
+        gens = {tgid: gen.value if hasattr(gen, "value") else int(gen) for tgid, gen in gens.items()}
+        done = []
+        current: dict[int, int] = {}
+        for key, values in stats:
+            tgid, gen = key.tgid, key.gen
             calls, bytes_alloc, bytes_req = _sum_percpu(values, ("calls", "bytes_alloc", "bytes_req"))
-            comm, cgroup_id, memcg_id = comms.get(key, ("", 0, 0))
-            per_tgid[key] = KmallocCounters(
+            comm, cgroup_id, memcg_id, first_ns = comms.get((tgid, gen), ("", 0, 0, 0))
+            counters = KmallocCounters(
                 calls * scale,
                 bytes_alloc * scale,
                 bytes_req * scale,
@@ -235,8 +261,19 @@ class KmallocProbe(Probe):
                 ),
                 memcg_id,
             )
+            if gen < gens.get(tgid, 0):
+                retired.append(RetiredCounters(tgid, self._boot_offset + first_ns / 1e9, counters))
+                done.append(key)
+            else:
+                per_tgid[tgid] = counters
+                current[tgid] = gen
+        self._gens = current
+        for key in done:  # final: nothing counts into a retired generation any more
+            for name in (b"pid_stats", b"proc_comms"):
+                with contextlib.suppress(KeyError):
+                    del self.bpf[name][key]
         counters = self.bpf[b"km_counters"]
-        sums = [sum(counters.getvalue(i)) for i in range(6)]
+        sums = [sum(counters.getvalue(i)) for i in range(7)]
         misses = self.recursion_misses()
         self.status_with_misses(misses)
         return KmallocReading(
@@ -248,15 +285,21 @@ class KmallocProbe(Probe):
             tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
             memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
             recursion_misses=misses,
+            retired=tuple(retired),
         )
 
     def forget(self, tgids: list[int]) -> None:
-        """Drop the kernel entries of processes that have exited (their totals are already read)."""
-        for name in (b"pid_stats", b"proc_comms"):
-            table = self.bpf[name]
-            for tgid in tgids:
+        """Drop the kernel entries of processes that have exited (their totals are already read): the
+        generation read last for each tgid, and its `gens` entry when no newer one was started."""
+        stats, comms, gens = self.bpf[b"pid_stats"], self.bpf[b"proc_comms"], self.bpf[b"gens"]
+        for tgid in tgids:
+            gen = self._gens.get(tgid, 0)
+            for table in (stats, comms):
                 with contextlib.suppress(KeyError):
-                    del table[table.Key(tgid)]
+                    del table[table.Key(tgid, gen)]
+            with contextlib.suppress(KeyError):
+                if gens[gens.Key(tgid)].value == gen:
+                    del gens[gens.Key(tgid)]
 
     # -- the drilled-in process ------------------------------------------------------------------------
 
