@@ -141,9 +141,17 @@ struct pid_key {
 BPF_PERCPU_HASH(pid_stats, struct pid_key, struct pid_stats, MAX_PIDS);
 BPF_HASH(proc_comms, struct pid_key, struct proc_comm, MAX_PIDS);
 BPF_HASH(gens, u32, u32, MAX_PIDS);
+// Non-zero where some pid with these low bits was ever reused: the kmalloc path looks `gens` up only
+// then (an array lookup instead of a hash lookup that misses).
+#define REUSED_SLOTS 32768
+BPF_ARRAY(reused_slots, u32, REUSED_SLOTS);
 
 static __always_inline struct pid_key key_of(u32 tgid) {
     struct pid_key key = {.tgid = tgid, .gen = 0};
+    u32 slot = tgid & (REUSED_SLOTS - 1);
+    u32 *reused = reused_slots.lookup(&slot);
+    if (reused && !*reused)
+        return key;
     u32 *gen = gens.lookup(&tgid);
     if (gen)
         key.gen = *gen;
@@ -272,6 +280,10 @@ TRACEPOINT_PROBE(task, task_newtask) {
     struct pid_key key = key_of(pid);
     if (proc_comms.lookup(&key)) {
         u32 next = key.gen + 1;
+        u32 slot = pid & (REUSED_SLOTS - 1);
+        u32 *reused = reused_slots.lookup(&slot);
+        if (reused)
+            __sync_fetch_and_add(reused, 1);  // before the new generation shows: never a stale key
         gens.update(&pid, &next);
         km_count(KM_PIDS_REUSED);
     }

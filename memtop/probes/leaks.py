@@ -515,6 +515,7 @@ class KernelLeakProbe(_LeakProbe):
     def cflags(self) -> list[str]:
         page_shift = resource.getpagesize().bit_length() - 1
         raw_kfree, raw_cache_free = raw_frees()
+        name = tracefs.tracepoint_fields("kmem", "kmem_cache_alloc").get("name")  # a __data_loc string
         from memtop.probes.kmalloc import raw_kmalloc
 
         return [
@@ -524,9 +525,8 @@ class KernelLeakProbe(_LeakProbe):
             int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
             int_cflag("RAW_KFREE", int(raw_kfree), 0, 1),
             int_cflag("RAW_CACHE_FREE", int(raw_cache_free), 0, 1),
-            int_cflag(
-                "HAVE_CACHE_NAME", int("name" in tracefs.tracepoint_fields("kmem", "kmem_cache_alloc")), 0, 1
-            ),
+            int_cflag("HAVE_CACHE_NAME", int(name is not None), 0, 1),
+            int_cflag("NAME_LOC_OFFSET", name.offset if name is not None else 0, 0, 4096),
         ]
 
     def _missing(self) -> list[str]:
