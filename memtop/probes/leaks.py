@@ -549,7 +549,7 @@ class KernelLeakProbe(_LeakProbe):
             self.bpf = None
             self.shared = False
             if self.status.status == "running":
-                self.status = ProbeStatus("error", "stopped: its programs ran in the kmalloc probe's object")
+                self.status = ProbeStatus("stopped", "with the kmalloc probe, whose programs it shared")
         self._host_bpf = None
 
     def own_functions(self) -> list[bytes]:
