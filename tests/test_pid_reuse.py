@@ -15,6 +15,8 @@ import pytest
 from memtop.model import KmallocCounters, KmallocReading, ProcInfo, RetiredCounters
 from memtop.store import HostInfo, Store
 
+from .cgroup_util import TestCgroup, test_cgroup, unique_name
+
 
 def info(pid: int, start: float, comm: str) -> ProcInfo:
     return ProcInfo(pid=pid, start_time=start, comm=comm, cmdline=comm, user="root", rss_bytes=4096)
@@ -113,8 +115,10 @@ def build(tmp: Path, name: str, source: str) -> str:
 
 
 class Worker:
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, argv: list[str], cgroup: TestCgroup) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=cgroup.enter
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().split()
         self.pid = int(line[1]) if line[:1] == ["ready"] else 0
@@ -132,6 +136,14 @@ class Worker:
 
 
 @pytest.fixture
+def container() -> Iterator[tuple[TestCgroup, str]]:
+    """A docker-shaped cgroup of the test's own: the processes are attributed to container `cid`."""
+    cid = os.urandom(32).hex()
+    with test_cgroup(f"{unique_name()}/docker/{cid}") as cg:
+        yield cg, cid
+
+
+@pytest.fixture
 def binaries(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     target = tmp_path / "target"
     target.write_bytes(b"")
@@ -140,19 +152,20 @@ def binaries(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
 
 @pytest.mark.bpf
 def test_a_reused_pid_gets_its_own_row_and_the_dead_process_keeps_its_counts(
-    binaries: tuple[str, str, str],
+    binaries: tuple[str, str, str], container: tuple[TestCgroup, str]
 ) -> None:
     from memtop.probes.kmalloc import KmallocProbe
     from memtop.procinfo import ProcReader
 
     worker, launcher, target = binaries
+    cgroup, cid = container
     probe = KmallocProbe()
     probe.start()
     store = Store(HostInfo("h", "6.18"), started_at=time.time())
     procs = ProcReader()
     newcomer = None
     try:
-        old = Worker([worker, target])
+        old = Worker([worker, target], cgroup)
         old.run(CALLS_BEFORE_READ)
 
         def tick() -> None:
@@ -164,7 +177,7 @@ def test_a_reused_pid_gets_its_own_row_and_the_dead_process_keeps_its_counts(
         pid = old.pid
         assert old.finish() == 0
         for _ in range(200):  # another process may take the PID between the write and the fork: retry
-            newcomer = Worker([launcher, str(pid), worker, target])
+            newcomer = Worker([launcher, str(pid), worker, target], cgroup)
             if newcomer.pid == pid:
                 break
             newcomer.proc.wait(timeout=10)
@@ -189,4 +202,5 @@ def test_a_reused_pid_gets_its_own_row_and_the_dead_process_keeps_its_counts(
     )
     assert NEWCOMER_CALLS <= alive.kmalloc_calls <= NEWCOMER_CALLS + SLACK
     assert alive.start_time != dead.start_time
+    assert dead.container_id == alive.container_id == cid
     assert os.path.basename(worker) in (dead.comm, alive.comm)
