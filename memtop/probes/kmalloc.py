@@ -114,8 +114,10 @@ class KmallocProbe(Probe):
         self._symbols: dict[int, str] = {}
         self.irq_tracking = ""
         self._gens: dict[int, int] = {}  # tgid -> the generation its counters were read from last
+        self.raw = False  # kmem:kmalloc is attached as a raw tracepoint (set with the cflags)
 
     def cflags(self) -> list[str]:
+        self.raw = raw_kmalloc()
         softirq = all(tracefs.tracepoint_exists("irq", e) for e in ("softirq_entry", "softirq_exit"))
         hardirq = all(tracefs.tracepoint_exists("irq", e) for e in ("irq_handler_entry", "irq_handler_exit"))
         self.irq_tracking = (
@@ -129,7 +131,7 @@ class KmallocProbe(Probe):
             int_cflag("HAVE_EXEC_TP", int(tracefs.tracepoint_exists("sched", "sched_process_exec")), 0, 1),
             int_cflag("TRACK_V1_MEMCG", int(self._track_memcg()), 0, 1),
             int_cflag("V1_MEMCG_HIERARCHY", self.memcg_hierarchy, 0, 1 << 30),
-            int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
+            int_cflag("RAW_KMALLOC", int(self.raw), 0, 1),
             int_cflag("RAW_IRQ", 1, 0, 1),
             int_cflag("HAVE_NEWTASK_TP", int(tracefs.tracepoint_exists("task", "task_newtask")), 0, 1),
             *(["-DWITH_LEAKS=1", *self.leaks.cflags()] if self._with_leaks else []),
@@ -216,7 +218,7 @@ class KmallocProbe(Probe):
 
     def describe(self) -> str:
         sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
-        kind = "raw tracepoint" if raw_kmalloc() else "tracepoint"
+        kind = "raw tracepoint" if self.raw else "tracepoint"
         text = f"kmem:kmalloc ({kind}), {sampling}, irq split: {self.irq_tracking}"
         if self._with_leaks:
             text += ", shared with kernel leaks"
