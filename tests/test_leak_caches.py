@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from memtop.probes.leaks import KMALLOC_CLASS, cache_id, cache_limits, kmalloc_size_class, slab_active_objects
 from memtop.screens.leaks import untraced_text
 
@@ -42,3 +44,31 @@ def test_panel_note_names_the_caches_with_untraced_frees() -> None:
     assert untraced_text({"leak_missed_frees": 3}) == ""
     text = untraced_text({"leak_freed_untraced:skbuff_head_cache": 900, "leak_freed_untraced:kmalloc-64": 10})
     assert text == " · freed untraced 910 (skbuff_head_cache, kmalloc-64)"
+
+
+def test_raw_tracepoints_only_where_the_record_is_the_raw_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memtop import tracefs
+    from memtop.probes.base import raw_args_match
+
+    event = tmp_path / "events" / "kmem" / "kfree"
+    event.mkdir(parents=True)
+    event.joinpath("format").write_text(
+        "name: kfree\nformat:\n"
+        "\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n"
+        "\tfield:unsigned long call_site;\toffset:8;\tsize:8;\tsigned:0;\n"
+        "\tfield:const void * ptr;\toffset:16;\tsize:8;\tsigned:0;\n"
+    )
+    monkeypatch.setattr(tracefs, "tracefs_root", lambda: tmp_path)
+    assert raw_args_match("kmem", "kfree", ("call_site", "ptr"))
+    assert not raw_args_match("kmem", "kfree", ("ptr", "call_site"))
+    assert not raw_args_match("kmem", "kmalloc", ("call_site", "ptr"))  # no such event here
+
+
+def test_the_longest_syn_retry_time() -> None:
+    from memtop.probes.tcp import SYN_TIMEOUT_MARGIN_S, syn_timeout_s
+
+    assert syn_timeout_s(6) == 127 + SYN_TIMEOUT_MARGIN_S  # 1+2+4+...+64 s
+    assert syn_timeout_s(0) == 1 + SYN_TIMEOUT_MARGIN_S
+    assert syn_timeout_s(8) == 1 + 2 + 4 + 8 + 16 + 32 + 64 + 120 + 120 + SYN_TIMEOUT_MARGIN_S  # capped RTO
