@@ -235,6 +235,7 @@ class PanelsRun:
     load_misses: int  # memtop programs' recursion misses during that
     load_misses_by_program: dict[str, int] = field(default_factory=dict)
     ns_per_iteration_by_program: dict[str, float] = field(default_factory=dict)
+    tcp_outcomes_lost: int | None = None  # connects whose outcome the TCP probe never saw (None: not counted)
     foreign: list[str] = field(default_factory=list)
     attempt: int = 1
 
@@ -273,6 +274,8 @@ def run_panels(
         end = prog_stats(ids)
         reader.stop()
         reader.check()
+        tcp_reading = probes[2].read() if probes[2].running else None
+        tcp_lost = getattr(tcp_reading, "outcome_lost", None)  # None: a memtop from before it was counted
         foreign = sorted(set(foreign + foreign_attachments(WATCHED_TRACEPOINTS)))
     finally:
         reader.stop()
@@ -297,6 +300,7 @@ def run_panels(
         sum(by_program.values()),
         {k: v for k, v in sorted(by_program.items()) if v},
         {k: round(v, 1) for k, v in sorted(cost.items(), key=lambda kv: -kv[1]) if v >= 0.5},
+        tcp_lost,
         foreign,
     )
 
@@ -309,6 +313,7 @@ def panels_table(runs: list[PanelsRun]) -> str:
         "ratio",
         "recursion misses, loop alone",
         "recursion misses/s, loop + loopback connects",
+        "TCP outcomes lost",
     )
     rows = [
         [
@@ -323,6 +328,7 @@ def panels_table(runs: list[PanelsRun]) -> str:
             ),
             num(r.loaded_alone_misses),
             num(r.load_misses / r.load_seconds if r.load_seconds else None),
+            num(r.tcp_outcomes_lost),
         ]
         for r in runs
     ]
