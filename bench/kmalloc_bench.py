@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402  (the sibling module, found through the path set just above)
     STATS_ELSEWHERE,
+    BenchError,
     PeriodicReader,
     RunTimeStats,
     Workload,
@@ -47,7 +48,6 @@ from harness import (  # noqa: E402  (the sibling module, found through the path
     markdown_table,
     maybe_stats,
     num,
-    own_prog_ids,
     prog_ids_of,
     prog_stats,
     retry_while_foreign,
@@ -83,6 +83,8 @@ class Run:
     kmalloc_run_cnt: int = 0
     irq_run_time_ns: int = 0
     irq_run_cnt: int = 0
+    minimal_run_time_ns: int = 0  # the minimal kmem:kmalloc counter beside the probe (bpf_stats runs)
+    minimal_run_cnt: int = 0
     workload_kmallocs: int = 0  # the probe's count for the workload's tgid (scaled when sampled)
     reads: int = 0
     prog_ids: dict[str, int] = field(default_factory=dict)
@@ -108,20 +110,33 @@ def run_probe(
     """One run with the probe attached and read every second; the programs' stats when `with_stats`."""
     probe = probe_class()(sample_every=sample)
     reader = PeriodicReader(probe)
+    # With the statistics on, the yardstick runs beside the probe: the least a kmalloc program can cost.
+    minimal = (
+        import_memtop("probes.base", "import_bcc")().BPF(text=MINIMAL_COUNTER_C.encode())
+        if with_stats
+        else None
+    )
     try:
+        minimal_ids = set(prog_ids_of(os.getpid()).get("kmalloc", []))
         probe.start()
-        ids = own_prog_ids()
+        ids = {
+            tp: min(set(progs) - minimal_ids)
+            for tp, progs in prog_ids_of(os.getpid()).items()
+            if set(progs) - minimal_ids
+        }
+        if "kmalloc" not in ids:
+            raise BenchError(f"no BPF program of the probe is attached to kmalloc (bpftool saw {ids})")
         all_ids.update(ids.values())
         kmalloc_id = ids["kmalloc"]
         irq_ids = {i for name, i in ids.items() if name in IRQ_TRACEPOINTS}
         foreign = foreign_attachments(WATCHED_TRACEPOINTS)
         reader.start()
-        before = prog_stats(ids.values())
+        before = prog_stats(set(ids.values()) | minimal_ids)
         t0 = time.monotonic()
         proc = start_workload(workload, seconds)
         iterations, elapsed = finish_workload(proc, seconds)
         window = time.monotonic() - t0
-        after = prog_stats(ids.values())
+        after = prog_stats(set(ids.values()) | minimal_ids)
         foreign = sorted(set(foreign + foreign_attachments(WATCHED_TRACEPOINTS)))
         if not with_stats and after[kmalloc_id].run_cnt > before[kmalloc_id].run_cnt:
             foreign.append(STATS_ELSEWHERE)
@@ -132,8 +147,11 @@ def run_probe(
     finally:
         reader.stop()
         probe.close()
+        if minimal is not None:
+            minimal.cleanup()
 
     k = stat_delta(before, after, {kmalloc_id})
+    yardstick = stat_delta(before, after, minimal_ids)
     irq = stat_delta(before, after, irq_ids)
     return Run(
         PROBE_STATS if with_stats else PROBE,
@@ -147,6 +165,8 @@ def run_probe(
         kmalloc_run_cnt=k.run_cnt if with_stats else 0,
         irq_run_time_ns=irq.run_time_ns if with_stats else 0,
         irq_run_cnt=irq.run_cnt if with_stats else 0,
+        minimal_run_time_ns=yardstick.run_time_ns,
+        minimal_run_cnt=yardstick.run_cnt,
         workload_kmallocs=workload_kmallocs,
         reads=reader.reads,
         prog_ids=ids,
@@ -214,6 +234,8 @@ class PanelsRun:
     load_seconds: float  # the loop and a loopback connect loop together
     load_misses: int  # memtop programs' recursion misses during that
     load_misses_by_program: dict[str, int] = field(default_factory=dict)
+    ns_per_iteration_by_program: dict[str, float] = field(default_factory=dict)
+    tcp_outcomes_lost: int | None = None  # connects whose outcome the TCP probe never saw (None: not counted)
     foreign: list[str] = field(default_factory=list)
     attempt: int = 1
 
@@ -252,12 +274,17 @@ def run_panels(
         end = prog_stats(ids)
         reader.stop()
         reader.check()
+        tcp_reading = probes[2].read() if probes[2].running else None
+        tcp_lost = getattr(tcp_reading, "outcome_lost", None)  # None: a memtop from before it was counted
         foreign = sorted(set(foreign + foreign_attachments(WATCHED_TRACEPOINTS)))
     finally:
         reader.stop()
         for probe in reversed(probes):
             probe.close()
         minimal.cleanup()
+    cost: dict[str, float] = {}
+    for i in ids:
+        cost[names[i]] = cost.get(names[i], 0.0) + (after[i].run_time_ns - before[i].run_time_ns) / iterations
     by_program: dict[str, int] = {}
     for i in ids:
         by_program[names[i]] = by_program.get(names[i], 0) + end[i].recursion_misses - mid[i].recursion_misses
@@ -272,6 +299,8 @@ def run_panels(
         load_seconds,
         sum(by_program.values()),
         {k: v for k, v in sorted(by_program.items()) if v},
+        {k: round(v, 1) for k, v in sorted(cost.items(), key=lambda kv: -kv[1]) if v >= 0.5},
+        tcp_lost,
         foreign,
     )
 
@@ -284,6 +313,7 @@ def panels_table(runs: list[PanelsRun]) -> str:
         "ratio",
         "recursion misses, loop alone",
         "recursion misses/s, loop + loopback connects",
+        "TCP outcomes lost",
     )
     rows = [
         [
@@ -298,6 +328,7 @@ def panels_table(runs: list[PanelsRun]) -> str:
             ),
             num(r.loaded_alone_misses),
             num(r.load_misses / r.load_seconds if r.load_seconds else None),
+            num(r.tcp_outcomes_lost),
         ]
         for r in runs
     ]
@@ -317,6 +348,7 @@ class ModeSummary:
     added_ns_per_iteration: float | None = None
     slowdown_pct_with_bpf_stats: float | None = None
     kmalloc_ns_per_event: float | None = None
+    minimal_ns_per_event: float | None = None
     kmalloc_events_per_s: float | None = None
     irq_ns_per_event: float | None = None
     irq_events_per_s: float | None = None
@@ -335,6 +367,7 @@ def summarize(runs: list[Run], samples: list[int]) -> list[ModeSummary]:
         median_stats = statistics.median(r.iterations_per_s for r in stats)
         window = sum(r.window_s for r in stats)
         k_ns, k_cnt = sum(r.kmalloc_run_time_ns for r in stats), sum(r.kmalloc_run_cnt for r in stats)
+        m_ns, m_cnt = sum(r.minimal_run_time_ns for r in stats), sum(r.minimal_run_cnt for r in stats)
         i_ns, i_cnt = sum(r.irq_run_time_ns for r in stats), sum(r.irq_run_cnt for r in stats)
         iterations = sum(r.iterations for r in plain + stats)
         kmallocs = sum(r.workload_kmallocs for r in plain + stats)
@@ -348,6 +381,7 @@ def summarize(runs: list[Run], samples: list[int]) -> list[ModeSummary]:
                 added_ns_per_iteration=1e9 / median - 1e9 / none_median,
                 slowdown_pct_with_bpf_stats=(none_median - median_stats) / none_median * 100,
                 kmalloc_ns_per_event=k_ns / k_cnt if k_ns and k_cnt else None,
+                minimal_ns_per_event=m_ns / m_cnt if m_ns and m_cnt else None,
                 kmalloc_events_per_s=k_cnt / window if window else None,
                 irq_ns_per_event=i_ns / i_cnt if i_ns and i_cnt else None,
                 irq_events_per_s=i_cnt / window if window else None,
@@ -365,6 +399,7 @@ TABLE_COLUMNS = (
     "added ns/iteration",
     "slowdown % with bpf_stats",
     "kmalloc prog ns/event",
+    "minimal counter ns/event",
     "kmalloc events/s",
     "irq/softirq progs ns/event",
     "irq/softirq events/s",
@@ -381,6 +416,7 @@ def table(summary: list[ModeSummary]) -> str:
             num(m.added_ns_per_iteration, ".1f"),
             num(m.slowdown_pct_with_bpf_stats, ".1f"),
             num(m.kmalloc_ns_per_event, ".1f"),
+            num(m.minimal_ns_per_event, ".1f"),
             num(m.kmalloc_events_per_s),
             num(m.irq_ns_per_event, ".1f"),
             num(m.irq_events_per_s),
@@ -512,7 +548,8 @@ def _panels_progress(run: PanelsRun) -> str:
     return (
         f"round {run.round}: all panels {run.memtop_ns_per_iteration:.0f} ns/iteration vs minimal counter "
         f"{run.minimal_ns_per_iteration:.0f}; recursion misses {run.loaded_alone_misses} alone, "
-        f"{run.load_misses} under loopback load {run.load_misses_by_program}"
+        f"{run.load_misses} under loopback load {run.load_misses_by_program}; ns/iteration by program "
+        f"{run.ns_per_iteration_by_program}"
     )
 
 

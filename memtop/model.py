@@ -26,6 +26,17 @@ class KmallocCounters:
 
 
 @dataclass(frozen=True)
+class RetiredCounters:
+    """The final kmalloc totals of a process whose PID a new process got before they were read (the
+    kernel keeps them apart by a generation raised at the newcomer's fork): charged to the old process,
+    never to the newcomer. Reported once, then dropped from the kernel."""
+
+    tgid: int
+    first_seen: float  # wall clock of the old process's first counted kmalloc (seconds since the epoch)
+    counters: KmallocCounters
+
+
+@dataclass(frozen=True)
 class KmallocReading:
     """One read of the kmalloc probe's maps."""
 
@@ -37,6 +48,7 @@ class KmallocReading:
     tail_rate_limited: int = 0  # over the tail's per-second budget: counted, not sent
     memcg_map_full_drops: int = 0  # tasks whose cgroup v1 memory cgroup could not be followed
     recursion_misses: int = 0  # kmallocs (and irq entries/exits) the kernel did not run the programs for
+    retired: tuple[RetiredCounters, ...] = ()  # dead processes' totals whose PID was reused (see above)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from memtop.model import (
     KmallocReading,
     ProbeStatus,
     ProcInfo,
+    RetiredCounters,
 )
 from memtop.oom import OomEvent, OomReading
 from memtop.tcp import SlowConnect, TcpAggregator, TcpReading, TcpRow
@@ -390,11 +391,21 @@ class Store:
             self._placed_generation = generation
             for state in states.values():
                 state.info = None
+        for retired in reading.retired if reading is not None else ():  # before the newcomers now
+            key, bytes_per_s, calls_per_s = self._ingest_retired(retired, elapsed, now)  # holding the PIDs
+            seen.add(key)
+            total_bytes += bytes_per_s
+            total_calls += calls_per_s
         for tgid in per_tgid.keys() | procs.keys():
             counters = per_tgid.get(tgid, _NO_COUNTERS)
             info = procs.get(tgid)
-            key = live_key.get(tgid)
-            if key is not None and (info is None or info.start_time == key.start_time) and key in states:
+            known = live_key.get(tgid)
+            if (
+                known is not None
+                and (info is None or info.start_time == known.start_time)
+                and known in states
+            ):
+                key = known
                 state = states[key]
             else:
                 state = self._state_for(tgid, counters, info, now)
@@ -458,6 +469,43 @@ class Store:
             memory = cstate.memory_bytes if cstate else None
             history.append(now, totals[0], totals[1], memory, horizon)
         return forget
+
+    def _ingest_retired(
+        self, retired: RetiredCounters, elapsed: float, now: float
+    ) -> tuple[ProcessKey, float, float]:
+        """Charge a dead process's final kernel totals (its PID now belongs to another process) to its
+        own row, marked exited, and stop mapping the PID to it. Returns its key and last rates."""
+        tgid, counters = retired.tgid, retired.counters
+        key = self._live_key.get(tgid)
+        state = self._states.get(key) if key is not None else None
+        if state is None:  # it lived and died between two reads: a row from what the kernel kept
+            cgroup = counters.cgroup_path
+            placement = _placement(cgroup, parse_cgroup_path(cgroup) if cgroup else None)
+            row = ProcessRow(pid=tgid, start_time=-retired.first_seen, comm=counters.comm or "?", **placement)  # type: ignore[arg-type]
+            state = self._states.setdefault(row.key, _ProcState(row=row))
+        elif self._live_key.get(tgid) == key:
+            del self._live_key[tgid]
+        d_calls = counter_delta(state.kernel_calls, counters.calls)
+        d_bytes = counter_delta(state.kernel_bytes, counters.bytes_alloc)
+        d_req = counter_delta(state.kernel_bytes_req, counters.bytes_req)
+        state.kernel_calls, state.kernel_bytes = counters.calls, counters.bytes_alloc
+        state.kernel_bytes_req = counters.bytes_req
+        bytes_per_s = d_bytes / elapsed if elapsed > 0 else 0.0
+        calls_per_s = d_calls / elapsed if elapsed > 0 else 0.0
+        row = state.row
+        state.row = replace(
+            row,
+            kmalloc_bytes_per_s=bytes_per_s,
+            kmalloc_calls_per_s=calls_per_s,
+            kmalloc_bytes=row.kmalloc_bytes + d_bytes,
+            kmalloc_calls=row.kmalloc_calls + d_calls,
+            kmalloc_bytes_req=row.kmalloc_bytes_req + d_req,
+            exited=True,
+            exited_at=row.exited_at if row.exited_at is not None else now,
+        )
+        self._count_for_container(state.row, bytes_per_s, calls_per_s, d_bytes, d_calls)
+        state.history.append(now, bytes_per_s, calls_per_s, None, now - self.history_s)
+        return state.row.key, bytes_per_s, calls_per_s
 
     def _count_for_container(
         self, row: ProcessRow, bytes_per_s: float, calls_per_s: float, d_bytes: int, d_calls: int

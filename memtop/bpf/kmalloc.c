@@ -51,6 +51,9 @@
 #ifndef MAX_TASKS
 #define MAX_TASKS 65536
 #endif
+#ifndef HAVE_NEWTASK_TP
+#define HAVE_NEWTASK_TP 1
+#endif
 #ifndef RAW_KMALLOC
 #define RAW_KMALLOC 1
 #endif
@@ -79,7 +82,8 @@
 #define KM_SAMPLED_EVENTS 3
 #define KM_TAIL_RATE_LIMITED 4
 #define KM_MEMCG_MAP_FULL 5
-#define KM_N_COUNTERS 6
+#define KM_PIDS_REUSED 6
+#define KM_N_COUNTERS 7
 
 #define CLONE_THREAD_FLAG 0x00010000ULL  // CLONE_THREAD, from the uapi (stable ABI)
 
@@ -99,6 +103,7 @@ struct proc_comm {
     u64 cgroup_id;
     u64 memcg_id;
     u64 execs;  // execs since the entry was made: user space re-reads the name and command line
+    u64 first_ns;  // bpf_ktime_get_ns() of the entry's first counted kmalloc
 };
 
 struct site_stats {
@@ -126,8 +131,33 @@ struct tail_event {
     u32 tid;
 };
 
-BPF_PERCPU_HASH(pid_stats, u32, struct pid_stats, MAX_PIDS);
-BPF_HASH(proc_comms, u32, struct proc_comm, MAX_PIDS);
+// A process is (tgid, generation): when a new process gets the pid of one that has an entry here (it
+// died, and its counts are not read yet), the pid's generation is raised (task:task_newtask), so the
+// newcomer's kmallocs go to an entry of its own and the old one stays, retired, until user space reads
+// it. `gens` holds only pids that were reused: the kmalloc path pays one lookup that mostly misses.
+struct pid_key {
+    u32 tgid;
+    u32 gen;
+};
+BPF_PERCPU_HASH(pid_stats, struct pid_key, struct pid_stats, MAX_PIDS);
+BPF_HASH(proc_comms, struct pid_key, struct proc_comm, MAX_PIDS);
+BPF_HASH(gens, u32, u32, MAX_PIDS);
+// Non-zero where some pid with these low bits was ever reused: the kmalloc path looks `gens` up only
+// then (an array lookup instead of a hash lookup that misses).
+#define REUSED_SLOTS 32768
+BPF_ARRAY(reused_slots, u32, REUSED_SLOTS);
+
+static __always_inline struct pid_key key_of(u32 tgid) {
+    struct pid_key key = {.tgid = tgid, .gen = 0};
+    u32 slot = tgid & (REUSED_SLOTS - 1);
+    u32 *reused = reused_slots.lookup(&slot);
+    if (reused && !*reused)
+        return key;
+    u32 *gen = gens.lookup(&tgid);
+    if (gen)
+        key.gen = *gen;
+    return key;
+}
 BPF_PERCPU_ARRAY(km_counters, u64, KM_N_COUNTERS);
 BPF_PERCPU_ARRAY(irq_depth, u32, 1);
 BPF_ARRAY(focus, struct focus_cfg, 1);
@@ -218,14 +248,11 @@ TRACEPOINT_PROBE(cgroup, cgroup_attach_task) {
     return 0;
 }
 
-TRACEPOINT_PROBE(task, task_newtask) {
-    if (args->clone_flags & CLONE_THREAD_FLAG)
-        return 0;
+static __always_inline void inherit_memcg(u32 pid) {
     u32 parent = bpf_get_current_pid_tgid() >> 32;
     u64 *id = memcg_of.lookup(&parent);
     if (id)
-        set_memcg(args->pid, *id);
-    return 0;
+        set_memcg(pid, *id);
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {
@@ -242,10 +269,34 @@ static __always_inline u64 current_memcg(u32 tgid) {
 static __always_inline u64 current_memcg(u32 tgid) { return 0; }
 #endif
 
+#if HAVE_NEWTASK_TP || TRACK_V1_MEMCG
+TRACEPOINT_PROBE(task, task_newtask) {
+    if (args->clone_flags & CLONE_THREAD_FLAG)
+        return 0;  // a thread: counted with its process
+    u32 pid = args->pid;
+#if TRACK_V1_MEMCG
+    inherit_memcg(pid);
+#endif
+    // A new process with the pid of one whose counts are still here: retire those (a new generation).
+    struct pid_key key = key_of(pid);
+    if (proc_comms.lookup(&key)) {
+        u32 next = key.gen + 1;
+        u32 slot = pid & (REUSED_SLOTS - 1);
+        u32 *reused = reused_slots.lookup(&slot);
+        if (reused)
+            __sync_fetch_and_add(reused, 1);  // before the new generation shows: never a stale key
+        gens.update(&pid, &next);
+        km_count(KM_PIDS_REUSED);
+    }
+    return 0;
+}
+#endif
+
 #if HAVE_EXEC_TP
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct proc_comm *c = proc_comms.lookup(&tgid);
+    struct pid_key key = key_of(tgid);
+    struct proc_comm *c = proc_comms.lookup(&key);
     if (c) {
         bpf_get_current_comm(&c->comm, sizeof(c->comm));
         c->cgroup_id = bpf_get_current_cgroup_id();
@@ -324,7 +375,10 @@ counters:;
     km_count(KM_SAMPLED_EVENTS);
 #endif
 
-    struct pid_stats *st = pid_stats.lookup(&tgid);
+    struct pid_key key = {.tgid = tgid, .gen = 0};
+    if (tgid != IRQ_TGID)
+        key = key_of(tgid);
+    struct pid_stats *st = pid_stats.lookup(&key);
     if (!st) {
         struct pid_stats init = {};
         if (tgid != IRQ_TGID) {
@@ -332,11 +386,12 @@ counters:;
             bpf_get_current_comm(&c.comm, sizeof(c.comm));
             c.cgroup_id = bpf_get_current_cgroup_id();
             c.memcg_id = current_memcg(tgid);
-            proc_comms.update(&tgid, &c);
+            c.first_ns = bpf_ktime_get_ns();
+            proc_comms.update(&key, &c);
         }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.
-        pid_stats.insert(&tgid, &init);
-        st = pid_stats.lookup(&tgid);
+        pid_stats.insert(&key, &init);
+        st = pid_stats.lookup(&key);
         if (!st) {
             km_count(KM_PID_MAP_FULL);
             return;

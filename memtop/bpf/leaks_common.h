@@ -5,6 +5,22 @@
 //
 // The including program defines first: MAX_ALLOCS, MAX_STACKS, STACK_DEPTH, MAX_AGGREGATES, MAX_PIDS
 // (bound of `comms`), N_COUNTERS, and LEAK_STACK_FLAGS (0: kernel stacks; BPF_F_USER_STACK: user stacks).
+// Optional hooks (leaks_kernel.h uses them; empty by default): LEAK_MAY_BE_TRACKED(key) (0: `key` is
+// certainly not in `allocs`, skip the lookup), LEAK_TRACKED(key) / LEAK_UNTRACKED(key) after an entry is
+// added / deleted, and LEAK_TRACKED_SOURCE(ctx, source) (the source to record, computed only for an
+// allocation that is tracked).
+#ifndef LEAK_MAY_BE_TRACKED
+#define LEAK_MAY_BE_TRACKED(key) 1
+#endif
+#ifndef LEAK_TRACKED
+#define LEAK_TRACKED(key)
+#endif
+#ifndef LEAK_UNTRACKED
+#define LEAK_UNTRACKED(key)
+#endif
+#ifndef LEAK_TRACKED_SOURCE
+#define LEAK_TRACKED_SOURCE(ctx, source) (source)
+#endif
 
 #define COMM_LEN 16
 #define STACK_EXISTS 17  // EEXIST: get_stackid found another stack in this stack's bucket
@@ -85,12 +101,15 @@ static __always_inline void release(struct alloc_info *info) {
 
 // Forget the allocation at `key` if it is tracked. Returns 1 if it was.
 static __always_inline int forget(u64 key) {
+    if (!LEAK_MAY_BE_TRACKED(key))
+        return 0;
     struct alloc_info *found = allocs.lookup(&key);
     if (!found)
         return 0;
     struct alloc_info info = *found;
     if (allocs.delete(&key) != 0)
         return 0;  // another CPU removed it first and released it
+    LEAK_UNTRACKED(key);
     release(&info);
     return 1;
 }
@@ -113,7 +132,7 @@ static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
     info.ts_ns = bpf_ktime_get_ns();
     info.tgid = bpf_get_current_pid_tgid() >> 32;
     info.weight = every > 1 ? every : 1;
-    info.source = source;
+    info.source = LEAK_TRACKED_SOURCE(ctx, source);
     info.stack_id = stacks.get_stackid(ctx, LEAK_STACK_FLAGS);
     if (info.stack_id < 0)
         count(info.stack_id == -STACK_EXISTS ? CTR_STACK_COLLISIONS : CTR_STACK_LOST);
@@ -122,10 +141,11 @@ static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
         count(CTR_ALLOC_MAP_FULL);
         return;
     }
+    LEAK_TRACKED(key);
     struct agg_key k = {};
     k.stack_id = info.stack_id;
     k.tgid = info.tgid;
-    k.source = source;
+    k.source = info.source;
     struct agg_value *v = outstanding.lookup(&k);
     if (!v) {
         struct agg_value init = {};
@@ -133,7 +153,8 @@ static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
         v = outstanding.lookup(&k);
         if (!v) {
             count(CTR_AGGREGATE_MAP_FULL);
-            allocs.delete(&key);  // untracked after all: its free must not find it
+            if (allocs.delete(&key) == 0)  // untracked after all: its free must not find it
+                LEAK_UNTRACKED(key);
             return;
         }
         if (!comms.lookup(&k.tgid)) {

@@ -47,6 +47,9 @@
 #ifndef RAW_KMALLOC
 #define RAW_KMALLOC 1
 #endif
+#ifndef HAVE_CACHE_NAME
+#define HAVE_CACHE_NAME 1  // kmem:kmem_cache_alloc carries the cache's name (6.x)
+#endif
 #ifndef RAW_KFREE
 #define RAW_KFREE 1
 #endif
@@ -56,6 +59,17 @@
 
 #define SOURCE_SLAB 0
 #define SOURCE_PAGE 1
+// A slab allocation's source also names its cache, in bits 8-31, so that user space can hold each
+// cache's outstanding total to what the kernel says is live there (frees without a tracepoint:
+// kmem_cache_free_bulk, the NAPI skb cache, kfree_rcu batches): kmem_cache_alloc's cache name hashed
+// (cache_id), or for a kmalloc KMALLOC_CLASS | its bytes_alloc (the size class of the kmalloc-* caches).
+#define CACHE_SHIFT 8
+#define KMALLOC_CLASS (1U << 23)
+#define SOURCE_NAMED_CACHE 0xFEU  // a placeholder kind: tracked_source() replaces it by SOURCE_SLAB and the cache id
+#ifndef NAME_LOC_OFFSET
+#define NAME_LOC_OFFSET 24  // kmem:kmem_cache_alloc's `name` field (its __data_loc word) in the record
+#endif
+#define KMALLOC_MAX_CACHE_BYTES (2ULL << PAGE_SHIFT_BITS)  // SLUB's KMALLOC_MAX_CACHE_SIZE: two pages
 // Page keys are pfn + this: an address no kernel or user pointer can have (non-canonical on x86-64,
 // 4- and 5-level paging), so pages and slab objects share one map without colliding.
 #define PAGE_KEY_BASE (1ULL << 56)
@@ -63,6 +77,37 @@
 #define MIN_TRACKED_ADDRESS 4096
 #define N_COUNTERS 10
 #define LEAK_STACK_FLAGS 0
+
+// A counting filter over tracked addresses: `allocs` holds an address only if its slot here is non-zero,
+// so most frees (and the missed-free check of most allocations) cost an array lookup, not a hash lookup.
+// Slots are raised after an entry is added and lowered after it is deleted by these programs; user space
+// deleting entries (pruning, reconcile) leaves them high, which only costs a lookup.
+#ifndef FILTER_SLOTS
+#define FILTER_SLOTS 262144  // a power of two
+#endif
+BPF_ARRAY(tracked_filter, u32, FILTER_SLOTS);
+
+static __always_inline u32 *filter_slot(u64 key) {
+    u32 slot = (u32)((key * 0x9E3779B97F4A7C15ULL) >> 40) & (FILTER_SLOTS - 1);
+    return tracked_filter.lookup(&slot);
+}
+
+static __always_inline int may_be_tracked(u64 key) {
+    u32 *n = filter_slot(key);
+    return !n || *n;
+}
+
+static __always_inline void filter_add(u64 key, s32 delta) {
+    u32 *n = filter_slot(key);
+    if (n)
+        __sync_fetch_and_add(n, delta);
+}
+
+static __always_inline u32 tracked_source(void *ctx, u32 source);
+#define LEAK_MAY_BE_TRACKED(key) may_be_tracked(key)
+#define LEAK_TRACKED(key) filter_add(key, 1)
+#define LEAK_UNTRACKED(key) filter_add(key, -1)
+#define LEAK_TRACKED_SOURCE(ctx, source) tracked_source(ctx, source)
 
 #include "leaks_common.h"
 
@@ -84,7 +129,6 @@ struct last_page_t {
     u32 order;
 };
 BPF_PERCPU_ARRAY(last_page, struct last_page_t, 1);
-#define KMALLOC_MAX_CACHE_BYTES (2ULL << PAGE_SHIFT_BITS)  // SLUB's KMALLOC_MAX_CACHE_SIZE: two pages
 
 static __always_inline void forget_backing_pages(u64 bytes_alloc) {
     if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
@@ -105,7 +149,29 @@ static __always_inline void leak_kmalloc(void *ctx, u64 ptr, u64 bytes_alloc) {
 #if PAGE_LEVEL
     forget_backing_pages(bytes_alloc);
 #endif
-    on_alloc(ctx, ptr, bytes_alloc, SOURCE_SLAB);
+    u32 source = SOURCE_SLAB;
+    if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
+        source |= (KMALLOC_CLASS | (u32)bytes_alloc) << CACHE_SHIFT;
+    on_alloc(ctx, ptr, bytes_alloc, source);
+}
+
+// 23 bits of a hash of a cache name's first 15 bytes (zero-padded to 16), as memtop/probes/leaks.py's
+// cache_id computes it.
+static __always_inline u32 cache_id(u64 lo, u64 hi) {
+    u64 h = (lo ^ (hi * 0x9E3779B97F4A7C15ULL)) * 0xFF51AFD7ED558CCDULL;
+    return (u32)(h >> 41) & (KMALLOC_CLASS - 1);
+}
+
+// The source a tracked allocation records. kmem_cache_alloc passes SOURCE_NAMED_CACHE: its cache's name
+// is read from the record (kmem:kmem_cache_alloc's `name`, a __data_loc string at NAME_LOC_OFFSET, from
+// tracefs) only now, for the few allocations that are tracked.
+static __always_inline u32 tracked_source(void *ctx, u32 source) {
+    if (source != SOURCE_NAMED_CACHE)
+        return source;
+    u64 name[2] = {};
+    u32 loc = *(u32 *)((char *)ctx + NAME_LOC_OFFSET);
+    bpf_probe_read_kernel_str(name, sizeof(name), (char *)ctx + (loc & 0xFFFF));
+    return SOURCE_SLAB | (cache_id(name[0], name[1]) << CACHE_SHIFT);
 }
 
 static __always_inline void leak_free(u64 ptr) {
@@ -118,7 +184,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
     u64 key = (u64)args->ptr;
     if (key < MIN_TRACKED_ADDRESS || !leaks_on())
         return 0;
-    on_alloc(args, key, args->bytes_alloc, SOURCE_SLAB);
+    on_alloc(args, key, args->bytes_alloc, HAVE_CACHE_NAME ? SOURCE_NAMED_CACHE : SOURCE_SLAB);
     return 0;
 }
 

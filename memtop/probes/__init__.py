@@ -34,7 +34,10 @@ TRACEPOINTS: tuple[TracepointUse, ...] = (
         "cgroup v1: placing short-lived processes moved into a container",
     ),
     TracepointUse(
-        "task", "task_newtask", False, "cgroup v1: a new process inherits its parent's memory cgroup"
+        "task",
+        "task_newtask",
+        False,
+        "a reused PID gets counters of its own; cgroup v1: a new process inherits its parent's memory cgroup",
     ),
     TracepointUse("irq", "softirq_entry", False, "separating softirq allocations into [irq]"),
     TracepointUse("irq", "softirq_exit", False, "separating softirq allocations into [irq]"),

@@ -15,14 +15,20 @@ from memtop.cgroups import running_cgroup_ids
 from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
-from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, TailEvent
+from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, RetiredCounters, TailEvent
 from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match
 from memtop.probes.mapread import BatchReader
 
 SIZE_BUCKETS = 64
-CTR_PID_MAP_FULL, CTR_SITE_MAP_FULL, CTR_TAIL_LOST, CTR_SAMPLED, CTR_TAIL_RATE_LIMITED, CTR_MEMCG_MAP_FULL = (
-    range(6)
-)
+(
+    CTR_PID_MAP_FULL,
+    CTR_SITE_MAP_FULL,
+    CTR_TAIL_LOST,
+    CTR_SAMPLED,
+    CTR_TAIL_RATE_LIMITED,
+    CTR_MEMCG_MAP_FULL,
+    CTR_PIDS_REUSED,
+) = range(7)
 # What following cgroup v1 memory cgroups takes (see memcg_of in kmalloc.c).
 MEMCG_TRACEPOINTS = (
     ("cgroup", "cgroup_attach_task"),
@@ -55,6 +61,14 @@ class _TailEvent(ctypes.Structure):
         ("node", ctypes.c_int32),
         ("tid", ctypes.c_uint32),
     ]
+
+
+def _struct_items(table: Any) -> list[tuple[Any, Any]]:
+    """(key, value) pairs of a BPF hash with struct keys, in one batch syscall when the kernel has it."""
+    try:
+        return list(table.items_lookup_batch())
+    except Exception:
+        return list(table.items())
 
 
 def _sum_percpu(values: Any, fields: tuple[str, ...]) -> list[int]:
@@ -110,8 +124,11 @@ class KmallocProbe(Probe):
         self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
         self._batch: tuple[BatchReader, BatchReader] | bool | None = None  # None: not tried yet
         self.irq_tracking = ""
+        self._gens: dict[int, int] = {}  # tgid -> the generation its counters were read from last
+        self.raw = False  # kmem:kmalloc is attached as a raw tracepoint (set with the cflags)
 
     def cflags(self) -> list[str]:
+        self.raw = raw_kmalloc()
         softirq = all(tracefs.tracepoint_exists("irq", e) for e in ("softirq_entry", "softirq_exit"))
         hardirq = all(tracefs.tracepoint_exists("irq", e) for e in ("irq_handler_entry", "irq_handler_exit"))
         self.irq_tracking = (
@@ -125,8 +142,9 @@ class KmallocProbe(Probe):
             int_cflag("HAVE_EXEC_TP", int(tracefs.tracepoint_exists("sched", "sched_process_exec")), 0, 1),
             int_cflag("TRACK_V1_MEMCG", int(self._track_memcg()), 0, 1),
             int_cflag("V1_MEMCG_HIERARCHY", self.memcg_hierarchy, 0, 1 << 30),
-            int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
+            int_cflag("RAW_KMALLOC", int(self.raw), 0, 1),
             int_cflag("RAW_IRQ", 1, 0, 1),
+            int_cflag("HAVE_NEWTASK_TP", int(tracefs.tracepoint_exists("task", "task_newtask")), 0, 1),
             *(["-DWITH_LEAKS=1", *self.leaks.cflags()] if self._with_leaks else []),
         ]
 
@@ -211,7 +229,7 @@ class KmallocProbe(Probe):
 
     def describe(self) -> str:
         sampling = f"1 in {self.sample_every} sampled" if self.sample_every > 1 else "every call"
-        kind = "raw tracepoint" if raw_kmalloc() else "tracepoint"
+        kind = "raw tracepoint" if self.raw else "tracepoint"
         text = f"kmem:kmalloc ({kind}), {sampling}, irq split: {self.irq_tracking}"
         if self._with_leaks:
             text += ", shared with kernel leaks"
@@ -220,13 +238,23 @@ class KmallocProbe(Probe):
     # -- the per-process counters ------------------------------------------------------------------
 
     def read(self) -> KmallocReading:
-        """Cumulative totals per tgid (scaled by the sampling rate) and the drop counters."""
+        """Cumulative totals per tgid (scaled by the sampling rate), the final totals of processes whose
+        PID was reused (retired: deleted from the kernel once read), and the drop counters."""
         per_tgid: dict[int, KmallocCounters] = {}
+        retired: list[RetiredCounters] = []
         scale = self.sample_every
         comms = self._read_comms()
-        for key, (calls, bytes_alloc, bytes_req) in self._read_pid_stats():
-            comm, cgroup_id, memcg_id, execs = comms.get(key, ("", 0, 0, 0))
-            per_tgid[key] = KmallocCounters(
+        stats = self._read_pid_stats()
+        # After pid_stats: an entry read there has a generation at most the one read here.
+        gens = {
+            (key if isinstance(key, int) else key.value): (gen.value if hasattr(gen, "value") else int(gen))
+            for key, gen in map_items(self.bpf[b"gens"])
+        }
+        done: list[tuple[int, int]] = []
+        current: dict[int, int] = {}
+        for (tgid, gen), (calls, bytes_alloc, bytes_req) in stats:
+            comm, cgroup_id, memcg_id, execs, first_ns = comms.get((tgid, gen), ("", 0, 0, 0, 0))
+            counters = KmallocCounters(
                 calls * scale,
                 bytes_alloc * scale,
                 bytes_req * scale,
@@ -236,8 +264,20 @@ class KmallocProbe(Probe):
                 memcg_id,
                 execs,
             )
+            if gen < gens.get(tgid, 0):
+                retired.append(RetiredCounters(tgid, self._boot_offset + first_ns / 1e9, counters))
+                done.append((tgid, gen))
+            else:
+                per_tgid[tgid] = counters
+                current[tgid] = gen
+        self._gens = current
+        for tgid, gen in done:  # final: nothing counts into a retired generation any more
+            for name in (b"pid_stats", b"proc_comms"):
+                table = self.bpf[name]
+                with contextlib.suppress(KeyError):
+                    del table[table.Key(tgid, gen)]
         counters = self.bpf[b"km_counters"]
-        sums = [sum(counters.getvalue(i)) for i in range(6)]
+        sums = [sum(counters.getvalue(i)) for i in range(7)]
         misses = self.recursion_misses()
         self.status_with_misses(misses)
         return KmallocReading(
@@ -249,6 +289,7 @@ class KmallocProbe(Probe):
             tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
             memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
             recursion_misses=misses,
+            retired=tuple(retired),
         )
 
     def _readers(self) -> tuple[BatchReader, BatchReader] | None:
@@ -259,37 +300,44 @@ class KmallocProbe(Probe):
                 self._batch = False
         return self._batch if isinstance(self._batch, tuple) else None
 
-    def _read_comms(self) -> dict[int, tuple[str, int, int, int]]:
-        """tgid -> (name, cgroup2 id, memcg id, execs), from the comms map (struct comm_t)."""
+    def _read_comms(self) -> dict[tuple[int, int], tuple[str, int, int, int, int]]:
+        """(tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), from proc_comms."""
         readers = self._readers()
         if readers is not None:
             try:
-                count, keys, values = readers[0].read()
+                _count, keys, values = readers[0].read()
                 return {
-                    key: (raw.split(b"\0", 1)[0].decode("utf-8", "replace"), cgroup_id, memcg_id, execs)
-                    for (key,), (raw, cgroup_id, memcg_id, execs) in zip(
-                        struct.iter_unpack("=I", keys), struct.iter_unpack("=16sQQQ", values), strict=True
+                    key: (
+                        raw.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                        cgroup_id,
+                        memcg_id,
+                        execs,
+                        first,
+                    )
+                    for key, (raw, cgroup_id, memcg_id, execs, first) in zip(
+                        struct.iter_unpack("=II", keys), struct.iter_unpack("=16sQQQQ", values), strict=True
                     )
                 }
             except OSError:
                 self._batch = False
         return {
-            key: (
+            (key.tgid, key.gen): (
                 bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
                 value.cgroup_id,
                 value.memcg_id,
                 value.execs,
+                value.first_ns,
             )
-            for key, value in map_items(self.bpf[b"proc_comms"])
+            for key, value in _struct_items(self.bpf[b"proc_comms"])
         }
 
-    def _read_pid_stats(self) -> list[tuple[int, tuple[int, int, int]]]:
-        """[(tgid, (calls, bytes_alloc, bytes_req) summed over the CPUs)] from the per-CPU pid_stats."""
+    def _read_pid_stats(self) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
+        """[((tgid, generation), (calls, bytes_alloc, bytes_req) summed over the CPUs)] from pid_stats."""
         readers = self._readers()
         if readers is not None:
             reader = readers[1]
             try:
-                count, keys, values = reader.read()
+                _count, keys, values = reader.read()
             except OSError:
                 self._batch = False
             else:
@@ -297,25 +345,21 @@ class KmallocProbe(Probe):
                 words = array("Q")
                 words.frombytes(values)
                 out = []
-                for i, (key,) in enumerate(struct.iter_unpack("=I", keys)):
+                for i, key in enumerate(struct.iter_unpack("=II", keys)):
                     base = i * per_entry
                     end = base + per_entry
-                    out.append(
-                        (
-                            key,
-                            (
-                                sum(words[base:end:3]),
-                                sum(words[base + 1 : end : 3]),
-                                sum(words[base + 2 : end : 3]),
-                            ),
-                        )
+                    sums = (
+                        sum(words[base:end:3]),
+                        sum(words[base + 1 : end : 3]),
+                        sum(words[base + 2 : end : 3]),
                     )
+                    out.append((key, sums))
                 return out
         fields = ("calls", "bytes_alloc", "bytes_req")
         slow = []
-        for key, values in map_items(self.bpf[b"pid_stats"]):
+        for key, values in _struct_items(self.bpf[b"pid_stats"]):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, fields)
-            slow.append((key, (calls, bytes_alloc, bytes_req)))
+            slow.append(((key.tgid, key.gen), (calls, bytes_alloc, bytes_req)))
         return slow
 
     def _cgroup_path(self, cgroup_id: int, memcg_id: int) -> str:
@@ -332,12 +376,17 @@ class KmallocProbe(Probe):
         return path
 
     def forget(self, tgids: list[int]) -> None:
-        """Drop the kernel entries of processes that have exited (their totals are already read)."""
-        for name in (b"pid_stats", b"proc_comms"):
-            table = self.bpf[name]
-            for tgid in tgids:
+        """Drop the kernel entries of processes that have exited (their totals are already read): the
+        generation read last for each tgid, and its `gens` entry when no newer one was started."""
+        stats, comms, gens = self.bpf[b"pid_stats"], self.bpf[b"proc_comms"], self.bpf[b"gens"]
+        for tgid in tgids:
+            gen = self._gens.get(tgid, 0)
+            for table in (stats, comms):
                 with contextlib.suppress(KeyError):
-                    del table[table.Key(tgid)]
+                    del table[table.Key(tgid, gen)]
+            with contextlib.suppress(KeyError):
+                if gens[gens.Key(tgid)].value == gen:
+                    del gens[gens.Key(tgid)]
 
     # -- the drilled-in process ------------------------------------------------------------------------
 

@@ -411,6 +411,66 @@ def backs_slab(stack: StackOutstanding) -> bool:
     )
 
 
+SOURCE_KIND_MASK = 0xFF  # struct alloc_info.source: the kind in bits 0-7, the slab cache above
+CACHE_SHIFT = 8
+KMALLOC_CLASS = 1 << 23  # a kmalloc's cache field: this | its bytes_alloc (see leaks_kernel.h)
+SLABINFO = Path("/proc/slabinfo")
+
+
+def cache_id(name: str) -> int:
+    """The 23-bit id leaks_kernel.h's cache_id gives a slab cache name (its first 15 bytes)."""
+    raw = name.encode()[:15].ljust(16, b"\0")
+    lo, hi = struct.unpack("<QQ", raw)
+    h = ((lo ^ (hi * 0x9E3779B97F4A7C15)) * 0xFF51AFD7ED558CCD) & (1 << 64) - 1
+    return (h >> 41) & (KMALLOC_CLASS - 1)
+
+
+def slab_active_objects(path: Path = SLABINFO) -> dict[str, int]:
+    """Active objects per slab cache, from /proc/slabinfo (empty when unreadable)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines[2:]:
+        fields = line.split()
+        if len(fields) >= 2 and fields[1].isdigit():
+            out[fields[0]] = int(fields[1])
+    return out
+
+
+def kmalloc_size_class(name: str) -> int | None:
+    """The object size of a kmalloc cache (kmalloc-64, kmalloc-cg-2k, dma-kmalloc-96, kmalloc-rnd-03-8k),
+    None for any other cache."""
+    if "kmalloc" not in name or name == "kmalloc_buckets":
+        return None
+    size = name.rsplit("-", 1)[-1]
+    if size.endswith("k") and size[:-1].isdigit():
+        return int(size[:-1]) * 1024
+    return int(size) if size.isdigit() else None
+
+
+def cache_limits(active: dict[str, int]) -> dict[int, tuple[str, int]]:
+    """cache field (see leaks_kernel.h) -> (what to call it, objects the kernel says are live in it).
+    Names whose ids collide are left out (not reconciled)."""
+    limits: dict[int, tuple[str, int]] = {}
+    collided: set[int] = set()
+    classes: dict[int, int] = {}
+    for name, objects in active.items():
+        cid = cache_id(name)
+        if cid in limits:
+            collided.add(cid)
+        limits[cid] = (name, objects)
+        size = kmalloc_size_class(name)
+        if size is not None:
+            classes[size] = classes.get(size, 0) + objects
+    for cid in collided:
+        del limits[cid]
+    for size, objects in classes.items():
+        limits[KMALLOC_CLASS | size] = (f"kmalloc-{size}", objects)
+    return limits
+
+
 def raw_frees() -> tuple[bool, bool]:
     """Whether kfree's and kmem_cache_free's raw tracepoints take (call_site, ptr[, cache]) here."""
     kfree = raw_args_match("kmem", "kfree", ("call_site", "ptr"))
@@ -439,6 +499,7 @@ class KernelLeakProbe(_LeakProbe):
         max_aggregates: int = 32768,
         sampler: AdaptiveSampler | None = None,
         age_scan_budget: float = AGE_SCAN_BUDGET,
+        reconcile_caches: bool = True,
     ) -> None:
         super().__init__(max_allocs, max_stacks, max_aggregates, age_scan_budget)
         if sample_every is not None:
@@ -450,6 +511,8 @@ class KernelLeakProbe(_LeakProbe):
             self.sample_rate = self.sampler.rate
         else:
             self.sample_rate = sample_every
+        self.reconcile_caches = reconcile_caches
+        self.freed_untraced: dict[str, int] = {}  # slab cache -> allocations retired by reconcile()
         self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
         self.shared = False  # running inside that object
         self.embed_error = ""  # why compiling into it failed (then this probe runs on its own)
@@ -457,6 +520,7 @@ class KernelLeakProbe(_LeakProbe):
     def cflags(self) -> list[str]:
         page_shift = resource.getpagesize().bit_length() - 1
         raw_kfree, raw_cache_free = raw_frees()
+        name = tracefs.tracepoint_fields("kmem", "kmem_cache_alloc").get("name")  # a __data_loc string
         from memtop.probes.kmalloc import raw_kmalloc
 
         return [
@@ -466,6 +530,8 @@ class KernelLeakProbe(_LeakProbe):
             int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
             int_cflag("RAW_KFREE", int(raw_kfree), 0, 1),
             int_cflag("RAW_CACHE_FREE", int(raw_cache_free), 0, 1),
+            int_cflag("HAVE_CACHE_NAME", int(name is not None), 0, 1),
+            int_cflag("NAME_LOC_OFFSET", name.offset if name is not None else 0, 0, 4096),
         ]
 
     def _missing(self) -> list[str]:
@@ -488,7 +554,7 @@ class KernelLeakProbe(_LeakProbe):
             self.bpf = None
             self.shared = False
             if self.status.status == "running":
-                self.status = ProbeStatus("error", "stopped: its programs ran in the kmalloc probe's object")
+                self.status = ProbeStatus("stopped", "with the kmalloc probe, whose programs it shared")
         self._host_bpf = None
 
     def own_functions(self) -> list[bytes]:
@@ -555,7 +621,7 @@ class KernelLeakProbe(_LeakProbe):
         return self.sample_rate
 
     def kind_of(self, source: int) -> str:
-        return KIND_KERNEL_PAGES if source == 1 else KIND_KERNEL
+        return KIND_KERNEL_PAGES if source & SOURCE_KIND_MASK == 1 else KIND_KERNEL
 
     def symbolize(self, address: int) -> str:
         raw = self.bpf.ksym(address, show_offset=True)
@@ -570,8 +636,91 @@ class KernelLeakProbe(_LeakProbe):
             start += 1
         return frames[start:]
 
+    # -- frees no tracepoint reports ------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Hold each slab cache's outstanding count to what the kernel says is live in it.
+
+        Frees without a tracepoint (kmem_cache_free_bulk, the NAPI skb cache, kfree_rcu batches) leave
+        their allocations tracked for ever. Where a cache's tracked objects (weighted) exceed its
+        active objects in /proc/slabinfo (an upper bound of what is live: SLUB counts objects on per-CPU
+        free lists as active), the oldest tracked ones cannot all be live: they are retired, oldest first,
+        and counted per cache as freed untraced. kmalloc'd objects are held to the sum of the kmalloc-*
+        caches of their size class.
+
+        A BPF program updating one of the retired aggregates between this read and write loses that
+        update (the same race as pruning, see take_if_empty)."""
+        per_cache: dict[int, int] = {}
+        for raw_key, (_bytes, allocations) in self._aggregates().items():
+            cid = AGG_KEY.unpack(raw_key)[2] >> CACHE_SHIFT
+            if cid and allocations > 0:
+                per_cache[cid] = per_cache.get(cid, 0) + allocations
+        if not per_cache:
+            return
+        limits = cache_limits(slab_active_objects())
+        excess = {
+            cid: n - limits[cid][1] for cid, n in per_cache.items() if cid in limits and n > limits[cid][1]
+        }
+        if not excess:
+            return
+        keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+        key_size = len(keys) // count if count else 0
+        candidates: dict[int, list[tuple[int, bytes, int, int, int, int, int]]] = {}
+        for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
+            ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
+        ):
+            cid = source >> CACHE_SHIFT
+            if cid in excess:
+                raw = keys[i * key_size : (i + 1) * key_size]
+                candidates.setdefault(cid, []).append((ts_ns, raw, size, tgid, stack_id, weight, source))
+        from bcc.libbcc import lib
+
+        allocs = self.bpf[b"allocs"]
+        adjust: dict[bytes, list[int]] = {}
+        for cid, entries in candidates.items():
+            entries.sort()
+            left = excess[cid]
+            for _ts, raw, size, tgid, stack_id, weight, source in entries:
+                if left <= 0:
+                    break
+                key = allocs.Key.from_buffer_copy(raw)
+                if lib.bpf_delete_elem(allocs.map_fd, ctypes.byref(key)) != 0:
+                    continue  # freed (or retired) meanwhile
+                left -= weight
+                agg = adjust.setdefault(AGG_KEY.pack(stack_id, tgid, source, 0), [0, 0])
+                agg[0] += size * weight
+                agg[1] += weight
+                name = limits[cid][0]
+                self.freed_untraced[name] = self.freed_untraced.get(name, 0) + weight
+        outstanding = self.bpf[b"outstanding"]
+        for raw_key, (retired_bytes, retired) in adjust.items():
+            key = outstanding.Key.from_buffer_copy(raw_key)
+            with contextlib.suppress(KeyError):
+                value = outstanding[key]
+                value[0].bytes -= retired_bytes
+                value[0].allocations -= retired
+                outstanding[key] = value
+
+    def outstanding_by_cache(self) -> dict[str, int]:
+        """Tracked outstanding allocations (weighted) per slab cache, as reconcile() counts them."""
+        names = {cid: name for cid, (name, _live) in cache_limits(slab_active_objects()).items()}
+        out: dict[str, int] = {}
+        for raw_key, (_bytes, allocations) in self._aggregates().items():
+            cid = AGG_KEY.unpack(raw_key)[2] >> CACHE_SHIFT
+            if cid in names:
+                out[names[cid]] = out.get(names[cid], 0) + allocations
+        return out
+
     def read(self) -> LeakReading:
+        if self.reconcile_caches:
+            self.reconcile()
         reading = self._read(KIND_KERNEL)
+        if self.freed_untraced:
+            untraced = {f"freed_untraced:{name}": n for name, n in sorted(self.freed_untraced.items())}
+            total = sum(self.freed_untraced.values())
+            reading = dataclasses.replace(
+                reading, drops={**reading.drops, "freed_untraced": total, **untraced}
+            )
         if self.page_level:  # the pages of a slab are the objects' memory, counted on their own rows
             kept = tuple(s for s in reading.stacks if not backs_slab(s))
             reading = dataclasses.replace(reading, stacks=kept)

@@ -85,7 +85,20 @@ def leak_note(snap: Snapshot) -> Text:
         f"{sampling_text(snap)}  │ showing {older} (o)  │ ",
         (f"not tracked (maps full) {fmt.count(lost)}", "bold red" if lost else ""),
         f" · missed frees {fmt.count(missed)} · stack collisions {fmt.count(collisions)}",
+        untraced_text(drops),
     )
+
+
+def untraced_text(drops: Mapping[str, int]) -> str:
+    """Allocations retired because their slab cache holds fewer live objects than were tracked (freed
+    without a tracepoint), and the caches they were in, biggest first."""
+    prefix = "leak_freed_untraced:"
+    caches = sorted(((n, k[len(prefix) :]) for k, n in drops.items() if k.startswith(prefix)), reverse=True)
+    if not caches:
+        return ""
+    total = sum(n for n, _ in caches)
+    names = ", ".join(name for _, name in caches[:3]) + (", …" if len(caches) > 3 else "")
+    return f" · freed untraced {fmt.count(total)} ({names})"
 
 
 def stack_text(row: LeakRow) -> Text:
