@@ -71,6 +71,7 @@ class OomReading:
     task_map_full: int = 0  # cumulative: tasks whose cgroup could not be remembered (map full)
     cgroup_lost: int = 0  # cumulative: cgroup creations not seen (their ring buffer was full)
     reaped: tuple[OomEvent, ...] = ()  # events read earlier, now with reaped_at set (same `key`)
+    recursion_misses: int = 0  # cumulative: runs of its programs the kernel skipped (recursion guard)
 
 
 CONSTRAINTS = {

@@ -607,6 +607,7 @@ class Store:
             oom_lost=reading.lost,
             oom_task_map_full=reading.task_map_full,
             oom_cgroup_lost=reading.cgroup_lost,
+            oom_recursion_misses=reading.recursion_misses,
         )
 
     def add_oom_backlog(self, events: Iterable[OomEvent]) -> None:

@@ -155,14 +155,14 @@ def test_a_reused_pid_gets_its_own_row_and_the_dead_process_keeps_its_counts(
     binaries: tuple[str, str, str], container: tuple[TestCgroup, str]
 ) -> None:
     from memtop.probes.kmalloc import KmallocProbe
-    from memtop.procinfo import ProcReader
+    from memtop.procinfo import ProcScanner
 
     worker, launcher, target = binaries
     cgroup, cid = container
     probe = KmallocProbe()
     probe.start()
     store = Store(HostInfo("h", "6.18"), started_at=time.time())
-    procs = ProcReader()
+    procs = ProcScanner()
     newcomer = None
     try:
         old = Worker([worker, target], cgroup)
@@ -190,6 +190,7 @@ def test_a_reused_pid_gets_its_own_row_and_the_dead_process_keeps_its_counts(
         assert newcomer.finish() == 0
     finally:
         probe.close()
+        procs.close()
         if newcomer is not None and newcomer.proc.poll() is None:
             newcomer.proc.kill()
     by_state = {r.exited: r for r in rows}

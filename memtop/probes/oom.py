@@ -406,8 +406,15 @@ class OomProbe(Probe):
             lost = sum(counters.getvalue(CTR_RINGBUF_LOST))
             task_map_full = sum(counters.getvalue(CTR_TASK_MAP_FULL))
             cgroup_lost = sum(counters.getvalue(CTR_CGROUP_LOST))
+        misses = self.recursion_misses()
+        self.status_with_misses(misses)
         return OomReading(
-            events=events, lost=lost, task_map_full=task_map_full, cgroup_lost=cgroup_lost, reaped=reaped
+            events=events,
+            lost=lost,
+            task_map_full=task_map_full,
+            cgroup_lost=cgroup_lost,
+            reaped=reaped,
+            recursion_misses=misses,
         )
 
     def backlog(self) -> list[OomEvent]:
