@@ -12,7 +12,7 @@ Field names are the store's vocabulary; fields are only ever added within the ve
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -20,7 +20,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from memtop.leaks import KINDS, top_frame
 from memtop.tcp import address_text, is_bucket_bound
 
-SCHEMA = "memtop.snapshot/1"
+SCHEMA: Final = "memtop.snapshot/1"
 
 INT64_MAX = (1 << 63) - 1
 # A byte or event count: a non-negative 64-bit integer (10**400 is a schema error, not a float overflow).
