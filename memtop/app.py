@@ -21,6 +21,7 @@ from textual.timer import Timer
 
 from memtop.config import Config
 from memtop.errors import MemtopError
+from memtop.recording import Sink
 from memtop.sources import Source
 from memtop.store import ProcessKey, Snapshot, SortKey
 from memtop.widgets import Column
@@ -56,9 +57,16 @@ class MemtopApp(App[None]):
         Binding("c", "toggle_host", "Containers only"),
     ]
 
-    def __init__(self, source: Source, config: Config, export_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        config: Config,
+        export_dir: Path | None = None,
+        sinks: Sequence[Sink] = (),
+    ) -> None:
         super().__init__()
         self.source = source
+        self.sinks = list(sinks)  # each new Snapshot goes to them too (--record); they only queue
         self.config = config
         self.export_dir = export_dir or Path.cwd()
         self.snapshot: Snapshot | None = None
@@ -104,6 +112,9 @@ class MemtopApp(App[None]):
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         previous = self.snapshot
         self.snapshot = message.snapshot
+        if self.source.live:
+            for sink in self.sinks:
+                sink.on_snapshot(message.snapshot)
         self.ticks += 1
         if previous is not None and message.snapshot.oom_kills_seen > previous.oom_kills_seen:
             self.announce_kills(message.snapshot, message.snapshot.oom_kills_seen - previous.oom_kills_seen)

@@ -43,6 +43,8 @@ def _fields(record_type: type) -> tuple[str, ...]:
 
 
 _PROCESS = _fields(ProcessRow)
+PROCESS_COLUMNS = _PROCESS  # `memtop dump --format csv`
+CONTAINER_COLUMNS = _fields(ContainerRow)
 _CONTAINER = tuple(f for f in _fields(ContainerRow) if f != "pids")
 _OOM = tuple(f for f in _fields(OomEvent) if f not in ("history", "victim_history"))
 _LEAK = _fields(LeakRow)

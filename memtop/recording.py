@@ -740,3 +740,78 @@ class RecordingSource:
 
     def close(self) -> None:
         self.reader.close()
+
+
+# -- the service -------------------------------------------------------------------------------------------
+
+UNIT_PATH = Path("/etc/systemd/system/memtop-record.service")
+UNIT_TEMPLATE = """\
+# memtop-record.service: keeps a bounded history of kernel memory on disk (`memtop record`).
+# Install: `sudo memtop record --install` (writes this file with the memtop it was run from), then
+#   systemctl daemon-reload && systemctl enable --now memtop-record
+# Replay: `sudo memtop --replay {db} --at '10m ago'`; logs: `journalctl -u memtop-record`.
+[Unit]
+Description=memtop recorder: kernel memory allocations, OOM kills and leaks to {db}
+After=local-fs.target
+
+[Service]
+Type=simple
+ExecStart={exec_start}
+# the database directory, 0700 (root only)
+StateDirectory=memtop
+StateDirectoryMode=0700
+UMask=0077
+# SIGTERM stops it within a second with every BPF program detached
+KillSignal=SIGTERM
+TimeoutStopSec=15
+Restart=on-failure
+RestartSec=10
+Nice=10
+StandardOutput=journal
+StandardError=journal
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def unit_text(memtop: str = "/usr/local/bin/memtop", options: tuple[str, ...] = ()) -> str:
+    db = DEFAULT_DB
+    for i, option in enumerate(options[:-1]):
+        if option == "--db":
+            db = Path(options[i + 1])
+    exec_start = " ".join([memtop, "record", *options]) if options else f"{memtop} record --db {DEFAULT_DB}"
+    return UNIT_TEMPLATE.format(db=db, exec_start=exec_start)
+
+
+def install_unit(args: object, target: Path = UNIT_PATH) -> Path:
+    """Write the unit for `memtop record` with the options given (--db, --interval, --retention,
+    --max-size), running the memtop executable this was started as."""
+    import shlex
+    import shutil
+
+    memtop = shutil.which("memtop") or sys.argv[0]
+    memtop = str(Path(memtop).resolve())
+    options: list[str] = ["--db", str(Path(getattr(args, "db", DEFAULT_DB)).absolute())]
+    interval = getattr(args, "interval", DEFAULT_INTERVAL_S)
+    if interval != DEFAULT_INTERVAL_S:
+        options += ["--interval", f"{interval:g}"]
+    retention = getattr(args, "retention", DEFAULT_RETENTION_S)
+    if retention != DEFAULT_RETENTION_S:
+        options += ["--retention", f"{retention:g}s"]
+    max_bytes = getattr(args, "max_size", DEFAULT_MAX_BYTES)
+    if max_bytes != DEFAULT_MAX_BYTES:
+        options += ["--max-size", str(max_bytes)]
+    text = unit_text(shlex.quote(memtop), tuple(shlex.quote(o) for o in options))
+    if target.is_symlink():
+        raise MemtopError(f"refusing to write through a symlink: {target}")
+    if not target.parent.is_dir():
+        raise MemtopError(f"{target.parent} does not exist: is this a systemd host?")
+    try:
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(target)
+    except OSError as exc:
+        raise MemtopError(f"cannot write {target}: {exc.strerror}") from None
+    return target
