@@ -211,7 +211,8 @@ def main() -> int:
         f"(encode alone {encode_cpu / args.samples * 1000:.1f} ms)"
     )
     print(
-        f"on disk per sample: {per_sample / 1024:.1f} KiB  -> 24 h at {args.interval:g}s: {day / 2**30:.2f} GiB"
+        f"on disk per sample: {per_sample / 1024:.1f} KiB"
+        f"  -> 24 h at {args.interval:g}s: {day / 2**30:.2f} GiB"
     )
     print(
         f"recorder CPU per sample: {write_cpu / args.samples * 1000:.1f} ms "
@@ -270,7 +271,8 @@ def time_opens(path: Path) -> None:
     times.sort()
     print(f"open the recording and show its newest sample: {first_open * 1000:.0f} ms")
     print(
-        f"jump to a random sample: median {times[len(times) // 2] * 1000:.0f} ms, max {times[-1] * 1000:.0f} ms"
+        f"jump to a random sample: median {times[len(times) // 2] * 1000:.0f} ms,"
+        f" max {times[-1] * 1000:.0f} ms"
     )
 
 

@@ -22,6 +22,7 @@ from textual.timer import Timer
 from memtop.config import Config
 from memtop.errors import MemtopError
 from memtop.recording import Sink
+from memtop.screens.timetravel import BINDINGS as TIME_TRAVEL_BINDINGS
 from memtop.sources import Source
 from memtop.store import ProcessKey, Snapshot, SortKey
 from memtop.widgets import Column
@@ -55,6 +56,7 @@ class MemtopApp(App[None]):
         Binding("minus", "interval(-1)", "Faster", show=False),
         Binding("e", "export", "Export"),
         Binding("c", "toggle_host", "Containers only"),
+        *TIME_TRAVEL_BINDINGS,
     ]
 
     def __init__(
@@ -169,8 +171,19 @@ class MemtopApp(App[None]):
         sections = [
             (
                 "Everywhere",
-                [row for row in describe_bindings(self.BINDINGS) if row[0] != "Ctrl+C"]
+                [
+                    row
+                    for row in describe_bindings(self.BINDINGS)
+                    if row[0] != "Ctrl+C" and not row[1].startswith("Recording:")
+                ]
                 + [("Ctrl+C", "quit")],
+            ),
+            (
+                "Time travel (--replay of a recording made by memtop record)",
+                [
+                    (key, text.removeprefix("Recording: "))
+                    for key, text in describe_bindings(TIME_TRAVEL_BINDINGS)
+                ],
             ),
             (
                 "Main screen",
@@ -209,6 +222,35 @@ class MemtopApp(App[None]):
             self.collect()
         else:
             self.schedule_next()
+
+    # -- time travel (a recording) ----------------------------------------------------------------------
+
+    def action_travel_step(self, samples: int) -> None:
+        from memtop.screens import timetravel
+
+        timetravel.step(self, samples)
+
+    def action_travel_jump(self, seconds: float) -> None:
+        from memtop.screens import timetravel
+
+        timetravel.jump(self, seconds)
+
+    def action_travel_kill(self, direction: int) -> None:
+        from memtop.screens import timetravel
+
+        timetravel.kill(self, direction)
+
+    def action_travel_goto(self) -> None:
+        from memtop.screens import timetravel
+
+        if timetravel.recording(self) is None:
+            return
+
+        def chosen(text: str | None) -> None:
+            if text:
+                timetravel.goto(self, text)
+
+        self.push_screen(timetravel.JumpScreen(), callback=chosen)
 
     def action_interval(self, direction: int) -> None:
         faster_or_equal = [i for i in INTERVALS if i <= self.interval_s]

@@ -669,13 +669,17 @@ class RecordingSource:
         return kill
 
     def timeline_text(self) -> str:
+        """The header's: the sample's time and place."""
+        from memtop import format as fmt
+
+        return f"at {fmt.datetime(self.position)} ({self.index + 1}/{len(self.reader)})"
+
+    def span_text(self) -> str:
+        """The header's: what the recording holds."""
         from memtop import format as fmt
 
         first, last = self.span
-        return (
-            f"sample {fmt.datetime(self.position)} ({self.index + 1}/{len(self.reader)})"
-            f"  recorded {fmt.datetime(first)} → {fmt.datetime(last)}"
-        )
+        return f"recorded {fmt.datetime(first)} → {fmt.datetime(last)}"
 
     # -- the Source interface ------------------------------------------------------------------------
 

@@ -21,7 +21,17 @@ class HeaderBar(Static):
     HeaderBar { height: 2; background: $primary-background; color: $text; padding: 0 1; }
     """
 
-    def show(self, snap: Snapshot | None, paused: bool, interval_s: float, exports: int = 0) -> None:
+    def show(
+        self,
+        snap: Snapshot | None,
+        paused: bool,
+        interval_s: float,
+        exports: int = 0,
+        timeline: str = "",
+        span: str = "",
+    ) -> None:
+        """`timeline`: where a recording is (time travel), shown instead of "taken ..."; `span`: what
+        the recording holds, on the second line."""
         if snap is None:
             self.update("memtop  starting…")
             return
@@ -42,7 +52,9 @@ class HeaderBar(Static):
             ("kmalloc ", "bold"),
             (fmt.size_rate(snap.kmalloc_bytes_per_s), "bold"),
             f" {fmt.count_rate(snap.kmalloc_calls_per_s)} calls  │ ",
-            f"every {interval_s:g}s" if not snap.replay else f"taken {fmt.datetime(snap.taken_at)}",
+            f"every {interval_s:g}s"
+            if not snap.replay
+            else (timeline or f"taken {fmt.datetime(snap.taken_at)}"),
             "  ",
             mode,
         )
@@ -69,6 +81,8 @@ class HeaderBar(Static):
         line2.append("│ ")
         line2.append(f"drops {fmt.count(lost)}", style="bold red" if lost else "")
         line2.append(f" │ {len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)}")
+        if span:
+            line2.append(f" │ {span}")
         self.update(Text("\n").join([line1, line2]))
 
 

@@ -22,7 +22,15 @@ class MemtopScreen(Screen[None]):
 
     def refresh_view(self) -> None:
         app = self.memtop
-        self.query_one(HeaderBar).show(app.snapshot, app.paused, app.interval_s)
+        timeline = getattr(app.source, "timeline_text", None)  # a recording (time travel)
+        span = getattr(app.source, "span_text", None)
+        self.query_one(HeaderBar).show(
+            app.snapshot,
+            app.paused,
+            app.interval_s,
+            timeline=timeline() if timeline else "",
+            span=span() if span else "",
+        )
         if app.snapshot is not None:
             self.show_snapshot(app.snapshot)
 
