@@ -253,6 +253,11 @@ def grow(path: Path, target: int, interval: float) -> None:
     print(f"grown to {path.stat().st_size / 2**30:.2f} GiB, {n} samples")
 
 
+def source_interval(source: RecordingSource) -> float:
+    times = source.reader.times
+    return (times[-1] - times[0]) / max(1, len(times) - 1)
+
+
 def time_opens(path: Path) -> None:
     rng = random.Random(2)
     start = time.perf_counter()
@@ -267,7 +272,23 @@ def time_opens(path: Path) -> None:
         source.seek(target)
         source.tick()
         times.append(time.perf_counter() - start)
+    drill = []
+    for _ in range(5):
+        t0, t1 = source.span
+        source.seek(rng.uniform(t0, t1))
+        snap = source.tick()
+        source.set_focus(snap.processes[0].key)
+        start = time.perf_counter()
+        source.tick()
+        drill.append(time.perf_counter() - start)
+        source.set_focus(None)
     source.close()
+    drill.sort()
+    neighbours = round(600 / source_interval(source))
+    print(
+        f"drill into a process (10 min of history rebuilt from {neighbours} samples): "
+        f"median {drill[len(drill) // 2] * 1000:.0f} ms"
+    )
     times.sort()
     print(f"open the recording and show its newest sample: {first_open * 1000:.0f} ms")
     print(

@@ -62,7 +62,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS samples(
     id INTEGER PRIMARY KEY, t REAL NOT NULL, key_id INTEGER NOT NULL, size INTEGER NOT NULL,
     data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS samples_t ON samples(t);
+CREATE INDEX IF NOT EXISTS samples_t ON samples(t, key_id);  -- covers the index read at open
 CREATE TABLE IF NOT EXISTS oom_kills(
     t REAL NOT NULL, sample_id INTEGER NOT NULL, victim_pid INTEGER NOT NULL, victim_comm TEXT NOT NULL,
     container_id TEXT);
@@ -492,7 +492,7 @@ class RecordingReader:
 
     def reload(self) -> None:
         """Re-read the index (a recorder may still be appending)."""
-        rows = self.conn.execute("SELECT id, t, key_id FROM samples ORDER BY t, id").fetchall()
+        rows = self.conn.execute("SELECT id, t, key_id FROM samples ORDER BY t").fetchall()
         self.ids = [r[0] for r in rows]
         self.times = [r[1] for r in rows]
         self.key_ids = [r[2] for r in rows]

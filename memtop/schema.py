@@ -56,11 +56,14 @@ class Probe(Struct):
 
 
 class Process(Struct, kw_only=True):
-    """A process row (store.ProcessRow); rates are over the snapshot's last interval."""
+    """A process row (store.ProcessRow, in its field order); rates are over the snapshot's last interval."""
 
     pid: Count
+    start_time: float = 0.0
     comm: str
     cmdline: str = ""
+    user: str = ""
+    state: str = ""
     cgroup_path: str = ""
     container_id: str | None = None
     container: str = ""
@@ -69,11 +72,8 @@ class Process(Struct, kw_only=True):
     kmalloc_calls_per_s: float
     kmalloc_bytes: Count
     kmalloc_calls: Count
-    rss_bytes: Count | None = None
-    start_time: float = 0.0
-    user: str = ""
-    state: str = ""
     kmalloc_bytes_req: Count = 0
+    rss_bytes: Count | None = None
     vms_bytes: Count | None = None
     threads: Count | None = None
     exited: bool = False
