@@ -564,3 +564,37 @@ async def test_help_lists_the_time_travel_keys(recording: Path) -> None:
         assert isinstance(app.screen, HelpScreen)
         section = dict(app.screen.sections)["Time travel (--replay of a recording made by memtop record)"]
         assert {k for k, _ in section} >= {",", ".", "b", "f", "B", "F", "j", "n", "N"}
+
+
+class _FakeLive:
+    """The fixture as a live source whose every tick is a new sample (5 s later)."""
+
+    live = True
+
+    def __init__(self) -> None:
+        from memtop.sources import ReplaySource
+
+        self.replay = ReplaySource(REPLAY)
+        self.ticks = 0
+
+    def tick(self, include_histories: bool = False) -> Snapshot:
+        self.ticks += 1
+        return replace(sample(self.ticks), replay=False)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.replay, name)
+
+
+async def test_the_live_tui_records_through_its_sink(tmp_path: Path) -> None:
+    path = tmp_path / "live.db"
+    sink = RecordingSink(path, min_interval_s=10.0, report=lambda _m: None)
+    source = _FakeLive()
+    app = MemtopApp(source, Config(interval_s=0.1), sinks=[sink])  # type: ignore[arg-type]
+    async with app.run_test(size=SIZE) as pilot:
+        while source.ticks < 8:
+            await pilot.pause(0.05)
+    sink.close()
+    reader = RecordingReader(path)
+    assert len(reader) >= 4 and reader.times[0] == T0 + STEP  # every other tick: 10 s apart
+    assert all(b - a == 2 * STEP for a, b in zip(reader.times, reader.times[1:], strict=False))
+    reader.close()
