@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/kmalloc_bench.py
 	$(PY) bench/leaks_bench.py
 	$(PY) bench/tcp_bench.py
+	$(PY) bench/record_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache memtop.egg-info build dist

@@ -598,3 +598,16 @@ async def test_the_live_tui_records_through_its_sink(tmp_path: Path) -> None:
     assert len(reader) >= 4 and reader.times[0] == T0 + STEP  # every other tick: 10 s apart
     assert all(b - a == 2 * STEP for a, b in zip(reader.times, reader.times[1:], strict=False))
     reader.close()
+
+
+def test_record_bench_runs(tmp_path: Path) -> None:
+    """The recorder benchmark still runs end to end (tiny; no figure is asserted)."""
+    result = subprocess.run(
+        [sys.executable, "bench/record_bench.py", "--samples", "15", "--processes", "50", "--stacks", "5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "on disk per sample" in result.stdout and "of a core" in result.stdout
