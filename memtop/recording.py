@@ -235,6 +235,7 @@ class RecordingWriter:
         self.retention_s = retention_s
         self.max_bytes = max_bytes
         self.key_every = key_every
+        self._kills: set[tuple[float, int]] = set()  # kills already indexed (read back when continuing)
         self._fd = _open_locked(path)
         try:
             self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=1.0)
@@ -249,7 +250,6 @@ class RecordingWriter:
         self._delta: zstandard.ZstdCompressor | None = None
         self._key_id = 0
         self._since_key = 0
-        self._kills: set[tuple[float, int]] = set()
         self.samples_written = 0
         self.bytes_written = 0
 

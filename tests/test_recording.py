@@ -133,6 +133,19 @@ def test_every_sample_reads_back_as_written(recording: Path) -> None:
     reader.close()
 
 
+def test_a_new_writer_continues_a_recording_and_indexes_each_kill_once(tmp_path: Path) -> None:
+    path = record(tmp_path / "r.db", count=KILL_AT + 5)
+    writer = RecordingWriter(path)
+    for i in range(KILL_AT + 5, KILL_AT + 20):
+        writer.write(sample(i))
+    writer.close()
+    reader = RecordingReader(path)
+    assert reader.times == [T0 + i * STEP for i in range(KILL_AT + 20)]
+    assert [(k.victim_pid, k.t) for k in reader.kills] == [(4242, T0 + (KILL_AT - 0.5) * STEP)]
+    assert reader.snapshot(KILL_AT + 6).taken_at == T0 + (KILL_AT + 6) * STEP  # a new key frame group
+    reader.close()
+
+
 def test_files_are_private_and_the_database_is_wal(recording: Path) -> None:
     assert recording.stat().st_mode & 0o777 == 0o600
     assert recording.parent.stat().st_mode & 0o777 in (0o700, 0o755, 0o775)  # pytest made this one
