@@ -8,6 +8,7 @@ the previous one has been applied, so a slow tick never piles up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import Sequence
@@ -56,6 +57,7 @@ class MemtopApp(App[None]):
         Binding("minus", "interval(-1)", "Faster", show=False),
         Binding("e", "export", "Export"),
         Binding("c", "toggle_host", "Containers only"),
+        Binding("R", "toggle_record", "Record to /var/lib/memtop/memtop.db (again: stop)", show=False),
         *TIME_TRAVEL_BINDINGS,
     ]
 
@@ -222,6 +224,36 @@ class MemtopApp(App[None]):
             self.collect()
         else:
             self.schedule_next()
+
+    def action_toggle_record(self) -> None:
+        """Start recording the live view into the default database (a sample every 5 s), or stop."""
+        from memtop.recording import DEFAULT_DB, DEFAULT_INTERVAL_S, RecordingSink
+
+        if not self.source.live:
+            self.notify("replay: only the live view can be recorded")
+            return
+        recorders = [s for s in self.sinks if isinstance(s, RecordingSink)]
+        if recorders:
+            for sink in recorders:
+                self.sinks.remove(sink)
+                self._close_sink(sink)
+            self.notify(f"recording stopped: {recorders[0].path}")
+            return
+        try:
+            sink = RecordingSink(DEFAULT_DB, min_interval_s=DEFAULT_INTERVAL_S, report=self._sink_failed)
+        except MemtopError as exc:
+            self.notify(str(exc), title="cannot record", severity="error")
+            return
+        self.sinks.append(sink)
+        self.notify(f"recording every {DEFAULT_INTERVAL_S:g}s to {DEFAULT_DB} (R again stops)")
+
+    def _sink_failed(self, message: str) -> None:  # called from the writer thread
+        with contextlib.suppress(RuntimeError):  # the app has stopped
+            self.call_from_thread(self.notify, message, title="recording", severity="error")
+
+    @work(thread=True, group="close-sink", exit_on_error=False)
+    def _close_sink(self, sink: Sink) -> None:
+        sink.close()  # writes what is queued: off the UI thread
 
     # -- time travel (a recording) ----------------------------------------------------------------------
 

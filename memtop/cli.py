@@ -363,7 +363,7 @@ def run_tui(config: Config, at: str | None = None, record: Path | None = None) -
     from memtop.sources import LiveSource, Source, open_replay
 
     source: Source
-    sinks = []
+    sinks: list[Sink] = []
     if config.replay is not None:
         if record is not None:
             raise MemtopError("--record records the live view; it cannot be used with --replay", exit_code=2)
@@ -384,13 +384,14 @@ def run_tui(config: Config, at: str | None = None, record: Path | None = None) -
                 sink.close()
             raise
         source = live
-    try:
-        from memtop.app import MemtopApp
+    from memtop.app import MemtopApp
 
-        MemtopApp(source, config, sinks=sinks).run()
+    app = MemtopApp(source, config, sinks=sinks)
+    try:
+        app.run()
     finally:
         source.close()
-        for sink in sinks:
+        for sink in {id(s): s for s in [*sinks, *app.sinks]}.values():  # also those the R key started
             sink.close()
     return 0
 

@@ -637,11 +637,20 @@ class RecordingSource:
         return self.reader.times[self.index]
 
     def step(self, samples: int) -> bool:
-        """Move by whole samples; False at either end."""
+        """Move by whole samples; False at either end. Past the newest, looks for samples a running
+        recorder has added since."""
+        if samples > 0 and self.index + samples >= len(self.reader):
+            self._reload()
         index = max(0, min(len(self.reader) - 1, self.index + samples))
         moved = index != self.index
         self.index = index
         return moved
+
+    def _reload(self) -> None:
+        try:
+            self.reader.reload()
+        except sqlite3.Error as exc:
+            raise _db_error(self.reader.path, exc) from None
 
     def seek(self, t: float) -> None:
         self.index = self.reader.index_at(t)
@@ -651,6 +660,8 @@ class RecordingSource:
         first at or after it going forward."""
         before = self.index
         target = self.position + seconds
+        if seconds > 0 and target > self.span[1]:
+            self._reload()
         self.index = self.reader.index_at(target) if seconds < 0 else self.reader.index_after(target)
         return self.index != before
 

@@ -624,3 +624,49 @@ def test_record_bench_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "on disk per sample" in result.stdout and "of a core" in result.stdout
+
+
+async def test_r_starts_and_stops_recording_the_live_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import memtop.recording
+
+    path = tmp_path / "default" / "memtop.db"
+    monkeypatch.setattr(memtop.recording, "DEFAULT_DB", path)
+    monkeypatch.setattr(memtop.recording, "DEFAULT_INTERVAL_S", 0.0)
+    source = _FakeLive()
+    app = MemtopApp(source, Config(interval_s=0.1))  # type: ignore[arg-type]
+    async with app.run_test(size=SIZE) as pilot:
+        await press(pilot, "R")
+        assert len(app.sinks) == 1
+        start = source.ticks
+        while source.ticks < start + 4:
+            await pilot.pause(0.05)
+        await press(pilot, "R")
+        assert not app.sinks
+        await app.workers.wait_for_complete()
+    reader = RecordingReader(path)
+    assert len(reader) >= 3
+    reader.close()
+
+
+async def test_r_in_replay_says_only_live_records(recording: Path) -> None:
+    app = MemtopApp(RecordingSource(recording), Config())
+    async with app.run_test(size=SIZE) as pilot:
+        await press(pilot, "R")
+        assert not app.sinks and any("only the live view" in n.message for n in app._notifications)
+
+
+def test_stepping_past_the_newest_sample_finds_what_a_running_recorder_added(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    writer = RecordingWriter(path)
+    for i in range(3):
+        writer.write(sample(i))
+    source = RecordingSource(path)
+    assert source.position == T0 + 2 * STEP
+    assert not source.step(1)
+    writer.write(sample(3))
+    assert source.step(1) and source.position == T0 + 3 * STEP
+    assert source.tick().taken_at == T0 + 3 * STEP
+    writer.close()
+    source.close()
