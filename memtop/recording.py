@@ -332,24 +332,13 @@ class RecordingWriter:
         if used > self.max_bytes:
             target = used - int(self.max_bytes * 0.9)  # free a tenth at once, not a group per sample
             freed = 0
-            cut = None
+            cut = self._key_id  # at most: every group but the one being written
             for sample_id, key_id, size in conn.execute("SELECT id, key_id, size FROM samples ORDER BY id"):
-                if key_id >= self._key_id:
-                    break
-                if freed >= target and sample_id == key_id:
-                    cut = sample_id
+                if key_id >= self._key_id or (sample_id == key_id and freed >= target):
+                    cut = min(key_id, self._key_id)
                     break
                 freed += size
-                cut = None
-            else:
-                cut = None
-            if cut is None:
-                row = conn.execute(
-                    "SELECT min(id) FROM samples WHERE key_id = id AND id > (SELECT min(id) FROM samples)"
-                ).fetchone()
-                cut = min(row[0], self._key_id) if row and row[0] else None
-            if cut is not None:
-                dropped += self._drop_before(cut)
+            dropped += self._drop_before(cut)
         return dropped
 
     def _drop_before(self, sample_id: int) -> int:
