@@ -572,10 +572,13 @@ class RecordingReader:
         start = self.index_after(end_t - window_s)
         procs: dict[ProcessKey, list[HistoryPoint]] = {}
         conts: dict[str, list[HistoryPoint]] = {}
+        pids = None if keys is None else {k.pid for k in keys}  # ints first: thousands of rows a sample
         for i in range(start, index + 1):
             t = self.times[i]
             sample = self.light(i)
             for p in sample.processes:
+                if pids is not None and p.pid not in pids:
+                    continue
                 key = ProcessKey(p.pid, p.start_time)
                 if keys is None or key in keys:
                     point = HistoryPoint(t, p.kmalloc_bytes_per_s, p.kmalloc_calls_per_s, p.rss_bytes)
