@@ -670,3 +670,29 @@ def test_stepping_past_the_newest_sample_finds_what_a_running_recorder_added(tmp
     assert source.tick().taken_at == T0 + 3 * STEP
     writer.close()
     source.close()
+
+
+async def test_filter_sort_and_drilldown_work_on_a_recorded_sample(recording: Path) -> None:
+    from memtop.screens.main import MainScreen
+    from memtop.screens.process import ProcessScreen
+
+    app = MemtopApp(RecordingSource(recording, at=T0 + 20 * STEP), Config())
+    others = [str(p.pid) for p in BASE.processes if p.pid != MARKED.pid]
+    async with app.run_test(size=SIZE) as pilot:
+        await press(pilot)
+        await press(pilot, "slash", *str(MARKED.pid), "enter")
+        text = widget_text(app, "#process-table")
+        assert str(MARKED.pid) in text and not any(pid in text for pid in others)
+        await press(pilot, "comma")  # another sample: the filter stays
+        text = widget_text(app, "#process-table")
+        assert app.snapshot.taken_at == T0 + 19 * STEP
+        assert str(MARKED.pid) in text and not any(pid in text for pid in others)
+        await press(pilot, "2")  # sort by the second column
+        assert app.sort.column != "kmalloc_bytes_per_s" and str(MARKED.pid) in widget_text(
+            app, "#process-table"
+        )
+        await press(pilot, "enter")
+        assert isinstance(app.screen, ProcessScreen) and app.screen.key == MARKED.key
+        assert [p.kmalloc_bytes_per_s for p in app.snapshot.focus.history][-2:] == [18000.0, 19000.0]
+        await press(pilot, "escape")
+        assert isinstance(app.screen, MainScreen)
