@@ -696,3 +696,15 @@ async def test_filter_sort_and_drilldown_work_on_a_recorded_sample(recording: Pa
         assert [p.kmalloc_bytes_per_s for p in app.snapshot.focus.history][-2:] == [18000.0, 19000.0]
         await press(pilot, "escape")
         assert isinstance(app.screen, MainScreen)
+
+
+def test_a_recording_of_another_format_version_is_refused(tmp_path: Path, recording: Path) -> None:
+    path = tmp_path / "future.db"
+    path.write_bytes(recording.read_bytes())
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value='memtop.recording/9' WHERE key='format'")
+    conn.commit()
+    conn.close()
+    assert_one_line_error(run("--replay", str(path)), "format 'memtop.recording/9'")
+    with pytest.raises(MemtopError, match="memtop.recording/9"):
+        RecordingWriter(path)

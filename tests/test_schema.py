@@ -77,3 +77,26 @@ def test_compact_json_round_trips() -> None:
     line = encode_json(snap)
     assert b"\n" not in line
     assert decode_json(line) == snap
+
+
+def test_every_field_of_the_store_records_is_declared_on_the_wire() -> None:
+    """A field added to a store record but not to memtop/schema.py would be lost in files and recordings."""
+    import dataclasses
+
+    from memtop import schema
+    from memtop.leaks import LeakRow
+    from memtop.oom import OomEvent
+    from memtop.store import ContainerRow, ProcessRow
+    from memtop.tcp import SlowConnect, TcpRow
+
+    pairs = [
+        (ProcessRow, schema.Process, {"kmalloc_history"}),
+        (ContainerRow, schema.Container, {"history"}),
+        (OomEvent, schema.OomKill, {"time_iso"}),
+        (LeakRow, schema.Leak, set()),
+        (TcpRow, schema.TcpConnect, set()),
+        (SlowConnect, schema.SlowConnect, set()),
+    ]
+    for record, wire, wire_only in pairs:
+        fields = {f.name for f in dataclasses.fields(record)}
+        assert set(wire.__struct_fields__) == fields | wire_only, record.__name__
