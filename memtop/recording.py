@@ -55,6 +55,7 @@ DEFAULT_MAX_BYTES = 2 << 30
 MIN_MAX_BYTES = 64 << 10
 KEY_EVERY = 12  # a key frame a minute at the default interval
 ZSTD_LEVEL = 3
+MAX_HISTORY_SAMPLES = 240  # a replayed graph is rebuilt from at most this many samples (the window's newest)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA_SQL = """
@@ -567,13 +568,15 @@ class RecordingReader:
         containers: set[str] | None,
         window_s: float = HISTORY_S,
     ) -> tuple[dict[ProcessKey, list[HistoryPoint]], dict[str, list[HistoryPoint]]]:
-        """History points rebuilt from the samples in the `window_s` up to `index` (None: all)."""
+        """History points rebuilt from the samples in the `window_s` up to `index` (None: all keys), from
+        at most MAX_HISTORY_SAMPLES of them, evenly spaced, ending with the sample at `index`."""
         end_t = self.times[index]
         start = self.index_after(end_t - window_s)
         procs: dict[ProcessKey, list[HistoryPoint]] = {}
         conts: dict[str, list[HistoryPoint]] = {}
         pids = None if keys is None else {k.pid for k in keys}  # ints first: thousands of rows a sample
-        for i in range(start, index + 1):
+        stride = -(-(index + 1 - start) // MAX_HISTORY_SAMPLES)  # a short interval: every n-th sample
+        for i in reversed(range(index, start - 1, -stride)):
             t = self.times[i]
             sample = self.light(i)
             for p in sample.processes:

@@ -708,3 +708,21 @@ def test_a_recording_of_another_format_version_is_refused(tmp_path: Path, record
     assert_one_line_error(run("--replay", str(path)), "format 'memtop.recording/9'")
     with pytest.raises(MemtopError, match="memtop.recording/9"):
         RecordingWriter(path)
+
+
+def test_a_graph_of_a_short_interval_recording_is_rebuilt_from_at_most_240_samples(tmp_path: Path) -> None:
+    from memtop.recording import MAX_HISTORY_SAMPLES
+
+    path = tmp_path / "fast.db"
+    writer = RecordingWriter(path)
+    for i in range(700):  # one a second (a 10-minute window holds 600)
+        writer.write(replace(sample(i % 60), taken_at=T0 + i))
+    writer.close()
+    reader = RecordingReader(path)
+    procs, conts = reader.histories(699, {MARKED.key}, {VICTIM_CONTAINER.id})
+    points = procs[MARKED.key]
+    assert len(points) <= MAX_HISTORY_SAMPLES and points[-1].t == T0 + 699
+    assert points[0].t <= T0 + 699 - 590  # still the whole window
+    assert [p.t for p in points] == sorted(p.t for p in points)
+    assert len(conts[VICTIM_CONTAINER.id]) == len(points)
+    reader.close()
