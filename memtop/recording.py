@@ -250,6 +250,7 @@ class RecordingWriter:
         self._plain = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         self._delta: zstandard.ZstdCompressor | None = None
         self._key_id = 0
+        self._key_size = 0
         self._since_key = 0
         self.samples_written = 0
         self.bytes_written = 0
@@ -282,10 +283,14 @@ class RecordingWriter:
         """Store one sample; returns its compressed size. sqlite3.Error / OSError propagate."""
         raw = self.encode(snap)
         sample_id = self._next_id
-        if self._delta is None or self._since_key >= self.key_every:
+        if (
+            self._delta is None
+            or self._since_key >= self.key_every
+            or not self._key_size * 2 // 3 <= len(raw) <= self._key_size * 3 // 2
+        ):  # a new key frame every key_every samples, or sooner when the host changed a lot since
             data = self._plain.compress(raw)
             self._delta = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=_dict_for(raw))
-            self._key_id, self._since_key = sample_id, 0
+            self._key_id, self._since_key, self._key_size = sample_id, 0, len(raw)
         else:
             data = self._delta.compress(raw)
         self._since_key += 1

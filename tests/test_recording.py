@@ -726,3 +726,19 @@ def test_a_graph_of_a_short_interval_recording_is_rebuilt_from_at_most_240_sampl
     assert [p.t for p in points] == sorted(p.t for p in points)
     assert len(conts[VICTIM_CONTAINER.id]) == len(points)
     reader.close()
+
+
+def test_a_host_that_changed_a_lot_since_the_key_frame_gets_a_new_one(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    writer = RecordingWriter(path)
+    writer.write(sample(0))
+    writer.write(sample(1))
+    many = sample(2)
+    clones = tuple(replace(p, pid=p.pid + 100_000) for p in many.processes)
+    writer.write(replace(many, processes=many.processes + clones + clones))  # about twice the bytes
+    writer.write(sample(3))  # back to the usual size: another one
+    writer.close()
+    reader = RecordingReader(path)
+    assert reader.key_ids == [1, 1, 3, 4]
+    assert reader.snapshot(2).processes[-1].pid == BASE.processes[-1].pid + 100_000
+    reader.close()
