@@ -606,6 +606,7 @@ async def test_the_live_tui_records_through_its_sink(tmp_path: Path) -> None:
     async with app.run_test(size=SIZE) as pilot:
         while source.ticks < 8:
             await pilot.pause(0.05)
+        await press(pilot, "p")  # no tick in flight while the app shuts down
     sink.close()
     reader = RecordingReader(path)
     assert len(reader) >= 4 and reader.times[0] == T0 + STEP  # every other tick: 10 s apart
@@ -644,7 +645,7 @@ async def test_r_starts_and_stops_recording_the_live_view(
             await pilot.pause(0.05)
         await press(pilot, "R")
         assert not app.sinks
-        await app.workers.wait_for_complete()
+        await press(pilot, "p")  # no tick in flight while the app shuts down
     reader = RecordingReader(path)
     assert len(reader) >= 3
     reader.close()
