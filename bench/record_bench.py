@@ -13,9 +13,9 @@ few processes come and go, as on a real host.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -186,7 +186,13 @@ def main() -> int:
     args = parser.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="memtop-record-bench."))
-    path = args.db or directory / "bench.db"
+    try:
+        return run(args, args.db or directory / "bench.db")
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)  # the database too, unless --db put it elsewhere
+
+
+def run(args: argparse.Namespace, path: Path) -> int:
     host = Host(args.processes, 50, args.stacks)
     snaps = [host.snapshot(i, args.interval) for i in range(args.samples)]  # made before timing
     writer = RecordingWriter(path, retention_s=1e9, max_bytes=1 << 40, interval_s=args.interval)
@@ -221,11 +227,6 @@ def main() -> int:
     if args.open_gib:
         grow(path, int(args.open_gib * 2**30), args.interval)
         time_opens(path)
-    print(f"db: {path}")
-    if args.db is None:
-        for name in os.listdir(directory):
-            os.unlink(directory / name)
-        os.rmdir(directory)
     return 0
 
 
