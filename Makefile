@@ -44,6 +44,7 @@ bench: setup
 	$(PY) bench/tcp_bench.py
 	$(PY) bench/ui_bench.py
 	$(PY) bench/userleaks_bench.py
+	$(PY) bench/record_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache memtop.egg-info build dist

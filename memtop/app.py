@@ -7,6 +7,7 @@ the previous one has been applied, so a slow tick never piles up.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from textual.timer import Timer
 from memtop.config import Config
 from memtop.errors import MemtopError
 from memtop.leaks import UPROBE_COST_NOTE
+from memtop.recording import Sink
+from memtop.screens.timetravel import BINDINGS as TIME_TRAVEL_BINDINGS
 from memtop.sources import Source
 from memtop.store import ProcessKey, Snapshot, SortKey
 from memtop.widgets import Column
@@ -54,6 +57,8 @@ class MemtopApp(App[None]):
         Binding("minus", "interval(-1)", "Faster", show=False),
         Binding("e", "export", "Export"),
         Binding("c", "toggle_host", "Containers only"),
+        Binding("R", "toggle_record", "Record to /var/lib/memtop/memtop.db (again: stop)", show=False),
+        *TIME_TRAVEL_BINDINGS,
     ]
 
     def __init__(
@@ -62,12 +67,14 @@ class MemtopApp(App[None]):
         config: Config,
         export_dir: Path | None = None,
         on_exit: Callable[[int], None] | None = None,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         super().__init__()
         self.source = source
         # Called with the exit code before the UI shuts down: the CLI's ExitGuard detaches the probes
         # there, so no UI shutdown, however it ends, can leave them attached.
         self.on_exit = on_exit
+        self.sinks = list(sinks)  # each new Snapshot goes to them too (--record); they only queue
         self.config = config
         self.export_dir = export_dir or Path.cwd()
         self.snapshot: Snapshot | None = None
@@ -107,6 +114,9 @@ class MemtopApp(App[None]):
     def on_snapshot_ready(self, message: SnapshotReady) -> None:
         previous = self.snapshot
         self.snapshot = message.snapshot
+        if self.source.live:
+            for sink in self.sinks:
+                sink.on_snapshot(message.snapshot)
         self.ticks += 1
         if self.ticks == 1:
             # What exists now (modules, widgets, the first rows) lives as long as the app: keep it out of
@@ -171,8 +181,19 @@ class MemtopApp(App[None]):
         sections = [
             (
                 "Everywhere",
-                [row for row in describe_bindings(self.BINDINGS) if row[0] != "Ctrl+C"]
+                [
+                    row
+                    for row in describe_bindings(self.BINDINGS)
+                    if row[0] != "Ctrl+C" and not row[1].startswith("Recording:")
+                ]
                 + [("Ctrl+C", "quit")],
+            ),
+            (
+                "Time travel (--replay of a recording made by memtop record)",
+                [
+                    (key, text.removeprefix("Recording: "))
+                    for key, text in describe_bindings(TIME_TRAVEL_BINDINGS)
+                ],
             ),
             (
                 "Main screen",
@@ -211,6 +232,65 @@ class MemtopApp(App[None]):
             self.collect()
         else:
             self.schedule_next()
+
+    def action_toggle_record(self) -> None:
+        """Start recording the live view into the default database (a sample every 5 s), or stop."""
+        from memtop.recording import DEFAULT_DB, DEFAULT_INTERVAL_S, RecordingSink
+
+        if not self.source.live:
+            self.notify("replay: only the live view can be recorded")
+            return
+        recorders = [s for s in self.sinks if isinstance(s, RecordingSink)]
+        if recorders:
+            for sink in recorders:
+                self.sinks.remove(sink)
+                self._close_sink(sink)
+            self.notify(f"recording stopped: {recorders[0].path}")
+            return
+        try:
+            sink = RecordingSink(DEFAULT_DB, min_interval_s=DEFAULT_INTERVAL_S, report=self._sink_failed)
+        except MemtopError as exc:
+            self.notify(str(exc), title="cannot record", severity="error")
+            return
+        self.sinks.append(sink)
+        self.notify(f"recording every {DEFAULT_INTERVAL_S:g}s to {DEFAULT_DB} (R again stops)")
+
+    def _sink_failed(self, message: str) -> None:  # called from the writer thread
+        with contextlib.suppress(RuntimeError):  # the app has stopped
+            self.call_from_thread(self.notify, message, title="recording", severity="error")
+
+    @work(thread=True, group="close-sink", exit_on_error=False)
+    def _close_sink(self, sink: Sink) -> None:
+        sink.close()  # writes what is queued: off the UI thread
+
+    # -- time travel (a recording) ----------------------------------------------------------------------
+
+    def action_travel_step(self, samples: int) -> None:
+        from memtop.screens import timetravel
+
+        timetravel.step(self, samples)
+
+    def action_travel_jump(self, seconds: float) -> None:
+        from memtop.screens import timetravel
+
+        timetravel.jump(self, seconds)
+
+    def action_travel_kill(self, direction: int) -> None:
+        from memtop.screens import timetravel
+
+        timetravel.kill(self, direction)
+
+    def action_travel_goto(self) -> None:
+        from memtop.screens import timetravel
+
+        if timetravel.recording(self) is None:
+            return
+
+        def chosen(text: str | None) -> None:
+            if text:
+                timetravel.goto(self, text)
+
+        self.push_screen(timetravel.JumpScreen(), callback=chosen)
 
     def action_interval(self, direction: int) -> None:
         faster_or_equal = [i for i in INTERVALS if i <= self.interval_s]

@@ -12,11 +12,24 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from memtop import __version__, tracefs
 from memtop.config import MAX_DURATION_S, MAX_INTERVAL_S, MAX_SAMPLE_EVERY, MIN_INTERVAL_S, Config
 from memtop.errors import MemtopError
+from memtop.recording import (
+    DEFAULT_DB,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_RETENTION_S,
+    MIN_MAX_BYTES,
+    parse_duration,
+    parse_size,
+    parse_time,
+)
+
+if TYPE_CHECKING:
+    from memtop.recording import Sink
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,7 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memtop", description="A top-like view of kernel memory allocations (eBPF).")
     parser.add_argument("--version", action="version", version=f"memtop {__version__}")
     _common(parser)
-    parser.add_argument("--replay", type=Path, metavar="FILE", help="open a snapshot file (no root needed)")
+    parser.add_argument(
+        "--replay", type=Path, metavar="FILE", help="open a snapshot file or a recording (no root needed)"
+    )
+    parser.add_argument(
+        "--at",
+        metavar="TIME",
+        help="with --replay of a recording: open the sample at TIME (ISO 8601, HH:MM, '10m ago')",
+    )
+    parser.add_argument(
+        "--record",
+        nargs="?",
+        const=str(DEFAULT_DB),
+        default=None,
+        metavar="DB",
+        help=f"live TUI: also record every 5 s into DB (default {DEFAULT_DB})",
+    )
     parser.add_argument(
         "--dump-bpf", action="store_true", help="print the BPF programs and cflags, then exit"
     )
@@ -200,6 +228,43 @@ def build_parser() -> argparse.ArgumentParser:
     from memtop.metrics import DEFAULT_LISTEN
 
     add_metrics_arguments(exporter, default_listen=DEFAULT_LISTEN)
+    rec = sub.add_parser("record", help="record a sample every interval into an SQLite database, headless")
+    _common(rec)
+    rec.set_defaults(interval=DEFAULT_INTERVAL_S)
+    rec.add_argument("--db", type=Path, default=DEFAULT_DB, metavar="PATH", help=f"default {DEFAULT_DB}")
+    rec.add_argument(
+        "--retention",
+        type=_parsed(parse_duration, "--retention"),
+        default=DEFAULT_RETENTION_S,
+        metavar="DURATION",
+        help="drop samples older than this (like 12h, 3d; default 3d)",
+    )
+    rec.add_argument(
+        "--max-size",
+        type=_parsed(parse_size, "--max-size"),
+        default=DEFAULT_MAX_BYTES,
+        metavar="BYTES",
+        help="drop the oldest samples beyond this size (like 500M, 2GiB; default 2GiB)",
+    )
+    rec.add_argument(
+        "--install",
+        action="store_true",
+        help="write the systemd unit memtop-record.service for these options, then exit",
+    )
+    add_metrics_arguments(rec, default_listen=None)
+    dump = sub.add_parser("dump", help="print a recording's samples as JSON lines or CSV")
+    dump.add_argument("--db", type=Path, required=True, metavar="PATH", help="the recording")
+    dump.add_argument(
+        "--from", dest="start", default=None, metavar="TIME", help="first sample (default: all)"
+    )
+    dump.add_argument("--to", dest="end", default=None, metavar="TIME", help="last sample (default: newest)")
+    dump.add_argument("--format", choices=("json", "csv"), default="json")
+    dump.add_argument(
+        "--table",
+        choices=("processes", "containers"),
+        default="processes",
+        help="CSV: which table (one row per sample and process or container)",
+    )
     return parser
 
 
@@ -253,6 +318,19 @@ def metrics_options_from_args(args: argparse.Namespace):  # type: ignore[no-unty
     from memtop.metrics import MetricsOptions
 
     return MetricsOptions(top=args.metrics_top, grace_s=args.metrics_grace, dest_addr=args.metrics_dest_addr)
+
+
+def _parsed(parse, what: str):  # type: ignore[no-untyped-def]
+    def wrapped(text: str):  # type: ignore[no-untyped-def]
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be more than 0, got {text!r}")
+        return value
+
+    return wrapped
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -400,27 +478,44 @@ def run_exporter(config: Config, listen: str, options: object) -> int:
     return 0
 
 
-def run_tui(config: Config) -> int:
+def _time_arg(text: str, what: str) -> float:
+    try:
+        return parse_time(text)
+    except ValueError as exc:
+        raise MemtopError(f"{what}: {exc}", exit_code=2) from None
+
+
+def run_tui(config: Config, at: str | None = None, record: Path | None = None) -> int:
     from memtop.lifecycle import ExitGuard
-    from memtop.sources import LiveSource, ReplaySource, Source
+    from memtop.sources import LiveSource, Source, open_replay
 
     source: Source
+    sinks: list[Sink] = []
     if config.replay is not None:
-        source = ReplaySource(config.replay)
+        if record is not None:
+            raise MemtopError("--record records the live view; it cannot be used with --replay", exit_code=2)
+        source = open_replay(config.replay, _time_arg(at, "--at") if at else None)
     else:
+        if at is not None:
+            raise MemtopError("--at needs --replay of a recording", exit_code=2)
         preflight_live()
+        if record is not None:
+            from memtop.recording import RecordingSink
+
+            sinks.append(RecordingSink(record, min_interval_s=DEFAULT_INTERVAL_S, report=lambda _m: None))
         source = LiveSource(config)
     # Detach first, then let the UI go; the whole exit is bounded (memtop.lifecycle).
     guard = ExitGuard(lambda: source.close(wait_for_unload=False))
     guard.save_terminal()
     guard.install_signals()
     guard.install_thread_hook()
+    app = None
     try:
         from memtop.app import MemtopApp
 
         if isinstance(source, LiveSource):
             source.start_in_background()  # rows from /proc at once; panels fill in as probes attach
-        app = MemtopApp(source, config, on_exit=guard.begin)
+        app = MemtopApp(source, config, on_exit=guard.begin, sinks=sinks)
 
         def stop_ui() -> None:
             with contextlib.suppress(Exception):  # the UI may be gone already
@@ -431,10 +526,128 @@ def run_tui(config: Config) -> int:
     finally:
         guard.begin(guard.code or 0)  # arms the watchdog: nothing after this may hang the exit
         guard.uninstall()
+        # also the recordings the R key started; each only flushes what it queued
+        for sink in {id(s): s for s in [*sinks, *(app.sinks if app is not None else ())]}.values():
+            with contextlib.suppress(Exception):
+                sink.close()
     # Detached, and the terminal is restored: leave now rather than wait for the interpreter to tear
     # down modules and join threads (a probe still compiling, the UI library's leftovers).
     guard.force_exit(guard.code or 0)
     return guard.code or 0
+
+
+def run_record(
+    config: Config,
+    db: Path,
+    retention_s: float,
+    max_bytes: int,
+    sinks: Sequence[Sink] = (),
+) -> int:
+    """Headless recorder: one sample per interval into `db` until SIGTERM/SIGINT (exit 0, probes
+    detached). Every Snapshot goes to the recorder and then to each of `sinks` (on_snapshot must not
+    block: the metrics exporter, for one, subscribes here)."""
+    from memtop.recording import RecordingSink, log
+    from memtop.sources import LiveSource
+
+    if max_bytes < MIN_MAX_BYTES:
+        raise MemtopError(f"--max-size must be at least {MIN_MAX_BYTES >> 10} KiB", exit_code=2)
+    preflight_live()
+    recorder = RecordingSink(db, retention_s, max_bytes, min_interval_s=0.0)  # locks before compiling
+    all_sinks: list[Sink] = [recorder, *sinks]
+    source = LiveSource(config)
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ticks = 0
+    try:
+        source.start()
+        log(
+            f"recording to {db} every {config.interval_s:g}s "
+            f"(retention {retention_s / 3600:g} h, max {max_bytes / 2**20:.0f} MiB)"
+        )
+        next_tick = time.monotonic() + config.interval_s
+        while True:
+            time.sleep(max(0.0, next_tick - time.monotonic()))  # the first rates cover a whole interval
+            snap = source.tick()
+            ticks += 1
+            for sink in all_sinks:
+                try:
+                    sink.on_snapshot(snap)
+                except Exception as exc:  # one sink's bug must not stop the recording
+                    log(f"{sink.__class__.__name__} failed: {exc.__class__.__name__}: {exc}")
+            next_tick += config.interval_s
+            if next_tick < time.monotonic():  # a tick took longer than the interval: start again from now
+                next_tick = time.monotonic()
+    except _Terminated:
+        pass
+    finally:
+        stopping = time.monotonic()
+        for sig in previous:  # a second signal must not cut the detaching short
+            signal.signal(sig, signal.SIG_IGN)
+        source.close()  # every probe at once
+        log(f"probes detached in {time.monotonic() - stopping:.2f}s")
+        for sink in all_sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                log(f"closing {sink.__class__.__name__} failed: {exc}")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log(
+        f"stopped: {recorder.samples_written} samples written this run ({recorder.dropped} dropped, "
+        f"{recorder.errors} failed); probes detached"
+    )
+    return 0
+
+
+def run_dump(db: Path, start: str | None, end: str | None, output_format: str, table: str) -> int:
+    """A recording's samples in [start, end]: one snapshot per JSON line, or a CSV of one table."""
+    import csv
+
+    from memtop.export import encode_json
+    from memtop.recording import RecordingReader
+
+    first = _time_arg(start, "--from") if start else float("-inf")
+    last = _time_arg(end, "--to") if end else float("inf")
+    if first > last:
+        raise MemtopError("--from is later than --to", exit_code=2)
+    reader = RecordingReader(db)
+    out = sys.stdout
+    try:
+        if output_format == "json":
+            for snap in reader.between(first, last):
+                out.buffer.write(encode_json(snap, histories=False) + b"\n")
+            out.flush()
+            return 0
+        from memtop import format as fmt
+        from memtop.export import CONTAINER_COLUMNS, PROCESS_COLUMNS
+
+        columns = PROCESS_COLUMNS if table == "processes" else CONTAINER_COLUMNS
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["taken_at", *columns])
+        for snap in reader.between(first, last):
+            rows = snap.processes if table == "processes" else snap.containers
+            when = fmt.iso_utc(snap.taken_at)
+            for row in rows:
+                values = [getattr(row, c) for c in columns]
+                writer.writerow(
+                    [when, *(" ".join(map(str, v)) if isinstance(v, tuple) else v for v in values)]
+                )
+        return 0
+    except BrokenPipeError:
+        sys.stderr.close()  # `memtop dump | head`: the reader left, nothing to report
+        return 0
+    finally:
+        reader.close()
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from memtop.recording import install_unit
+
+    path = install_unit(args)
+    print(
+        f"memtop: wrote {path}; start it with: "
+        "systemctl daemon-reload && systemctl enable --now memtop-record"
+    )
+    return 0
 
 
 def dump_bpf(config: Config) -> int:
@@ -451,6 +664,18 @@ def dump_bpf(config: Config) -> int:
     return 0
 
 
+def _metrics_sinks(args: argparse.Namespace) -> list[Sink]:
+    """`memtop record --metrics-listen`: the exporter as one more sink of the recorder's snapshots (it
+    binds its port here, before anything compiles: a taken port is a one-line error)."""
+    if not getattr(args, "metrics_listen", None):
+        return []
+    from memtop.metrics import MetricsEndpoint
+
+    endpoint = MetricsEndpoint(args.metrics_listen, metrics_options_from_args(args))
+    print(f"memtop: serving metrics on {endpoint.server.url}", file=sys.stderr, flush=True)
+    return [endpoint]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -465,7 +690,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_snapshot(config)
         if args.command == "exporter":
             return run_exporter(config, args.metrics_listen, metrics_options_from_args(args))
-        return run_tui(config)
+        if args.command == "record":
+            if args.install:
+                return run_install(args)
+            return run_record(config, args.db, args.retention, args.max_size, sinks=_metrics_sinks(args))
+        if args.command == "dump":
+            return run_dump(args.db, args.start, args.end, args.format, args.table)
+        return run_tui(config, args.at, Path(args.record) if args.record else None)
     except MemtopError as exc:
         print(f"memtop: error: {exc}", file=sys.stderr)
         return exc.exit_code

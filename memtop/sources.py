@@ -1,4 +1,5 @@
-"""Sources of Snapshots: LiveSource (probes on this kernel) and ReplaySource (a snapshot file).
+"""Sources of Snapshots: LiveSource (probes on this kernel), ReplaySource (a snapshot file) and, in
+memtop/recording.py, RecordingSource (a recording database).
 
 The UI and the headless exporter only ever call tick(), set_focus() and close(); they cannot tell
 which source they have, which is how the UI is tested without root.
@@ -376,6 +377,17 @@ class LiveSource:
         finally:
             if locked:
                 self._lock.release()
+
+
+def open_replay(path: Path, at: float | None = None) -> Source:
+    """--replay: a recording database (told by its content, not its name) or a snapshot file."""
+    from memtop.recording import RecordingSource, is_sqlite
+
+    if is_sqlite(path):
+        return RecordingSource(path, at)
+    if at is not None:
+        raise MemtopError(f"--at needs a recording database; {path} is not one (a snapshot holds one time)")
+    return ReplaySource(path)
 
 
 class ReplaySource:

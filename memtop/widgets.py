@@ -29,7 +29,17 @@ class HeaderBar(Static):
     HeaderBar { height: 2; background: $primary-background; color: $text; padding: 0 1; }
     """
 
-    def show(self, snap: Snapshot | None, paused: bool, interval_s: float, exports: int = 0) -> None:
+    def show(
+        self,
+        snap: Snapshot | None,
+        paused: bool,
+        interval_s: float,
+        exports: int = 0,
+        timeline: str = "",
+        span: str = "",
+    ) -> None:
+        """`timeline`: where a recording is (time travel), shown instead of "taken ..."; `span`: what
+        the recording holds, on the second line."""
         if snap is None:
             self.update("memtop  starting…", layout=False)
             return
@@ -50,7 +60,9 @@ class HeaderBar(Static):
             ("kmalloc ", "bold"),
             (fmt.size_rate(snap.kmalloc_bytes_per_s), "bold"),
             f" {fmt.count_rate(snap.kmalloc_calls_per_s)} calls  │ ",
-            f"every {interval_s:g}s" if not snap.replay else f"taken {fmt.datetime(snap.taken_at)}",
+            f"every {interval_s:g}s"
+            if not snap.replay
+            else (timeline or f"taken {fmt.datetime(snap.taken_at)}"),
             "  ",
             mode,
         )
@@ -69,6 +81,8 @@ class HeaderBar(Static):
             if k.endswith(("_full", "_lost", "_recursion_misses")) or k == "tail_lost"
         )
         line2.append(f"{len(snap.processes)} processes over {fmt.short_duration(snap.duration_s)} │ ")
+        if span:  # a recording's span (time travel)
+            line2.append(f"{span} │ ")
         line2.append(f"drops {fmt.count(lost)}", style="bold red" if lost else "")
         line2.append(" │ probes: ")
         for name, p in snap.probes.items():

@@ -40,7 +40,15 @@ class MemtopScreen(Screen[None]):
         self._behind = not self.shown
         if self._behind:
             return
-        self.query_one(HeaderBar).show(app.snapshot, app.paused, app.interval_s)
+        timeline = getattr(app.source, "timeline_text", None)  # a recording (time travel)
+        span = getattr(app.source, "span_text", None)
+        self.query_one(HeaderBar).show(
+            app.snapshot,
+            app.paused,
+            app.interval_s,
+            timeline=timeline() if timeline else "",
+            span=span() if span else "",
+        )
         if app.snapshot is not None:
             self.show_snapshot(app.snapshot)
 

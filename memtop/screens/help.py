@@ -31,6 +31,8 @@ def key_display(key: str) -> str:
         "greater_than_sign": ">",
         "left_square_bracket": "[",
         "right_square_bracket": "]",
+        "comma": ",",
+        "full_stop": ".",
         "ctrl+c": "Ctrl+C",
         "tab": "Tab",
         "shift+tab": "Shift+Tab",
