@@ -468,7 +468,7 @@ def run_exporter(config: Config, listen: str, options: object) -> int:
         for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
         try:
-            source.close()
+            source.close(wait_for_unload=False)  # exiting: the kernel frees them after
             if endpoint is not None:
                 endpoint.close()
         finally:
@@ -582,7 +582,7 @@ def run_record(
         stopping = time.monotonic()
         for sig in previous:  # a second signal must not cut the detaching short
             signal.signal(sig, signal.SIG_IGN)
-        source.close()  # every probe at once
+        source.close(wait_for_unload=False)  # every probe at once; exiting, no need to wait
         log(f"probes detached in {time.monotonic() - stopping:.2f}s")
         for sink in all_sinks:
             try:

@@ -3,13 +3,15 @@
 Closing a tracepoint's perf event waits for the kernel to retire the program (about 70 ms each on 6.18):
 one after another, memtop's two dozen attachments made quitting take seconds. The waits are independent,
 so every attachment of every probe is closed from its own thread, then each BPF object's remaining
-cleanup (maps, ring buffers, program fds) runs. ctypes and os.close release the GIL while they wait.
+cleanup (maps, ring buffers, program fds) runs, one object at a time (libbcc's teardown is not
+thread-safe). ctypes and os.close release the GIL while they wait.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_THREADS = 32
+_CLEANUP_LOCK = threading.Lock()
 
 # BCC's dicts of live attachments and the method that detaches one entry of each.
 _ATTACHMENTS = (
@@ -55,5 +58,8 @@ def detach_all(bpfs: Iterable[Any]) -> None:
             max_workers=min(MAX_THREADS, len(calls)), thread_name_prefix="detach"
         ) as pool:
             list(pool.map(_run, calls))
-    for bpf in objects:  # what is left: perf buffers, ring buffers, program and map fds
-        _run(bpf.cleanup)
+    for bpf in objects:  # what is left: perf buffers, ring buffers, program and map fds, the module
+        # libbcc's module teardown is not safe to run for two objects at once (it crashed the process
+        # when probes were closed from parallel threads): one at a time, it is quick once detached.
+        with _CLEANUP_LOCK:
+            _run(bpf.cleanup)
