@@ -45,6 +45,7 @@ from memtop import schema
 from memtop.errors import MemtopError
 from memtop.export import snapshot_from_doc, snapshot_to_doc
 from memtop.leaks import LeakRow
+from memtop.readonly import ReadOnlySource
 from memtop.store import HISTORY_S, FocusDetail, HistoryPoint, ProcessKey, Snapshot
 
 FORMAT = "memtop.recording/1"
@@ -609,21 +610,18 @@ class RecordingReader:
         self.conn.close()
 
 
-class RecordingSource:
+class RecordingSource(ReadOnlySource):
     """A recording shown one sample at a time, with the live view's code (the Source interface), plus
     the time-travel moves: step, seek, jump to a kill. Histories are rebuilt from neighbouring samples."""
 
-    live = False
-
     def __init__(self, path: Path, at: float | None = None) -> None:
+        super().__init__()
         self.reader = RecordingReader(path)
         if not len(self.reader):
             self.reader.close()
             raise MemtopError(f"recording {path} holds no samples yet")
         self.index = len(self.reader) - 1 if at is None else self.reader.index_at(at)
-        self._focus: ProcessKey | None = None
         self._focus_container: str | None = None
-        self._older_s = 0.0
         self._cached: tuple[int, Snapshot] | None = None
 
     # -- time travel ----------------------------------------------------------------------------------
@@ -732,26 +730,8 @@ class RecordingSource:
             return rows
         return tuple(r for r in rows if r.oldest_age_s is not None and r.oldest_age_s >= self._older_s)
 
-    def set_focus(self, key: ProcessKey | None) -> None:
-        self._focus = key
-
     def set_focus_container(self, container_id: str | None) -> None:
         self._focus_container = container_id
-
-    def set_interval(self, interval_s: float) -> None:
-        pass
-
-    def set_tail_min_bytes(self, min_bytes: int) -> None:
-        pass
-
-    def start_user_leaks(self, pid: int) -> None:
-        raise MemtopError("replay: a recording cannot start tracking a process")
-
-    def stop_user_leaks(self) -> None:
-        pass
-
-    def set_leak_older(self, older_s: float) -> None:
-        self._older_s = older_s
 
     def close(self, wait_for_unload: bool = True) -> None:
         self.reader.close()

@@ -26,6 +26,7 @@ from memtop.export import read_snapshot
 from memtop.leaks import LeakRow
 from memtop.model import IRQ_TGID, ProbeStatus
 from memtop.oom import OomEvent
+from memtop.readonly import ReadOnlySource
 from memtop.store import HostInfo, ProcessKey, Snapshot, Store
 
 if TYPE_CHECKING:
@@ -390,16 +391,13 @@ def open_replay(path: Path, at: float | None = None) -> Source:
     return ReplaySource(path)
 
 
-class ReplaySource:
+class ReplaySource(ReadOnlySource):
     """A snapshot file, shown as it was taken: paused, marked as replay."""
 
-    live = False
-
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
         self.snapshot = read_snapshot(path)
-        self._focus: ProcessKey | None = None
-        self._older_s = 0.0
 
     def tick(self, include_histories: bool = False) -> Snapshot:
         snap = self.snapshot
@@ -421,27 +419,3 @@ class ReplaySource:
         if not self._older_s:
             return rows
         return tuple(r for r in rows if r.oldest_age_s is not None and r.oldest_age_s >= self._older_s)
-
-    def set_focus(self, key: ProcessKey | None) -> None:
-        self._focus = key
-
-    def set_focus_container(self, container_id: str | None) -> None:
-        pass  # a recording holds the histories it was written with
-
-    def set_interval(self, interval_s: float) -> None:
-        pass
-
-    def set_tail_min_bytes(self, min_bytes: int) -> None:
-        pass  # a recording's tail is what it is
-
-    def start_user_leaks(self, pid: int) -> None:
-        raise MemtopError("replay: a recording cannot start tracking a process")
-
-    def stop_user_leaks(self) -> None:
-        pass
-
-    def set_leak_older(self, older_s: float) -> None:
-        self._older_s = older_s
-
-    def close(self, wait_for_unload: bool = True) -> None:
-        pass
