@@ -23,6 +23,7 @@ class KmallocCounters:
     cgroup_path: str = ""  # the kernel's ids resolved to the path to attribute by ("" if unknown)
     memcg_id: int = 0  # the cgroup v1 memory cgroup's id, at the same moments (0: not followed/unknown)
     execs: int = 0  # execs the kernel counted for the process since its entry was made (names change)
+    generation: int = 0  # the kernel entry's generation: a new one for a process that reused a PID
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PF_KTHREAD = 0x00200000  # task flags bit of kernel threads (/proc/PID/stat field 9; stable uapi-visible)
 FD_RESERVE = 512  # descriptors left for everything else (BPF maps and programs, the terminal, files)
+# A process whose statm read the same several times is read less often, up to every QUIET_MAX_SKIP+1
+# ticks: most processes of a busy host hold their RSS for long stretches (exits are still seen at once,
+# from the /proc listing; an exec or a cgroup move, from the kernel's word, forces a read).
+QUIET_MAX_SKIP = 4
 
 
 def cgroup_of(pid: int, proc_root: Path = Path("/proc")) -> tuple[str, ContainerRef | None]:
@@ -139,6 +143,8 @@ class _Proc:
     kernel_ids: tuple[int, int] = (0, 0)  # the kernel's (cgroup2 id, v1 memcg id) when last placed
     kernel_name: tuple[int, str] | None = None  # the kernel's (exec count, name) when last named
     statm: bytes = b""  # the last /proc/PID/statm read: unchanged bytes mean an unchanged process
+    quiet: int = 0  # reads in a row that found statm unchanged
+    skip: int = 0  # ticks left before statm is read again (a quiet process is read less often)
 
 
 class ProcScanner:
@@ -209,7 +215,16 @@ class ProcScanner:
             listed.add(pid)
             proc = self._procs.get(pid)
             if proc is not None:
-                info = self._refresh(pid, proc, kernel_ids.get(pid), kernel_names.get(pid))
+                ids, kname = kernel_ids.get(pid), kernel_names.get(pid)
+                if (
+                    proc.skip > 0
+                    and (kname is None or kname == proc.kernel_name)
+                    and (ids is None or ids == proc.kernel_ids or not any(ids))
+                ):
+                    proc.skip -= 1  # quiet, and the kernel says nothing new of it: its last reading
+                    info = proc.info if proc.info.rss_bytes or proc.info.kernel_thread else None
+                else:
+                    info = self._refresh(pid, proc, ids, kname)
             elif deadline is not None and time.monotonic() > deadline:
                 continue
             else:
@@ -245,7 +260,11 @@ class ProcScanner:
                 and (name is None or name == proc.kernel_name)
                 and (ids is None or ids == proc.kernel_ids or not any(ids))
             ):
+                # Unchanged again: read it less often (every 2nd, 3rd, ... up to QUIET_MAX_SKIP+1th tick).
+                proc.quiet += 1
+                proc.skip = min(QUIET_MAX_SKIP, proc.quiet // 2)
                 return proc.info if proc.info.rss_bytes or proc.info.kernel_thread else None
+            proc.quiet = proc.skip = 0
             statm = parse_statm(data) if data else None
             if data:
                 proc.statm = data
@@ -343,7 +362,7 @@ class ProcScanner:
         it either way: a later change is an exec)."""
         first = proc.kernel_name is None
         proc.kernel_name = name
-        return first and name[1] == proc.info.comm[: len(name[1])]
+        return first and name[-1] == proc.info.comm[: len(name[-1])]
 
     def _discover(
         self, pid: int, ids: tuple[int, int] | None, name: tuple[int, str] | None

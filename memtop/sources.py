@@ -249,7 +249,8 @@ class LiveSource:
             if reading is not None:
                 for tgid, counters in reading.per_tgid.items():
                     ids[tgid] = (counters.cgroup_id, counters.memcg_id)
-                    names[tgid] = (counters.execs, counters.comm)
+                    # exec count and generation: either changing means new static facts to read
+                    names[tgid] = (counters.execs | counters.generation << 32, counters.comm)
             # Before the kmalloc probe attaches nothing is taken as exited: the first scans may leave
             # some processes for the next, and the first screen comes sooner on a busy host.
             procs = self.procs.scan(ids, names, discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S)

@@ -115,3 +115,43 @@ def test_descriptors_over_the_budget_fall_back_to_open_and_close() -> None:
         assert scanner._fds_open <= 5
     finally:
         scanner.close()
+
+
+def test_a_quiet_process_is_read_less_often_but_its_exit_is_seen_at_once() -> None:
+    scanner = ProcScanner()
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        for _ in range(8):
+            assert child.pid in scanner.scan()
+        proc = scanner._procs[child.pid]
+        assert proc.quiet >= 3 and proc.skip >= 1  # its statm read the same again and again
+        child.kill()
+        child.wait()  # reaped: gone from the /proc listing, seen by the very next scan
+        assert child.pid not in scanner.scan()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        scanner.close()
+
+
+def test_word_from_the_kernel_forces_a_read_of_a_quiet_process() -> None:
+    scanner = ProcScanner()
+    proc = subprocess.Popen(["bash", "-c", "read line; exec sleep 60"], stdin=subprocess.PIPE, text=True)
+    try:
+        for _ in range(8):
+            assert scanner.scan(kernel_names={proc.pid: (0, "bash")})[proc.pid].comm == "bash"
+        assert scanner._procs[proc.pid].skip >= 1
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "the exec did not happen"
+            time.sleep(0.02)
+        # The exec count changed: read now, though the process was being skipped.
+        assert scanner.scan(kernel_names={proc.pid: (1, "sleep")})[proc.pid].comm == "sleep"
+    finally:
+        proc.kill()
+        proc.wait()
+        scanner.close()

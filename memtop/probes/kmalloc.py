@@ -263,6 +263,7 @@ class KmallocProbe(Probe):
                 self._cgroup_path(cgroup_id, memcg_id),
                 memcg_id,
                 execs,
+                gen,
             )
             if gen < gens.get(tgid, 0):
                 retired.append(RetiredCounters(tgid, self._boot_offset + first_ns / 1e9, counters))
