@@ -468,7 +468,7 @@ def run_exporter(config: Config, listen: str, options: object) -> int:
         for sig in stops:
             signal.signal(sig, signal.SIG_IGN)
         try:
-            source.close(wait_for_unload=False)  # exiting: the kernel frees them after
+            source.close(exiting=True)  # exiting: the kernel frees them after
             if endpoint is not None:
                 endpoint.close()
         finally:
@@ -505,7 +505,7 @@ def run_tui(config: Config, at: str | None = None, record: Path | None = None) -
             sinks.append(RecordingSink(record, min_interval_s=DEFAULT_INTERVAL_S, report=lambda _m: None))
         source = LiveSource(config)
     # Detach first, then let the UI go; the whole exit is bounded (memtop.lifecycle).
-    guard = ExitGuard(lambda: source.close(wait_for_unload=False))
+    guard = ExitGuard(lambda: source.close(exiting=True))
     guard.save_terminal()
     guard.install_signals()
     guard.install_thread_hook()
@@ -582,7 +582,7 @@ def run_record(
         stopping = time.monotonic()
         for sig in previous:  # a second signal must not cut the detaching short
             signal.signal(sig, signal.SIG_IGN)
-        source.close(wait_for_unload=False)  # every probe at once; exiting, no need to wait
+        source.close(exiting=True)  # every probe at once; exiting, no need to wait
         log(f"probes detached in {time.monotonic() - stopping:.2f}s")
         for sink in all_sinks:
             try:

@@ -5,7 +5,8 @@ can hang (a terminal that went away mid-write leaves its writer thread's queue f
 driver waits on it forever), so memtop never relies on it to detach:
 
 1. `begin()`, called by `q`, Ctrl+C, SIGTERM, SIGINT, SIGHUP, or an exception escaping any thread,
-   detaches every probe at once (idempotent, thread-safe), then lets the UI shut down normally;
+   starts detaching every probe at once (idempotent, thread-safe) while the UI shuts down beside it, and
+   the process leaves (`force_exit`) only once the detaching is done;
 2. from then on the next SIGTERM/SIGINT/SIGHUP ends the process at once (it is handled by a plain signal
    handler, which runs even while the main thread waits on a lock), and a watchdog thread ends it after
    `grace_s` whatever the main thread is doing. Both restore the terminal as well as they can first.
@@ -101,7 +102,8 @@ class ExitGuard:
         return self._began.is_set()
 
     def begin(self, code: int = 0) -> None:
-        """Start exiting with `code`: detach now, arm the watchdog and the hard second signal."""
+        """Start exiting with `code`: detach now (from a thread of its own, so the UI's shutdown runs
+        beside it; `force_exit` waits for it), arm the watchdog and the hard second signal."""
         with self._lock:
             first = not self._began.is_set()
             if first:
@@ -114,7 +116,7 @@ class ExitGuard:
                 with contextlib.suppress(ValueError, OSError):
                     signal.signal(sig, self._on_second_signal)
         threading.Thread(target=self._watchdog, name="memtop-exit-watchdog", daemon=True).start()
-        self.detach()
+        threading.Thread(target=self.detach, name="memtop-detach", daemon=True).start()
         if self.request_stop is not None:
             threading.Thread(target=self.request_stop, name="memtop-exit-request", daemon=True).start()
 

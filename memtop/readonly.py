@@ -39,5 +39,5 @@ class ReadOnlySource:
     def set_leak_older(self, older_s: float) -> None:
         self._older_s = older_s
 
-    def close(self, wait_for_unload: bool = True) -> None:
+    def close(self, exiting: bool = False) -> None:
         pass

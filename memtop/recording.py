@@ -733,7 +733,7 @@ class RecordingSource(ReadOnlySource):
     def set_focus_container(self, container_id: str | None) -> None:
         self._focus_container = container_id
 
-    def close(self, wait_for_unload: bool = True) -> None:
+    def close(self, exiting: bool = False) -> None:
         self.reader.close()
 
 

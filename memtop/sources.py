@@ -58,7 +58,7 @@ class Source(Protocol):
 
     def set_leak_older(self, older_s: float) -> None: ...
 
-    def close(self, wait_for_unload: bool = True) -> None: ...
+    def close(self, exiting: bool = False) -> None: ...
 
 
 def host_info() -> HostInfo:
@@ -350,11 +350,12 @@ class LiveSource:
             if pid and self.kmalloc.running:
                 self.kmalloc.set_focus(pid, min_bytes)
 
-    def close(self, wait_for_unload: bool = True) -> None:
+    def close(self, exiting: bool = False) -> None:
         """Detach every probe, all at once (safe to call more than once, from any thread). A probe still
         compiling is detached by the starting thread as soon as it attaches (`_attach_done`).
-        `wait_for_unload`: return only once the kernel has freed the programs (an exiting process need
-        not wait: the kernel frees them after an RCU grace period either way)."""
+        Otherwise it returns once the kernel has freed the programs. `exiting`: the process ends right
+        after: close every attachment (so tracing stops now) and leave the rest (program and map
+        descriptors, BCC's module) to the process's exit, which releases them without waiting."""
         # A tick stuck in a read must not keep the probes attached: wait for it a little, then go on.
         locked = self._lock.acquire(timeout=CLOSE_LOCK_WAIT_S)
         try:
@@ -368,7 +369,7 @@ class LiveSource:
             ]
             self.user_leaks = None
             for p in probes:
-                p.wait_for_unload = wait_for_unload
+                p.exiting = exiting
             closers = [threading.Thread(target=p.close, name=f"close-{p.name}") for p in probes]
             for t in closers:
                 t.start()

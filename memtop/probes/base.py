@@ -177,9 +177,10 @@ class Probe:
     name = "probe"
     source = ""
 
-    # close() waits for the kernel to free the programs (tests and benchmarks look right after); an
-    # exiting memtop need not: its descriptors go with it and the kernel frees the programs after.
-    wait_for_unload = True
+    # close() waits for the kernel to free the programs (tests and benchmarks look right after). An
+    # exiting memtop only closes the attachments (tracing stops at once) and leaves the rest, program and
+    # map descriptors and BCC's module, to the process's exit, which releases them without waiting.
+    exiting = False
 
     def __init__(self) -> None:
         self.bpf: Any = None
@@ -241,7 +242,12 @@ class Probe:
         """Detach and unload; returns once the kernel has freed the programs (at most UNLOAD_WAIT_S: a
         detached raw tracepoint program is freed after an RCU grace period). Safe to call twice."""
         bpf, self.bpf = self.bpf, None
-        if bpf is not None:
+        if bpf is not None and self.exiting:
+            from memtop.probes.detach import detach_all
+
+            self._exited_bpf = bpf  # kept referenced: its descriptors close when the process exits
+            detach_all([bpf], cleanup=False)
+        elif bpf is not None:
             from memtop.probes.detach import detach_all
 
             ids = []
@@ -250,7 +256,7 @@ class Probe:
                 if info is not None:
                     ids.append(info.id)
             detach_all([bpf])  # every attachment closed in parallel; errors logged, never raised
-            deadline = time.monotonic() + (UNLOAD_WAIT_S if self.wait_for_unload else 0.0)
+            deadline = time.monotonic() + UNLOAD_WAIT_S
             while ids and time.monotonic() < deadline:
                 ids = [i for i in ids if prog_loaded(i)]
                 if ids:

@@ -47,8 +47,9 @@ def _run(call: Callable[[], None]) -> None:
         log.warning("detach: %s", exc)
 
 
-def detach_all(bpfs: Iterable[Any]) -> None:
-    """Detach and unload every BPF object in `bpfs` (bcc.BPF instances), attachments in parallel."""
+def detach_all(bpfs: Iterable[Any], cleanup: bool = True) -> None:
+    """Detach and unload every BPF object in `bpfs` (bcc.BPF instances), attachments in parallel.
+    `cleanup=False` only closes the attachments (a process about to exit: the rest goes with it)."""
     objects = [b for b in bpfs if b is not None]
     if not objects:
         return
@@ -58,6 +59,8 @@ def detach_all(bpfs: Iterable[Any]) -> None:
             max_workers=min(MAX_THREADS, len(calls)), thread_name_prefix="detach"
         ) as pool:
             list(pool.map(_run, calls))
+    if not cleanup:
+        return
     for bpf in objects:  # what is left: perf buffers, ring buffers, program and map fds, the module
         # libbcc's module teardown is not safe to run for two objects at once (it crashed the process
         # when probes were closed from parallel threads): one at a time, it is quick once detached.
