@@ -45,6 +45,7 @@ bench: setup
 	$(PY) bench/ui_bench.py
 	$(PY) bench/userleaks_bench.py
 	$(PY) bench/record_bench.py
+	$(PY) bench/metrics_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache memtop.egg-info build dist
