@@ -523,8 +523,15 @@ def run_tui(config: Config, at: str | None = None, record: Path | None = None) -
 
         guard.request_stop = stop_ui
         app.run()
+    except BaseException:
+        # Leaving with an error (a one-line MemtopError, say): detach here, before the interpreter's
+        # own shutdown, which could not start the detaching threads any more.
+        guard.begin(1)
+        guard.detach()
+        raise
     finally:
-        guard.begin(guard.code or 0)  # arms the watchdog: nothing after this may hang the exit
+        # A UI that ended on an unhandled exception sets its return code: keep it.
+        guard.begin(app.return_code or 0 if app is not None else 0)  # arms the watchdog
         guard.uninstall()
         # also the recordings the R key started; each only flushes what it queued
         for sink in {id(s): s for s in [*sinks, *(app.sinks if app is not None else ())]}.values():
@@ -532,8 +539,9 @@ def run_tui(config: Config, at: str | None = None, record: Path | None = None) -
                 sink.close()
     # Detached, and the terminal is restored: leave now rather than wait for the interpreter to tear
     # down modules and join threads (a probe still compiling, the UI library's leftovers).
-    guard.force_exit(guard.code or 0)
-    return guard.code or 0
+    code = guard.code or (app.return_code if app is not None else 0) or 0
+    guard.force_exit(code)
+    return code
 
 
 def run_record(

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import Any
@@ -43,7 +44,9 @@ class ExitGuard:
         self._detach = detach
         self.grace_s = grace_s
         self.code: int | None = None
-        self._lock = threading.Lock()
+        self._begin_lock = threading.Lock()  # taken once, by the first begin(); never released
+        self._detach_lock = threading.Lock()  # likewise, by the first detach()
+        self._deadline = 0.0  # monotonic time by which the process is gone, once the exit began
         self._detached = threading.Event()
         self._began = threading.Event()
         self._tty_attrs: Any = None
@@ -104,13 +107,15 @@ class ExitGuard:
     def begin(self, code: int = 0) -> None:
         """Start exiting with `code`: detach now (from a thread of its own, so the UI's shutdown runs
         beside it; `force_exit` waits for it), arm the watchdog and the hard second signal."""
-        with self._lock:
-            first = not self._began.is_set()
-            if first:
-                self.code = code
-                self._began.set()
-        if not first:
+        # Never block here: a signal handler on the main thread may call this while the main thread is
+        # itself inside it. The first caller to take the lock begins; the others return.
+        if not self._begin_lock.acquire(blocking=False):
             return
+        if self._began.is_set():
+            return
+        self.code = code
+        self._deadline = time.monotonic() + self.grace_s
+        self._began.set()
         if threading.current_thread() is threading.main_thread():
             for sig in EXIT_SIGNALS:
                 with contextlib.suppress(ValueError, OSError):
@@ -121,12 +126,12 @@ class ExitGuard:
             threading.Thread(target=self.request_stop, name="memtop-exit-request", daemon=True).start()
 
     def detach(self) -> None:
-        """Detach every probe, once (later callers wait for the first to finish, up to grace_s)."""
-        with self._lock:
-            mine = not getattr(self, "_detaching", False)
-            self._detaching = True
-        if not mine:
-            self._detached.wait(self.grace_s)
+        """Detach every probe, once. Later callers (from any thread, signal handlers too) wait for the
+        first to finish, but never past the exit's deadline: they never block on a lock."""
+        if not self._detach_lock.acquire(blocking=False):
+            self._detached.wait(
+                max(0.0, self._deadline - time.monotonic()) if self._began.is_set() else self.grace_s
+            )
             return
         try:
             self._detach()
@@ -149,11 +154,17 @@ class ExitGuard:
         if fd is None:
             return
         with contextlib.suppress(OSError, ValueError):
-            os.set_blocking(fd, False)
-        with contextlib.suppress(OSError):
             out = sys.__stdout__.fileno() if sys.__stdout__ is not None else fd
-            os.set_blocking(out, False)  # a terminal that went away must not block the exit
-            os.write(out, TERMINAL_RESET)
+            # Non-blocking for the write (a terminal that went away must not block the exit), then put
+            # back: the flag belongs to the open file, which the shell shares.
+            blocking = os.get_blocking(out)
+            os.set_blocking(out, False)
+            try:
+                os.write(out, TERMINAL_RESET)
+            except OSError:
+                pass
+            finally:
+                os.set_blocking(out, blocking)
         if self._tty_attrs is not None:
             with contextlib.suppress(Exception):
                 import termios

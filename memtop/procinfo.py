@@ -189,6 +189,7 @@ class ProcScanner:
         kernel_ids: dict[int, tuple[int, int]] | None = None,
         kernel_names: dict[int, tuple[int, str]] | None = None,
         discover_budget_s: float | None = None,
+        refresh: Iterable[int] = (),
     ) -> dict[int, ProcInfo]:
         """Every live process now.
 
@@ -197,8 +198,10 @@ class ProcScanner:
         command line (an exec replaces them; the kmalloc probe counts execs at sched:sched_process_exec).
         `discover_budget_s`: stop reading new processes' static facts after this long (they are left out
         of this scan and read by the next): a first scan of thousands of processes draws its first
-        screen sooner. Only for scans whose result nobody takes as "the others exited".
+        screen sooner. Only for scans whose result nobody takes as "the others exited". `refresh`: PIDs
+        read now even if quiet (the kernel saw their process die and the PID reused).
         """
+        forced = set(refresh)
         deadline = time.monotonic() + discover_budget_s if discover_budget_s is not None else None
         kernel_ids = kernel_ids or {}
         kernel_names = kernel_names or {}
@@ -218,11 +221,12 @@ class ProcScanner:
                 ids, kname = kernel_ids.get(pid), kernel_names.get(pid)
                 if (
                     proc.skip > 0
+                    and pid not in forced
                     and (kname is None or kname == proc.kernel_name)
                     and (ids is None or ids == proc.kernel_ids or not any(ids))
                 ):
                     proc.skip -= 1  # quiet, and the kernel says nothing new of it: its last reading
-                    info = proc.info if proc.info.rss_bytes or proc.info.kernel_thread else None
+                    info = proc.info if _alive(proc.info) else None
                 else:
                     info = self._refresh(pid, proc, ids, kname)
             elif deadline is not None and time.monotonic() > deadline:
@@ -263,7 +267,7 @@ class ProcScanner:
                 # Unchanged again: read it less often (every 2nd, 3rd, ... up to QUIET_MAX_SKIP+1th tick).
                 proc.quiet += 1
                 proc.skip = min(QUIET_MAX_SKIP, proc.quiet // 2)
-                return proc.info if proc.info.rss_bytes or proc.info.kernel_thread else None
+                return proc.info if _alive(proc.info) else None
             proc.quiet = proc.skip = 0
             statm = parse_statm(data) if data else None
             if data:
@@ -415,6 +419,12 @@ class ProcScanner:
                 name = str(uid)
             self._users[uid] = name
         return name
+
+
+def _alive(info: ProcInfo) -> bool:
+    """A kept reading is of a live process: a kernel thread, or one with an address space (a zombie's
+    statm reads all zeros, and its reading was kept with rss and vms 0)."""
+    return info.kernel_thread or bool(info.rss_bytes or info.vms_bytes)
 
 
 def _read_file(path: str, size: int = 1 << 16) -> bytes:

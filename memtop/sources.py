@@ -243,6 +243,8 @@ class LiveSource:
     def tick(self, include_histories: bool = False) -> Snapshot:
         with self._lock:
             now = time.time()
+            if self._closed:  # closing: no probe to read, no /proc scan to start again; what we had
+                return self.store.snapshot(now, include_histories=include_histories)
             reading = self._read(self.kmalloc, self.kmalloc.read) if self._ready(self.kmalloc) else None
             ids: dict[int, tuple[int, int]] = {}
             names: dict[int, tuple[int, str]] = {}
@@ -253,7 +255,11 @@ class LiveSource:
                     names[tgid] = (counters.execs | counters.generation << 32, counters.comm)
             # Before the kmalloc probe attaches nothing is taken as exited: the first scans may leave
             # some processes for the next, and the first screen comes sooner on a busy host.
-            procs = self.procs.scan(ids, names, discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S)
+            # A PID whose process died and was reused (retired counters) is read again now, even if quiet.
+            refresh = {r.tgid for r in reading.retired} if reading is not None else set()
+            procs = self.procs.scan(
+                ids, names, discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S, refresh=refresh
+            )
             forget = self.store.ingest(now, reading, procs)
             self.store.set_containers(self.containers.states(self.store.container_refs().values()))
             oom = self._read(self.oom, self.oom.read) if self._ready(self.oom) else None
@@ -307,6 +313,9 @@ class LiveSource:
                 self.store.probes[probe.name] = ProbeStatus("error", str(exc))
             raise
         with self._lock:
+            if self._closed:  # closed while it compiled: its uprobes must not outlive the source
+                probe.close()
+                return
             self._stop_user_leaks()
             self.user_leaks = probe
             self.store.leak_user_pid = probe.pid

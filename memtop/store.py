@@ -462,6 +462,8 @@ class Store:
                 state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
             state.history.append(now, 0.0, 0.0, None, horizon)
         self._totals = (total_bytes, total_calls)
+        if reading is not None:  # the attach baseline served the first reading; a later PID owner is new
+            self._kmalloc_baseline.clear()
         for container_id in self._refs:
             totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
             cstate = self._container_states.get(container_id)
@@ -563,6 +565,13 @@ class Store:
             cgroup = counters.cgroup_path
             placement = _placement(cgroup, parse_cgroup_path(cgroup) if cgroup else None)
             row = ProcessRow(pid=tgid, start_time=-now, comm=counters.comm or "?", **placement)  # type: ignore[arg-type]
+        existing = self._states.get(row.key)
+        if existing is not None:  # this very process had a row (retired a moment ago): keep its totals
+            existing.row = _evolve(existing.row, {"exited": False, "exited_at": None})
+            existing.info = None
+            if info is not None or tgid == IRQ_TGID:
+                self._live_key[tgid] = row.key
+            return existing
         state = _ProcState(row=row, info=info)
         if info is not None and info.container is not None:
             self._refs.setdefault(info.container.container_id, info.container)

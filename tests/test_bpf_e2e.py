@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -339,48 +337,22 @@ def test_sigterm_during_headless_snapshot_detaches(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["q", "ctrl+c", "sigterm"])
 def test_tui_exit_detaches_every_probe(how: str) -> None:
-    master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
-    tui = subprocess.Popen(
-        [sys.executable, "-m", "memtop", "--interval", "0.5"],
-        cwd=REPO,
-        env=env,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        start_new_session=True,
-    )
-    os.close(slave)
-    output = bytearray()
+    from .tui_pty import TuiInPty
 
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            output.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    tui = TuiInPty(["--interval", "0.5"])
     try:
         ids = wait_for(lambda: _kmalloc_attached(tui.pid), what="the TUI's probes to attach")
-        wait_for(lambda: b"KMALLOC" in output, what="the process table to draw")
+        wait_for(lambda: b"KMALLOC" in tui.output, what="the process table to draw")
         if how == "q":
-            os.write(master, b"q")
+            tui.write(b"q")
         elif how == "ctrl+c":
-            os.write(master, b"\x03")
+            tui.write(b"\x03")
         else:
-            tui.send_signal(signal.SIGTERM)
-        tui.wait(timeout=60)
+            tui.proc.send_signal(signal.SIGTERM)
+        tui.proc.wait(timeout=60)
     finally:
-        if tui.poll() is None:
-            tui.kill()
-            tui.wait()
-        os.close(master)
+        tui.cleanup()
     expected = 128 + signal.SIGTERM if how == "sigterm" else 0
-    assert tui.returncode == expected, output[-2000:].decode("utf-8", "replace")
-    assert b"Traceback" not in output
+    assert tui.proc.returncode == expected, tui.tail()
+    assert b"Traceback" not in tui.output
     assert not (ids & loaded_prog_ids()), "BPF programs left loaded after the TUI exited"

@@ -4,21 +4,15 @@ host exits and detaches every program, every time. Its UI library's shutdown hun
 
 from __future__ import annotations
 
-import fcntl
-import os
-import pty
 import subprocess
-import sys
-import termios
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
 from .test_bpf_e2e import _kmalloc_attached, loaded_prog_ids, wait_for
+from .tui_pty import TuiInPty
 
 pytestmark = pytest.mark.bpf
 
@@ -40,11 +34,6 @@ def busy_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         load.wait()
 
 
-def _controlling_tty() -> None:  # in the child: a session whose controlling terminal is the pty
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-
 @pytest.mark.parametrize(
     ("round_", "drain"),
     [(i, drain) for drain in (True, False) for i in range(3)],
@@ -54,50 +43,17 @@ def test_a_lost_terminal_under_load_detaches_and_exits(busy_host: None, round_: 
     """The pty's master is closed while the TUI runs: the kernel hangs the terminal up (SIGHUP, then EIO
     on every read and write). `stalled`: nobody read the terminal for a while first, so the UI's writes
     were blocked and its writer queue full, as over a stalled ssh connection."""
-    master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "200", "LINES": "50"}
-    tui = subprocess.Popen(
-        [sys.executable, "-m", "memtop", "--interval", "0.25"],
-        cwd=REPO,
-        env=env,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        preexec_fn=_controlling_tty,
-    )
-    os.close(slave)
-    output = bytearray()
-    stop_reading = threading.Event()
-
-    def reader() -> None:
-        while not stop_reading.is_set():
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            output.extend(chunk)
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    closed = False
+    tui = TuiInPty(["--interval", "0.25"], size=(200, 50), controlling=True)
     try:
         ids = wait_for(lambda: _kmalloc_attached(tui.pid), what="the TUI's probes to attach")
-        wait_for(lambda: b"KMALLOC" in output, what="the process table to draw")
+        wait_for(lambda: b"KMALLOC" in tui.output, what="the process table to draw")
         if not drain:
-            stop_reading.set()
-            thread.join(timeout=5)
+            tui.stop_reading()
             time.sleep(1.0 + 0.3 * round_)  # ticks keep drawing into a terminal nobody reads
         else:
             time.sleep(0.3 * round_)
-        os.close(master)  # the terminal goes away
-        closed = True
-        tui.wait(timeout=EXIT_BOUND_S)
+        tui.close_terminal()  # the terminal goes away
+        tui.proc.wait(timeout=EXIT_BOUND_S)
         assert not (ids & loaded_prog_ids()), "BPF programs left loaded after the terminal went away"
     finally:
-        if tui.poll() is None:
-            tui.kill()
-            tui.wait()
-        if not closed:
-            os.close(master)
+        tui.cleanup()

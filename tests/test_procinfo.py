@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from memtop.procinfo import ProcScanner, parse_stat, parse_statm
+from memtop.procinfo import QUIET_MAX_SKIP, ProcScanner, parse_stat, parse_statm
 
 
 def test_parse_stat_takes_the_name_between_the_first_paren_and_the_last() -> None:
@@ -154,4 +154,29 @@ def test_word_from_the_kernel_forces_a_read_of_a_quiet_process() -> None:
     finally:
         proc.kill()
         proc.wait()
+        scanner.close()
+
+
+def test_a_live_process_with_no_resident_pages_stays_listed(tmp_path: Path) -> None:
+    """A process swapped out entirely reads RSS 0 with an address space (VMS > 0): alive, through the
+    quiet path too (a zombie reads all zeros)."""
+    proc_dir = tmp_path / "4242"
+    proc_dir.mkdir()
+    stat = "4242 (swapped) S 1 4242 4242 0 -1 4194560" + " 0" * 11 + " 20 0 1 0 12345" + " 0" * 30
+    (proc_dir / "stat").write_text(stat)
+    (proc_dir / "cmdline").write_bytes(b"swapped\0--all\0")
+    (proc_dir / "cgroup").write_text("0::/system.slice/swapped.service\n")
+    (proc_dir / "statm").write_text("100 0 0 1 0 50 0\n")
+    (tmp_path / "stat").write_text("btime 1700000000\n")
+    scanner = ProcScanner(proc_root=tmp_path)
+    try:
+        for _ in range(8):  # past the point where a quiet process is skipped
+            info = scanner.scan().get(4242)
+            assert info is not None and info.rss_bytes == 0 and info.vms_bytes
+            assert (info.comm, info.cmdline) == ("swapped", "swapped --all")
+        (proc_dir / "statm").write_text("0 0 0 0 0 0 0\n")  # its address space is gone: a zombie
+        # Read again by the time its quiet skip ends (a reaped process leaves the listing at once).
+        seen = [4242 in scanner.scan() for _ in range(QUIET_MAX_SKIP + 3)]
+        assert not any(seen[QUIET_MAX_SKIP + 1 :]), seen
+    finally:
         scanner.close()

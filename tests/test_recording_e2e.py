@@ -25,6 +25,7 @@ from .conftest import REPO
 from .test_bpf_e2e import _kmalloc_attached, loaded_prog_ids, wait_for
 from .test_oom_e2e import LIMIT, checked_limit
 from .test_pilot import SIZE, press, widget_text
+from .tui_pty import TuiInPty
 
 pytestmark = pytest.mark.bpf
 
@@ -255,39 +256,12 @@ def test_a_sigkilled_recorder_leaves_a_database_that_opens(tmp_path: Path) -> No
 def test_the_live_tui_records_with_record_and_detaches_on_quit(tmp_path: Path) -> None:
     """`memtop --record DB`: the live TUI writes a sample every 5 s from its recorder thread; after q the
     database holds them and no probe stays attached."""
-    import os
-    import pty
-    import threading
 
     db = tmp_path / "tui.db"
-    master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
-    tui = subprocess.Popen(
-        [sys.executable, "-m", "memtop", "--interval", "0.5", "--record", str(db)],
-        cwd=REPO,
-        env=env,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        start_new_session=True,
-    )
-    os.close(slave)
-    output = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            output.extend(chunk)
-
-    threading.Thread(target=drain, daemon=True).start()
+    tui = TuiInPty(["--interval", "0.5", "--record", str(db)])
     try:
         ids = wait_for(lambda: _kmalloc_attached(tui.pid), timeout=WAIT_S, what="the TUI's probes")
-        wait_for(lambda: b"KMALLOC" in output, timeout=WAIT_S, what="the process table to draw")
+        wait_for(lambda: b"KMALLOC" in tui.output, timeout=WAIT_S, what="the process table to draw")
 
         def samples() -> int:
             try:
@@ -299,15 +273,12 @@ def test_the_live_tui_records_with_record_and_detaches_on_quit(tmp_path: Path) -
             return n
 
         wait_for(lambda: samples() >= 2, timeout=WAIT_S, what="two recorded samples")
-        os.write(master, b"q")
-        tui.wait(timeout=120)
+        tui.write(b"q")
+        tui.proc.wait(timeout=120)
     finally:
-        if tui.poll() is None:
-            tui.kill()
-            tui.wait()
-        os.close(master)
-    assert tui.returncode == 0, output[-2000:].decode("utf-8", "replace")
-    assert b"Traceback" not in output
+        tui.cleanup()
+    assert tui.proc.returncode == 0, tui.tail()
+    assert b"Traceback" not in tui.output
     assert not (ids & loaded_prog_ids()), "BPF programs left loaded after the TUI exited"
     reader = RecordingReader(db)
     assert len(reader) >= 2
