@@ -40,16 +40,6 @@ FD_RESERVE = 512  # descriptors left for everything else (BPF maps and programs,
 QUIET_MAX_SKIP = 4
 
 
-def cgroup_of(pid: int, proc_root: Path = Path("/proc")) -> tuple[str, ContainerRef | None]:
-    """The process's cgroup (the v1 memory controller's path if mounted, else the unified one) and its
-    container, looked for in every hierarchy it is in (a runtime may place it in only some of them)."""
-    try:
-        text = (proc_root / str(pid) / "cgroup").read_text()
-    except OSError:
-        return "", None
-    return parse_proc_cgroup(text), container_of_proc_cgroup(text)
-
-
 def parse_proc_cgroup(text: str) -> str:
     """The memory controller's path if the process has one (v1), else its cgroup2 path."""
     memory, unified = proc_cgroup_paths(text)
@@ -167,7 +157,6 @@ class ProcScanner:
         self._fds_open = 0
         # Counters of the work done, for tests and the benchmark (the cost per tick must stay flat).
         self.files_opened = 0
-        self.discovered = 0
 
     def __len__(self) -> int:
         return len(self._procs)
@@ -287,9 +276,14 @@ class ProcScanner:
             ids = ids or proc.kernel_ids
             proc.kernel_ids = (-1, -1)  # re-place too: a runtime's exec follows its move into the cgroup
         if ids is not None and any(ids) and ids != proc.kernel_ids:
-            path, container = cgroup_of(pid, self.proc_root)
+            try:
+                text = _read_file(f"{self._root}/{pid}/cgroup")
+            except OSError:  # gone meanwhile: the next scan sees it
+                text = b""
             self.files_opened += 1
-            info = replace(info, cgroup_path=path, container=container)
+            if text:
+                path, container = self._placement(text)
+                info = replace(info, cgroup_path=path, container=container)
             proc.kernel_ids = ids
         vms, rss = statm
         if not info.kernel_thread and rss == 0 and vms == 0:  # its mm is gone: a zombie or exiting
@@ -386,7 +380,6 @@ class ProcScanner:
         if statm is None:
             self._drop_fd(proc)
             return None
-        self.discovered += 1
         vms, rss = statm
         if not info.kernel_thread:
             if rss == 0 and vms == 0:
@@ -433,11 +426,3 @@ def _read_file(path: str, size: int = 1 << 16) -> bytes:
         return os.read(fd, size)
     finally:
         os.close(fd)
-
-
-def running_pids(proc_root: Path = Path("/proc")) -> Iterable[int]:
-    """The PIDs listed in /proc now."""
-    try:
-        return [int(n) for n in os.listdir(proc_root) if n.isdigit()]
-    except OSError:
-        return []

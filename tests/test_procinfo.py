@@ -11,6 +11,17 @@ from pathlib import Path
 from memtop.procinfo import QUIET_MAX_SKIP, ProcScanner, parse_stat, parse_statm
 
 
+def exec_sleep(proc: subprocess.Popen[str]) -> None:
+    """Let `bash -c 'read line; exec sleep 60'` exec, and wait until it has."""
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, "the exec did not happen"
+        time.sleep(0.02)
+
+
 def test_parse_stat_takes_the_name_between_the_first_paren_and_the_last() -> None:
     text = "42 (a) b) c) S 1 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 3 0 12345 0 0"
     fields = parse_stat(text + " 0" * 30)
@@ -86,13 +97,7 @@ def test_a_name_and_command_line_follow_exec() -> None:
     try:
         before = scanner.scan()[proc.pid]
         assert before.comm == "bash"
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
-            assert time.monotonic() < deadline, "the exec did not happen"
-            time.sleep(0.02)
+        exec_sleep(proc)
         # Static facts are not re-read every tick: without word from the kernel, the old name stays.
         assert scanner.scan()[proc.pid].comm == "bash"
         # The kmalloc probe reports (exec count, name) changed at sched_process_exec.
@@ -142,13 +147,7 @@ def test_word_from_the_kernel_forces_a_read_of_a_quiet_process() -> None:
         for _ in range(8):
             assert scanner.scan(kernel_names={proc.pid: (0, "bash")})[proc.pid].comm == "bash"
         assert scanner._procs[proc.pid].skip >= 1
-        assert proc.stdin is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep":
-            assert time.monotonic() < deadline, "the exec did not happen"
-            time.sleep(0.02)
+        exec_sleep(proc)
         # The exec count changed: read now, though the process was being skipped.
         assert scanner.scan(kernel_names={proc.pid: (1, "sleep")})[proc.pid].comm == "sleep"
     finally:
