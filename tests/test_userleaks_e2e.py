@@ -89,16 +89,17 @@ def test_big_program_gets_a_sampled_estimate_not_a_cap(tmp_path: Path) -> None:
     from memtop.probes.leaks import UserLeakProbe
 
     binary = build("gcc", DATA / "many_mallocs.c", tmp_path / "many", "-pthread")
-    # nice 10: on a small shared machine the 8 allocating threads would otherwise starve the reads this test
-    # makes once a second (as the live view does), and the map would fill between two of them.
-    child = Driven(["nice", "-n", "10", str(binary)])
+    # nice 19, and a read every 0.5 s (the live view at `-i 0.5`): on a small shared machine the 8
+    # allocating threads would otherwise starve the reads, and the map would fill between two of them
+    # before the adaptive N rose (a CI run read 7.19M at nice 10 and once a second).
+    child = Driven(["nice", "-n", "19", str(binary)])
     probe = UserLeakProbe(child.pid, max_stacks=STACKS)  # adaptive: the default
     try:
         probe.start()
         assert child.proc.stdin is not None and child.proc.stdout is not None
         child.proc.stdin.write("run\n")
         child.proc.stdin.flush()
-        while not select.select([child.proc.stdout], [], [], 1.0)[0]:
+        while not select.select([child.proc.stdout], [], [], 0.5)[0]:
             probe.read()  # a live tick
         assert child.reply_line() == "done"
         reading = probe.read()
