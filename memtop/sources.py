@@ -8,6 +8,7 @@ which source they have, which is how the UI is tested without root.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import platform
 import socket
@@ -37,6 +38,9 @@ R = TypeVar("R")
 CLOSE_LOCK_WAIT_S = 1.0
 FIRST_SCAN_BUDGET_S = 0.2  # per tick, reading new processes while no kmalloc counts arrive yet
 STARTER_NICE = 10  # the probe-starting thread's nice value (Linux sets it per thread)
+# The kernel leak aggregates (thousands of stacks x processes on a busy host) are read every tick only while
+# a view shows them (set_leaks_visible), otherwise at most this often: a tick's cost stays flat.
+LEAK_READ_EVERY_S = 5.0
 
 
 class Source(Protocol):
@@ -57,6 +61,8 @@ class Source(Protocol):
     def stop_user_leaks(self) -> None: ...
 
     def set_leak_older(self, older_s: float) -> None: ...
+
+    def set_leaks_visible(self, visible: bool) -> None: ...
 
     def close(self, exiting: bool = False) -> None: ...
 
@@ -117,6 +123,8 @@ class LiveSource:
         self._attached: set[str] = set()  # probes whose readings the tick may use (set under the lock)
         self._starter: threading.Thread | None = None
         self._closed = False
+        self._leaks_visible = False
+        self._leaks_read_at = -math.inf  # time.monotonic() of the last leak read
         for probe in self.probes:
             probe.status = ProbeStatus("starting", "compiling and attaching")
             self.store.probes[probe.name] = probe.status
@@ -269,7 +277,9 @@ class LiveSource:
             if tcp is not None:
                 self.store.ingest_tcp(now, tcp)
                 self.store.set_cgroup_paths({i: self.cgroup_ids.path(i) for i in self.store.cgroup_ids()})
-            leaks = self._read(self.leaks, self.leaks.read) if self._ready(self.leaks) else None
+            leaks = None
+            if self._ready(self.leaks) and self._leaks_due(include_histories):
+                leaks = self._read(self.leaks, self.leaks.read)
             if leaks is not None:
                 self.store.ingest_leaks(now, leaks)
             self._read_user_leaks(now)
@@ -282,6 +292,19 @@ class LiveSource:
             if self.user_leaks is not None:
                 self.store.probes[self.user_leaks.name] = self.user_leaks.status
             return self.store.snapshot(now, include_histories=include_histories)
+
+    def _leaks_due(self, fresh: bool) -> bool:
+        """Whether this tick reads the kernel leak aggregates: every tick while a view shows them or a
+        full snapshot is asked for, otherwise every LEAK_READ_EVERY_S (the last figures are kept)."""
+        now = time.monotonic()
+        if fresh or self._leaks_visible or now - self._leaks_read_at >= LEAK_READ_EVERY_S:
+            self._leaks_read_at = now
+            return True
+        return False
+
+    def set_leaks_visible(self, visible: bool) -> None:
+        """A view shows (True) or no longer shows the kernel leak rows: read them every tick meanwhile."""
+        self._leaks_visible = visible
 
     def set_focus(self, key: ProcessKey | None) -> None:
         with self._lock:
