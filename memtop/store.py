@@ -8,6 +8,7 @@ Rates are a pure function of (previous totals, current totals, elapsed). Each pr
 from __future__ import annotations
 
 import operator
+import struct
 import time
 from array import array
 from collections import deque
@@ -42,6 +43,7 @@ OOM_LOG_MAX = 1000  # kills kept in the log (newest kept)
 PRE_KILL_S = 60.0  # history kept with each kill
 RECENT_S = 120.0  # histories keep every tick this far back, then one sample per COARSE_STEP_S
 COARSE_STEP_S = 10.0
+AGE_BATCH_S = 10.0  # recent samples move to the coarse part this many at a time (see History.append)
 
 
 class ProcessKey(NamedTuple):
@@ -221,59 +223,65 @@ class Snapshot:
         return None
 
 
+_pack_sample = struct.Struct("=4d").pack  # a History sample's bytes (array.frombytes: the cheapest append)
+
+
 class History:
     """One row's samples, small enough to keep for thousands of rows: every tick for the last
-    `RECENT_S`, then one sample per `COARSE_STEP_S` back to the horizon, in flat arrays (32 bytes a
-    sample) rather than an object per sample."""
+    `RECENT_S`, then one sample per `COARSE_STEP_S` back to the horizon. Each part is one flat array of
+    (time, bytes/s, calls/s, memory or -1) per sample, 32 bytes, rather than an object per sample: an
+    append is one call (a busy host appends to thousands of histories a tick)."""
 
-    __slots__ = ("_t", "_b", "_c", "_m", "_ct", "_cb", "_cc", "_cm")
+    __slots__ = ("_r", "_k")
 
     def __init__(self) -> None:
-        self._t, self._b, self._c, self._m = array("d"), array("d"), array("d"), array("q")
-        self._ct, self._cb, self._cc, self._cm = array("d"), array("d"), array("d"), array("q")
+        self._r = array("d")  # recent samples, oldest first
+        self._k = array("d")  # coarse samples, oldest first
 
     def __len__(self) -> int:
-        return len(self._t) + len(self._ct)
+        return (len(self._r) + len(self._k)) // 4
 
     def append(
         self, t_now: float, bytes_per_s: float, calls_per_s: float, memory: int | None, horizon: float
     ) -> None:
         """Add a sample (a HistoryPoint's fields), then drop what is older than `horizon` (one coarse
         sample at or before it is kept, so the history spans at least back to the horizon)."""
-        self._t.append(t_now)
-        self._b.append(bytes_per_s)
-        self._c.append(calls_per_s)
-        self._m.append(-1 if memory is None else memory)
-        recent = t_now - RECENT_S
-        t, b, c, m = self._t, self._b, self._c, self._m
-        while t and t[0] < recent:
-            old_t, old_b, old_c, old_m = t.pop(0), b.pop(0), c.pop(0), m.pop(0)
-            if old_t >= horizon and (not self._ct or old_t - self._ct[-1] >= COARSE_STEP_S):
-                self._ct.append(old_t)
-                self._cb.append(old_b)
-                self._cc.append(old_c)
-                self._cm.append(old_m)
-        ct = self._ct
-        while len(ct) > 1 and ct[1] <= horizon:
-            for a in (ct, self._cb, self._cc, self._cm):
-                a.pop(0)
-        if not ct:
-            while t and t[0] < horizon:
-                for a in (t, b, c, m):
-                    a.pop(0)
+        r = self._r
+        r.frombytes(_pack_sample(t_now, bytes_per_s, calls_per_s, -1.0 if memory is None else memory))
+        oldest, k = r[0], self._k
+        # Aged in batches of AGE_BATCH_S (the recent part spans up to that much more than RECENT_S):
+        # a sample leaving it every tick cost each row a slice a tick.
+        if (
+            oldest < t_now - RECENT_S - AGE_BATCH_S
+            or (oldest < horizon and not k)
+            or (len(k) > 4 and k[4] <= horizon)
+        ):
+            self._age(t_now - RECENT_S, horizon)
+
+    def _age(self, recent: float, horizon: float) -> None:
+        r, k = self._r, self._k
+        while r and r[0] < recent:
+            old = r[:4]
+            del r[:4]
+            if old[0] >= horizon and (not k or old[0] - k[-4] >= COARSE_STEP_S):
+                k.extend(old)
+        while len(k) > 4 and k[4] <= horizon:
+            del k[:4]
+        if not k:
+            while r and r[0] < horizon:
+                del r[:4]
 
     def points(self) -> tuple[HistoryPoint, ...]:
+        values = self._k + self._r
         return tuple(
-            HistoryPoint(t, b, c, None if m < 0 else m)
-            for ts, bs, cs, ms in (
-                (self._ct, self._cb, self._cc, self._cm),
-                (self._t, self._b, self._c, self._m),
+            HistoryPoint(
+                values[i], values[i + 1], values[i + 2], None if values[i + 3] < 0 else int(values[i + 3])
             )
-            for t, b, c, m in zip(ts, bs, cs, ms, strict=True)
+            for i in range(0, len(values), 4)
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class _ProcState:
     row: ProcessRow
     kernel_calls: int = 0  # the kernel's cumulative counters at the last tick (baseline for deltas)
@@ -289,6 +297,7 @@ def counter_delta(previous: int, now: int) -> int:
 
 
 _NO_COUNTERS = KmallocCounters(0, 0, 0)
+_NO_KEY = ProcessKey(-1, -1.0)  # no process has it
 
 
 class Store:
@@ -399,37 +408,41 @@ class Store:
         for tgid in per_tgid.keys() | procs.keys():
             counters = per_tgid.get(tgid, _NO_COUNTERS)
             info = procs.get(tgid)
-            known = live_key.get(tgid)
-            if (
-                known is not None
-                and (info is None or info.start_time == known.start_time)
-                and known in states
-            ):
-                key = known
-                state = states[key]
-            else:
+            key = live_key.get(tgid, _NO_KEY)
+            found = states.get(key)
+            if found is None or (info is not None and info.start_time != key.start_time):
                 state = self._state_for(tgid, counters, info, now)
                 key = state.row.key
+            else:
+                state = found
             row = state.row
             seen.add(key)
-            calls, bytes_alloc, bytes_req = counters.calls, counters.bytes_alloc, counters.bytes_req
-            d_calls = calls - state.kernel_calls if calls >= state.kernel_calls else calls
-            d_bytes = bytes_alloc - state.kernel_bytes if bytes_alloc >= state.kernel_bytes else bytes_alloc
-            d_req = bytes_req - state.kernel_bytes_req if bytes_req >= state.kernel_bytes_req else bytes_req
-            state.kernel_calls, state.kernel_bytes, state.kernel_bytes_req = calls, bytes_alloc, bytes_req
-            bytes_per_s = d_bytes * rate
-            calls_per_s = d_calls * rate
-            total_bytes += bytes_per_s
-            total_calls += calls_per_s
-            updates: dict[str, object] = {}
-            if d_calls or d_bytes or row.kmalloc_calls_per_s or row.kmalloc_bytes_per_s:
-                updates = {
+            calls, bytes_alloc, bytes_req = counters[0], counters[1], counters[2]
+            k_calls, k_bytes, k_req = state.kernel_calls, state.kernel_bytes, state.kernel_bytes_req
+            if calls != k_calls or bytes_alloc != k_bytes or bytes_req != k_req:
+                d_calls = calls - k_calls if calls >= k_calls else calls
+                d_bytes = bytes_alloc - k_bytes if bytes_alloc >= k_bytes else bytes_alloc
+                d_req = bytes_req - k_req if bytes_req >= k_req else bytes_req
+                state.kernel_calls, state.kernel_bytes, state.kernel_bytes_req = calls, bytes_alloc, bytes_req
+                bytes_per_s = d_bytes * rate
+                calls_per_s = d_calls * rate
+                total_bytes += bytes_per_s
+                total_calls += calls_per_s
+                updates: dict[str, object] = {
                     "kmalloc_bytes_per_s": bytes_per_s,
                     "kmalloc_calls_per_s": calls_per_s,
                     "kmalloc_bytes": row.kmalloc_bytes + d_bytes,
                     "kmalloc_calls": row.kmalloc_calls + d_calls,
                     "kmalloc_bytes_req": row.kmalloc_bytes_req + d_req,
                 }
+            else:
+                d_calls = d_bytes = 0
+                bytes_per_s = calls_per_s = 0.0
+                updates = (
+                    {"kmalloc_bytes_per_s": 0.0, "kmalloc_calls_per_s": 0.0}
+                    if row.kmalloc_calls_per_s or row.kmalloc_bytes_per_s
+                    else {}
+                )
             if info is not None and tgid != IRQ_TGID:
                 if info is not state.info:
                     updates.update(_live_fields(info, counters))
@@ -442,7 +455,7 @@ class Store:
                 live_key.pop(tgid, None)
             if updates:
                 state.row = row = _evolve(row, updates)
-            if row.container_id is not None and (d_bytes or d_calls):
+            if (d_calls or d_bytes) and row.container_id is not None:
                 self._count_for_container(row, bytes_per_s, calls_per_s, d_bytes, d_calls)
             state.history.append(now, bytes_per_s, calls_per_s, row.rss_bytes, horizon)
 
@@ -825,12 +838,17 @@ class Store:
         )
 
 
+_new_object = object.__new__
+_set_attribute = object.__setattr__  # the frozen class's own __setattr__ refuses
+
+
 def _evolve(row: ProcessRow, changes: Mapping[str, object]) -> ProcessRow:
     """`replace(row, **changes)` without re-running __init__: a tick rebuilds thousands of rows, and
     dataclasses.replace was most of the store's time. Only for fields of the class (not validated)."""
-    new = object.__new__(ProcessRow)
-    new.__dict__.update(row.__dict__)
-    new.__dict__.update(changes)
+    new = _new_object(ProcessRow)
+    fields = row.__dict__.copy()
+    fields.update(changes)
+    _set_attribute(new, "__dict__", fields)
     return new
 
 

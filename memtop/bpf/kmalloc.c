@@ -83,7 +83,8 @@
 #define KM_TAIL_RATE_LIMITED 4
 #define KM_MEMCG_MAP_FULL 5
 #define KM_PIDS_REUSED 6
-#define KM_N_COUNTERS 7
+#define KM_NAMES_WRITTEN 7  // proc_comms entries made or changed (exec): user space re-reads them only then
+#define KM_N_COUNTERS 8
 
 #define CLONE_THREAD_FLAG 0x00010000ULL  // CLONE_THREAD, from the uapi (stable ABI)
 
@@ -302,6 +303,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         c->cgroup_id = bpf_get_current_cgroup_id();
         c->memcg_id = current_memcg(tgid);
         c->execs++;
+        km_count(KM_NAMES_WRITTEN);
     }
     return 0;
 }
@@ -388,6 +390,7 @@ counters:;
             c.memcg_id = current_memcg(tgid);
             c.first_ns = bpf_ktime_get_ns();
             proc_comms.update(&key, &c);
+            km_count(KM_NAMES_WRITTEN);  // before pid_stats has the key: a reader seeing it re-reads names
         }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.
         pid_stats.insert(&key, &init);

@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import struct
 import time
-from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,8 @@ SIZE_BUCKETS = 64
     CTR_TAIL_RATE_LIMITED,
     CTR_MEMCG_MAP_FULL,
     CTR_PIDS_REUSED,
-) = range(7)
+    CTR_NAMES_WRITTEN,
+) = range(8)
 # What following cgroup v1 memory cgroups takes (see memcg_of in kmalloc.c).
 MEMCG_TRACEPOINTS = (
     ("cgroup", "cgroup_attach_task"),
@@ -125,6 +125,10 @@ class KmallocProbe(Probe):
         self._batch: tuple[BatchReader, BatchReader] | bool | None = None  # None: not tried yet
         self.irq_tracking = ""
         self._gens: dict[int, int] = {}  # tgid -> the generation its counters were read from last
+        # (tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), as proc_comms held them when
+        # its KM_NAMES_WRITTEN counter was _names_written.
+        self._names: dict[tuple[int, int], tuple[str, int, int, int, int]] = {}
+        self._names_written = -1
         self.raw = False  # kmem:kmalloc is attached as a raw tracepoint (set with the cflags)
 
     def cflags(self) -> list[str]:
@@ -239,33 +243,44 @@ class KmallocProbe(Probe):
 
     def read(self) -> KmallocReading:
         """Cumulative totals per tgid (scaled by the sampling rate), the final totals of processes whose
-        PID was reused (retired: deleted from the kernel once read), and the drop counters."""
+        PID was reused (retired: deleted from the kernel once read), and the drop counters.
+
+        Names and cgroups (proc_comms) are read again only when the kernel wrote some since the last
+        read (a new entry, an exec: its KM_NAMES_WRITTEN counter) or a counted key has none cached: on a
+        busy host the per-process counters are the only map read every tick."""
+        counters = self.bpf[b"km_counters"]
+        sums = [sum(counters.getvalue(i)) for i in range(CTR_NAMES_WRITTEN + 1)]  # before the maps below
+        stats = self._read_pid_stats()
+        names = self._names
+        if sums[CTR_NAMES_WRITTEN] != self._names_written or any(key not in names for key, _ in stats):
+            names = self._names = self._read_names()
+            self._names_written = sums[CTR_NAMES_WRITTEN]
+        gens_table = self.bpf[b"gens"]
+        # After pid_stats: an entry read there has a generation at most the one read here.
+        gens = (
+            {
+                (key if isinstance(key, int) else key.value): (
+                    gen.value if hasattr(gen, "value") else int(gen)
+                )
+                for key, gen in map_items(gens_table)
+            }
+            if sums[CTR_PIDS_REUSED] or any(key[1] for key, _ in stats)
+            else {}  # no PID was ever reused: `gens` is empty
+        )
         per_tgid: dict[int, KmallocCounters] = {}
         retired: list[RetiredCounters] = []
         scale = self.sample_every
-        comms = self._read_comms()
-        stats = self._read_pid_stats()
-        # After pid_stats: an entry read there has a generation at most the one read here.
-        gens = {
-            (key if isinstance(key, int) else key.value): (gen.value if hasattr(gen, "value") else int(gen))
-            for key, gen in map_items(self.bpf[b"gens"])
-        }
+        make = KmallocCounters._make
         done: list[tuple[int, int]] = []
         current: dict[int, int] = {}
-        for (tgid, gen), (calls, bytes_alloc, bytes_req) in stats:
-            comm, cgroup_id, memcg_id, execs, first_ns = comms.get((tgid, gen), ("", 0, 0, 0, 0))
-            counters = KmallocCounters(
-                calls * scale,
-                bytes_alloc * scale,
-                bytes_req * scale,
-                comm,
-                cgroup_id,
-                self._cgroup_path(cgroup_id, memcg_id),
-                memcg_id,
-                execs,
-                gen,
-            )
-            if gen < gens.get(tgid, 0):
+        unnamed = ("", 0, "", 0, 0)
+        for key, (calls, bytes_alloc, bytes_req) in stats:
+            tgid, gen = key
+            named = names.get(key)
+            meta = self._meta(named) if named is not None else unnamed
+            counters = make((calls * scale, bytes_alloc * scale, bytes_req * scale, *meta, gen))
+            if gens and gen < gens.get(tgid, 0):
+                first_ns = named[4] if named is not None else 0
                 retired.append(RetiredCounters(tgid, self._boot_offset + first_ns / 1e9, counters))
                 done.append((tgid, gen))
             else:
@@ -277,8 +292,6 @@ class KmallocProbe(Probe):
                 table = self.bpf[name]
                 with contextlib.suppress(KeyError):
                     del table[table.Key(tgid, gen)]
-        counters = self.bpf[b"km_counters"]
-        sums = [sum(counters.getvalue(i)) for i in range(7)]
         misses = self.recursion_misses()
         self.status_with_misses(misses)
         return KmallocReading(
@@ -293,6 +306,14 @@ class KmallocProbe(Probe):
             retired=tuple(retired),
         )
 
+    def _meta(self, named: tuple[str, int, int, int, int]) -> tuple[str, int, str, int, int]:
+        """(name, cgroup2 id, path to attribute by, memcg id, execs) of a proc_comms entry."""
+        comm, cgroup_id, memcg_id, execs, _first = named
+        path = self._paths.get((cgroup_id, memcg_id))
+        if path is None:
+            path = self._cgroup_path(cgroup_id, memcg_id)
+        return (comm, cgroup_id, path, memcg_id, execs)
+
     def _readers(self) -> tuple[BatchReader, BatchReader] | None:
         if self._batch is None:
             try:
@@ -301,7 +322,7 @@ class KmallocProbe(Probe):
                 self._batch = False
         return self._batch if isinstance(self._batch, tuple) else None
 
-    def _read_comms(self) -> dict[tuple[int, int], tuple[str, int, int, int, int]]:
+    def _read_names(self) -> dict[tuple[int, int], tuple[str, int, int, int, int]]:
         """(tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), from proc_comms."""
         readers = self._readers()
         if readers is not None:
@@ -343,19 +364,14 @@ class KmallocProbe(Probe):
                 self._batch = False
             else:
                 per_entry = reader.value_size // 8  # every CPU's (calls, bytes_alloc, bytes_req)
-                words = array("Q")
-                words.frombytes(values)
-                out = []
-                for i, key in enumerate(struct.iter_unpack("=II", keys)):
-                    base = i * per_entry
-                    end = base + per_entry
-                    sums = (
-                        sum(words[base:end:3]),
-                        sum(words[base + 1 : end : 3]),
-                        sum(words[base + 2 : end : 3]),
-                    )
-                    out.append((key, sums))
-                return out
+                entries = zip(
+                    struct.iter_unpack("=II", keys), struct.iter_unpack(f"={per_entry}Q", values), strict=True
+                )
+                if per_entry == 3:
+                    return list(entries)
+                if per_entry == 6:  # two CPUs
+                    return [(key, (v[0] + v[3], v[1] + v[4], v[2] + v[5])) for key, v in entries]
+                return [(key, (sum(v[0::3]), sum(v[1::3]), sum(v[2::3]))) for key, v in entries]
         fields = ("calls", "bytes_alloc", "bytes_req")
         slow = []
         for key, values in _struct_items(self.bpf[b"pid_stats"]):
@@ -442,3 +458,8 @@ class KmallocProbe(Probe):
         )
         if len(self._tail) > self.tail_max:
             del self._tail[: len(self._tail) - self.tail_max]
+
+
+def _int_of(value: Any) -> int:
+    """A BCC map key or value of an integer type (a ctypes integer, or already an int)."""
+    return value if isinstance(value, int) else int(value.value)
