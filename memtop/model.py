@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,6 +26,19 @@ class KmallocCounters(NamedTuple):
     memcg_id: int = 0  # the cgroup v1 memory cgroup's id, at the same moments (0: not followed/unknown)
     execs: int = 0  # execs the kernel counted for the process since its entry was made (names change)
     generation: int = 0  # the kernel entry's generation: a new one for a process that reused a PID
+
+
+class KernelIdentity(NamedTuple):
+    """What the kmalloc probe's kernel entry says a process is: KmallocCounters' fields after the counts.
+    The same object from read to read while the entry is unchanged, so a consumer of thousands a tick
+    (the /proc scanner) compares it by identity."""
+
+    comm: str
+    cgroup_id: int
+    cgroup_path: str
+    memcg_id: int
+    execs: int
+    generation: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class KmallocReading:
     memcg_map_full_drops: int = 0  # tasks whose cgroup v1 memory cgroup could not be followed
     recursion_misses: int = 0  # kmallocs (and irq entries/exits) the kernel did not run the programs for
     retired: tuple[RetiredCounters, ...] = ()  # dead processes' totals whose PID was reused (see above)
+    identities: Mapping[int, KernelIdentity] = field(default_factory=dict)  # tgid -> its per_tgid's identity
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ import os
 import pwd
 import resource
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memtop.cgroups import proc_cgroup_paths
 from memtop.containers import ContainerRef, container_of_proc_cgroup
-from memtop.model import ProcInfo
+from memtop.model import KernelIdentity, ProcInfo
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -132,6 +132,9 @@ class _Proc:
     statm_fd: int = -1  # -1: no descriptor kept (over the budget): open and close per read
     kernel_ids: tuple[int, int] = (0, 0)  # the kernel's (cgroup2 id, v1 memcg id) when last placed
     kernel_name: tuple[int, str] | None = None  # the kernel's (exec count, name) when last named
+    kernel_seen: KernelIdentity | None = (
+        None  # the kernel's identity last compared (the same object: no news)
+    )
     statm: bytes = b""  # the last /proc/PID/statm read: unchanged bytes mean an unchanged process
     quiet: int = 0  # reads in a row that found statm unchanged
     skip: int = 0  # ticks left before statm is read again (a quiet process is read less often)
@@ -175,16 +178,16 @@ class ProcScanner:
 
     def scan(
         self,
-        kernel_ids: dict[int, tuple[int, int]] | None = None,
-        kernel_names: dict[int, tuple[int, str]] | None = None,
+        kernel: Mapping[int, KernelIdentity] | None = None,
         discover_budget_s: float | None = None,
         refresh: Iterable[int] = (),
     ) -> dict[int, ProcInfo]:
         """Every live process now.
 
-        `kernel_ids` maps a tgid to the kernel's (cgroup2 id, v1 memory cgroup id) for it, `kernel_names`
-        to the kernel's (exec count, name): a change re-reads the process's cgroup, or its name and
-        command line (an exec replaces them; the kmalloc probe counts execs at sched:sched_process_exec).
+        `kernel` maps a tgid to what the kmalloc probe's kernel entry says of it (KmallocReading's
+        identities): a change of its cgroup ids re-reads the process's cgroup, a change of its exec count
+        or generation its name and command line (an exec replaces them; the kmalloc probe counts execs at
+        sched:sched_process_exec). Compared by identity first: an unchanged entry is the same object.
         `discover_budget_s`: stop reading new processes' static facts after this long (they are left out
         of this scan and read by the next): a first scan of thousands of processes draws its first
         screen sooner. Only for scans whose result nobody takes as "the others exited". `refresh`: PIDs
@@ -192,28 +195,28 @@ class ProcScanner:
         """
         forced = set(refresh)
         deadline = time.monotonic() + discover_budget_s if discover_budget_s is not None else None
-        kernel_ids = kernel_ids or {}
-        kernel_names = kernel_names or {}
+        kernel = kernel or {}
         try:
             names = os.listdir(self._root)
         except OSError:
             return {}
-        listed: set[int] = set()
+        pids = [int(name) for name in names if name.isdigit()]
         out: dict[int, ProcInfo] = {}
-        for name in names:
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            listed.add(pid)
-            proc = self._procs.get(pid)
+        procs = self._procs
+        ids: tuple[int, int] | None
+        kname: tuple[int, str] | None
+        for pid in pids:
+            proc = procs.get(pid)
+            seen = kernel.get(pid)
             if proc is not None:
-                ids, kname = kernel_ids.get(pid), kernel_names.get(pid)
-                if (
-                    proc.skip > 0
-                    and pid not in forced
-                    and (kname is None or kname == proc.kernel_name)
-                    and (ids is None or ids == proc.kernel_ids or not any(ids))
-                ):
+                if seen is None or seen is proc.kernel_seen:  # nothing new from the kernel
+                    ids = kname = None
+                    news = False
+                else:
+                    proc.kernel_seen = seen
+                    ids, kname = (seen[1], seen[3]), (seen[4] | seen[5] << 32, seen[0])
+                    news = kname != proc.kernel_name or (ids != proc.kernel_ids and any(ids))
+                if proc.skip > 0 and not news and pid not in forced:
                     proc.skip -= 1  # quiet, and the kernel says nothing new of it: its last reading
                     info = proc.info if _alive(proc.info) else None
                 else:
@@ -221,10 +224,13 @@ class ProcScanner:
             elif deadline is not None and time.monotonic() > deadline:
                 continue
             else:
-                info = self._discover(pid, kernel_ids.get(pid), kernel_names.get(pid))
+                ids = kname = None
+                if seen is not None:
+                    ids, kname = (seen[1], seen[3]), (seen[4] | seen[5] << 32, seen[0])
+                info = self._discover(pid, ids, kname)
             if info is not None:
                 out[pid] = info
-        for pid in [p for p in self._procs if p not in listed]:
+        for pid in procs.keys() - set(pids):  # listed no more: exited and reaped
             self._forget(pid)
         return out
 

@@ -254,19 +254,14 @@ class LiveSource:
             if self._closed:  # closing: no probe to read, no /proc scan to start again; what we had
                 return self.store.snapshot(now, include_histories=include_histories)
             reading = self._read(self.kmalloc, self.kmalloc.read) if self._ready(self.kmalloc) else None
-            ids: dict[int, tuple[int, int]] = {}
-            names: dict[int, tuple[int, str]] = {}
-            if reading is not None:
-                for tgid, counters in reading.per_tgid.items():
-                    ids[tgid] = (counters.cgroup_id, counters.memcg_id)
-                    # exec count and generation: either changing means new static facts to read
-                    names[tgid] = (counters.execs | counters.generation << 32, counters.comm)
             # Before the kmalloc probe attaches nothing is taken as exited: the first scans may leave
             # some processes for the next, and the first screen comes sooner on a busy host.
             # A PID whose process died and was reused (retired counters) is read again now, even if quiet.
             refresh = {r.tgid for r in reading.retired} if reading is not None else set()
             procs = self.procs.scan(
-                ids, names, discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S, refresh=refresh
+                reading.identities if reading is not None else None,
+                discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S,
+                refresh=refresh,
             )
             forget = self.store.ingest(now, reading, procs)
             self.store.set_containers(self.containers.states(self.store.container_refs().values()))

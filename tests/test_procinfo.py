@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from memtop.model import KernelIdentity
 from memtop.procinfo import QUIET_MAX_SKIP, ProcScanner, parse_stat, parse_statm
 
 
@@ -101,7 +102,7 @@ def test_a_name_and_command_line_follow_exec() -> None:
         # Static facts are not re-read every tick: without word from the kernel, the old name stays.
         assert scanner.scan()[proc.pid].comm == "bash"
         # The kmalloc probe reports (exec count, name) changed at sched_process_exec.
-        after = scanner.scan(kernel_names={proc.pid: (1, "sleep")})[proc.pid]
+        after = scanner.scan({proc.pid: KernelIdentity("sleep", 0, "", 0, 1, 0)})[proc.pid]
         assert (after.comm, after.cmdline) == ("sleep", "sleep 60")
         assert after.start_time == before.start_time  # the same process
     finally:
@@ -145,11 +146,11 @@ def test_word_from_the_kernel_forces_a_read_of_a_quiet_process() -> None:
     proc = subprocess.Popen(["bash", "-c", "read line; exec sleep 60"], stdin=subprocess.PIPE, text=True)
     try:
         for _ in range(8):
-            assert scanner.scan(kernel_names={proc.pid: (0, "bash")})[proc.pid].comm == "bash"
+            assert scanner.scan({proc.pid: KernelIdentity("bash", 0, "", 0, 0, 0)})[proc.pid].comm == "bash"
         assert scanner._procs[proc.pid].skip >= 1
         exec_sleep(proc)
         # The exec count changed: read now, though the process was being skipped.
-        assert scanner.scan(kernel_names={proc.pid: (1, "sleep")})[proc.pid].comm == "sleep"
+        assert scanner.scan({proc.pid: KernelIdentity("sleep", 0, "", 0, 1, 0)})[proc.pid].comm == "sleep"
     finally:
         proc.kill()
         proc.wait()

@@ -14,7 +14,15 @@ from memtop.cgroups import running_cgroup_ids
 from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
-from memtop.model import CallSite, FocusReading, KmallocCounters, KmallocReading, RetiredCounters, TailEvent
+from memtop.model import (
+    CallSite,
+    FocusReading,
+    KernelIdentity,
+    KmallocCounters,
+    KmallocReading,
+    RetiredCounters,
+    TailEvent,
+)
 from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match
 from memtop.probes.mapread import BatchReader
 
@@ -129,6 +137,7 @@ class KmallocProbe(Probe):
         # its KM_NAMES_WRITTEN counter was _names_written.
         self._names: dict[tuple[int, int], tuple[str, int, int, int, int]] = {}
         self._names_written = -1
+        self._identities: dict[tuple[int, int], KernelIdentity] = {}  # built from _names, kept while it is
         self.raw = False  # kmem:kmalloc is attached as a raw tracepoint (set with the cflags)
 
     def cflags(self) -> list[str]:
@@ -251,40 +260,44 @@ class KmallocProbe(Probe):
         counters = self.bpf[b"km_counters"]
         sums = [sum(counters.getvalue(i)) for i in range(CTR_NAMES_WRITTEN + 1)]  # before the maps below
         stats = self._read_pid_stats()
-        names = self._names
-        if sums[CTR_NAMES_WRITTEN] != self._names_written or any(key not in names for key, _ in stats):
+        names, identities_known = self._names, self._identities
+        # A key with no identity yet: its name was written after the counter was read (or it has none,
+        # like the [irq] row: then it is remembered with an empty one, and does not cause a read again).
+        if sums[CTR_NAMES_WRITTEN] != self._names_written or any(
+            key not in names and key not in identities_known for key, _ in stats
+        ):
             names = self._names = self._read_names()
             self._names_written = sums[CTR_NAMES_WRITTEN]
+            self._identities = {}
         gens_table = self.bpf[b"gens"]
         # After pid_stats: an entry read there has a generation at most the one read here.
         gens = (
-            {
-                (key if isinstance(key, int) else key.value): (
-                    gen.value if hasattr(gen, "value") else int(gen)
-                )
-                for key, gen in map_items(gens_table)
-            }
+            {_int_of(key): _int_of(gen) for key, gen in map_items(gens_table)}
             if sums[CTR_PIDS_REUSED] or any(key[1] for key, _ in stats)
             else {}  # no PID was ever reused: `gens` is empty
         )
         per_tgid: dict[int, KmallocCounters] = {}
+        identities: dict[int, KernelIdentity] = {}
         retired: list[RetiredCounters] = []
         scale = self.sample_every
         make = KmallocCounters._make
+        known = self._identities
         done: list[tuple[int, int]] = []
         current: dict[int, int] = {}
-        unnamed = ("", 0, "", 0, 0)
         for key, (calls, bytes_alloc, bytes_req) in stats:
             tgid, gen = key
-            named = names.get(key)
-            meta = self._meta(named) if named is not None else unnamed
-            counters = make((calls * scale, bytes_alloc * scale, bytes_req * scale, *meta, gen))
+            identity = known.get(key)
+            if identity is None:
+                identity = self._identity(key, names.get(key))
+            counters = make((calls * scale, bytes_alloc * scale, bytes_req * scale, *identity))
             if gens and gen < gens.get(tgid, 0):
+                named = names.get(key)
                 first_ns = named[4] if named is not None else 0
                 retired.append(RetiredCounters(tgid, self._boot_offset + first_ns / 1e9, counters))
                 done.append((tgid, gen))
             else:
                 per_tgid[tgid] = counters
+                identities[tgid] = identity
                 current[tgid] = gen
         self._gens = current
         for tgid, gen in done:  # final: nothing counts into a retired generation any more
@@ -304,15 +317,22 @@ class KmallocProbe(Probe):
             memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
             recursion_misses=misses,
             retired=tuple(retired),
+            identities=identities,
         )
 
-    def _meta(self, named: tuple[str, int, int, int, int]) -> tuple[str, int, str, int, int]:
-        """(name, cgroup2 id, path to attribute by, memcg id, execs) of a proc_comms entry."""
+    def _identity(self, key: tuple[int, int], named: tuple[str, int, int, int, int] | None) -> KernelIdentity:
+        """A counted entry's identity from its proc_comms entry, kept (the same object every read) once its
+        cgroup path is resolved, until names are read again."""
+        if named is None:  # none in the kernel (the [irq] row, or proc_comms was full)
+            identity = self._identities[key] = KernelIdentity("", 0, "", 0, 0, key[1])
+            return identity
         comm, cgroup_id, memcg_id, execs, _first = named
-        path = self._paths.get((cgroup_id, memcg_id))
-        if path is None:
-            path = self._cgroup_path(cgroup_id, memcg_id)
-        return (comm, cgroup_id, path, memcg_id, execs)
+        identity = KernelIdentity(
+            comm, cgroup_id, self._cgroup_path(cgroup_id, memcg_id), memcg_id, execs, key[1]
+        )
+        if (cgroup_id, memcg_id) in self._paths or not (cgroup_id or memcg_id):
+            self._identities[key] = identity
+        return identity
 
     def _readers(self) -> tuple[BatchReader, BatchReader] | None:
         if self._batch is None:
