@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from memtop import __version__, tracefs
 from memtop.config import MAX_DURATION_S, MAX_INTERVAL_S, MAX_SAMPLE_EVERY, MIN_INTERVAL_S, Config
@@ -67,7 +67,55 @@ def _int_in(low: int, high: int, what: str):  # type: ignore[no-untyped-def]
     return parse
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser, suppress: bool = True, subcommand: bool = True) -> None:
+    """The options every collecting command takes. With `suppress` (the parsers main() uses) they have no
+    default of their own: an option given before the subcommand must not be overwritten by the
+    subcommand's default (`memtop -i 2 record`); parse_args fills in what was not given."""
+    first = len(parser._actions)
+    _common_arguments(parser)
+    if suppress:
+        for action in parser._actions[first:]:
+            action.default = argparse.SUPPRESS
+            if subcommand and isinstance(action, argparse._AppendAction):
+                # argparse gives a subcommand a namespace of its own: its list would replace the one
+                # given before the subcommand. Kept apart here, added up in parse_args.
+                action.dest = _AFTER + action.dest
+
+
+_AFTER = "after_subcommand_"
+
+
+# Per-command defaults that differ from _common's own.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "exporter": {"interval": 5.0},
+    "record": {"interval": DEFAULT_INTERVAL_S},
+}
+
+
+def _interval_help(parser: argparse.ArgumentParser, command: str) -> None:
+    for action in parser._actions:
+        if action.dest == "interval":
+            action.help = f"how often the probes are read (default {COMMAND_DEFAULTS[command]['interval']:g})"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """build_parser().parse_args, then the defaults of the common options not given anywhere on the line."""
+    args = build_parser().parse_args(argv)
+    for key, value in list(vars(args).items()):
+        if key.startswith(_AFTER):
+            delattr(args, key)
+            dest = key.removeprefix(_AFTER)
+            setattr(args, dest, [*getattr(args, dest, []), *value])
+    template = argparse.ArgumentParser(add_help=False)
+    _common(template, suppress=False)
+    defaults = {**vars(template.parse_args([])), **COMMAND_DEFAULTS.get(args.command or "", {})}
+    for dest, value in defaults.items():
+        if not hasattr(args, dest):
+            setattr(args, dest, value)
+    return args
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-i",
         "--interval",
@@ -177,7 +225,7 @@ def _runtime_root(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="memtop", description="A top-like view of kernel memory allocations (eBPF).")
     parser.add_argument("--version", action="version", version=f"memtop {__version__}")
-    _common(parser)
+    _common(parser, subcommand=False)
     parser.add_argument(
         "--replay", type=Path, metavar="FILE", help="open a snapshot file or a recording (no root needed)"
     )
@@ -221,16 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         "exporter", help="collect without the UI and serve Prometheus metrics on /metrics until stopped"
     )
     _common(exporter)
-    exporter.set_defaults(interval=5.0)
-    for action in exporter._actions:
-        if action.dest == "interval":
-            action.help = "how often the probes are read (default 5)"
+    _interval_help(exporter, "exporter")
     from memtop.metrics import DEFAULT_LISTEN
 
     add_metrics_arguments(exporter, default_listen=DEFAULT_LISTEN)
     rec = sub.add_parser("record", help="record a sample every interval into an SQLite database, headless")
     _common(rec)
-    rec.set_defaults(interval=DEFAULT_INTERVAL_S)
+    _interval_help(rec, "record")
     rec.add_argument("--db", type=Path, default=DEFAULT_DB, metavar="PATH", help=f"default {DEFAULT_DB}")
     rec.add_argument(
         "--retention",
@@ -685,7 +730,7 @@ def _metrics_sinks(args: argparse.Namespace) -> list[Sink]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     config = config_from_args(args)
     try:
         if args.command == "doctor":

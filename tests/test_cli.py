@@ -187,3 +187,31 @@ def test_version_and_help() -> None:
     help_text = run("--help").stdout
     for flag in ("--interval", "--sample", "--replay", "snapshot", "doctor"):
         assert flag in help_text
+
+
+@pytest.mark.parametrize(
+    ("argv", "interval", "sample"),
+    [
+        (["-i", "2", "record"], 2.0, 1),  # before the subcommand: kept (was overwritten by record's 5 s)
+        (["record", "-i", "2"], 2.0, 1),
+        (["record"], 5.0, 1),  # record's own default
+        (["--sample", "4", "exporter"], 5.0, 4),
+        (["exporter", "-i", "3"], 3.0, 1),
+        (["-i", "3", "snapshot", "-o", "x.json"], 3.0, 1),
+        (["snapshot", "-o", "x.json"], 1.0, 1),
+        ([], 1.0, 1),
+        (["-i", "0.5"], 0.5, 1),
+    ],
+)
+def test_common_options_before_or_after_the_subcommand(argv: list[str], interval: float, sample: int) -> None:
+    from memtop.cli import parse_args
+
+    args = parse_args(argv)
+    assert (args.interval, args.sample) == (interval, sample)
+
+
+def test_repeatable_options_on_both_sides_of_the_subcommand_add_up() -> None:
+    from memtop.cli import parse_args
+
+    assert parse_args(["--tcp-pid", "5", "record", "--tcp-pid", "6"]).tcp_pid == [5, 6]
+    assert parse_args(["record"]).tcp_pid == []

@@ -239,8 +239,8 @@ def test_service_servicemonitor_and_annotations_point_at_the_port_memtop_listens
 
 
 def test_daemonset_arguments_are_accepted_by_memtop() -> None:
-    from memtop.cli import build_parser
+    from memtop.cli import parse_args
 
     args = by_kind("DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
-    parsed = build_parser().parse_args(args)
+    parsed = parse_args(args)
     assert parsed.command == "exporter" and parsed.interval == 5.0
