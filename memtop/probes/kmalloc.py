@@ -266,9 +266,15 @@ class KmallocProbe(Probe):
         if sums[CTR_NAMES_WRITTEN] != self._names_written or any(
             key not in names and key not in identities_known for key, _ in stats
         ):
+            old_names = names
             names = self._names = self._read_names()
             self._names_written = sums[CTR_NAMES_WRITTEN]
-            self._identities = {}
+            # Identities of unchanged entries stay the same objects (a busy host writes a few names a tick)
+            self._identities = {
+                key: identity
+                for key, identity in identities_known.items()
+                if names.get(key) == old_names.get(key)
+            }
         gens_table = self.bpf[b"gens"]
         # After pid_stats: an entry read there has a generation at most the one read here.
         gens = (
