@@ -10,6 +10,7 @@ The scripts in bench/ import it as a sibling module (`import harness`); it impor
 - `start_process(argv)` / `finish_workload(proc, seconds)` -> (count, elapsed s) of a program printing
   "<count> <seconds>"; `run_workload(workload, seconds)` does both for the listxattr loop.
 - `RunTimeStats()` (a `with` block: the kernel's run_time_ns/run_cnt accounting on), `maybe_stats(on)`.
+- `attached_programs(pid)` -> {prog id: (tracepoint, fd_type)}: a process's programs with their kind.
 - `own_prog_ids(required)` -> {tracepoint: prog id} of this process's tracepoint programs (perf
   attachments, so raw tracepoints are included under their tracepoint name);
   `prog_stats(ids)` -> {id: ProgStats(run_time_ns, run_cnt, recursion_misses)}; `stat_delta(...)`.
@@ -312,6 +313,15 @@ def prog_ids_of(pid: int) -> dict[str, list[int]]:
         if a.get("pid") == pid:
             out.setdefault(str(a["tracepoint"]), []).append(int(a["prog_id"]))
     return out
+
+
+def attached_programs(pid: int) -> dict[int, tuple[str, str]]:
+    """A process's tracepoint programs: {prog id: (tracepoint name, "tracepoint" or "raw_tracepoint")}."""
+    return {
+        int(a["prog_id"]): (str(a["tracepoint"]), str(a["fd_type"]))
+        for a in tracepoint_attachments()
+        if a.get("pid") == pid
+    }
 
 
 def own_prog_ids(required: str = "kmalloc") -> dict[str, int]:
