@@ -18,6 +18,9 @@
 #ifndef LEAK_UNTRACKED
 #define LEAK_UNTRACKED(key)
 #endif
+#ifndef COUNT_FREE_EVENTS
+#define COUNT_FREE_EVENTS 1  // the kernel programs leave it out: a per-CPU add on every kfree that nothing reads
+#endif
 #ifndef LEAK_TRACKED_SOURCE
 #define LEAK_TRACKED_SOURCE(ctx, source) (source)
 #endif
@@ -114,15 +117,13 @@ static __always_inline int forget(u64 key) {
     return 1;
 }
 
-static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
+// `every`: the configured 1-in-N (config's sample_every), looked up once by the caller.
+static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 source, u32 every) {
     count(CTR_ALLOC_EVENTS);
     // Still tracked: its free was never seen. Treat it as freed before this allocation.
     if (forget(key))
         count(CTR_MISSED_FREES);
 
-    int zero = 0;
-    struct leak_config *cfg = config.lookup(&zero);
-    u32 every = cfg ? cfg->sample_every : 1;
     if (every > 1 && bpf_get_prandom_u32() % every != 0)
         return;
     count(CTR_TRACKED);
@@ -167,8 +168,16 @@ static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
     v->allocations += info.weight;
 }
 
+static __always_inline void on_alloc(void *ctx, u64 key, u64 size, u32 source) {
+    int zero = 0;
+    struct leak_config *cfg = config.lookup(&zero);
+    on_alloc_every(ctx, key, size, source, cfg ? cfg->sample_every : 1);
+}
+
 static __always_inline void on_free(u64 key) {
+#if COUNT_FREE_EVENTS
     count(CTR_FREE_EVENTS);
+#endif
     if (key && forget(key))
         count(CTR_FREES_MATCHED);
 }

@@ -109,15 +109,18 @@ static __always_inline u32 tracked_source(void *ctx, u32 source);
 #define LEAK_UNTRACKED(key) filter_add(key, -1)
 #define LEAK_TRACKED_SOURCE(ctx, source) tracked_source(ctx, source)
 
+#define COUNT_FREE_EVENTS 0
 #include "leaks_common.h"
 
 // Off (sample_every 0) until user space configures the probe: an embedded leak part costs one array
-// lookup per kmalloc while the Leaks panel is off.
-static __always_inline int leaks_on(void) {
+// lookup per kmalloc while the Leaks panel is off. The 1-in-N in force (0: off), looked up once per event.
+static __always_inline u32 leak_every(void) {
     int zero = 0;
     struct leak_config *cfg = config.lookup(&zero);
-    return cfg && cfg->sample_every;
+    return cfg ? cfg->sample_every : 0;
 }
+
+static __always_inline int leaks_on(void) { return leak_every() != 0; }
 
 #if PAGE_LEVEL
 // The last page allocation of each CPU, by thread: a kmalloc larger than the biggest kmalloc cache is
@@ -144,15 +147,18 @@ static __always_inline void forget_backing_pages(u64 bytes_alloc) {
 #endif
 
 static __always_inline void leak_kmalloc(void *ctx, u64 ptr, u64 bytes_alloc) {
-    if (ptr < MIN_TRACKED_ADDRESS || !leaks_on())
+    if (ptr < MIN_TRACKED_ADDRESS)
         return;  // failed, or ZERO_SIZE_PTR
+    u32 every = leak_every();
+    if (!every)
+        return;
 #if PAGE_LEVEL
     forget_backing_pages(bytes_alloc);
 #endif
     u32 source = SOURCE_SLAB;
     if (bytes_alloc <= KMALLOC_MAX_CACHE_BYTES)
         source |= (KMALLOC_CLASS | (u32)bytes_alloc) << CACHE_SHIFT;
-    on_alloc(ctx, ptr, bytes_alloc, source);
+    on_alloc_every(ctx, ptr, bytes_alloc, source, every);
 }
 
 // 23 bits of a hash of a cache name's first 15 bytes (zero-padded to 16), as memtop/probes/leaks.py's
@@ -182,9 +188,12 @@ static __always_inline void leak_free(u64 ptr) {
 
 TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
     u64 key = (u64)args->ptr;
-    if (key < MIN_TRACKED_ADDRESS || !leaks_on())
+    if (key < MIN_TRACKED_ADDRESS)
         return 0;
-    on_alloc(args, key, args->bytes_alloc, HAVE_CACHE_NAME ? SOURCE_NAMED_CACHE : SOURCE_SLAB);
+    u32 every = leak_every();
+    if (!every)
+        return 0;
+    on_alloc_every(args, key, args->bytes_alloc, HAVE_CACHE_NAME ? SOURCE_NAMED_CACHE : SOURCE_SLAB, every);
     return 0;
 }
 
