@@ -6,6 +6,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.segment import Segment
 from rich.style import Style
@@ -121,8 +122,27 @@ LINE_CACHE_MAX = 512  # formatted rows kept for scrolling back (only ever rows t
 def cell_segments(value: str | Text, width: int, console: Console) -> list[Segment]:
     """One cell as segments exactly `width` cells wide: plain strings are text (never markup), one line
     (line breaks shown as ↵), too long ends in …, `Text(justify="right")` is right-aligned."""
-    text = Text(value) if isinstance(value, str) else value
-    if "\n" in text.plain:
+    if isinstance(value, str):
+        if "\n" not in value:  # the common case, a short plain string: one segment, no Text
+            pad = width - cell_len(value)
+            if pad >= 0:
+                return [Segment(value + " " * pad)]
+        text = Text(value)
+    else:
+        text = value
+    plain = text.plain
+    if not text.spans and "\n" not in plain:  # one style for the whole cell (right(), a styled name)
+        pad = width - cell_len(plain)
+        if pad >= 0:
+            style = console.get_style(text.style) if text.style else None
+            if not pad:
+                return [Segment(plain, style)]
+            if text.justify == "right":
+                return [Segment(" " * pad), Segment(plain, style)]
+            if text.justify == "center":
+                return [Segment(" " * (pad // 2)), Segment(plain, style), Segment(" " * (pad - pad // 2))]
+            return [Segment(plain, style), Segment(" " * pad)]
+    if "\n" in plain:
         text = Text("↵").join(text.split("\n", allow_blank=True))
     length = text.cell_len
     if length > width:
@@ -268,6 +288,7 @@ class VirtualTable(_TableNavigation):
         self._lines: dict[Hashable, tuple[Any, Strip]] = {}  # key -> (the record it was drawn from, its line)
         self._styles: dict[str, Style] = {}
         self._base_style = Style()
+        self._frame = (0, 0, 0)  # scroll x, scroll y and width, set by render_lines
         self.virtual_size = Size(self._table_width, 1)
 
     # -- the data ----------------------------------------------------------------------------------------
@@ -341,13 +362,36 @@ class VirtualTable(_TableNavigation):
         return Text(value) if isinstance(value, str) else value
 
     def _line(self, cells: Sequence[str | Text]) -> Strip:
+        """One row: its cells, padded, with neighbouring text of the same style in one segment (the cells
+        look the same; a row of mostly unstyled cells becomes a few segments instead of four a cell, and
+        every later step of drawing it, styling, cropping, the compositor's cuts and the terminal write,
+        costs per segment)."""
         console = self.app.console
-        pad = Segment(" " * CELL_PADDING)
+        pad = " " * CELL_PADDING
+        pad_segment = Segment(pad)
         segments: list[Segment] = []
+        run, run_style = "", None  # text not yet made a segment, and its style
         for value, width in zip(cells, self._widths, strict=True):
-            segments.append(pad)
-            segments.extend(cell_segments(value, width, console))
-            segments.append(pad)
+            if isinstance(value, str) and "\n" not in value:
+                room = width - cell_len(value)
+                if room >= 0:  # most cells: a short plain string
+                    if run_style is not None:
+                        segments.append(Segment(run, run_style))
+                        run, run_style = "", None
+                    run += pad + value + " " * room + pad
+                    continue
+            for text, style, _control in (pad_segment, *cell_segments(value, width, console), pad_segment):
+                if not text:
+                    continue
+                style = style or None  # a null style draws as none
+                if style == run_style:
+                    run += text
+                    continue
+                if run:
+                    segments.append(Segment(run, run_style))
+                run, run_style = text, style
+        if run:
+            segments.append(Segment(run, run_style))
         return Strip(segments, self._table_width)
 
     def _header_line(self) -> Strip:
@@ -385,12 +429,13 @@ class VirtualTable(_TableNavigation):
         return style
 
     def render_lines(self, crop: Region) -> list[Strip]:
-        self._base_style = self.rich_style  # the widget's style, worked out once per redraw, not per line
+        # The widget's style, scroll position and width, worked out once per redraw, not per line.
+        self._base_style = self.rich_style
+        self._frame = (*self.scroll_offset, self.size.width)
         return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
-        scroll_x, scroll_y = self.scroll_offset
-        width = self.size.width
+        scroll_x, scroll_y, width = self._frame
         base = self._base_style
         if y == 0:
             style = base + self._style("virtual-table--header")

@@ -386,3 +386,37 @@ async def test_the_main_screen_under_a_drilldown_is_redrawn_when_shown_again(tmp
         assert t.row_count == 300  # not drawn while covered
         await press(pilot, "escape")
         assert app.screen is main and t.row_count == 100
+
+
+async def test_a_row_is_a_few_segments_and_looks_the_same() -> None:
+    """Neighbouring cells of the same style are drawn as one segment: the text and each cell's style are
+    as the cells render them (padding unstyled, a styled cell styled, right and left alignment)."""
+    from rich.style import Style
+    from rich.text import Text
+
+    columns = [
+        Column("a", "A", lambda r: right(r[0]), width=6),
+        Column("b", "B", lambda r: r[1], numeric=False, width=5),
+        Column("c", "C", lambda r: Text(r[2], style="bold"), numeric=False, width=4),
+        Column("d", "D", lambda r: Text.assemble("x", ("y", "italic")), numeric=False, width=3),
+        Column("e", "E", lambda r: "toolongvalue", numeric=False, width=5),
+    ]
+
+    class One(App[None]):
+        def compose(self) -> ComposeResult:
+            yield VirtualTable(columns, row_key=lambda r: r)
+
+    app = One()
+    async with app.run_test(size=(60, 5)):
+        t = app.query_one(VirtualTable)
+        strip = t._line([c.render(("12", "ab", "cd")) for c in columns])
+        assert strip.text == "     12  ab     cd    xy   tool… "
+        assert strip.cell_length == t._table_width
+        bold, italic = Style.parse("bold"), Style.parse("italic")
+        assert [(s.text, s.style) for s in strip] == [
+            ("     12  ab     ", None),
+            ("cd", bold),
+            ("    x", None),
+            ("y", italic),
+            ("   tool… ", None),
+        ]
