@@ -16,7 +16,9 @@ from textual.binding import Binding
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.scroll_view import ScrollView
+from textual.scrollbar import ScrollBar, ScrollBarRender
 from textual.strip import Strip
+from textual.widget import Widget
 from textual.widgets import Static
 
 from memtop import format as fmt
@@ -303,8 +305,31 @@ class VirtualTable(_TableNavigation):
         self.cursor_row = self._find(cursor_key, self.cursor_row)
         if len(self._lines) > LINE_CACHE_MAX:
             self._lines.clear()
-        self.virtual_size = Size(self._table_width, len(records) + 1)
+        self._set_row_count(len(records))
         self.refresh()
+
+    def _set_row_count(self, rows: int) -> None:
+        """The table's virtual height (the rows and the header). Textual lays the whole screen out again
+        when a virtual size changes, and then repaints the scrollbar and a second frame; while the table
+        fills its box before and after (thousands of processes, a few coming or going every tick), its box
+        cannot change, so only the scroll range is updated: the scrollbar, and a scroll position past the
+        new end."""
+        size = Size(self._table_width, rows + 1)
+        old = self.virtual_size
+        if size == old:
+            return
+        height = self.size.height
+        if self.is_mounted and height and old.height > height and size.height > height:
+            self.set_reactive(Widget.virtual_size, size)
+            if self.show_vertical_scrollbar:
+                bar = self.vertical_scrollbar
+                if _thumb(bar, old.height) == _thumb(bar, size.height):
+                    bar.set_reactive(ScrollBar.window_virtual_size, size.height)
+                else:
+                    bar.window_virtual_size = size.height
+            self.scroll_y = self.validate_scroll_y(self.scroll_y)
+        else:
+            self.virtual_size = size
 
     def _find(self, key: Hashable | None, near: int) -> int:
         """Where the record of `key` is now (scanning only when it moved), else `near` within the rows."""
@@ -533,6 +558,13 @@ class VirtualTable(_TableNavigation):
     def action_sort_shift(self, step: int) -> None:
         if self.sort_group is not None:
             self.app.sort_table_shift(self.sort_group, self.columns_spec, step)  # type: ignore[attr-defined]
+
+
+def _thumb(bar: ScrollBar, virtual_height: int) -> list[Segment]:
+    """How a vertical scrollbar's thumb is drawn for a virtual height (Textual's own drawing of it)."""
+    return ScrollBarRender.render_bar(
+        size=bar.size.height, virtual_size=virtual_height, window_size=bar.window_size, position=bar.position
+    ).segments
 
 
 # The name the app's help screen (and older code) uses for the sortable table.

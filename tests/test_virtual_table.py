@@ -388,6 +388,44 @@ async def test_the_main_screen_under_a_drilldown_is_redrawn_when_shown_again(tmp
         assert app.screen is main and t.row_count == 100
 
 
+async def test_a_changing_row_count_updates_the_scroll_range_without_laying_the_screen_out() -> None:
+    """Thousands of rows, a few more or fewer every tick: the table's box cannot change, so the screen is
+    not laid out again, yet the scrollbar, End and a window past the new end follow the new count."""
+    app = CountingTable(5000)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        t = app.query_one(VirtualTable)
+        t.focus()
+        reflows = 0
+        compositor = app.screen._compositor
+        reflow = compositor.reflow
+
+        def counting_reflow(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reflows
+            reflows += 1
+            return reflow(*args, **kwargs)
+
+        compositor.reflow = counting_reflow  # type: ignore[method-assign]
+        for rows in (5003, 4990, 5000):
+            t.set_rows([Row(i) for i in range(rows)])
+            await pilot.pause()
+            assert t.virtual_size.height == rows + 1
+            assert t.vertical_scrollbar.window_virtual_size == rows + 1
+        assert reflows == 0
+        await pilot.press("end")
+        await pilot.pause()
+        assert t.cursor_row == 4999 and screen_rows(t)[-1].split()[0] == "4999"
+        # fewer rows while the window shows the end: it moves up, with no blank line at the bottom
+        t.set_rows([Row(i) for i in range(4980)])
+        await pilot.pause()
+        assert t.scroll_y == t.max_scroll_y and screen_rows(t)[-1].split()[0] == "4979"
+        assert t.cursor_row == 4979
+        # a table that comes to fit its box is laid out again (its box shrinks)
+        t.set_rows([Row(i) for i in range(5)])
+        await pilot.pause()
+        assert reflows > 0 and t.size.height == 6 and not t.show_vertical_scrollbar
+
+
 async def test_a_row_is_a_few_segments_and_looks_the_same() -> None:
     """Neighbouring cells of the same style are drawn as one segment: the text and each cell's style are
     as the cells render them (padding unstyled, a styled cell styled, right and left alignment)."""
