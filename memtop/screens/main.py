@@ -30,6 +30,7 @@ __all__ = ["PROCESS_COLUMNS", "MainScreen", "ProcessTable", "ContainerTable", "r
 
 row_key = process_row_key
 container_key = attrgetter("id")
+PID = attrgetter("pid")  # the processes' tiebreak, as sort_rows's default but without a Python call a row
 
 # (tab id, title, the key that jumps to it)
 TABS: tuple[tuple[str, str, str], ...] = (
@@ -149,7 +150,7 @@ class MainScreen(MemtopScreen):
             processes = [r for r in processes if r.container_id is not None]
         sort = app.sort_for("processes")
         table = self.query_one(ProcessTable)
-        table.set_rows(sort_rows(processes, sort))
+        table.set_rows(sort_rows(processes, sort, tiebreak=PID))
         table.set_header_marks(sort.column, sort.reverse)
 
     def _show_containers(self, snap: Snapshot) -> None:
