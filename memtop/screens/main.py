@@ -108,6 +108,10 @@ class MainScreen(MemtopScreen):
     def active_tab(self) -> str:
         return self.query_one("#tabs", TabbedContent).active or "processes"
 
+    @property
+    def shows_leaks(self) -> bool:
+        return self.is_mounted and self.active_tab == "leaks"
+
     def show_snapshot(self, snap: Snapshot) -> None:
         """Draw the shown tab from `snap`; the other tabs are drawn when they are shown (a tick costs one
         tab's filter and sort on raw values, and the tables format only the rows on screen)."""
@@ -300,6 +304,7 @@ class MainScreen(MemtopScreen):
         self.action_show_tab(ids[index])
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.memtop.sync_leaks_visible()
         self._show_if_stale(self.active_tab)
         self._focus_active_table()
 
