@@ -291,6 +291,8 @@ class VirtualTable(_TableNavigation):
         self._styles: dict[str, Style] = {}
         self._base_style = Style()
         self._frame = (0, 0, 0)  # scroll x, scroll y and width, set by render_lines
+        # What each screen line was last drawn from: (scroll y, width, the row's line or None, cursor).
+        self._drawn: dict[int, tuple[int, int, Strip | None, bool]] = {}
         self.virtual_size = Size(self._table_width, 1)
 
     # -- the data ----------------------------------------------------------------------------------------
@@ -306,7 +308,28 @@ class VirtualTable(_TableNavigation):
         if len(self._lines) > LINE_CACHE_MAX:
             self._lines.clear()
         self._set_row_count(len(records))
-        self.refresh()
+        self._refresh_changed_lines()
+
+    def _refresh_changed_lines(self) -> None:
+        """Repaint only the lines on screen that now draw differently (another row, other text, the
+        cursor come or gone): an unchanged line costs Textual nothing then (styling, the compositor,
+        the terminal write). The rows on screen are formatted here, as they would be when drawn."""
+        scroll_y = self.scroll_offset.y
+        width, height = self.size
+        drawn = self._drawn
+        if not drawn or not height:
+            self.refresh()
+            return
+        records, cursor_row = self._records, self.cursor_row
+        region_width = max(self._table_width, width)
+        changed = []
+        for y in range(1, height):
+            index = scroll_y + y - 1
+            line = self._row_line(index) if index < len(records) else None
+            if drawn.get(y) != (scroll_y, width, line, index == cursor_row):
+                changed.append(Region(0, y, region_width, 1))
+        if changed:
+            self.refresh(*changed)
 
     def _set_row_count(self, rows: int) -> None:
         """The table's virtual height (the rows and the header). Textual lays the whole screen out again
@@ -468,16 +491,19 @@ class VirtualTable(_TableNavigation):
             return line.crop_extend(scroll_x, scroll_x + width, style)
         index = scroll_y + y - 1
         if index >= len(self._records):
+            self._drawn[y] = (scroll_y, width, None, index == self.cursor_row)
             return Strip.blank(width, base)
+        row = self._row_line(index)
+        self._drawn[y] = (scroll_y, width, row, index == self.cursor_row)
         if index == self.cursor_row:
             cursor = self._style("virtual-table--cursor")
             style = base + cursor
             post = Style.from_color(cursor.color, cursor.bgcolor)
-            segments = Segment.apply_style(self._row_line(index), style, post)
+            segments = Segment.apply_style(row, style, post)
         else:
             zebra = "virtual-table--odd-row" if index % 2 else "virtual-table--even-row"
             style = base + self._style(zebra)
-            segments = Segment.apply_style(self._row_line(index), style)
+            segments = Segment.apply_style(row, style)
         return Strip(segments).crop_extend(scroll_x, scroll_x + width, style)
 
     # -- moving -----------------------------------------------------------------------------------------

@@ -458,3 +458,31 @@ async def test_a_row_is_a_few_segments_and_looks_the_same() -> None:
             ("y", italic),
             ("   tool… ", None),
         ]
+
+
+async def test_a_tick_repaints_only_the_lines_that_changed() -> None:
+    app = CountingTable(5000)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        t = app.query_one(VirtualTable)
+        painted: list[int] = []
+        render_line = t.render_line
+
+        def counting_render_line(y: int) -> Any:
+            painted.append(y)
+            return render_line(y)
+
+        t.render_line = counting_render_line  # type: ignore[method-assign]
+        records = list(app.records)
+        records[3] = Row(3)
+        records[3].name = "renamed"
+        t.set_rows(records)
+        await pilot.pause()
+        assert painted == [4]  # row 3, under the header
+        assert "renamed" in screen_rows(t)[4] and "row-00004" in screen_rows(t)[5]
+        # a row gone: every line under it shows the next row; the cursor's record moved
+        painted.clear()
+        t.set_rows(records[:2] + records[3:])
+        await pilot.pause()
+        assert painted == list(range(3, page(t) + 1))
+        assert [int(line.split()[0]) for line in screen_rows(t)[1:4]] == [0, 1, 3]
