@@ -86,6 +86,7 @@ class MemtopApp(App[None]):
         self.hide_host = config.hide_host
         self._timer: Timer | None = None
         self.ticks = 0
+        self._leaks_visible: bool | None = None  # as last told to the source (None: not yet)
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -161,6 +162,22 @@ class MemtopApp(App[None]):
             refresh = getattr(screen, "refresh_view", None)
             if refresh is not None and screen.is_mounted:
                 refresh()
+
+    def sync_leaks_visible(self) -> None:
+        """Tell the source whether kernel leak rows are on screen (the Leaks tab, a leak stack, a process's
+        details): it reads the leak aggregates every tick only then. Called when a tab or a screen is
+        shown or covered; told only on a change."""
+        from memtop.screens import MemtopScreen
+
+        visible = any(
+            isinstance(screen, MemtopScreen) and screen.shows_leaks and screen.shown
+            for screen in self.screen_stack
+        )
+        if visible != self._leaks_visible:
+            self._leaks_visible = visible
+            set_visible = getattr(self.source, "set_leaks_visible", None)  # test fakes may not have it
+            if set_visible is not None:
+                set_visible(visible)
 
     # -- actions ---------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.segment import Segment
 from rich.style import Style
@@ -15,7 +16,9 @@ from textual.binding import Binding
 from textual.geometry import Region, Size
 from textual.message import Message
 from textual.scroll_view import ScrollView
+from textual.scrollbar import ScrollBar, ScrollBarRender
 from textual.strip import Strip
+from textual.widget import Widget
 from textual.widgets import Static
 
 from memtop import format as fmt
@@ -121,8 +124,27 @@ LINE_CACHE_MAX = 512  # formatted rows kept for scrolling back (only ever rows t
 def cell_segments(value: str | Text, width: int, console: Console) -> list[Segment]:
     """One cell as segments exactly `width` cells wide: plain strings are text (never markup), one line
     (line breaks shown as ↵), too long ends in …, `Text(justify="right")` is right-aligned."""
-    text = Text(value) if isinstance(value, str) else value
-    if "\n" in text.plain:
+    if isinstance(value, str):
+        if "\n" not in value:  # the common case, a short plain string: one segment, no Text
+            pad = width - cell_len(value)
+            if pad >= 0:
+                return [Segment(value + " " * pad)]
+        text = Text(value)
+    else:
+        text = value
+    plain = text.plain
+    if not text.spans and "\n" not in plain:  # one style for the whole cell (right(), a styled name)
+        pad = width - cell_len(plain)
+        if pad >= 0:
+            style = console.get_style(text.style) if text.style else None
+            if not pad:
+                return [Segment(plain, style)]
+            if text.justify == "right":
+                return [Segment(" " * pad), Segment(plain, style)]
+            if text.justify == "center":
+                return [Segment(" " * (pad // 2)), Segment(plain, style), Segment(" " * (pad - pad // 2))]
+            return [Segment(plain, style), Segment(" " * pad)]
+    if "\n" in plain:
         text = Text("↵").join(text.split("\n", allow_blank=True))
     length = text.cell_len
     if length > width:
@@ -268,6 +290,9 @@ class VirtualTable(_TableNavigation):
         self._lines: dict[Hashable, tuple[Any, Strip]] = {}  # key -> (the record it was drawn from, its line)
         self._styles: dict[str, Style] = {}
         self._base_style = Style()
+        self._frame = (0, 0, 0)  # scroll x, scroll y and width, set by render_lines
+        # What each screen line was last drawn from: (scroll y, width, the row's line or None, cursor).
+        self._drawn: dict[int, tuple[int, int, Strip | None, bool]] = {}
         self.virtual_size = Size(self._table_width, 1)
 
     # -- the data ----------------------------------------------------------------------------------------
@@ -282,8 +307,52 @@ class VirtualTable(_TableNavigation):
         self.cursor_row = self._find(cursor_key, self.cursor_row)
         if len(self._lines) > LINE_CACHE_MAX:
             self._lines.clear()
-        self.virtual_size = Size(self._table_width, len(records) + 1)
-        self.refresh()
+        self._set_row_count(len(records))
+        self._refresh_changed_lines()
+
+    def _refresh_changed_lines(self) -> None:
+        """Repaint only the lines on screen that now draw differently (another row, other text, the
+        cursor come or gone): an unchanged line costs Textual nothing then (styling, the compositor,
+        the terminal write). The rows on screen are formatted here, as they would be when drawn."""
+        scroll_y = self.scroll_offset.y
+        width, height = self.size
+        drawn = self._drawn
+        if not drawn or not height:
+            self.refresh()
+            return
+        records, cursor_row = self._records, self.cursor_row
+        region_width = max(self._table_width, width)
+        changed = []
+        for y in range(1, height):
+            index = scroll_y + y - 1
+            line = self._row_line(index) if index < len(records) else None
+            if drawn.get(y) != (scroll_y, width, line, index == cursor_row):
+                changed.append(Region(0, y, region_width, 1))
+        if changed:
+            self.refresh(*changed)
+
+    def _set_row_count(self, rows: int) -> None:
+        """The table's virtual height (the rows and the header). Textual lays the whole screen out again
+        when a virtual size changes, and then repaints the scrollbar and a second frame; while the table
+        fills its box before and after (thousands of processes, a few coming or going every tick), its box
+        cannot change, so only the scroll range is updated: the scrollbar, and a scroll position past the
+        new end."""
+        size = Size(self._table_width, rows + 1)
+        old = self.virtual_size
+        if size == old:
+            return
+        height = self.size.height
+        if self.is_mounted and height and old.height > height and size.height > height:
+            self.set_reactive(Widget.virtual_size, size)
+            if self.show_vertical_scrollbar:
+                bar = self.vertical_scrollbar
+                if _thumb(bar, old.height) == _thumb(bar, size.height):
+                    bar.set_reactive(ScrollBar.window_virtual_size, size.height)
+                else:
+                    bar.window_virtual_size = size.height
+            self.scroll_y = self.validate_scroll_y(self.scroll_y)
+        else:
+            self.virtual_size = size
 
     def _find(self, key: Hashable | None, near: int) -> int:
         """Where the record of `key` is now (scanning only when it moved), else `near` within the rows."""
@@ -341,13 +410,36 @@ class VirtualTable(_TableNavigation):
         return Text(value) if isinstance(value, str) else value
 
     def _line(self, cells: Sequence[str | Text]) -> Strip:
+        """One row: its cells, padded, with neighbouring text of the same style in one segment (the cells
+        look the same; a row of mostly unstyled cells becomes a few segments instead of four a cell, and
+        every later step of drawing it, styling, cropping, the compositor's cuts and the terminal write,
+        costs per segment)."""
         console = self.app.console
-        pad = Segment(" " * CELL_PADDING)
+        pad = " " * CELL_PADDING
+        pad_segment = Segment(pad)
         segments: list[Segment] = []
+        run, run_style = "", None  # text not yet made a segment, and its style
         for value, width in zip(cells, self._widths, strict=True):
-            segments.append(pad)
-            segments.extend(cell_segments(value, width, console))
-            segments.append(pad)
+            if isinstance(value, str) and "\n" not in value:
+                room = width - cell_len(value)
+                if room >= 0:  # most cells: a short plain string
+                    if run_style is not None:
+                        segments.append(Segment(run, run_style))
+                        run, run_style = "", None
+                    run += pad + value + " " * room + pad
+                    continue
+            for text, style, _control in (pad_segment, *cell_segments(value, width, console), pad_segment):
+                if not text:
+                    continue
+                style = style or None  # a null style draws as none
+                if style == run_style:
+                    run += text
+                    continue
+                if run:
+                    segments.append(Segment(run, run_style))
+                run, run_style = text, style
+        if run:
+            segments.append(Segment(run, run_style))
         return Strip(segments, self._table_width)
 
     def _header_line(self) -> Strip:
@@ -385,12 +477,13 @@ class VirtualTable(_TableNavigation):
         return style
 
     def render_lines(self, crop: Region) -> list[Strip]:
-        self._base_style = self.rich_style  # the widget's style, worked out once per redraw, not per line
+        # The widget's style, scroll position and width, worked out once per redraw, not per line.
+        self._base_style = self.rich_style
+        self._frame = (*self.scroll_offset, self.size.width)
         return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
-        scroll_x, scroll_y = self.scroll_offset
-        width = self.size.width
+        scroll_x, scroll_y, width = self._frame
         base = self._base_style
         if y == 0:
             style = base + self._style("virtual-table--header")
@@ -398,16 +491,19 @@ class VirtualTable(_TableNavigation):
             return line.crop_extend(scroll_x, scroll_x + width, style)
         index = scroll_y + y - 1
         if index >= len(self._records):
+            self._drawn[y] = (scroll_y, width, None, index == self.cursor_row)
             return Strip.blank(width, base)
+        row = self._row_line(index)
+        self._drawn[y] = (scroll_y, width, row, index == self.cursor_row)
         if index == self.cursor_row:
             cursor = self._style("virtual-table--cursor")
             style = base + cursor
             post = Style.from_color(cursor.color, cursor.bgcolor)
-            segments = Segment.apply_style(self._row_line(index), style, post)
+            segments = Segment.apply_style(row, style, post)
         else:
             zebra = "virtual-table--odd-row" if index % 2 else "virtual-table--even-row"
             style = base + self._style(zebra)
-            segments = Segment.apply_style(self._row_line(index), style)
+            segments = Segment.apply_style(row, style)
         return Strip(segments).crop_extend(scroll_x, scroll_x + width, style)
 
     # -- moving -----------------------------------------------------------------------------------------
@@ -488,6 +584,13 @@ class VirtualTable(_TableNavigation):
     def action_sort_shift(self, step: int) -> None:
         if self.sort_group is not None:
             self.app.sort_table_shift(self.sort_group, self.columns_spec, step)  # type: ignore[attr-defined]
+
+
+def _thumb(bar: ScrollBar, virtual_height: int) -> list[Segment]:
+    """How a vertical scrollbar's thumb is drawn for a virtual height (Textual's own drawing of it)."""
+    return ScrollBarRender.render_bar(
+        size=bar.size.height, virtual_size=virtual_height, window_size=bar.window_size, position=bar.position
+    ).segments
 
 
 # The name the app's help screen (and older code) uses for the sortable table.

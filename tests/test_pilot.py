@@ -417,3 +417,45 @@ async def test_process_drilldown_lists_that_process_leaks() -> None:
         rows = app.screen.query_one("#process-leaks", VirtualTable)
         assert len(rows.keys) == sum(1 for r in doc["leaks"] if pid in r["pids"])
         assert "memtop_test_leak_here" in widget_text(app, "#process-leaks")
+
+
+class LeakViewSource(ReplaySource):
+    """The replay, remembering what the UI told it about kernel leak rows being on screen."""
+
+    def __init__(self) -> None:
+        super().__init__(REPLAY)
+        self.visible_calls: list[bool] = []
+
+    def set_leaks_visible(self, visible: bool) -> None:
+        self.visible_calls.append(visible)
+
+
+async def test_the_source_is_told_while_kernel_leak_rows_are_on_screen() -> None:
+    """The Leaks tab, a leak stack and a process's details show kernel leak rows: the source reads them
+    every tick only while one of those is shown (the help over the Leaks tab still shows it)."""
+    from memtop.screens.leaks import LeakScreen
+
+    source = LeakViewSource()
+    app = MemtopApp(source, Config())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert source.visible_calls == [False]
+        await press(pilot, "L")
+        assert source.visible_calls[-1] is True
+        await press(pilot, "P")
+        assert source.visible_calls[-1] is False
+        await press(pilot, "tab", "tab")  # Processes -> Containers -> Leaks
+        assert source.visible_calls[-1] is True
+        await press(pilot, "question_mark")
+        assert isinstance(app.screen, HelpScreen) and source.visible_calls[-1] is True
+        await press(pilot, "escape")
+        await press(pilot, "enter")
+        assert isinstance(app.screen, LeakScreen) and source.visible_calls[-1] is True
+        await press(pilot, "escape", "O")
+        assert isinstance(app.screen, MainScreen) and source.visible_calls[-1] is False
+        await press(pilot, "P", "enter")
+        assert isinstance(app.screen, ProcessScreen) and source.visible_calls[-1] is True
+        await press(pilot, "escape")
+        assert isinstance(app.screen, MainScreen) and source.visible_calls[-1] is False
+        # told only when it changes
+        assert all(a != b for a, b in zip(source.visible_calls, source.visible_calls[1:], strict=False))

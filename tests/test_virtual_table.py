@@ -386,3 +386,103 @@ async def test_the_main_screen_under_a_drilldown_is_redrawn_when_shown_again(tmp
         assert t.row_count == 300  # not drawn while covered
         await press(pilot, "escape")
         assert app.screen is main and t.row_count == 100
+
+
+async def test_a_changing_row_count_updates_the_scroll_range_without_laying_the_screen_out() -> None:
+    """Thousands of rows, a few more or fewer every tick: the table's box cannot change, so the screen is
+    not laid out again, yet the scrollbar, End and a window past the new end follow the new count."""
+    app = CountingTable(5000)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        t = app.query_one(VirtualTable)
+        t.focus()
+        reflows = 0
+        compositor = app.screen._compositor
+        reflow = compositor.reflow
+
+        def counting_reflow(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reflows
+            reflows += 1
+            return reflow(*args, **kwargs)
+
+        compositor.reflow = counting_reflow  # type: ignore[method-assign]
+        for rows in (5003, 4990, 5000):
+            t.set_rows([Row(i) for i in range(rows)])
+            await pilot.pause()
+            assert t.virtual_size.height == rows + 1
+            assert t.vertical_scrollbar.window_virtual_size == rows + 1
+        assert reflows == 0
+        await pilot.press("end")
+        await pilot.pause()
+        assert t.cursor_row == 4999 and screen_rows(t)[-1].split()[0] == "4999"
+        # fewer rows while the window shows the end: it moves up, with no blank line at the bottom
+        t.set_rows([Row(i) for i in range(4980)])
+        await pilot.pause()
+        assert t.scroll_y == t.max_scroll_y and screen_rows(t)[-1].split()[0] == "4979"
+        assert t.cursor_row == 4979
+        # a table that comes to fit its box is laid out again (its box shrinks)
+        t.set_rows([Row(i) for i in range(5)])
+        await pilot.pause()
+        assert reflows > 0 and t.size.height == 6 and not t.show_vertical_scrollbar
+
+
+async def test_a_row_is_a_few_segments_and_looks_the_same() -> None:
+    """Neighbouring cells of the same style are drawn as one segment: the text and each cell's style are
+    as the cells render them (padding unstyled, a styled cell styled, right and left alignment)."""
+    from rich.style import Style
+    from rich.text import Text
+
+    columns = [
+        Column("a", "A", lambda r: right(r[0]), width=6),
+        Column("b", "B", lambda r: r[1], numeric=False, width=5),
+        Column("c", "C", lambda r: Text(r[2], style="bold"), numeric=False, width=4),
+        Column("d", "D", lambda r: Text.assemble("x", ("y", "italic")), numeric=False, width=3),
+        Column("e", "E", lambda r: "toolongvalue", numeric=False, width=5),
+    ]
+
+    class One(App[None]):
+        def compose(self) -> ComposeResult:
+            yield VirtualTable(columns, row_key=lambda r: r)
+
+    app = One()
+    async with app.run_test(size=(60, 5)):
+        t = app.query_one(VirtualTable)
+        strip = t._line([c.render(("12", "ab", "cd")) for c in columns])
+        assert strip.text == "     12  ab     cd    xy   tool… "
+        assert strip.cell_length == t._table_width
+        bold, italic = Style.parse("bold"), Style.parse("italic")
+        assert [(s.text, s.style) for s in strip] == [
+            ("     12  ab     ", None),
+            ("cd", bold),
+            ("    x", None),
+            ("y", italic),
+            ("   tool… ", None),
+        ]
+
+
+async def test_a_tick_repaints_only_the_lines_that_changed() -> None:
+    app = CountingTable(5000)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        t = app.query_one(VirtualTable)
+        painted: list[int] = []
+        render_line = t.render_line
+
+        def counting_render_line(y: int) -> Any:
+            painted.append(y)
+            return render_line(y)
+
+        t.render_line = counting_render_line  # type: ignore[method-assign]
+        records = list(app.records)
+        records[3] = Row(3)
+        records[3].name = "renamed"
+        t.set_rows(records)
+        await pilot.pause()
+        assert painted == [4]  # row 3, under the header
+        assert "renamed" in screen_rows(t)[4] and "row-00004" in screen_rows(t)[5]
+        # a row gone: every line under it shows the next row; the cursor's record moved
+        painted.clear()
+        t.set_rows(records[:2] + records[3:])
+        await pilot.pause()
+        assert painted == list(range(3, page(t) + 1))
+        assert [int(line.split()[0]) for line in screen_rows(t)[1:4]] == [0, 1, 3]

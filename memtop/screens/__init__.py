@@ -24,6 +24,12 @@ class MemtopScreen(Screen[None]):
         return self.app  # type: ignore[return-value]
 
     @property
+    def shows_leaks(self) -> bool:
+        """Whether this screen draws kernel leak rows: while one is shown, the source reads the leak
+        aggregates every tick (otherwise only every few seconds)."""
+        return False
+
+    @property
     def shown(self) -> bool:
         """Whether this screen is on top, or just under a modal one (the help) that lets it show."""
         stack = self.app.screen_stack
@@ -32,8 +38,12 @@ class MemtopScreen(Screen[None]):
         )
 
     def on_screen_resume(self) -> None:
+        self.memtop.sync_leaks_visible()
         if self._behind:
             self.refresh_view()
+
+    def on_screen_suspend(self) -> None:
+        self.memtop.sync_leaks_visible()
 
     def refresh_view(self) -> None:
         app = self.memtop

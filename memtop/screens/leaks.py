@@ -128,6 +128,8 @@ class LeakScreen(MemtopScreen):
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
 
+    shows_leaks = True
+
     def __init__(self, key: str) -> None:
         super().__init__()
         self.key = key

@@ -30,6 +30,7 @@ __all__ = ["PROCESS_COLUMNS", "MainScreen", "ProcessTable", "ContainerTable", "r
 
 row_key = process_row_key
 container_key = attrgetter("id")
+PID = attrgetter("pid")  # the processes' tiebreak, as sort_rows's default but without a Python call a row
 
 # (tab id, title, the key that jumps to it)
 TABS: tuple[tuple[str, str, str], ...] = (
@@ -107,6 +108,10 @@ class MainScreen(MemtopScreen):
     def active_tab(self) -> str:
         return self.query_one("#tabs", TabbedContent).active or "processes"
 
+    @property
+    def shows_leaks(self) -> bool:
+        return self.is_mounted and self.active_tab == "leaks"
+
     def show_snapshot(self, snap: Snapshot) -> None:
         """Draw the shown tab from `snap`; the other tabs are drawn when they are shown (a tick costs one
         tab's filter and sort on raw values, and the tables format only the rows on screen)."""
@@ -149,7 +154,7 @@ class MainScreen(MemtopScreen):
             processes = [r for r in processes if r.container_id is not None]
         sort = app.sort_for("processes")
         table = self.query_one(ProcessTable)
-        table.set_rows(sort_rows(processes, sort))
+        table.set_rows(sort_rows(processes, sort, tiebreak=PID))
         table.set_header_marks(sort.column, sort.reverse)
 
     def _show_containers(self, snap: Snapshot) -> None:
@@ -299,6 +304,7 @@ class MainScreen(MemtopScreen):
         self.action_show_tab(ids[index])
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.memtop.sync_leaks_visible()
         self._show_if_stale(self.active_tab)
         self._focus_active_table()
 

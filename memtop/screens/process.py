@@ -150,6 +150,7 @@ class ProcessScreen(MemtopScreen):
         Binding("m", "user_leaks", "Track malloc (leaks)"),
         Binding("enter", "leak_stack", "Leak stack", show=False),
     ]
+    shows_leaks = True  # the process's own kernel leak rows
 
     def __init__(self, key: ProcessKey) -> None:
         super().__init__()
