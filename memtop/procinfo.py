@@ -205,6 +205,7 @@ class ProcScanner:
         procs = self._procs
         ids: tuple[int, int] | None
         kname: tuple[int, str] | None
+        info: ProcInfo | None
         for pid in pids:
             proc = procs.get(pid)
             seen = kernel.get(pid)
@@ -216,9 +217,11 @@ class ProcScanner:
                     proc.kernel_seen = seen
                     ids, kname = (seen[1], seen[3]), (seen[4] | seen[5] << 32, seen[0])
                     news = kname != proc.kernel_name or (ids != proc.kernel_ids and any(ids))
-                if proc.skip > 0 and not news and pid not in forced:
+                if proc.skip > 0 and not news and not (forced and pid in forced):
                     proc.skip -= 1  # quiet, and the kernel says nothing new of it: its last reading
-                    info = proc.info if _alive(proc.info) else None
+                    info = proc.info
+                    if not (info.kernel_thread or info.rss_bytes or info.vms_bytes):  # _alive, inlined
+                        info = None
                 else:
                     info = self._refresh(pid, proc, ids, kname)
             elif deadline is not None and time.monotonic() > deadline:

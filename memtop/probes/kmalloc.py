@@ -132,7 +132,7 @@ class KmallocProbe(Probe):
         self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
         self._batch: tuple[BatchReader, BatchReader] | bool | None = None  # None: not tried yet
         self.irq_tracking = ""
-        self._gens: dict[int, int] = {}  # tgid -> the generation its counters were read from last
+        self._identities_read: dict[int, KernelIdentity] = {}  # tgid -> its identity at the last read
         # (tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), as proc_comms held them when
         # its KM_NAMES_WRITTEN counter was _names_written.
         self._names: dict[tuple[int, int], tuple[str, int, int, int, int]] = {}
@@ -289,13 +289,14 @@ class KmallocProbe(Probe):
         make = KmallocCounters._make
         known = self._identities
         done: list[tuple[int, int]] = []
-        current: dict[int, int] = {}
-        for key, (calls, bytes_alloc, bytes_req) in stats:
+        for key, totals in stats:
             tgid, gen = key
             identity = known.get(key)
             if identity is None:
                 identity = self._identity(key, names.get(key))
-            counters = make((calls * scale, bytes_alloc * scale, bytes_req * scale, *identity))
+            if scale != 1:
+                totals = (totals[0] * scale, totals[1] * scale, totals[2] * scale)
+            counters = make(totals + identity)
             if gens and gen < gens.get(tgid, 0):
                 named = names.get(key)
                 first_ns = named[4] if named is not None else 0
@@ -304,8 +305,7 @@ class KmallocProbe(Probe):
             else:
                 per_tgid[tgid] = counters
                 identities[tgid] = identity
-                current[tgid] = gen
-        self._gens = current
+        self._identities_read = identities  # forget() drops the generation read last
         for tgid, gen in done:  # final: nothing counts into a retired generation any more
             for name in (b"pid_stats", b"proc_comms"):
                 table = self.bpf[name]
@@ -423,7 +423,8 @@ class KmallocProbe(Probe):
         generation read last for each tgid, and its `gens` entry when no newer one was started."""
         stats, comms, gens = self.bpf[b"pid_stats"], self.bpf[b"proc_comms"], self.bpf[b"gens"]
         for tgid in tgids:
-            gen = self._gens.get(tgid, 0)
+            seen = self._identities_read.get(tgid)
+            gen = seen.generation if seen is not None else 0
             for table in (stats, comms):
                 with contextlib.suppress(KeyError):
                     del table[table.Key(tgid, gen)]
