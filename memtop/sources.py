@@ -292,8 +292,13 @@ class LiveSource:
                 self.store.ingest_tcp(now, tcp)
                 self.store.set_cgroup_paths({i: self.cgroup_ids.path(i) for i in self.store.cgroup_ids()})
             leaks = None
-            if self._ready(self.leaks) and self._leaks_due(include_histories):
-                leaks = self._read(self.leaks, self.leaks.read)
+            if self._ready(self.leaks):
+                due = self._leaks_due(include_histories)
+                # The other ticks adapt the 1 in N; a map that overflowed is read (and pruned) now.
+                if not due and self._read(self.leaks, self.leaks.adapt):
+                    due = True
+                if due:
+                    leaks = self._read(self.leaks, self.leaks.read)
             if leaks is not None:
                 self.store.ingest_leaks(now, leaks)
             self._read_user_leaks(now)

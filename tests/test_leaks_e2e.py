@@ -399,7 +399,10 @@ def test_kernel_probe_sampled_estimate(pipe_holder: Driven) -> None:
         probe.close()
 
 
-def test_kernel_probe_adapts_its_sample_rate() -> None:
+@pytest.mark.parametrize("step", ["read", "adapt"])
+def test_kernel_probe_adapts_its_sample_rate(step: str) -> None:
+    """Through full reads, and through adapt() alone: the ticks on which the live source does not read the
+    aggregates (no view shows them) still move the 1 in N."""
     from memtop.leaks import AdaptiveSampler
     from memtop.probes.leaks import KernelLeakProbe
 
@@ -408,12 +411,13 @@ def test_kernel_probe_adapts_its_sample_rate() -> None:
     probe.start()
     try:
         assert probe.effective_sample_rate == 1
-        probe.read()
+        update = probe.read if step == "read" else probe.adapt
+        update()
         reads = 0
         while probe.effective_sample_rate == 1 and reads < 20:
             os.listdir("/proc/self/fd")  # a few kmallocs of our own
             time.sleep(0.2)
-            probe.read()
+            update()
             reads += 1
         rate = probe.effective_sample_rate
         assert rate > 1 and rate & (rate - 1) == 0, rate

@@ -389,8 +389,8 @@ counters:;
             c.cgroup_id = bpf_get_current_cgroup_id();
             c.memcg_id = current_memcg(tgid);
             c.first_ns = bpf_ktime_get_ns();
-            proc_comms.update(&key, &c);
-            km_count(KM_NAMES_WRITTEN);  // before pid_stats has the key: a reader seeing it re-reads names
+            if (proc_comms.update(&key, &c) == 0)
+                km_count(KM_NAMES_WRITTEN);  // before pid_stats has the key: a reader seeing it re-reads names
         }
         // BPF_NOEXIST: another CPU may have created it meanwhile; then the lookup below finds it.
         pid_stats.insert(&key, &init);

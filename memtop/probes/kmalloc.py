@@ -15,6 +15,7 @@ from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
 from memtop.model import (
+    IRQ_TGID,
     CallSite,
     FocusReading,
     KernelIdentity,
@@ -307,6 +308,7 @@ class KmallocProbe(Probe):
                 identities[tgid] = identity
         self._identities_read = identities  # forget() drops the generation read last
         for tgid, gen in done:  # final: nothing counts into a retired generation any more
+            self._drop_cached((tgid, gen))
             for name in (b"pid_stats", b"proc_comms"):
                 table = self.bpf[name]
                 with contextlib.suppress(KeyError):
@@ -326,11 +328,19 @@ class KmallocProbe(Probe):
             identities=identities,
         )
 
+    def _drop_cached(self, key: tuple[int, int]) -> None:
+        self._names.pop(key, None)
+        self._identities.pop(key, None)
+
     def _identity(self, key: tuple[int, int], named: tuple[str, int, int, int, int] | None) -> KernelIdentity:
         """A counted entry's identity from its proc_comms entry, kept (the same object every read) once its
         cgroup path is resolved, until names are read again."""
-        if named is None:  # none in the kernel (the [irq] row, or proc_comms was full)
-            identity = self._identities[key] = KernelIdentity("", 0, "", 0, 0, key[1])
+        if (
+            named is None
+        ):  # none in the kernel: the [irq] row (kept), or proc_comms was full (looked up again)
+            identity = KernelIdentity("", 0, "", 0, 0, key[1])
+            if key[0] == IRQ_TGID:
+                self._identities[key] = identity
             return identity
         comm, cgroup_id, memcg_id, execs, _first = named
         identity = KernelIdentity(
@@ -425,6 +435,7 @@ class KmallocProbe(Probe):
         for tgid in tgids:
             seen = self._identities_read.get(tgid)
             gen = seen.generation if seen is not None else 0
+            self._drop_cached((tgid, gen))  # a later process with the same key is looked up afresh
             for table in (stats, comms):
                 with contextlib.suppress(KeyError):
                     del table[table.Key(tgid, gen)]

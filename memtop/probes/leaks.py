@@ -154,6 +154,18 @@ BPF_NOEXIST = 1
 BPF_EXIST = 2
 
 
+def _tracked_now(counters: dict[str, int]) -> int:
+    """Allocations in the address map now, from the programs' cumulative counters."""
+    return max(
+        0,
+        counters["tracked"]
+        - counters["alloc_map_full"]
+        - counters["aggregate_map_full"]
+        - counters["frees_matched"]
+        - counters["missed_frees"],
+    )
+
+
 def take_if_empty(table: Any, raw_key: bytes) -> None:
     """Delete an aggregate that read as empty. It is taken out with one lookup-and-delete, and put back if an
     allocation landed on it since it was read, so a racing BPF program loses nothing; only one that updates
@@ -301,14 +313,7 @@ class _LeakProbe(Probe):
     def _read(self, reading_kind: str) -> LeakReading:
         now_ns = time.monotonic_ns()
         counters = self.counters()
-        tracked_now = max(
-            0,
-            counters["tracked"]
-            - counters["alloc_map_full"]
-            - counters["aggregate_map_full"]
-            - counters["frees_matched"]
-            - counters["missed_frees"],
-        )
+        tracked_now = _tracked_now(counters)
         aggregates = self._aggregates()
         ages = self._read_ages(now_ns)
         stacks = []
@@ -505,6 +510,7 @@ class KernelLeakProbe(_LeakProbe):
         if sample_every is not None:
             int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)  # validates: one-line MemtopError
         self.page_level = page_level
+        self._overflows_seen = 0  # alloc + aggregate map overflows at the last adapt()
         self.sampler: AdaptiveSampler | None = None
         if sample_every is None:
             self.sampler = sampler or AdaptiveSampler()
@@ -710,6 +716,22 @@ class KernelLeakProbe(_LeakProbe):
             if cid in names:
                 out[names[cid]] = out.get(names[cid], 0) + allocations
         return out
+
+    def adapt(self) -> bool:
+        """The cheap part of a read, for the ticks that do not read the aggregates (the live source reads
+        them every few seconds while no view shows them): the adaptive 1 in N follows the allocation rate
+        and the address map's fill every tick, from the counters alone (one per-CPU array). True when a
+        full read (which also prunes) should come now: a map overflowed since the last look."""
+        counters = self.counters()
+        full = counters["alloc_map_full"] + counters["aggregate_map_full"]
+        overflowed, self._overflows_seen = full != self._overflows_seen, full
+        if self.sampler is not None:
+            rate = self.sampler.update(
+                time.monotonic(), counters["alloc_events"], self.map_fill(_tracked_now(counters))
+            )
+            if rate != self.sample_rate:
+                self._set_sample_rate(rate)
+        return overflowed
 
     def read(self) -> LeakReading:
         if self.reconcile_caches:
