@@ -43,6 +43,7 @@ bench: setup
 	$(PY) bench/leaks_bench.py
 	$(PY) bench/tcp_bench.py
 	$(PY) bench/ui_bench.py
+	$(PY) bench/tick_profile.py
 	$(PY) bench/userleaks_bench.py
 	$(PY) bench/record_bench.py
 	$(PY) bench/metrics_bench.py

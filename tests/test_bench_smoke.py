@@ -1,4 +1,5 @@
-"""Smoke test of bench/kmalloc_bench.py: the workload builds, and a short run prints the results table.
+"""Smoke tests of bench/: kmalloc_bench.py (the workload builds, a short run prints the results table),
+and tick_profile.py.
 
 No timing is asserted: this only checks that the benchmark still runs end to end against the real probe.
 """
@@ -6,6 +7,7 @@ No timing is asserted: this only checks that the benchmark still runs end to end
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -86,3 +88,24 @@ def test_bench_builds_workload_and_prints_table(tmp_path: Path) -> None:
     assert float(gross) > 0 and float(net.replace("−", "-")) < float(gross)  # net: less the stats' own floor
     assert "remain loaded" in proc.stdout
     assert result_json.exists()
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(120)
+def test_tick_profile_times_every_phase_of_a_live_tick(tmp_path: Path) -> None:
+    """bench/tick_profile.py: a few busy processes, every probe attached, two ticks timed by phase."""
+    if os.geteuid() != 0:
+        _cannot_run("not running as root")
+    out = tmp_path / "tick.json"
+    script = BENCH.parent / "tick_profile.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--processes", "20", "--ticks", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "| phase | ms a tick |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["rows"] >= 20 and result["tick_ms"] > 0
+    assert {"kmalloc.read", "procs.scan", "store.ingest", "store.snapshot"} <= result["phases_ms"].keys()
