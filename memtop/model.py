@@ -66,6 +66,7 @@ class KmallocReading:
     recursion_misses: int = 0  # kmallocs (and irq entries/exits) the kernel did not run the programs for
     retired: tuple[RetiredCounters, ...] = ()  # dead processes' totals whose PID was reused (see above)
     identities: Mapping[int, KernelIdentity] = field(default_factory=dict)  # tgid -> its per_tgid's identity
+    exited: frozenset[int] = frozenset()  # tgids whose main thread exited since the last read
 
 
 @dataclass(frozen=True)

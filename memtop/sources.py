@@ -276,7 +276,8 @@ class LiveSource:
             # Before the kmalloc probe attaches nothing is taken as exited: the first scans may leave
             # some processes for the next, and the first screen comes sooner on a busy host.
             # A PID whose process died and was reused (retired counters) is read again now, even if quiet.
-            refresh = {r.tgid for r in reading.retired} if reading is not None else set()
+            # and so is one whose main thread exited (a zombie stays in /proc until reaped: not live).
+            refresh = {r.tgid for r in reading.retired} | reading.exited if reading is not None else set()
             procs = self.procs.scan(
                 reading.identities if reading is not None else None,
                 discover_budget_s=None if reading else FIRST_SCAN_BUDGET_S,

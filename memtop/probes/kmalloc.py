@@ -134,6 +134,7 @@ class KmallocProbe(Probe):
         self._batch: tuple[BatchReader, BatchReader] | bool | None = None  # None: not tried yet
         self.irq_tracking = ""
         self._identities_read: dict[int, KernelIdentity] = {}  # tgid -> its identity at the last read
+        self._exit_tp = False  # sched:sched_process_exit followed (set with the cflags)
         # (tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), as proc_comms held them when
         # its KM_NAMES_WRITTEN counter was _names_written.
         self._names: dict[tuple[int, int], tuple[str, int, int, int, int]] = {}
@@ -148,6 +149,7 @@ class KmallocProbe(Probe):
         self.irq_tracking = (
             "+".join(n for n, ok in (("softirq", softirq), ("hardirq", hardirq)) if ok) or "none"
         )
+        self._exit_tp = tracefs.tracepoint_exists("sched", "sched_process_exit")
         return [
             int_cflag("SAMPLE_EVERY", self.sample_every, 1, MAX_SAMPLE_EVERY),
             int_cflag("MAX_PIDS", self.max_pids, 64, 1 << 20),
@@ -159,6 +161,7 @@ class KmallocProbe(Probe):
             int_cflag("RAW_KMALLOC", int(self.raw), 0, 1),
             int_cflag("RAW_IRQ", 1, 0, 1),
             int_cflag("HAVE_NEWTASK_TP", int(tracefs.tracepoint_exists("task", "task_newtask")), 0, 1),
+            int_cflag("HAVE_EXIT_TP", int(self._exit_tp), 0, 1),
             *(["-DWITH_LEAKS=1", *self.leaks.cflags()] if self._with_leaks else []),
         ]
 
@@ -326,7 +329,22 @@ class KmallocProbe(Probe):
             recursion_misses=misses,
             retired=tuple(retired),
             identities=identities,
+            exited=self._read_exits(),
         )
+
+    def _read_exits(self) -> frozenset[int]:
+        """Processes whose main thread exited since the last read (taken out of the kernel's `exits`)."""
+        if not self._exit_tp:
+            return frozenset()
+        table = self.bpf[b"exits"]
+        try:
+            keys = [key for key, _value in table.items_lookup_and_delete_batch()]
+        except Exception:  # an older kernel or BCC without the batch command: one by one
+            keys = [key for key, _value in map_items(table)]
+            for key in keys:
+                with contextlib.suppress(KeyError):
+                    del table[key]
+        return frozenset(_int_of(key) for key in keys)
 
     def _drop_cached(self, key: tuple[int, int]) -> None:
         self._names.pop(key, None)
