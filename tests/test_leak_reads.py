@@ -34,3 +34,14 @@ def test_shown_leaks_are_read_every_tick() -> None:
 def test_a_5_s_recorder_reads_every_tick_even_a_little_early() -> None:
     source = LiveSource(Config(interval_s=5.0))
     assert due_ticks(source, 4.9, 5) == [0, 1, 2, 3, 4]
+
+
+def test_adapt_asks_for_a_read_when_map_overflows_start_not_while_they_go_on() -> None:
+    """A map that stays full (live objects, more stacks than it holds) makes no full read every tick."""
+    from memtop.probes.leaks import KernelLeakProbe
+
+    probe = KernelLeakProbe(sample_every=64)  # a fixed 1 in N: nothing else in adapt() needs the kernel
+    full = iter([0, 0, 5, 9, 12, 12, 12, 20, 20])
+    names = ("alloc_events", "tracked", "frees_matched", "missed_frees", "aggregate_map_full")
+    probe.counters = lambda: {"alloc_map_full": next(full), **dict.fromkeys(names, 0)}  # type: ignore[method-assign]
+    assert [probe.adapt() for _ in range(9)] == [False, False, True, False, False, False, False, True, False]

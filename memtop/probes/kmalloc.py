@@ -15,7 +15,6 @@ from memtop.containers import kernel_cgroup_path
 from memtop.errors import MemtopError
 from memtop.gfp import decode_gfp, parse_gfp_table
 from memtop.model import (
-    IRQ_TGID,
     CallSite,
     FocusReading,
     KernelIdentity,
@@ -333,18 +332,22 @@ class KmallocProbe(Probe):
         )
 
     def _read_exits(self) -> frozenset[int]:
-        """Processes whose main thread exited since the last read (taken out of the kernel's `exits`)."""
+        """Processes whose main thread exited since the last read (taken out of the kernel's `exits`). Only
+        an optimisation (a quiet process's exit seen at once): any failure reads as none."""
         if not self._exit_tp:
             return frozenset()
         table = self.bpf[b"exits"]
         try:
-            keys = [key for key, _value in table.items_lookup_and_delete_batch()]
-        except Exception:  # an older kernel or BCC without the batch command: one by one
-            keys = [key for key, _value in map_items(table)]
-            for key in keys:
-                with contextlib.suppress(KeyError):
-                    del table[key]
-        return frozenset(_int_of(key) for key in keys)
+            try:
+                keys = [key for key, _value in table.items_lookup_and_delete_batch()]
+            except Exception:  # an older kernel or BCC without the batch command: one by one
+                keys = list(table.keys())
+                for key in keys:
+                    with contextlib.suppress(KeyError):
+                        del table[key]
+            return frozenset(_int_of(key) for key in keys)
+        except Exception:
+            return frozenset()
 
     def _drop_cached(self, key: tuple[int, int]) -> None:
         self._names.pop(key, None)
@@ -353,12 +356,10 @@ class KmallocProbe(Probe):
     def _identity(self, key: tuple[int, int], named: tuple[str, int, int, int, int] | None) -> KernelIdentity:
         """A counted entry's identity from its proc_comms entry, kept (the same object every read) once its
         cgroup path is resolved, until names are read again."""
-        if (
-            named is None
-        ):  # none in the kernel: the [irq] row (kept), or proc_comms was full (looked up again)
-            identity = KernelIdentity("", 0, "", 0, 0, key[1])
-            if key[0] == IRQ_TGID:
-                self._identities[key] = identity
+        if named is None:
+            # None in the kernel: the [irq] row, or proc_comms was full at the first kmalloc (it is written
+            # only then). Kept: a later write counts KM_NAMES_WRITTEN, and the re-read replaces it.
+            identity = self._identities[key] = KernelIdentity("", 0, "", 0, 0, key[1])
             return identity
         comm, cgroup_id, memcg_id, execs, _first = named
         identity = KernelIdentity(

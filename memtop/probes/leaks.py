@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
+import math
 import os
 import random
 import resource
@@ -152,6 +153,9 @@ def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
 
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+
+
+ADAPT_FRESH_S = 0.5  # a read this soon after adapt() leaves the sampler alone
 
 
 def _tracked_now(counters: dict[str, int]) -> int:
@@ -510,7 +514,9 @@ class KernelLeakProbe(_LeakProbe):
         if sample_every is not None:
             int_cflag("LEAK_SAMPLE", sample_every, 1, MAX_SAMPLE_RATE)  # validates: one-line MemtopError
         self.page_level = page_level
-        self._overflows_seen = 0  # alloc + aggregate map overflows at the last adapt()
+        self._overflows_seen = 0  # alloc + aggregate map overflows at the last adapt() or read()
+        self._overflowing = False  # they grew at the last adapt()
+        self._adapted_at = -math.inf  # time.monotonic() of the last adapt()
         self.sampler: AdaptiveSampler | None = None
         if sample_every is None:
             self.sampler = sampler or AdaptiveSampler()
@@ -724,14 +730,18 @@ class KernelLeakProbe(_LeakProbe):
         full read (which also prunes) should come now: a map overflowed since the last look."""
         counters = self.counters()
         full = counters["alloc_map_full"] + counters["aggregate_map_full"]
-        overflowed, self._overflows_seen = full != self._overflows_seen, full
+        growing, self._overflows_seen = full != self._overflows_seen, full
+        # Only when overflows start: a map that stays full (live objects, more stacks than it holds) is read
+        # at the usual pace, not every tick.
+        start, self._overflowing = growing and not self._overflowing, growing
+        self._adapted_at = time.monotonic()
         if self.sampler is not None:
             rate = self.sampler.update(
                 time.monotonic(), counters["alloc_events"], self.map_fill(_tracked_now(counters))
             )
             if rate != self.sample_rate:
                 self._set_sample_rate(rate)
-        return overflowed
+        return start
 
     def read(self) -> LeakReading:
         if self.reconcile_caches:
@@ -748,7 +758,12 @@ class KernelLeakProbe(_LeakProbe):
             reading = dataclasses.replace(reading, stacks=kept)
         misses = self.recursion_misses()
         reading = dataclasses.replace(reading, drops={**reading.drops, "recursion_misses": misses})
-        if self.sampler is not None:
+        self._overflows_seen = reading.drops.get("alloc_map_full", 0) + reading.drops.get(
+            "aggregate_map_full", 0
+        )
+        # adapt() just fed the sampler (this tick's read was forced by an overflow): a second rate over the
+        # milliseconds in between would be noise.
+        if self.sampler is not None and time.monotonic() - self._adapted_at > ADAPT_FRESH_S:
             rate = self.sampler.update(
                 time.monotonic(), reading.alloc_events, self.map_fill(reading.tracked_now)
             )
