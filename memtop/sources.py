@@ -47,6 +47,9 @@ LEAK_READ_EVERY_S = 5.0
 # (15 of its 90 ms), each gen-2 one walking every long-lived object. The tick's objects are freed by
 # reference counting; the cycles some libraries make (Textual, asyncio) are still collected, less often.
 # What exists once the probes are attached (modules, BCC, the UI) is frozen out of later collections.
+# A trade-off still open (#10): at 50,000 the cyclic garbage piling up between collections grew the TUI's
+# RSS by about 27 MiB 5 to 7 minutes into a soak at 5,000 processes (kept by Python's allocator); 10,000
+# kept that to 3 MiB but cost the TUI about 3 points of a core (11.5-12.3 % against 8.1-8.2 %).
 GC_GEN0_THRESHOLD = 50_000
 
 
