@@ -281,7 +281,7 @@ class KmallocProbe(Probe):
         gens_table = self.bpf[b"gens"]
         # After pid_stats: an entry read there has a generation at most the one read here.
         gens = (
-            {_int_of(key): _int_of(gen) for key, gen in map_items(gens_table)}
+            {key: _int_of(gen) for key, gen in map_items(gens_table)}  # map_items gives int keys
             if sums[CTR_PIDS_REUSED] or any(key[1] for key, _ in stats)
             else {}  # no PID was ever reused: `gens` is empty
         )
