@@ -12,7 +12,7 @@ import errno
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -633,20 +633,25 @@ class MemcgOomTracker:
 
     def prime(self, max_cgroups: int = MAX_REMEMBERED) -> int:
         """Remember every memory cgroup's counters now, so that later growth is told from old counts."""
-        if self.memory_root is None:
-            return 0
         n = 0
-        for dirpath, _dirnames, _files in os.walk(self.memory_root):
-            if n >= max_cgroups:
-                break
-            rel = os.path.relpath(dirpath, self.memory_root)
-            if rel == ".":
-                continue
-            state = read_memcg_state(Path(dirpath), self.v1)
+        for path, directory in self._memcgs(max_cgroups):
+            state = read_memcg_state(directory, self.v1)
             if state is not None:
-                self._remember("/" + rel.replace(os.sep, "/"), state)
+                self._remember(path, state)
                 n += 1
         return n
+
+    def _memcgs(self, max_cgroups: int) -> Iterator[tuple[str, Path]]:
+        """The memory cgroups below the hierarchy's root (at most `max_cgroups`, top-down): their paths
+        ("/a/b") and directories."""
+        if self.memory_root is None:
+            return
+        root = self.memory_root
+        for n, (dirpath, _dirnames, _files) in enumerate(os.walk(root)):
+            if n > max_cgroups:  # the root itself is the first, and not a child
+                return
+            if n:
+                yield "/" + os.path.relpath(dirpath, root).replace(os.sep, "/"), Path(dirpath)
 
     def _remember(self, path: str, state: MemcgState) -> None:
         self._seen.pop(path, None)
@@ -670,18 +675,10 @@ class MemcgOomTracker:
             return ""
         grew: list[str] = []
         first_seen: list[str] = []
-        n = 0
-        for dirpath, _dirnames, _files in os.walk(self.memory_root):
-            if n >= max_cgroups:
-                break
-            rel = os.path.relpath(dirpath, self.memory_root)
-            if rel == ".":
-                continue
-            n += 1
-            count = _read_keyed(Path(dirpath) / "memory.oom_control").get("oom_kill")
+        for path, directory in self._memcgs(max_cgroups):
+            count = _read_keyed(directory / "memory.oom_control").get("oom_kill")
             if count is None:
                 continue
-            path = "/" + rel.replace(os.sep, "/")
             before = self._oom_kills.get(path)
             if before is None and path in self._seen:
                 before = self._seen[path].oom_kill
