@@ -1228,24 +1228,23 @@ class ModuleSymbols:
 
     def resolve(self, address: int) -> str | None:
         located = self.locate(address)
-        if located is None:
-            return None
-        module, elf_address, symbol = located
-        if symbol is None:
-            return f"{module}+0x{elf_address:x}"
-        return f"{symbol.name}+0x{elf_address - symbol.value:x} [{module}]"
+        return None if located is None else _located_name(*located)
 
     def checked(self, address: int, bcc_name: str) -> str:
         """BCC's name for `address` if a symbol of the file is known to contain it, else `lib+0xADDR`."""
         located = self.locate(address)
         if located is None:
             return bcc_name
-        module, elf_address, symbol = located
-        if symbol is None:
-            return f"{module}+0x{elf_address:x}"
-        if bcc_name.startswith("[unknown]"):  # BCC could not open the module (a chroot): our own name
-            return f"{symbol.name}+0x{elf_address - symbol.value:x} [{module}]"
+        if located[2] is None or bcc_name.startswith("[unknown]"):  # [unknown]: BCC could not open the
+            return _located_name(*located)  # module (a chroot); our own name
         return bcc_name
+
+
+def _located_name(module: str, elf_address: int, symbol: Symbol | None) -> str:
+    """`symbol+0xOFFSET [module]`, or `module+0xADDR` where no symbol contains the address."""
+    if symbol is None:
+        return f"{module}+0x{elf_address:x}"
+    return f"{symbol.name}+0x{elf_address - symbol.value:x} [{module}]"
 
 
 def _drop_symbol_cache(pid: int) -> None:
