@@ -87,6 +87,27 @@ static __always_inline void count(int idx) {
         (*c)++;
 }
 
+// 1 in `every` allocations on average, at random gaps: a per-CPU countdown, reset when it runs out to a
+// gap drawn uniformly from [1, 2 * every - 1] (mean `every`). The random draw and its division run once per
+// tracked allocation rather than on every one; the gaps stay random, so no periodic pattern of allocations
+// is sampled in step with them. A change of `every` takes effect from the next gap.
+BPF_PERCPU_ARRAY(sample_gap, u32, 1);
+
+static __always_inline int sample_now(u32 every) {
+    if (every <= 1)
+        return 1;
+    int zero = 0;
+    u32 *left = sample_gap.lookup(&zero);
+    if (!left)
+        return bpf_get_prandom_u32() % every == 0;
+    if (*left > 1) {
+        (*left)--;
+        return 0;
+    }
+    *left = 1 + (u32)(bpf_get_prandom_u32() % (2ULL * every - 1));
+    return 1;
+}
+
 // Take an allocation's weighted size off its aggregate.
 static __always_inline void release(struct alloc_info *info) {
     struct agg_key k = {};
@@ -124,7 +145,7 @@ static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 sou
     if (forget(key))
         count(CTR_MISSED_FREES);
 
-    if (every > 1 && bpf_get_prandom_u32() % every != 0)
+    if (!sample_now(every))
         return;
     count(CTR_TRACKED);
 

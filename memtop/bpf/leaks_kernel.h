@@ -10,12 +10,12 @@
 // runs on the CPU) and no record to fill. kmem_cache_alloc stays classic: its size and cache name are
 // struct fields behind the raw tracepoint's kmem_cache pointer.
 //
-// Sampling: stack capture is the expensive part, so only 1 in N allocations is tracked, chosen with
-// bpf_get_prandom_u32(). N lives in `config` and user space may change it while running (adaptive
+// Sampling: stack capture is the expensive part, so only 1 in N allocations is tracked, at random gaps
+// (sample_now in leaks_common.h). N lives in `config` and user space may change it while running (adaptive
 // sampling); each tracked allocation remembers the N it was tracked with (its weight), and the
 // aggregates hold weighted bytes and counts, so changing N never corrupts the totals.
 //
-// Every allocation costs a random number and one lookup of its address in `allocs`: an address that
+// Every allocation costs a per-CPU countdown and one lookup of its address in `allocs`: an address that
 // is still there was freed without our seeing it (BPF's recursion guard skips a free that interrupts a
 // running program), so it is released first and counted as a missed free. Every free costs one lookup.
 //
