@@ -90,22 +90,38 @@ static __always_inline void count(int idx) {
 // 1 in `every` allocations on average, at random gaps: a per-CPU countdown, reset when it runs out to a
 // gap drawn uniformly from [1, 2 * every - 1] (mean `every`). The random draw and its division run once per
 // tracked allocation rather than on every one; the gaps stay random, so no periodic pattern of allocations
-// is sampled in step with them. A change of `every` takes effect from the next gap.
-BPF_PERCPU_ARRAY(sample_gap, u32, 1);
+// is sampled in step with them. The allocation that ends a gap stands for the gap's mean: the N it was
+// drawn with, so a change of N (adaptive sampling) biases nothing and takes effect from the next gap.
+struct sample_gap_t {
+    u32 left;   // allocations to go in this CPU's gap, this one included
+    u32 every;  // the N the gap was drawn with (0: no gap yet)
+};
+BPF_PERCPU_ARRAY(sample_gap, struct sample_gap_t, 1);
 
-static __always_inline int sample_now(u32 every) {
+static __always_inline u32 draw_gap(u32 every) {
+    return 1 + (u32)(bpf_get_prandom_u32() % (2ULL * every - 1));
+}
+
+// The weight to track this allocation with (the allocations it stands for), or 0: not tracked.
+static __always_inline u32 sample_weight(u32 every) {
     if (every <= 1)
         return 1;
     int zero = 0;
-    u32 *left = sample_gap.lookup(&zero);
-    if (!left)
-        return bpf_get_prandom_u32() % every == 0;
-    if (*left > 1) {
-        (*left)--;
+    struct sample_gap_t *g = sample_gap.lookup(&zero);
+    if (!g)
+        return bpf_get_prandom_u32() % every == 0 ? every : 0;
+    if (!g->every) {  // this CPU's first allocation since tracking began: a gap starts here
+        g->every = every;
+        g->left = draw_gap(every);
+    }
+    if (g->left > 1) {  // (never decremented from 0: a program nested on this CPU cannot wrap it)
+        g->left--;
         return 0;
     }
-    *left = 1 + (u32)(bpf_get_prandom_u32() % (2ULL * every - 1));
-    return 1;
+    u32 weight = g->every;
+    g->every = every;
+    g->left = draw_gap(every);
+    return weight;
 }
 
 // Take an allocation's weighted size off its aggregate.
@@ -145,7 +161,8 @@ static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 sou
     if (forget(key))
         count(CTR_MISSED_FREES);
 
-    if (!sample_now(every))
+    u32 weight = sample_weight(every);
+    if (!weight)
         return;
     count(CTR_TRACKED);
 
@@ -153,7 +170,7 @@ static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 sou
     info.size = size;
     info.ts_ns = bpf_ktime_get_ns();
     info.tgid = bpf_get_current_pid_tgid() >> 32;
-    info.weight = every > 1 ? every : 1;
+    info.weight = weight;
     info.source = LEAK_TRACKED_SOURCE(ctx, source);
     info.stack_id = stacks.get_stackid(ctx, LEAK_STACK_FLAGS);
     if (info.stack_id < 0)
