@@ -1,0 +1,87 @@
+"""BatchReader reads a whole map in chunks of at most its chunk size, through the kernel's cursor, and returns
+every entry once, in order, whatever the map's maximum size. No BPF: a stand-in for bpf_lookup_batch with
+the kernel's semantics (entries up to *count, *count set to how many, ENOENT with the last ones)."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+from typing import Any
+
+import pytest
+
+from memtop.probes.mapread import BatchReader
+
+KEY = struct.Struct("=II")
+VALUE = struct.Struct("=QQQ")
+
+
+class Key(ctypes.Structure):
+    _fields_ = [("tgid", ctypes.c_uint32), ("gen", ctypes.c_uint32)]
+
+
+class Leaf(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint64), ("c", ctypes.c_uint64)]
+
+
+class Table:
+    Key = Key
+    Leaf = Leaf
+
+    def __init__(self, entries: int, max_entries: int) -> None:
+        self.map_fd = 99
+        self.max_entries = max_entries
+        self.entries = [(KEY.pack(i, i % 3), VALUE.pack(i, 2 * i, 3 * i)) for i in range(entries)]
+        self.calls: list[int] = []  # the count asked for, per call
+
+    def lookup_batch(self, fd: int, in_batch: Any, out_batch: Any, keys: Any, values: Any, count: Any) -> int:
+        assert fd == self.map_fd
+        start = in_batch.contents.value if in_batch is not None else 0
+        asked = count.contents.value
+        self.calls.append(asked)
+        chunk = self.entries[start : start + asked]
+        for i, (key, value) in enumerate(chunk):
+            ctypes.memmove(ctypes.addressof(keys) + i * KEY.size, key, KEY.size)
+            ctypes.memmove(ctypes.addressof(values) + i * VALUE.size, value, VALUE.size)
+        count.contents.value = len(chunk)
+        out_batch.contents.value = start + len(chunk)
+        if start + len(chunk) >= len(self.entries):
+            ctypes.set_errno(errno.ENOENT)
+            return -1
+        ctypes.set_errno(0)
+        return 0
+
+
+@pytest.mark.parametrize(
+    ("entries", "max_entries", "chunk_entries"),
+    [(0, 100, 10), (7, 100, 10), (10, 100, 10), (25, 100, 10), (100, 100, 10), (5, 5, 1000)],
+)
+def test_reads_every_entry_once_in_chunks(entries: int, max_entries: int, chunk_entries: int) -> None:
+    table = Table(entries, max_entries)
+    chunk_bytes = chunk_entries * (KEY.size + VALUE.size)
+    reader = BatchReader(table, lookup=table.lookup_batch, chunk_bytes=chunk_bytes)
+    count, keys, values = reader.read()
+    assert count == entries
+    assert keys == b"".join(k for k, _ in table.entries)
+    assert values == b"".join(v for _, v in table.entries)
+    assert max(table.calls) <= min(chunk_entries, max_entries)  # never more than the chunk buffer holds
+    count_again, keys_again, _ = reader.read()  # the reader starts over from the map's first entry
+    assert (count_again, keys_again) == (count, keys)
+
+
+def test_the_chunk_buffer_does_not_grow_with_the_map_size() -> None:
+    table = Table(3, 1 << 22)
+    reader = BatchReader(table, lookup=table.lookup_batch, chunk_bytes=1 << 16)
+    assert reader.chunk == (1 << 16) // (KEY.size + VALUE.size)
+    assert reader.read()[0] == 3
+
+
+def test_a_refused_batch_command_raises_oserror() -> None:
+    def refuse(*_args: Any) -> int:
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    reader = BatchReader(Table(3, 10), lookup=refuse)
+    with pytest.raises(OSError, match="BPF_MAP_LOOKUP_BATCH"):
+        reader.read()
