@@ -38,6 +38,7 @@ from memtop.model import ProbeStatus
 from memtop.probes import allocators
 from memtop.probes.base import Probe, _one_line, int_cflag, raw_args_match
 from memtop.probes.elf import ElfError, ElfInfo, Symbol, read_elf
+from memtop.probes.mapread import BatchReader
 
 # Indexes into the programs' `counters` array (see leaks_kernel.c / leaks_user.c).
 COUNTER_NAMES = (
@@ -65,39 +66,6 @@ STACK_SWEEP_INTERVAL_S = 30.0  # how often unreferenced stacks are removed from 
 
 def _edges_ns() -> tuple[int, ...]:
     return tuple(int(edge * 1e9) for edge in AGE_EDGES_S)
-
-
-def raw_batch_lookup(table: Any) -> tuple[bytes, bytes, int]:
-    """Every (key, value) of a BPF hash as two raw byte strings and a count, in as few bpf() calls as the
-    kernel allows: parsing raw bytes with struct is what keeps a scan of 100k entries cheap."""
-    from bcc.libbcc import lib
-
-    capacity = table.max_entries
-    key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
-    keys = ctypes.create_string_buffer(key_size * capacity)
-    values = ctypes.create_string_buffer(value_size * capacity)
-    in_batch, out_batch = ctypes.c_uint32(0), ctypes.c_uint32(0)
-    total = 0
-    while total < capacity:
-        count = ctypes.c_uint32(capacity - total)
-        result = lib.bpf_lookup_batch(
-            table.map_fd,
-            ctypes.byref(in_batch) if total else None,
-            ctypes.byref(out_batch),
-            ctypes.byref(keys, key_size * total),
-            ctypes.byref(values, value_size * total),
-            ctypes.byref(count),
-        )
-        err = ctypes.get_errno()
-        total += count.value
-        if result != 0:
-            if err == errno.ENOENT:  # the end of the map
-                break
-            raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
-        if count.value == 0:
-            break
-        in_batch.value = out_batch.value
-    return keys.raw[: key_size * total], values.raw[: value_size * total], total
 
 
 AgeKey = tuple[int, int, int]  # (stack_id, tgid, source), as in struct agg_key
@@ -220,6 +188,18 @@ class _LeakProbe(Probe):
         self._ages = _Ages()
         self._last_age_scan = 0.0
         self._comms: dict[int, str] = {}
+        self._readers: dict[bytes, BatchReader] = {}
+
+    def _entries(self, name: bytes) -> tuple[bytes, bytes, int]:
+        """Every (key, value) of map `name` as two raw byte strings and a count, read in as few bpf() calls
+        as the kernel allows (parsing raw bytes with struct is what keeps a scan of 100k entries cheap),
+        through one reader per map for the probe's life (its chunk buffer is allocated once)."""
+        table = self.bpf[name]
+        reader = self._readers.get(name)
+        if reader is None or reader.fd != table.map_fd:  # first read, or another object (adopted)
+            reader = self._readers[name] = BatchReader(table)
+        count, keys, values = reader.read()
+        return keys, values, count
 
     def cflags(self) -> list[str]:
         return [
@@ -251,7 +231,7 @@ class _LeakProbe(Probe):
 
     def _aggregates(self) -> dict[bytes, tuple[int, int]]:
         """Summed (bytes, allocations) per raw agg_key."""
-        keys, values, count = raw_batch_lookup(self.bpf[b"outstanding"])
+        keys, values, count = self._entries(b"outstanding")
         per_entry = len(values) // count if count else 0
         totals = {}
         for i in range(count):
@@ -271,7 +251,7 @@ class _LeakProbe(Probe):
         wait = min(AGE_SCAN_MAX_INTERVAL_S, self._ages.seconds / self.age_scan_budget)
         if self._last_age_scan and now - self._last_age_scan < wait:
             return self._ages
-        _keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+        _keys, values, count = self._entries(b"allocs")
         self._ages = scan_ages(values, count, now_ns)
         self._last_age_scan = now
         return self._ages
@@ -314,11 +294,13 @@ class _LeakProbe(Probe):
             self._comms[tgid] = name
         return name
 
-    def _read(self, reading_kind: str) -> LeakReading:
+    def _read(self, reading_kind: str, aggregates: dict[bytes, tuple[int, int]] | None = None) -> LeakReading:
+        """`aggregates`: this read's `_aggregates()` when the caller already has them."""
         now_ns = time.monotonic_ns()
         counters = self.counters()
         tracked_now = _tracked_now(counters)
-        aggregates = self._aggregates()
+        if aggregates is None:
+            aggregates = self._aggregates()
         ages = self._read_ages(now_ns)
         stacks = []
         empty: set[bytes] = set()
@@ -650,8 +632,9 @@ class KernelLeakProbe(_LeakProbe):
 
     # -- frees no tracepoint reports ------------------------------------------------------------------
 
-    def reconcile(self) -> None:
-        """Hold each slab cache's outstanding count to what the kernel says is live in it.
+    def reconcile(self, aggregates: dict[bytes, tuple[int, int]]) -> dict[bytes, tuple[int, int]]:
+        """Hold each slab cache's outstanding count to what the kernel says is live in it; `aggregates`
+        (`_aggregates()`) with what was retired taken off, as the map holds them now.
 
         Frees without a tracepoint (kmem_cache_free_bulk, the NAPI skb cache, kfree_rcu batches) leave
         their allocations tracked for ever. Where a cache's tracked objects (weighted) exceed its
@@ -663,19 +646,19 @@ class KernelLeakProbe(_LeakProbe):
         A BPF program updating one of the retired aggregates between this read and write loses that
         update (the same race as pruning, see take_if_empty)."""
         per_cache: dict[int, int] = {}
-        for raw_key, (_bytes, allocations) in self._aggregates().items():
+        for raw_key, (_bytes, allocations) in aggregates.items():
             cid = AGG_KEY.unpack(raw_key)[2] >> CACHE_SHIFT
             if cid and allocations > 0:
                 per_cache[cid] = per_cache.get(cid, 0) + allocations
         if not per_cache:
-            return
+            return aggregates
         limits = cache_limits(slab_active_objects())
         excess = {
             cid: n - limits[cid][1] for cid, n in per_cache.items() if cid in limits and n > limits[cid][1]
         }
         if not excess:
-            return
-        keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+            return aggregates
+        keys, values, count = self._entries(b"allocs")
         key_size = len(keys) // count if count else 0
         candidates: dict[int, list[tuple[int, bytes, int, int, int, int, int]]] = {}
         for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
@@ -705,13 +688,21 @@ class KernelLeakProbe(_LeakProbe):
                 name = limits[cid][0]
                 self.freed_untraced[name] = self.freed_untraced.get(name, 0) + weight
         outstanding = self.bpf[b"outstanding"]
+        corrected = dict(aggregates)
         for raw_key, (retired_bytes, retired) in adjust.items():
             key = outstanding.Key.from_buffer_copy(raw_key)
-            with contextlib.suppress(KeyError):
+            try:
                 value = outstanding[key]
-                value[0].bytes -= retired_bytes
-                value[0].allocations -= retired
-                outstanding[key] = value
+            except KeyError:  # pruned meanwhile: nothing is left to show either
+                corrected.pop(raw_key, None)
+                continue
+            value[0].bytes -= retired_bytes
+            value[0].allocations -= retired
+            outstanding[key] = value
+            if raw_key in corrected:
+                total_bytes, allocations = corrected[raw_key]
+                corrected[raw_key] = (total_bytes - retired_bytes, allocations - retired)
+        return corrected
 
     def outstanding_by_cache(self) -> dict[str, int]:
         """Tracked outstanding allocations (weighted) per slab cache, as reconcile() counts them."""
@@ -744,9 +735,10 @@ class KernelLeakProbe(_LeakProbe):
         return start
 
     def read(self) -> LeakReading:
+        aggregates = self._aggregates()  # read once: reconcile() and the reading share it
         if self.reconcile_caches:
-            self.reconcile()
-        reading = self._read(KIND_KERNEL)
+            aggregates = self.reconcile(aggregates)
+        reading = self._read(KIND_KERNEL, aggregates)
         if self.freed_untraced:
             untraced = {f"freed_untraced:{name}": n for name, n in sorted(self.freed_untraced.items())}
             total = sum(self.freed_untraced.values())
@@ -979,8 +971,7 @@ class UserLeakProbe(_LeakProbe):
         the leaving entries are deleted in batches, and what the kernel's aggregates are then off by (the
         weight of those deleted, the extra weight of those kept) is kept in _corrections and added when they
         are read. A kept entry's extra weight is taken back once a scan finds it freed (_reconcile)."""
-        table = self.bpf[b"allocs"]
-        keys, values, count = raw_batch_lookup(table)
+        keys, values, count = self._entries(b"allocs")
         chance = random.Random()
         leaving: list[bytes] = []
         leaving_deltas: list[tuple[bytes, int, int]] = []
@@ -1013,7 +1004,7 @@ class UserLeakProbe(_LeakProbe):
 
     def _reconcile(self) -> None:
         """Take back the extra weight of kept entries that have been freed (or reused by a new allocation)."""
-        keys, values, count = raw_batch_lookup(self.bpf[b"allocs"])
+        keys, values, count = self._entries(b"allocs")
         present = {
             keys[i * 8 : (i + 1) * 8]: ts_ns
             for i, (_, ts_ns, _, _, _, _) in enumerate(
@@ -1066,8 +1057,7 @@ class UserLeakProbe(_LeakProbe):
         for tgid, _ in seen:
             with contextlib.suppress(KeyError):
                 del execs[ctypes.c_uint32(tgid)]
-        table = self.bpf[b"allocs"]
-        keys, values, count = raw_batch_lookup(table)
+        keys, values, count = self._entries(b"allocs")
         before = dict(seen)
         leaving: list[bytes] = []
         deltas: list[tuple[bytes, int, int]] = []
