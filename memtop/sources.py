@@ -8,6 +8,7 @@ which source they have, which is how the UI is tested without root.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import math
 import os
@@ -47,10 +48,51 @@ LEAK_READ_EVERY_S = 5.0
 # (15 of its 90 ms), each gen-2 one walking every long-lived object. The tick's objects are freed by
 # reference counting; the cycles some libraries make (Textual, asyncio) are still collected, less often.
 # What exists once the probes are attached (modules, BCC, the UI) is frozen out of later collections.
-# A trade-off still open (#10): at 50,000 the cyclic garbage piling up between collections grew the TUI's
-# RSS by about 27 MiB 5 to 7 minutes into a soak at 5,000 processes (kept by Python's allocator); 10,000
-# kept that to 3 MiB but cost the TUI about 3 points of a core (11.5-12.3 % against 8.1-8.2 %).
+# Measured in the TUI at 5,000 busy processes (gc.DEBUG_SAVEALL): about 100 cyclic objects a second (Textual's
+# strips and caches, workers), a gen-0 collection about every minute: the memory they hold is small.
 GC_GEN0_THRESHOLD = 50_000
+
+
+# glibc keeps what the collector and the UI free (thousands of rows' buffers a tick, from two threads'
+# arenas) for reuse, and on a host whose processes come and go that free space fragments: in a one-hour
+# soak at 5,000 processes (10 % replaced a minute) the TUI's RSS crept up by 22.7 MiB after the first 5
+# minutes, in steps, while the memory Python's objects held grew by about 5 MiB (tracemalloc).
+# malloc_trim(0) returns the free pages of every arena to the kernel (about 0.1 ms); the collector calls it
+# this often. With it (and the leak probes' read buffers kept, see mapread.py) a 13-minute soak held
+# 223.9 MiB at 5 minutes (267.4 before both) and grew 8.7 MiB in the 8 minutes after (12.8 before).
+MALLOC_TRIM_EVERY_S = 30.0
+
+
+def _libc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0), or None where the C library has none (musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return lambda: trim(0)
+
+
+class HeapTrimmer:
+    """Calls malloc_trim(0) at most every `every_s` seconds (see MALLOC_TRIM_EVERY_S)."""
+
+    def __init__(
+        self, every_s: float = MALLOC_TRIM_EVERY_S, trim: Callable[[], object] | None = None
+    ) -> None:
+        self.every_s = every_s
+        self._trim = trim if trim is not None else _libc_malloc_trim()
+        self._last = time.monotonic()
+        self.trims = 0
+
+    def maybe_trim(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        if self._trim is None or now - self._last < self.every_s:
+            return False
+        self._last = now
+        self._trim()
+        self.trims += 1
+        return True
 
 
 def tune_gc(freeze: bool = False) -> None:
@@ -112,6 +154,7 @@ class LiveSource:
 
         self.config = config
         tune_gc()
+        self.heap = HeapTrimmer()
         layout = current_layout()
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
         self.memcg_ids = CgroupIdResolver(layout.v1_memory_root)  # v1 ids are directory inodes too
@@ -314,7 +357,9 @@ class LiveSource:
                 self.store.probes[probe.name] = probe.status
             if self.user_leaks is not None:
                 self.store.probes[self.user_leaks.name] = self.user_leaks.status
-            return self.store.snapshot(now, include_histories=include_histories)
+            snapshot = self.store.snapshot(now, include_histories=include_histories)
+            self.heap.maybe_trim()
+            return snapshot
 
     def _leaks_due(self, fresh: bool, now: float | None = None) -> bool:
         """Whether this tick reads the kernel leak aggregates: every tick while a view shows them or a
