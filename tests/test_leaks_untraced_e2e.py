@@ -58,11 +58,28 @@ def udp_flood(seconds: float) -> int:
     return sent
 
 
-def test_a_udp_flood_leaves_no_more_outstanding_skbs_than_the_cache_holds() -> None:
+# A cap on what the test lets reconcile() believe the cache holds. Whether the flood's untraced frees ever
+# push the tracked count over the real live count depends on the machine (the addresses the NAPI cache hands
+# out again are released as missed frees first: seen here at 280-350 tracked against 430-510 live). Under
+# this cap they always do, so the retiring itself is exercised on every run; the real count is checked too.
+CAPPED_LIVE = 64
+SLACK = 32  # allocations the host makes between the last read and the check
+
+
+def test_a_udp_flood_leaves_no_more_outstanding_skbs_than_the_cache_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memtop.probes import leaks
     from memtop.probes.leaks import KernelLeakProbe
 
     if CACHE not in slab_active_objects():
         pytest.fail(f"/proc/slabinfo has no {CACHE}")
+
+    def capped() -> dict[str, int]:
+        counts = slab_active_objects()
+        counts[CACHE] = min(counts.get(CACHE, 0), CAPPED_LIVE)
+        return counts
+
     probe = KernelLeakProbe(sample_every=1, max_stacks=STACKS, max_allocs=1 << 20)
     probe.start()
     try:
@@ -74,10 +91,19 @@ def test_a_udp_flood_leaves_no_more_outstanding_skbs_than_the_cache_holds() -> N
             probe.read()
         flood.join()
         time.sleep(0.5)
-        reading = probe.read()
+        probe.read()
         outstanding = probe.outstanding_by_cache()
         live = slab_active_objects()[CACHE]
+        with monkeypatch.context() as patched:
+            patched.setattr(leaks, "slab_active_objects", capped)
+            probe.read()
+            probe.read()
+            capped_reading = probe.read()
+            capped_outstanding = probe.outstanding_by_cache()
     finally:
         probe.close()
-    assert reading.drops.get(f"freed_untraced:{CACHE}", 0) > 0, reading.drops
-    assert 0 <= outstanding.get(CACHE, 0) <= live, (outstanding.get(CACHE), live)
+    assert 0 <= outstanding.get(CACHE, 0) <= live, (outstanding.get(CACHE), live)  # the right value
+    untraced = capped_reading.drops.get(f"freed_untraced:{CACHE}", 0)
+    assert untraced > 0, capped_reading.drops
+    assert capped_reading.drops["freed_untraced"] >= untraced
+    assert 0 <= capped_outstanding.get(CACHE, 0) <= CAPPED_LIVE + SLACK, capped_outstanding
