@@ -42,7 +42,7 @@ PHASES = (
     ("store", "snapshot"),
 )
 # Parts of a kernel leak read (leaks.read above includes them), timed only with --leaks-visible.
-LEAK_PARTS = ("_aggregates", "reconcile", "_read_ages", "_prune", "recursion_misses")
+LEAK_PARTS = ("_aggregates", "reconcile", "_prune_empty", "_read_ages", "_prune", "recursion_misses")
 
 
 def timed(spent: dict[str, float], label: str, method: Callable[..., Any]) -> Callable[..., Any]:

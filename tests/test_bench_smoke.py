@@ -115,6 +115,8 @@ def test_tick_profile_times_every_phase_of_a_live_tick(tmp_path: Path, leaks_vis
     # Each part of a leak read is timed (a renamed method would silently drop out of the profile).
     parts = {name.split(": ", 1)[1] for name in result["phases_ms"] if name.startswith("  leaks.read: ")}
     assert parts == (
-        {"_aggregates", "reconcile", "_read_ages", "_prune", "recursion_misses"} if leaks_visible else set()
+        {"_aggregates", "reconcile", "_prune_empty", "_read_ages", "_prune", "recursion_misses"}
+        if leaks_visible
+        else set()
     )
     assert {"kmalloc.read", "procs.scan", "store.ingest", "store.snapshot"} <= result["phases_ms"].keys()

@@ -1,48 +1,84 @@
 """The kmalloc probe's `exits` map (main threads that exited, from sched:sched_process_exit) is taken out on
-every read; the one-by-one fallback for kernels without batch map commands keeps BCC's key objects, and a
-failure there reads as no exits rather than failing the probe's read. No BPF: a stand-in table."""
+every read: the entries read, and only those, are deleted (an exit recorded in between stays for the next
+read); without the batch lookup it is read entry by entry; a failure reads as no exits rather than failing
+the probe's read. No BPF: a stand-in table, reader and deleter."""
 
 from __future__ import annotations
 
 import ctypes
+import struct
 
 from memtop.probes.kmalloc import KmallocProbe
 
 
-class OneByOneTable:
-    """Like a BCC hash table of u32 keys on a kernel without BPF_MAP_LOOKUP_AND_DELETE_BATCH."""
+class Table:
+    """Like a BCC hash table of u32 keys and u8 values."""
+
+    Key = ctypes.c_uint32
+    Leaf = ctypes.c_uint8
+    map_fd = 42
 
     def __init__(self, tgids: list[int]) -> None:
         self.data = dict.fromkeys(tgids, 1)
 
-    def items_lookup_and_delete_batch(self) -> list[tuple[ctypes.c_uint32, int]]:
-        raise Exception("BPF_MAP_LOOKUP_AND_DELETE_BATCH: Invalid argument")  # as BCC raises it
+    def items_lookup_batch(self) -> list[tuple[ctypes.c_uint32, ctypes.c_uint8]]:
+        raise Exception("BPF_MAP_LOOKUP_BATCH: Invalid argument")  # as BCC raises it on an old kernel
 
-    def keys(self) -> list[ctypes.c_uint32]:
-        return [ctypes.c_uint32(k) for k in self.data]
-
-    def __delitem__(self, key: ctypes.c_uint32) -> None:
-        ctypes.byref(key)  # BCC's __delitem__ takes a ctypes key (an int raised TypeError)
-        del self.data[key.value]
+    def items(self) -> list[tuple[ctypes.c_uint32, ctypes.c_uint8]]:
+        return [(ctypes.c_uint32(k), ctypes.c_uint8(v)) for k, v in self.data.items()]
 
 
-class BrokenTable(OneByOneTable):
-    def keys(self) -> list[ctypes.c_uint32]:
-        raise OSError("gone")
+class Reader:
+    fd = Table.map_fd
+
+    def __init__(self, table: Table, batch: bool = True) -> None:
+        self.table, self.batch = table, batch
+
+    def read(self) -> tuple[int, bytes, bytes]:
+        if not self.batch:
+            raise OSError(22, "BPF_MAP_LOOKUP_BATCH: Invalid argument")
+        keys = b"".join(struct.pack("=I", k) for k in self.table.data)
+        return len(self.table.data), keys, bytes(self.table.data.values())
 
 
-def probe_with(table: OneByOneTable) -> KmallocProbe:
+class Deleter:
+    fd = Table.map_fd
+
+    def __init__(self, table: Table, later: int | None = None) -> None:
+        self.table, self.later = table, later
+
+    def delete(self, keys: list[bytes]) -> list[bytes]:
+        if self.later is not None:  # an exit recorded between the read and the delete
+            self.table.data[self.later] = 1
+        for key in keys:
+            del self.table.data[struct.unpack("=I", key)[0]]
+        return []
+
+
+def probe_with(table: Table, batch: bool = True, later: int | None = None) -> KmallocProbe:
     probe = KmallocProbe()
-    probe.bpf = {b"exits": table}  # type: ignore[assignment]
+    probe.bpf = {b"exits": table}
     probe._exit_tp = True
+    probe._readers[b"exits"] = Reader(table, batch)  # type: ignore[assignment]
+    probe._deleters[b"exits"] = Deleter(table, later)  # type: ignore[assignment]
     return probe
 
 
-def test_exits_are_taken_out_one_by_one_without_the_batch_command() -> None:
-    table = OneByOneTable([5, 7])
-    assert probe_with(table)._read_exits() == frozenset({5, 7})
+def test_exits_read_are_taken_out_and_a_later_one_stays() -> None:
+    table = Table([5, 7])
+    assert probe_with(table, later=9)._read_exits() == frozenset({5, 7})
+    assert table.data == {9: 1}
+
+
+def test_exits_are_read_entry_by_entry_without_the_batch_command() -> None:
+    table = Table([5, 7])
+    assert probe_with(table, batch=False)._read_exits() == frozenset({5, 7})
     assert table.data == {}
 
 
 def test_a_failing_exits_map_reads_as_no_exits() -> None:
-    assert probe_with(BrokenTable([5]))._read_exits() == frozenset()
+    class Broken(Table):
+        def items(self) -> list[tuple[ctypes.c_uint32, ctypes.c_uint8]]:
+            raise OSError("gone")
+
+    assert probe_with(Broken([5]), batch=False)._read_exits() == frozenset()

@@ -617,15 +617,70 @@ def test_stack_sweep_keeps_stacks_stored_after_the_aggregates_were_read(monkeypa
         def keys(self):  # type: ignore[no-untyped-def]
             return [Key(k) for k in list(super().keys())]
 
-        def __delitem__(self, key: Key) -> None:  # type: ignore[override]
-            super().__delitem__(key.value)
-
     stacks = Table({1: "referenced", 2: "stored after the aggregates were read"})
     probe = KernelLeakProbe(sample_every=1)
     probe.bpf = {b"stacks": stacks, b"outstanding": Table(), b"comms": Table()}
+
+    def delete(name: bytes, keys: list[bytes]) -> list[bytes]:  # BatchDeleter's contract, on the dicts
+        fmt = "=i" if name == b"stacks" else "=I"
+        for key in keys:
+            probe.bpf[name].pop(struct.unpack(fmt, key)[0])
+        return []
+
+    monkeypatch.setattr(probe, "_delete", delete)
     clock = iter([100.0, 200.0])
     monkeypatch.setattr(probes_leaks.time, "monotonic", lambda: next(clock))
-    probe._prune(set(), {1}, set())
+    probe._prune({1}, set())
     assert set(stacks) == {1, 2}  # the new stack survives its first sweep
-    probe._prune(set(), {1}, set())
+    probe._prune({1}, set())
     assert set(stacks) == {1}  # listed at the previous sweep, unreferenced by two reads: swept
+
+
+def test_empty_aggregates_are_pruned_in_one_call_once_empty_over_two_reads(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An aggregate that reads empty once may be refilled by the next allocation on its stack: only one empty
+    at two reads in a row goes, and all of those go in one delete (a call each was most of a busy host's
+    leak read)."""
+    from memtop.probes.leaks import KernelLeakProbe
+
+    calls: list[tuple[bytes, list[bytes]]] = []
+    probe = KernelLeakProbe(sample_every=1)
+    monkeypatch.setattr(probe, "_delete", lambda name, keys: calls.append((name, list(keys))) or [])
+    probe._prune_empty({b"a", b"b"})
+    probe._prune_empty({b"b", b"c", b"a"})
+    probe._prune_empty({b"d"})
+    assert calls == [(b"outstanding", []), (b"outstanding", [b"a", b"b"]), (b"outstanding", [])]
+
+
+def test_thinning_corrects_only_the_entries_it_deleted(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """An address freed between the scan and the delete took itself off its aggregate: not corrected."""
+    from memtop.probes.leaks import UserLeakProbe
+
+    probe = UserLeakProbe(pid=1)
+    monkeypatch.setattr(probe, "_delete", lambda name, keys: [b"freed..."])
+    probe._extra = {b"kept....": (0, 1, 8, b"agg"), b"freed...": (0, 1, 8, b"agg")}
+    probe._delete_tracked([b"kept....", b"freed..."], [(b"agg", -64, -4), (b"agg", -32, -2)])
+    assert probe._corrections == {b"agg": (-64, -4)}
+    assert probe._thinned == 1 and b"kept...." not in probe._extra and b"freed..." in probe._extra
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4])
+def test_aggregates_sum_every_cpus_copy(monkeypatch, cpus: int) -> None:  # type: ignore[no-untyped-def]
+    """A per-CPU aggregate holds each CPU's (bytes, allocations); a free on another CPU than its allocation
+    makes a copy negative: only the sum means anything."""
+    from memtop.probes.leaks import AGG_KEY, KernelLeakProbe
+
+    entries = {
+        AGG_KEY.pack(1, 100, 0, 0): [(64, 1)] + [(0, 0)] * (cpus - 1),
+        AGG_KEY.pack(2, 100, 0, 0): [(-32 * (c % 2) or 96, -(c % 2) or 3) for c in range(cpus)],
+    }
+    keys = b"".join(entries)
+    values = b"".join(struct.pack("<qq", b, a) for per_cpu in entries.values() for b, a in per_cpu)
+    probe = KernelLeakProbe(sample_every=1)
+    monkeypatch.setattr(probe, "_entries", lambda name: (keys, values, len(entries)))
+    expected = {
+        key: (sum(b for b, _ in per_cpu), sum(a for _, a in per_cpu)) for key, per_cpu in entries.items()
+    }
+    assert probe._aggregates() == expected
+    assert expected[AGG_KEY.pack(1, 100, 0, 0)] == (64, 1)
+    monkeypatch.setattr(probe, "_entries", lambda name: (b"", b"", 0))
+    assert probe._aggregates() == {}

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from memtop.probes.mapread import BatchReader
+from memtop.probes.mapread import BatchDeleter, BatchReader
 
 KEY = struct.Struct("=II")
 VALUE = struct.Struct("=QQQ")
@@ -85,3 +85,92 @@ def test_a_refused_batch_command_raises_oserror() -> None:
     reader = BatchReader(Table(3, 10), lookup=refuse)
     with pytest.raises(OSError, match="BPF_MAP_LOOKUP_BATCH"):
         reader.read()
+
+
+# -- BatchDeleter: a stand-in for the kernel's generic_map_delete_batch (deletes keys in order, stops at the
+# first one not there with ENOENT and *count = how many it deleted; a map type without the command refuses
+# it with ENOTSUPP and leaves *count alone) and for BPF_MAP_DELETE_ELEM.
+
+ENOTSUPP = 524
+
+
+class DeleteMap:
+    def __init__(self, present: set[int], batch: bool = True) -> None:
+        self.map_fd = 7
+        self.Key = Key
+        self.present = {KEY.pack(i, 0) for i in present}
+        self.batch = batch
+        self.batch_calls = 0
+        self.single_calls = 0
+
+    def delete_batch(self, fd: int, keys: Any, count: Any) -> int:
+        assert fd == self.map_fd
+        self.batch_calls += 1
+        if not self.batch:
+            return -ENOTSUPP
+        raw = ctypes.string_at(keys, count.contents.value * KEY.size)
+        for done in range(count.contents.value):
+            key = raw[done * KEY.size : (done + 1) * KEY.size]
+            if key not in self.present:
+                count.contents.value = done
+                return -errno.ENOENT
+            self.present.discard(key)
+        return 0
+
+    def delete_one(self, fd: int, key: Any) -> int:
+        self.single_calls += 1
+        raw = ctypes.string_at(key, KEY.size)
+        if raw not in self.present:
+            return -errno.ENOENT
+        self.present.discard(raw)
+        return 0
+
+
+def _deleter(table: DeleteMap) -> BatchDeleter:
+    return BatchDeleter(table, delete_batch=table.delete_batch, delete_one=table.delete_one)
+
+
+@pytest.mark.parametrize(
+    ("asked", "absent"),
+    [
+        ([], []),
+        ([1, 2, 3], []),
+        ([1, 50, 2], [50]),
+        ([50, 1], [50]),
+        ([1, 2, 50], [50]),
+        ([50, 51, 3], [50, 51]),
+    ],
+)
+def test_deletes_in_one_call_and_skips_keys_not_there(asked: list[int], absent: list[int]) -> None:
+    table = DeleteMap(set(range(10)))
+    deleter = _deleter(table)
+    missing = deleter.delete([KEY.pack(i, 0) for i in asked])
+    assert missing == [KEY.pack(i, 0) for i in absent]
+    assert table.present == {KEY.pack(i, 0) for i in range(10) if i not in asked}
+    # One call, and one more after each key that was not there unless it was the last.
+    stops = sum(1 for i in absent if asked.index(i) != len(asked) - 1)
+    assert table.batch_calls == (1 + stops if asked else 0)
+    assert table.single_calls == 0
+
+
+def test_a_map_without_batch_delete_is_deleted_key_by_key_from_then_on() -> None:
+    table = DeleteMap(set(range(10)), batch=False)
+    deleter = _deleter(table)
+    assert deleter.delete([KEY.pack(i, 0) for i in (1, 50, 2)]) == [KEY.pack(50, 0)]
+    assert table.present == {KEY.pack(i, 0) for i in range(10) if i not in (1, 2)}
+    assert (table.batch_calls, table.single_calls, deleter.batched) == (1, 3, False)
+    deleter.delete([KEY.pack(3, 0)])
+    assert (table.batch_calls, table.single_calls) == (1, 4)  # not asked again
+
+
+def test_keys_of_the_wrong_size_are_refused() -> None:
+    deleter = _deleter(DeleteMap(set()))
+    with pytest.raises(ValueError, match="8 bytes"):
+        deleter.delete([b"\0" * 4])
+
+
+def test_other_errors_of_a_single_delete_are_raised() -> None:
+    table = DeleteMap(set(), batch=False)
+    deleter = BatchDeleter(table, delete_batch=table.delete_batch, delete_one=lambda fd, key: -errno.EPERM)
+    with pytest.raises(OSError, match="BPF_MAP_DELETE_ELEM"):
+        deleter.delete([KEY.pack(1, 0)])

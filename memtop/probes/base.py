@@ -9,12 +9,14 @@ import logging
 import os
 import platform
 import re
+import struct
 import time
 from typing import Any
 
 from memtop import tracefs
 from memtop.errors import MemtopError
 from memtop.model import ProbeStatus
+from memtop.probes.mapread import BatchDeleter, BatchReader
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,9 @@ def prog_loaded(prog_id: int) -> bool:
 UNLOAD_WAIT_S = 2.0  # the kernel frees a detached raw tracepoint program after an RCU grace period
 
 
+_UINT_FORMATS = {1: "=B", 2: "=H", 4: "=I", 8: "=Q"}
+
+
 class Probe:
     """One BPF program. Subclasses set `name` and `source`, build cflags, and read their maps."""
 
@@ -185,6 +190,8 @@ class Probe:
     def __init__(self) -> None:
         self.bpf: Any = None
         self.status = ProbeStatus("stopped", "")
+        self._readers: dict[bytes, BatchReader] = {}
+        self._deleters: dict[bytes, BatchDeleter] = {}
 
     @property
     def running(self) -> bool:
@@ -192,6 +199,59 @@ class Probe:
 
     def cflags(self) -> list[str]:
         return []
+
+    # -- map access in bulk (one reader / deleter per map for the probe's life: buffers allocated once) --
+
+    def _entries(self, name: bytes) -> tuple[bytes, bytes, int]:
+        """Every (key, value) of map `name` as two raw byte strings and a count, read in as few bpf() calls
+        as the kernel allows (parsing raw bytes with struct is what keeps a scan of 100k entries cheap).
+        Raises OSError where the kernel has no batch lookup (before 5.6)."""
+        table = self.bpf[name]
+        reader = self._readers.get(name)
+        if reader is None or reader.fd != table.map_fd:  # first read, or another object (adopted)
+            reader = self._readers[name] = BatchReader(table)
+        count, keys, values = reader.read()
+        return keys, values, count
+
+    def _struct_entries(self, name: bytes) -> list[tuple[Any, Any]]:
+        """Every (key, value) of map `name` as the table's ctypes Key and Leaf (copies), read as
+        `_entries` reads; entry by entry where the kernel has no batch lookup."""
+        table = self.bpf[name]
+        try:
+            keys, values, count = self._entries(name)
+        except OSError:
+            return list(table.items())
+        key_of, leaf_of = table.Key.from_buffer_copy, table.Leaf.from_buffer_copy
+        key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+        return [(key_of(keys, i * key_size), leaf_of(values, i * value_size)) for i in range(count)]
+
+    def _int_entries(self, name: bytes) -> dict[int, int]:
+        """A BPF hash of unsigned integer keys and values (1, 2, 4 or 8 bytes, not per-CPU) as a dict,
+        read as `_entries` reads; entry by entry where the kernel has no batch lookup."""
+        table = self.bpf[name]
+        try:
+            keys, values, count = self._entries(name)
+        except OSError:
+            return {key: int(getattr(value, "value", value)) for key, value in map_items(table)}
+        key_format = _UINT_FORMATS[ctypes.sizeof(table.Key)]
+        value_format = _UINT_FORMATS[ctypes.sizeof(table.Leaf)]
+        return {
+            key: value
+            for (key,), (value,) in zip(
+                struct.iter_unpack(key_format, keys), struct.iter_unpack(value_format, values), strict=True
+            )
+        }
+
+    def _delete(self, name: bytes, keys: list[bytes]) -> list[bytes]:
+        """Delete these raw keys from map `name` in as few bpf() calls as the kernel allows (see
+        BatchDeleter); returns the keys that were not there."""
+        if not keys:
+            return []
+        table = self.bpf[name]
+        deleter = self._deleters.get(name)
+        if deleter is None or deleter.fd != table.map_fd:
+            deleter = self._deleters[name] = BatchDeleter(table)
+        return deleter.delete(keys)
 
     def dump(self) -> str:
         """The exact program text and flags this probe would compile (for --dump-bpf)."""

@@ -7,6 +7,7 @@ import ctypes
 import struct
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from memtop import tracefs
@@ -24,7 +25,6 @@ from memtop.model import (
     TailEvent,
 )
 from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match
-from memtop.probes.mapread import BatchReader
 
 SIZE_BUCKETS = 64
 (
@@ -71,12 +71,7 @@ class _TailEvent(ctypes.Structure):
     ]
 
 
-def _struct_items(table: Any) -> list[tuple[Any, Any]]:
-    """(key, value) pairs of a BPF hash with struct keys, in one batch syscall when the kernel has it."""
-    try:
-        return list(table.items_lookup_batch())
-    except Exception:
-        return list(table.items())
+_first, _second = itemgetter(0), itemgetter(1)
 
 
 def _sum_percpu(values: Any, fields: tuple[str, ...]) -> list[int]:
@@ -130,7 +125,7 @@ class KmallocProbe(Probe):
         self._boot_offset = 0.0  # wall clock minus CLOCK_MONOTONIC, for tail timestamps
         self._symbols: dict[int, str] = {}
         self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
-        self._batch: tuple[BatchReader, BatchReader] | bool | None = None  # None: not tried yet
+        self._batch = True  # False once the kernel refused a batch lookup: entry by entry
         self.irq_tracking = ""
         self._identities_read: dict[int, KernelIdentity] = {}  # tgid -> its identity at the last read
         self._exit_tp = False  # sched:sched_process_exit followed (set with the cflags)
@@ -266,8 +261,9 @@ class KmallocProbe(Probe):
         names, identities_known = self._names, self._identities
         # A key with no identity yet: its name was written after the counter was read (or it has none,
         # like the [irq] row: then it is remembered with an empty one, and does not cause a read again).
-        if sums[CTR_NAMES_WRITTEN] != self._names_written or any(
-            key not in names and key not in identities_known for key, _ in stats
+        stat_keys = set(map(_first, stats))  # C-level loops below: thousands of keys a tick
+        if sums[CTR_NAMES_WRITTEN] != self._names_written or stat_keys.difference(names).difference(
+            identities_known
         ):
             old_names = names
             names = self._names = self._read_names()
@@ -278,11 +274,10 @@ class KmallocProbe(Probe):
                 for key, identity in identities_known.items()
                 if names.get(key) == old_names.get(key)
             }
-        gens_table = self.bpf[b"gens"]
         # After pid_stats: an entry read there has a generation at most the one read here.
         gens = (
-            {key: _int_of(gen) for key, gen in map_items(gens_table)}  # map_items gives int keys
-            if sums[CTR_PIDS_REUSED] or any(key[1] for key, _ in stats)
+            self._int_entries(b"gens")
+            if sums[CTR_PIDS_REUSED] or any(map(_second, stat_keys))
             else {}  # no PID was ever reused: `gens` is empty
         )
         per_tgid: dict[int, KmallocCounters] = {}
@@ -336,16 +331,10 @@ class KmallocProbe(Probe):
         an optimisation (a quiet process's exit seen at once): any failure reads as none."""
         if not self._exit_tp:
             return frozenset()
-        table = self.bpf[b"exits"]
         try:
-            try:
-                keys = [key for key, _value in table.items_lookup_and_delete_batch()]
-            except Exception:  # an older kernel or BCC without the batch command: one by one
-                keys = list(table.keys())
-                for key in keys:
-                    with contextlib.suppress(KeyError):
-                        del table[key]
-            return frozenset(_int_of(key) for key in keys)
+            tgids = list(self._int_entries(b"exits"))  # then only these are deleted: a newer exit stays
+            self._delete(b"exits", [struct.pack("=I", tgid) for tgid in tgids])
+            return frozenset(tgids)
         except Exception:
             return frozenset()
 
@@ -369,20 +358,11 @@ class KmallocProbe(Probe):
             self._identities[key] = identity
         return identity
 
-    def _readers(self) -> tuple[BatchReader, BatchReader] | None:
-        if self._batch is None:
-            try:
-                self._batch = (BatchReader(self.bpf[b"proc_comms"]), BatchReader(self.bpf[b"pid_stats"]))
-            except Exception:  # an older BCC: read entry by entry
-                self._batch = False
-        return self._batch if isinstance(self._batch, tuple) else None
-
     def _read_names(self) -> dict[tuple[int, int], tuple[str, int, int, int, int]]:
         """(tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), from proc_comms."""
-        readers = self._readers()
-        if readers is not None:
+        if self._batch:
             try:
-                _count, keys, values = readers[0].read()
+                keys, values, _count = self._entries(b"proc_comms")
                 return {
                     key: (
                         raw.split(b"\0", 1)[0].decode("utf-8", "replace"),
@@ -405,20 +385,18 @@ class KmallocProbe(Probe):
                 value.execs,
                 value.first_ns,
             )
-            for key, value in _struct_items(self.bpf[b"proc_comms"])
+            for key, value in self._struct_entries(b"proc_comms")
         }
 
     def _read_pid_stats(self) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
         """[((tgid, generation), (calls, bytes_alloc, bytes_req) summed over the CPUs)] from pid_stats."""
-        readers = self._readers()
-        if readers is not None:
-            reader = readers[1]
+        if self._batch:
             try:
-                _count, keys, values = reader.read()
+                keys, values, _count = self._entries(b"pid_stats")
             except OSError:
                 self._batch = False
             else:
-                per_entry = reader.value_size // 8  # every CPU's (calls, bytes_alloc, bytes_req)
+                per_entry = ctypes.sizeof(self.bpf[b"pid_stats"].Leaf) // 8  # each CPU's (calls, bytes, req)
                 entries = zip(
                     struct.iter_unpack("=II", keys), struct.iter_unpack(f"={per_entry}Q", values), strict=True
                 )
@@ -429,7 +407,7 @@ class KmallocProbe(Probe):
                 return [(key, (sum(v[0::3]), sum(v[1::3]), sum(v[2::3]))) for key, v in entries]
         fields = ("calls", "bytes_alloc", "bytes_req")
         slow = []
-        for key, values in _struct_items(self.bpf[b"pid_stats"]):
+        for key, values in self._struct_entries(b"pid_stats"):
             calls, bytes_alloc, bytes_req = _sum_percpu(values, fields)
             slow.append(((key.tgid, key.gen), (calls, bytes_alloc, bytes_req)))
         return slow

@@ -9,7 +9,6 @@ import bisect
 import contextlib
 import ctypes
 import dataclasses
-import errno
 import math
 import os
 import random
@@ -38,7 +37,6 @@ from memtop.model import ProbeStatus
 from memtop.probes import allocators
 from memtop.probes.base import Probe, _one_line, int_cflag, raw_args_match
 from memtop.probes.elf import ElfError, ElfInfo, Symbol, read_elf
-from memtop.probes.mapread import BatchReader
 
 # Indexes into the programs' `counters` array (see leaks_kernel.c / leaks_user.c).
 COUNTER_NAMES = (
@@ -138,30 +136,6 @@ def _tracked_now(counters: dict[str, int]) -> int:
     )
 
 
-def take_if_empty(table: Any, raw_key: bytes) -> None:
-    """Delete an aggregate that read as empty. It is taken out with one lookup-and-delete, and put back if an
-    allocation landed on it since it was read, so a racing BPF program loses nothing; only one that updates
-    it between those two syscalls does (counted as aggregate_missing when that allocation is freed)."""
-    from bcc.libbcc import lib
-
-    key = table.Key.from_buffer_copy(raw_key)
-    taken = table.Leaf()
-    if lib.bpf_lookup_and_delete(table.map_fd, ctypes.byref(key), ctypes.byref(taken)) != 0:
-        if ctypes.get_errno() not in (errno.ENOENT,):  # an older kernel without it for hashes: plain delete
-            with contextlib.suppress(KeyError):
-                del table[key]
-        return
-    if not any(cpu.bytes or cpu.allocations for cpu in taken):
-        return
-    if lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(taken), BPF_NOEXIST) != 0:
-        with contextlib.suppress(KeyError):  # recreated meanwhile: add what was taken to it
-            current = table[key]
-            for i, cpu in enumerate(taken):
-                current[i].bytes += cpu.bytes
-                current[i].allocations += cpu.allocations
-            table[key] = current
-
-
 class _LeakProbe(Probe):
     """What the kernel-wide and the per-process leak probes share: reading, symbolizing and pruning."""
 
@@ -188,18 +162,6 @@ class _LeakProbe(Probe):
         self._ages = _Ages()
         self._last_age_scan = 0.0
         self._comms: dict[int, str] = {}
-        self._readers: dict[bytes, BatchReader] = {}
-
-    def _entries(self, name: bytes) -> tuple[bytes, bytes, int]:
-        """Every (key, value) of map `name` as two raw byte strings and a count, read in as few bpf() calls
-        as the kernel allows (parsing raw bytes with struct is what keeps a scan of 100k entries cheap),
-        through one reader per map for the probe's life (its chunk buffer is allocated once)."""
-        table = self.bpf[name]
-        reader = self._readers.get(name)
-        if reader is None or reader.fd != table.map_fd:  # first read, or another object (adopted)
-            reader = self._readers[name] = BatchReader(table)
-        count, keys, values = reader.read()
-        return keys, values, count
 
     def cflags(self) -> list[str]:
         return [
@@ -232,16 +194,15 @@ class _LeakProbe(Probe):
     def _aggregates(self) -> dict[bytes, tuple[int, int]]:
         """Summed (bytes, allocations) per raw agg_key."""
         keys, values, count = self._entries(b"outstanding")
-        per_entry = len(values) // count if count else 0
-        totals = {}
-        for i in range(count):
-            raw_key = keys[i * AGG_KEY.size : (i + 1) * AGG_KEY.size]
-            outstanding = allocations = 0
-            for b, a in AGG_VALUE.iter_unpack(values[i * per_entry : (i + 1) * per_entry]):
-                outstanding += b
-                allocations += a
-            totals[raw_key] = (outstanding, allocations)
-        return totals
+        if not count:
+            return {}
+        cpus = len(values) // count // AGG_VALUE.size  # a value is every possible CPU's agg_value
+        rows = struct.Struct(f"<{2 * cpus}q").iter_unpack(values)
+        size = AGG_KEY.size
+        raw_keys = [keys[i : i + size] for i in range(0, count * size, size)]
+        if cpus == 2:
+            return {k: (v[0] + v[2], v[1] + v[3]) for k, v in zip(raw_keys, rows, strict=True)}
+        return {k: (sum(v[0::2]), sum(v[1::2])) for k, v in zip(raw_keys, rows, strict=True)}
 
     def _read_ages(self, now_ns: int) -> _Ages:
         """A fresh scan of the address map, or the previous one while scanning would cost more than
@@ -301,16 +262,16 @@ class _LeakProbe(Probe):
         tracked_now = _tracked_now(counters)
         if aggregates is None:
             aggregates = self._aggregates()
+        # Pruned right after the read: the window in which an allocation landing on one is lost stays short.
+        self._prune_empty({raw_key for raw_key, totals in aggregates.items() if totals == (0, 0)})
         ages = self._read_ages(now_ns)
         stacks = []
-        empty: set[bytes] = set()
         referenced: set[int] = set()
         tgids: set[int] = set()
         for raw_key, (outstanding, allocations) in aggregates.items():
-            stack_id, tgid, source, _pad = AGG_KEY.unpack(raw_key)
             if outstanding == 0 and allocations == 0:
-                empty.add(raw_key)
                 continue
+            stack_id, tgid, source, _pad = AGG_KEY.unpack(raw_key)
             referenced.add(stack_id)
             tgids.add(tgid)
             age_key = (stack_id, tgid, source)
@@ -328,7 +289,7 @@ class _LeakProbe(Probe):
                     age_bins=bins or (),
                 )
             )
-        self._prune(empty, referenced, tgids)
+        self._prune(referenced, tgids)
         drops = {name: counters.get(name, 0) for name in DROP_NAMES}
         return LeakReading(
             kind=reading_kind,
@@ -341,22 +302,27 @@ class _LeakProbe(Probe):
             tracked_now=tracked_now,
         )
 
-    def _prune(self, empty: set[bytes], referenced: set[int], tgids: set[int]) -> None:
-        """Delete aggregates that stayed empty over two reads, their processes' names, and (now and then)
-        stacks that no aggregate has referenced over two reads. A BPF program racing with a delete loses at
-        most one allocation's accounting (counted as aggregate_missing when it is freed).
+    def _prune_empty(self, empty: set[bytes]) -> None:
+        """Delete the aggregates that read as empty now and at the previous read, in one bpf() call.
+
+        An allocation that lands on one between this read and the delete (milliseconds, after seconds of
+        emptiness) loses its accounting: when it is freed its aggregate is missing, counted as
+        aggregate_missing. (Taking each one out with a lookup-and-delete and putting back what landed
+        closed that window, but cost a bpf() call and a kernel allocation per key: thousands a read on a
+        busy host, most of a leak read's time and of memtop's own kmallocs.)"""
+        self._delete(b"outstanding", sorted(empty & self._zero_before))
+        self._zero_before = empty
+
+    def _prune(self, referenced: set[int], tgids: set[int]) -> None:
+        """Delete the names of processes no aggregate shows any more, and (now and then) stacks that no
+        aggregate has referenced over two reads.
 
         A stack is only swept if it was already in the map at the previous sweep: one stored after this
         read's aggregates were taken is referenced by an allocation they do not show yet."""
-        outstanding = self.bpf[b"outstanding"]
-        for raw_key in empty & self._zero_before:
-            take_if_empty(outstanding, raw_key)
-        self._zero_before = empty
-        comms = self.bpf[b"comms"]
-        for tgid in self._tgids_before - tgids:
+        gone = self._tgids_before - tgids
+        for tgid in gone:
             self._comms.pop(tgid, None)
-            with contextlib.suppress(KeyError):
-                del comms[ctypes.c_uint32(tgid)]
+        self._delete(b"comms", [struct.pack("=I", tgid) for tgid in sorted(gone)])
         self._tgids_before = tgids
         now = time.monotonic()
         if now - self._last_sweep >= STACK_SWEEP_INTERVAL_S:
@@ -364,13 +330,14 @@ class _LeakProbe(Probe):
             keep = referenced | self._referenced_before
             table = self.bpf[b"stacks"]
             listed = set()
+            swept = []
             for key in list(table.keys()):
                 if key.value in self._stacks_listed and key.value not in keep:
-                    with contextlib.suppress(KeyError):
-                        del table[key]
+                    swept.append(key.value)
                     self._frames.pop(key.value, None)
                 else:
                     listed.add(key.value)
+            self._delete(b"stacks", [struct.pack("=i", stack_id) for stack_id in swept])
             self._stacks_listed = listed
         self._referenced_before = referenced
 
@@ -644,7 +611,7 @@ class KernelLeakProbe(_LeakProbe):
         caches of their size class.
 
         A BPF program updating one of the retired aggregates between this read and write loses that
-        update (the same race as pruning, see take_if_empty)."""
+        update (the same race as pruning, see _prune_empty)."""
         per_cache: dict[int, int] = {}
         for raw_key, (_bytes, allocations) in aggregates.items():
             cid = AGG_KEY.unpack(raw_key)[2] >> CACHE_SHIFT
@@ -668,25 +635,26 @@ class KernelLeakProbe(_LeakProbe):
             if cid in excess:
                 raw = keys[i * key_size : (i + 1) * key_size]
                 candidates.setdefault(cid, []).append((ts_ns, raw, size, tgid, stack_id, weight, source))
-        from bcc.libbcc import lib
-
-        allocs = self.bpf[b"allocs"]
-        adjust: dict[bytes, list[int]] = {}
+        chosen: list[tuple[bytes, int, int, int, int, int, int]] = []  # the oldest of each, up to its excess
         for cid, entries in candidates.items():
             entries.sort()
             left = excess[cid]
             for _ts, raw, size, tgid, stack_id, weight, source in entries:
                 if left <= 0:
                     break
-                key = allocs.Key.from_buffer_copy(raw)
-                if lib.bpf_delete_elem(allocs.map_fd, ctypes.byref(key)) != 0:
-                    continue  # freed (or retired) meanwhile
                 left -= weight
-                agg = adjust.setdefault(AGG_KEY.pack(stack_id, tgid, source, 0), [0, 0])
-                agg[0] += size * weight
-                agg[1] += weight
-                name = limits[cid][0]
-                self.freed_untraced[name] = self.freed_untraced.get(name, 0) + weight
+                chosen.append((raw, size, tgid, stack_id, weight, source, cid))
+        # One batch; an allocation freed meanwhile is skipped (its free took it off its aggregate already).
+        missing = set(self._delete(b"allocs", [entry[0] for entry in chosen]))
+        adjust: dict[bytes, list[int]] = {}
+        for raw, size, tgid, stack_id, weight, source, cid in chosen:
+            if raw in missing:
+                continue
+            agg = adjust.setdefault(AGG_KEY.pack(stack_id, tgid, source, 0), [0, 0])
+            agg[0] += size * weight
+            agg[1] += weight
+            name = limits[cid][0]
+            self.freed_untraced[name] = self.freed_untraced.get(name, 0) + weight
         outstanding = self.bpf[b"outstanding"]
         corrected = dict(aggregates)
         for raw_key, (retired_bytes, retired) in adjust.items():
@@ -1086,22 +1054,13 @@ class UserLeakProbe(_LeakProbe):
     def _delete_tracked(self, leaving: list[bytes], deltas: list[tuple[bytes, int, int]]) -> None:
         """Take these address keys out of the map, correcting their aggregates by `deltas` (bytes,
         allocations) for each one deleted here (not freed meanwhile)."""
-        from bcc.libbcc import lib
-
-        fd = self.bpf[b"allocs"].map_fd
-        done = 0
-        while done < len(leaving):  # a batch stops at a key freed meanwhile: skip it and go on
-            batch = b"".join(leaving[done:])
-            n = ctypes.c_uint32(len(leaving) - done)
-            result = lib.bpf_delete_batch(fd, ctypes.create_string_buffer(batch, len(batch)), ctypes.byref(n))
-            for raw_agg, delta_bytes, delta_allocations in deltas[done : done + n.value]:
-                self._correct(raw_agg, delta_bytes, delta_allocations)
-            for raw_key in leaving[done : done + n.value]:
-                self._extra.pop(raw_key, None)
-            self._thinned += n.value
-            done += n.value + (1 if result != 0 else 0)
-            if result != 0 and n.value == 0 and ctypes.get_errno() not in (errno.ENOENT, 0):
-                break  # the kernel cannot batch-delete: leave the rest
+        missing = set(self._delete(b"allocs", leaving))
+        for raw_key, (raw_agg, delta_bytes, delta_allocations) in zip(leaving, deltas, strict=True):
+            if raw_key in missing:  # freed meanwhile: its free took it off its aggregate
+                continue
+            self._correct(raw_agg, delta_bytes, delta_allocations)
+            self._extra.pop(raw_key, None)
+            self._thinned += 1
 
     def read(self) -> LeakReading:
         self._after_execs()

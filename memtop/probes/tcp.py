@@ -221,7 +221,7 @@ class TcpProbe(Probe):
         slow = self._take_slow()
         per_key: dict[TcpKey, TcpCounters] = {}
         table = self.bpf[b"tcp_stats"]
-        raw_entries = _items(table)
+        raw_entries = self._struct_entries(b"tcp_stats")
         for key, value in raw_entries:
             tcp_key = TcpKey(
                 key.tgid, family_number(key.family), kernel_address(key.family, key.daddr), key.dport
@@ -260,7 +260,7 @@ class TcpProbe(Probe):
         """Remove the kernel entries of these processes (their totals stay in the aggregator)."""
         gone = set(pids)
         table = self.bpf[b"tcp_stats"]
-        for key, _ in _items(table):
+        for key, _ in self._struct_entries(b"tcp_stats"):
             if key.tgid in gone:
                 with contextlib.suppress(KeyError):
                     del table[key]
@@ -278,7 +278,7 @@ class TcpProbe(Probe):
         table = self.bpf[b"pending"]
         cutoff = time.monotonic_ns() - int(syn_timeout_s() * 1e9)
         entries = []
-        for key, value in _items(table):
+        for key, value in self._struct_entries(b"pending"):
             if value.start_ns < cutoff:
                 with contextlib.suppress(KeyError):
                     del table[key if isinstance(key, table.Key) else table.Key(key)]
@@ -383,14 +383,6 @@ class _EventCopy:
     saddr: bytes
     daddr: bytes
     comm: str
-
-
-def _items(table: Any) -> list[tuple[Any, Any]]:
-    """(key, value) pairs of a BPF hash with struct keys, in one batch syscall when the kernel has it."""
-    try:
-        return list(table.items_lookup_batch())
-    except Exception:
-        return list(table.items())
 
 
 def _check_slow_ms(slow_ms: int) -> int:
