@@ -405,6 +405,8 @@ class Store:
             seen.add(key)
             total_bytes += bytes_per_s
             total_calls += calls_per_s
+        new_object, set_attribute = _new_object, _set_attribute
+        fields: dict[str, object] | None
         for tgid in per_tgid.keys() | procs.keys():
             counters = per_tgid.get(tgid, _NO_COUNTERS)
             info = procs.get(tgid)
@@ -412,13 +414,15 @@ class Store:
             found = states.get(key)
             if found is None or (info is not None and info.start_time != key.start_time):
                 state = self._state_for(tgid, counters, info, now)
-                key = state.row.key
+                key = state.row.key  # a property: built once here, not read per row
             else:
                 state = found
             row = state.row
             seen.add(key)
             calls, bytes_alloc, bytes_req = counters[0], counters[1], counters[2]
             k_calls, k_bytes, k_req = state.kernel_calls, state.kernel_bytes, state.kernel_bytes_req
+            # A changed row is a copy of the old one's fields with the new values: built in place, one dict
+            # copy and one object (the row of the previous snapshot stays as it was).
             if calls != k_calls or bytes_alloc != k_bytes or bytes_req != k_req:
                 d_calls = calls - k_calls if calls >= k_calls else calls
                 d_bytes = bytes_alloc - k_bytes if bytes_alloc >= k_bytes else bytes_alloc
@@ -428,33 +432,37 @@ class Store:
                 calls_per_s = d_calls * rate
                 total_bytes += bytes_per_s
                 total_calls += calls_per_s
-                updates: dict[str, object] = {
-                    "kmalloc_bytes_per_s": bytes_per_s,
-                    "kmalloc_calls_per_s": calls_per_s,
-                    "kmalloc_bytes": row.kmalloc_bytes + d_bytes,
-                    "kmalloc_calls": row.kmalloc_calls + d_calls,
-                    "kmalloc_bytes_req": row.kmalloc_bytes_req + d_req,
-                }
+                fields = row.__dict__.copy()
+                fields["kmalloc_bytes_per_s"] = bytes_per_s
+                fields["kmalloc_calls_per_s"] = calls_per_s
+                fields["kmalloc_bytes"] = row.kmalloc_bytes + d_bytes
+                fields["kmalloc_calls"] = row.kmalloc_calls + d_calls
+                fields["kmalloc_bytes_req"] = row.kmalloc_bytes_req + d_req
             else:
                 d_calls = d_bytes = 0
                 bytes_per_s = calls_per_s = 0.0
-                updates = (
-                    {"kmalloc_bytes_per_s": 0.0, "kmalloc_calls_per_s": 0.0}
-                    if row.kmalloc_calls_per_s or row.kmalloc_bytes_per_s
-                    else {}
-                )
+                fields = None
+                if row.kmalloc_calls_per_s or row.kmalloc_bytes_per_s:
+                    fields = row.__dict__.copy()
+                    fields["kmalloc_bytes_per_s"] = fields["kmalloc_calls_per_s"] = 0.0
             if info is not None and tgid != IRQ_TGID:
                 if info is not state.info:
-                    updates.update(_live_fields(info, counters))
+                    if fields is None:
+                        fields = row.__dict__.copy()
+                    fields.update(_live_fields(info, counters))
                     state.info = info
                     if info.container is not None:
                         self._refs.setdefault(info.container.container_id, info.container)
             elif tgid != IRQ_TGID and not row.exited:
-                updates.update(exited=True, exited_at=now)
+                if fields is None:
+                    fields = row.__dict__.copy()
+                fields["exited"], fields["exited_at"] = True, now
                 forget.append(tgid)
                 live_key.pop(tgid, None)
-            if updates:
-                state.row = row = _evolve(row, updates)
+            if fields is not None:
+                row = new_object(ProcessRow)
+                set_attribute(row, "__dict__", fields)
+                state.row = row
             if (d_calls or d_bytes) and row.container_id is not None:
                 self._count_for_container(row, bytes_per_s, calls_per_s, d_bytes, d_calls)
             state.history.append(now, bytes_per_s, calls_per_s, row.rss_bytes, horizon)
