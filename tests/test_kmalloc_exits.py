@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import weakref
 
 from memtop.probes.kmalloc import KmallocProbe
 
@@ -59,8 +60,8 @@ def probe_with(table: Table, batch: bool = True, later: int | None = None) -> Km
     probe = KmallocProbe()
     probe.bpf = {b"exits": table}
     probe._exit_tp = True
-    probe._readers[b"exits"] = Reader(table, batch)  # type: ignore[assignment]
-    probe._deleters[b"exits"] = Deleter(table, later)  # type: ignore[assignment]
+    probe._readers[b"exits"] = (weakref.ref(table), Reader(table, batch))  # type: ignore[assignment]
+    probe._deleters[b"exits"] = (weakref.ref(table), Deleter(table, later))  # type: ignore[assignment]
     return probe
 
 

@@ -645,9 +645,9 @@ def test_empty_aggregates_are_pruned_in_one_call_once_empty_over_two_reads(monke
     calls: list[tuple[bytes, list[bytes]]] = []
     probe = KernelLeakProbe(sample_every=1)
     monkeypatch.setattr(probe, "_delete", lambda name, keys: calls.append((name, list(keys))) or [])
-    probe._prune_empty({b"a", b"b"})
-    probe._prune_empty({b"b", b"c", b"a"})
-    probe._prune_empty({b"d"})
+    probe._prune_empty({b"a": (0, 0), b"b": (0, 0), b"x": (64, 1)})
+    probe._prune_empty({b"b": (0, 0), b"c": (0, 0), b"a": (0, 0), b"x": (0, 0)})
+    probe._prune_empty({b"d": (0, 0), b"x": (-64, -1)})  # negative: a free's CPU copy without its alloc's
     assert calls == [(b"outstanding", []), (b"outstanding", [b"a", b"b"]), (b"outstanding", [])]
 
 

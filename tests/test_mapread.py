@@ -171,6 +171,73 @@ def test_keys_of_the_wrong_size_are_refused() -> None:
 
 def test_other_errors_of_a_single_delete_are_raised() -> None:
     table = DeleteMap(set(), batch=False)
-    deleter = BatchDeleter(table, delete_batch=table.delete_batch, delete_one=lambda fd, key: -errno.EPERM)
+    deleter = BatchDeleter(table, delete_batch=table.delete_batch, delete_one=lambda fd, key: -errno.EACCES)
     with pytest.raises(OSError, match="BPF_MAP_DELETE_ELEM"):
         deleter.delete([KEY.pack(1, 0)])
+
+
+def test_a_key_the_batch_could_not_delete_is_retried_alone_and_the_others_stay_deleted() -> None:
+    """EBUSY (a bucket lock held) at one key: the keys before it are gone (the kernel wrote the count), the
+    rest go one by one, and none of them is reported missing; the next call batches again."""
+
+    class Busy(DeleteMap):
+        def delete_batch(self, fd: int, keys: Any, count: Any) -> int:
+            self.batch_calls += 1
+            raw = ctypes.string_at(keys, count.contents.value * KEY.size)
+            for done in range(count.contents.value):
+                key = raw[done * KEY.size : (done + 1) * KEY.size]
+                if key == KEY.pack(2, 0):
+                    count.contents.value = done
+                    return -errno.EBUSY
+                self.present.discard(key)
+            return 0
+
+    table = Busy(set(range(10)))
+    deleter = _deleter(table)
+    assert deleter.delete([KEY.pack(i, 0) for i in (1, 2, 3)]) == []
+    assert table.present == {KEY.pack(i, 0) for i in range(10) if i not in (1, 2, 3)}
+    assert (table.batch_calls, table.single_calls, deleter.batched) == (1, 2, True)
+
+
+def test_without_the_batch_function_it_deletes_key_by_key() -> None:
+    table = DeleteMap({1, 2})
+    deleter = BatchDeleter(table, delete_batch=None, delete_one=table.delete_one)
+    assert deleter.delete([KEY.pack(1, 0), KEY.pack(3, 0)]) == [KEY.pack(3, 0)]
+    assert table.present == {KEY.pack(2, 0)} and table.single_calls == 2
+
+
+def test_a_probe_keeps_one_reader_per_table_and_remembers_a_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader (and its chunk buffer) is made once per table object: again for another object (a restarted
+    or adopted probe), and a map whose batch lookup was refused is not asked again."""
+    import memtop.probes.base as base
+
+    made: list[Any] = []
+
+    class FakeReader:
+        def __init__(self, table: Any) -> None:
+            made.append(table)
+            self.table = table
+
+        def read(self) -> tuple[int, bytes, bytes]:
+            if self.table.refuse:
+                raise OSError(errno.EINVAL, "BPF_MAP_LOOKUP_BATCH: Invalid argument")
+            return 1, KEY.pack(1, 0), VALUE.pack(1, 2, 3)
+
+    class T(Table):
+        refuse = False
+
+    monkeypatch.setattr(base, "BatchReader", FakeReader)
+    probe = base.Probe()
+    first, second = T(1, 10), T(1, 10)
+    probe.bpf = {b"m": first}
+    assert probe._entries(b"m") == (KEY.pack(1, 0), VALUE.pack(1, 2, 3), 1)
+    probe._entries(b"m")
+    assert made == [first]
+    probe.bpf = {b"m": second}
+    second.refuse = True
+    with pytest.raises(OSError):
+        probe._entries(b"m")
+    second.refuse = False  # not asked again: it raises without a read
+    with pytest.raises(OSError, match="no batch lookup"):
+        probe._entries(b"m")
+    assert made == [first, second]

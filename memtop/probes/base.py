@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import errno
 import importlib.resources
 import logging
 import os
@@ -11,6 +12,7 @@ import platform
 import re
 import struct
 import time
+import weakref
 from typing import Any
 
 from memtop import tracefs
@@ -190,8 +192,10 @@ class Probe:
     def __init__(self) -> None:
         self.bpf: Any = None
         self.status = ProbeStatus("stopped", "")
-        self._readers: dict[bytes, BatchReader] = {}
-        self._deleters: dict[bytes, BatchDeleter] = {}
+        # One reader / deleter per map, for the table object it was made for (a probe may be restarted or
+        # adopt another object); a reader of None: the batch lookup was refused for that table.
+        self._readers: dict[bytes, tuple[weakref.ref[Any], BatchReader | None]] = {}
+        self._deleters: dict[bytes, tuple[weakref.ref[Any], BatchDeleter]] = {}
 
     @property
     def running(self) -> bool:
@@ -205,12 +209,23 @@ class Probe:
     def _entries(self, name: bytes) -> tuple[bytes, bytes, int]:
         """Every (key, value) of map `name` as two raw byte strings and a count, read in as few bpf() calls
         as the kernel allows (parsing raw bytes with struct is what keeps a scan of 100k entries cheap).
-        Raises OSError where the kernel has no batch lookup (before 5.6)."""
+        Raises OSError where there is no batch lookup (kernels before 5.6, an older BCC), at once once
+        it was refused for this map."""
         table = self.bpf[name]
-        reader = self._readers.get(name)
-        if reader is None or reader.fd != table.map_fd:  # first read, or another object (adopted)
-            reader = self._readers[name] = BatchReader(table)
-        count, keys, values = reader.read()
+        cached = self._readers.get(name)
+        if cached is None or cached[0]() is not table:  # first read, or another object (adopted, restarted)
+            try:
+                reader: BatchReader | None = BatchReader(table)
+            except Exception:  # a BCC without bpf_lookup_batch
+                reader = None
+            cached = self._readers[name] = (weakref.ref(table), reader)
+        if cached[1] is None:
+            raise OSError(errno.EOPNOTSUPP, f"no batch lookup for {name.decode()}")
+        try:
+            count, keys, values = cached[1].read()
+        except OSError:
+            self._readers[name] = (cached[0], None)  # entry by entry from now on
+            raise
         return keys, values, count
 
     def _struct_entries(self, name: bytes) -> list[tuple[Any, Any]]:
@@ -248,10 +263,10 @@ class Probe:
         if not keys:
             return []
         table = self.bpf[name]
-        deleter = self._deleters.get(name)
-        if deleter is None or deleter.fd != table.map_fd:
-            deleter = self._deleters[name] = BatchDeleter(table)
-        return deleter.delete(keys)
+        cached = self._deleters.get(name)
+        if cached is None or cached[0]() is not table:
+            cached = self._deleters[name] = (weakref.ref(table), BatchDeleter(table))
+        return cached[1].delete(keys)
 
     def dump(self) -> str:
         """The exact program text and flags this probe would compile (for --dump-bpf)."""

@@ -125,7 +125,6 @@ class KmallocProbe(Probe):
         self._boot_offset = 0.0  # wall clock minus CLOCK_MONOTONIC, for tail timestamps
         self._symbols: dict[int, str] = {}
         self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
-        self._batch = True  # False once the kernel refused a batch lookup: entry by entry
         self.irq_tracking = ""
         self._identities_read: dict[int, KernelIdentity] = {}  # tgid -> its identity at the last read
         self._exit_tp = False  # sched:sched_process_exit followed (set with the cflags)
@@ -360,57 +359,46 @@ class KmallocProbe(Probe):
 
     def _read_names(self) -> dict[tuple[int, int], tuple[str, int, int, int, int]]:
         """(tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), from proc_comms."""
-        if self._batch:
-            try:
-                keys, values, _count = self._entries(b"proc_comms")
-                return {
-                    key: (
-                        raw.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                        cgroup_id,
-                        memcg_id,
-                        execs,
-                        first,
-                    )
-                    for key, (raw, cgroup_id, memcg_id, execs, first) in zip(
-                        struct.iter_unpack("=II", keys), struct.iter_unpack("=16sQQQQ", values), strict=True
-                    )
-                }
-            except OSError:
-                self._batch = False
+        try:
+            keys, values, _count = self._entries(b"proc_comms")
+        except OSError:  # no batch lookup: entry by entry
+            return {
+                (key.tgid, key.gen): (
+                    bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
+                    value.cgroup_id,
+                    value.memcg_id,
+                    value.execs,
+                    value.first_ns,
+                )
+                for key, value in self._struct_entries(b"proc_comms")
+            }
         return {
-            (key.tgid, key.gen): (
-                bytes(value.comm).split(b"\0", 1)[0].decode("utf-8", "replace"),
-                value.cgroup_id,
-                value.memcg_id,
-                value.execs,
-                value.first_ns,
+            key: (raw.split(b"\0", 1)[0].decode("utf-8", "replace"), cgroup_id, memcg_id, execs, first)
+            for key, (raw, cgroup_id, memcg_id, execs, first) in zip(
+                struct.iter_unpack("=II", keys), struct.iter_unpack("=16sQQQQ", values), strict=True
             )
-            for key, value in self._struct_entries(b"proc_comms")
         }
 
     def _read_pid_stats(self) -> list[tuple[tuple[int, int], tuple[int, int, int]]]:
         """[((tgid, generation), (calls, bytes_alloc, bytes_req) summed over the CPUs)] from pid_stats."""
-        if self._batch:
-            try:
-                keys, values, _count = self._entries(b"pid_stats")
-            except OSError:
-                self._batch = False
-            else:
-                per_entry = ctypes.sizeof(self.bpf[b"pid_stats"].Leaf) // 8  # each CPU's (calls, bytes, req)
-                entries = zip(
-                    struct.iter_unpack("=II", keys), struct.iter_unpack(f"={per_entry}Q", values), strict=True
-                )
-                if per_entry == 3:
-                    return list(entries)
-                if per_entry == 6:  # two CPUs
-                    return [(key, (v[0] + v[3], v[1] + v[4], v[2] + v[5])) for key, v in entries]
-                return [(key, (sum(v[0::3]), sum(v[1::3]), sum(v[2::3]))) for key, v in entries]
-        fields = ("calls", "bytes_alloc", "bytes_req")
-        slow = []
-        for key, values in self._struct_entries(b"pid_stats"):
-            calls, bytes_alloc, bytes_req = _sum_percpu(values, fields)
-            slow.append(((key.tgid, key.gen), (calls, bytes_alloc, bytes_req)))
-        return slow
+        try:
+            keys, values, _count = self._entries(b"pid_stats")
+        except OSError:  # no batch lookup: entry by entry
+            fields = ("calls", "bytes_alloc", "bytes_req")
+            slow = []
+            for key, per_cpu in self._struct_entries(b"pid_stats"):
+                calls, bytes_alloc, bytes_req = _sum_percpu(per_cpu, fields)
+                slow.append(((key.tgid, key.gen), (calls, bytes_alloc, bytes_req)))
+            return slow
+        per_entry = ctypes.sizeof(self.bpf[b"pid_stats"].Leaf) // 8  # each CPU's (calls, bytes, req)
+        entries = zip(
+            struct.iter_unpack("=II", keys), struct.iter_unpack(f"={per_entry}Q", values), strict=True
+        )
+        if per_entry == 3:
+            return list(entries)
+        if per_entry == 6:  # two CPUs
+            return [(key, (v[0] + v[3], v[1] + v[4], v[2] + v[5])) for key, v in entries]
+        return [(key, (sum(v[0::3]), sum(v[1::3]), sum(v[2::3]))) for key, v in entries]
 
     def _cgroup_path(self, cgroup_id: int, memcg_id: int) -> str:
         """The path to attribute by, for the kernel's ids; cached once both resolved (ids are inodes of
@@ -493,8 +481,3 @@ class KmallocProbe(Probe):
         )
         if len(self._tail) > self.tail_max:
             del self._tail[: len(self._tail) - self.tail_max]
-
-
-def _int_of(value: Any) -> int:
-    """A BCC map key or value of an integer type (a ctypes integer, or already an int)."""
-    return value if isinstance(value, int) else int(value.value)

@@ -117,10 +117,6 @@ def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
     return ages
 
 
-BPF_NOEXIST = 1
-BPF_EXIST = 2
-
-
 ADAPT_FRESH_S = 0.5  # a read this soon after adapt() leaves the sampler alone
 
 
@@ -262,8 +258,7 @@ class _LeakProbe(Probe):
         tracked_now = _tracked_now(counters)
         if aggregates is None:
             aggregates = self._aggregates()
-        # Pruned right after the read: the window in which an allocation landing on one is lost stays short.
-        self._prune_empty({raw_key for raw_key, totals in aggregates.items() if totals == (0, 0)})
+            self._prune_empty(aggregates)
         ages = self._read_ages(now_ns)
         stacks = []
         referenced: set[int] = set()
@@ -302,15 +297,18 @@ class _LeakProbe(Probe):
             tracked_now=tracked_now,
         )
 
-    def _prune_empty(self, empty: set[bytes]) -> None:
-        """Delete the aggregates that read as empty now and at the previous read, in one bpf() call.
+    def _prune_empty(self, aggregates: dict[bytes, tuple[int, int]]) -> None:
+        """Delete the aggregates that read as empty now (`aggregates`, just read: call it at once) and at
+        the previous read, in one bpf() call.
 
         An allocation that lands on one between this read and the delete (milliseconds, after seconds of
         emptiness) loses its accounting: when it is freed its aggregate is missing, counted as
         aggregate_missing. (Taking each one out with a lookup-and-delete and putting back what landed
         closed that window, but cost a bpf() call and a kernel allocation per key: thousands a read on a
         busy host, most of a leak read's time and of memtop's own kmallocs.)"""
-        self._delete(b"outstanding", sorted(empty & self._zero_before))
+        empty = {raw_key for raw_key, totals in aggregates.items() if totals == (0, 0)}
+        with contextlib.suppress(OSError):  # not deleted now: the next read tries again
+            self._delete(b"outstanding", sorted(empty & self._zero_before))
         self._zero_before = empty
 
     def _prune(self, referenced: set[int], tgids: set[int]) -> None:
@@ -322,7 +320,8 @@ class _LeakProbe(Probe):
         gone = self._tgids_before - tgids
         for tgid in gone:
             self._comms.pop(tgid, None)
-        self._delete(b"comms", [struct.pack("=I", tgid) for tgid in sorted(gone)])
+        with contextlib.suppress(OSError):  # a name left behind costs a map slot, not a wrong figure
+            self._delete(b"comms", [struct.pack("=I", tgid) for tgid in sorted(gone)])
         self._tgids_before = tgids
         now = time.monotonic()
         if now - self._last_sweep >= STACK_SWEEP_INTERVAL_S:
@@ -337,7 +336,8 @@ class _LeakProbe(Probe):
                     self._frames.pop(key.value, None)
                 else:
                     listed.add(key.value)
-            self._delete(b"stacks", [struct.pack("=i", stack_id) for stack_id in swept])
+            with contextlib.suppress(OSError):
+                self._delete(b"stacks", [struct.pack("=i", stack_id) for stack_id in swept])
             self._stacks_listed = listed
         self._referenced_before = referenced
 
@@ -704,6 +704,7 @@ class KernelLeakProbe(_LeakProbe):
 
     def read(self) -> LeakReading:
         aggregates = self._aggregates()  # read once: reconcile() and the reading share it
+        self._prune_empty(aggregates)  # at once: see its docstring
         if self.reconcile_caches:
             aggregates = self.reconcile(aggregates)
         reading = self._read(KIND_KERNEL, aggregates)

@@ -76,12 +76,9 @@ class BatchReader:
         return total, b"".join(keys), b"".join(values)
 
 
-ENOTSUPP = 524  # the kernel's own "not supported" (a map type without the batch command)
-
-
 def _errno_of(res: int) -> int:
-    """The error of a failed libbpf call: libbpf returns -errno (older ones -1 and errno)."""
-    return -res if res < -1 else ctypes.get_errno()
+    """The error of a failed libbpf call: libbpf returns -errno (older ones -1 and errno); never 0."""
+    return (ctypes.get_errno() if res == -1 else -res) or errno.EIO
 
 
 class BatchDeleter:
@@ -92,26 +89,35 @@ class BatchDeleter:
     `delete(keys)` takes raw key bytes and returns the keys that were not there (deleted meanwhile, by
     the kernel or another reader); every other key is gone after it. The kernel stops a batch at the
     first missing key and says how many it deleted before it: the call goes on after that key. Where the
-    batch command is refused (a stack trace map has none; kernels before 5.6), it deletes key by key
-    with BPF_MAP_DELETE_ELEM from then on. `delete_batch` / `delete_one` are libbcc's bpf_delete_batch
-    and bpf_delete_elem (tests pass fakes)."""
+    batch command is refused (a stack trace map has none; kernels before 5.6; a BCC without the
+    function), it deletes key by key with BPF_MAP_DELETE_ELEM from then on. A key the kernel could not
+    delete for another reason (EBUSY, say) raises OSError, after the keys before it were deleted.
+    `delete_batch` / `delete_one` are libbcc's bpf_delete_batch and bpf_delete_elem (tests pass fakes).
+
+    The kernel's count: generic_map_delete_batch writes how many keys it deleted whenever it ran (on
+    any error, the key at that index is the one that failed); a refusal (ENOTSUPP, EINVAL) does not
+    write it, and libbpf then hands back the count asked for: so a count short of the keys asked means
+    the kernel ran, and one equal to them with an error means it refused."""
 
     def __init__(
         self,
         table: Any,
-        delete_batch: Callable[..., int] | None = None,
-        delete_one: Callable[..., int] | None = None,
+        delete_batch: Callable[..., int] | None | str = "libbcc",
+        delete_one: Callable[..., int] | str = "libbcc",
     ) -> None:
-        if delete_batch is None or delete_one is None:
+        if delete_batch == "libbcc" or delete_one == "libbcc":
             from bcc.libbcc import lib  # the probe layer is the only one importing bcc
 
-            delete_batch = delete_batch or lib.bpf_delete_batch
-            delete_one = delete_one or lib.bpf_delete_elem
+            if delete_batch == "libbcc":
+                delete_batch = getattr(lib, "bpf_delete_batch", None)  # None: an older BCC
+            if delete_one == "libbcc":
+                delete_one = lib.bpf_delete_elem
+        assert not isinstance(delete_batch, str) and not isinstance(delete_one, str)
         self._delete_batch = delete_batch
         self._delete_one = delete_one
         self.fd = table.map_fd
         self.key_size = ctypes.sizeof(table.Key)
-        self.batched = True  # False once the kernel refused the batch command for this map
+        self.batched = delete_batch is not None  # False once the batch command was refused for this map
         self.calls = 0  # bpf() calls made, for tests and the benchmark
 
     def delete(self, keys: Iterable[bytes]) -> list[bytes]:
@@ -121,28 +127,32 @@ class BatchDeleter:
         missing: list[bytes] = []
         start = 0
         while self.batched and start < len(wanted):
+            left = len(wanted) - start
             blob = b"".join(wanted[start:])
-            count = ctypes.c_uint32(len(wanted) - start)
+            count = ctypes.c_uint32(left)
+            assert self._delete_batch is not None
             res = self._delete_batch(
                 self.fd, ctypes.create_string_buffer(blob, len(blob)), ctypes.pointer(count)
             )
             self.calls += 1
             if res == 0:
                 return missing
-            err = _errno_of(res)
-            done = min(count.value, len(wanted) - start)  # trusted on ENOENT only (refusals leave it)
-            if err == errno.ENOENT and done < len(wanted) - start:
-                missing.append(wanted[start + done])  # the key it stopped at: go on after it
-                start += done + 1
-                continue
-            self.batched = False  # refused: the rest (all of it) one by one, from now on
+            done = count.value
+            if done >= left:  # refused, nothing deleted: key by key, from now on
+                self.batched = False
+                break
+            start += done  # the kernel ran: those before the failing key are gone
+            if _errno_of(res) != errno.ENOENT:
+                break  # that key failed otherwise: key by key below, which says why
+            missing.append(wanted[start])  # not there: go on after it
+            start += 1
         for key in wanted[start:]:
             self.calls += 1
             res = self._delete_one(self.fd, ctypes.create_string_buffer(key, len(key)))
             if res == 0:
                 continue
             err = _errno_of(res)
-            if err not in (errno.ENOENT, 0):
+            if err != errno.ENOENT:
                 raise OSError(err, f"BPF_MAP_DELETE_ELEM: {os.strerror(err)}")
             missing.append(key)
         return missing
