@@ -12,7 +12,8 @@ pseudo-terminal of 200x50 at a 1 s interval. For each it reports:
 - start to first row (launch until the first process row is drawn) and quit to prompt (q until the
   process has exited), and for memtop that none of its BPF programs is left loaded.
 
-`--soak SECONDS`: memtop's RSS over a long run with N processes of which 10 % are replaced every minute
+`--soak SECONDS`: memtop's RSS and CPU (per 5-minute window) over a long run with N processes of which 10 %
+are replaced every minute
 (the issue's one-hour check is `--soak 3600`; `--quick` makes everything short for development).
 
     sudo .venv/bin/python bench/ui_bench.py [--counts 300,1000] [--window 20] [--soak 3600] [--json F]
@@ -306,9 +307,11 @@ def rss_bytes(pid: int) -> int:
 
 
 def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dict[str, Any]:
-    """memtop's RSS over `seconds` with `count` processes, a tenth of them replaced every `replace_every`."""
+    """memtop's RSS and CPU over `seconds` with `count` processes, a tenth of them replaced every
+    `replace_every`: samples of (seconds since the first row, RSS bytes, CPU seconds used so far), and the
+    CPU per 5-minute window (a cost that grows with the run shows there, not in the short runs)."""
     groups = 10
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, float]] = []
     with busy_processes(workdir, count, groups=groups) as procs:
         binary = workdir / "busy_children"
         term = Terminal([sys.executable, "-m", "memtop", "--interval", "1"])
@@ -319,7 +322,7 @@ def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dic
             next_replace = start + replace_every
             victim = 0
             while (now := time.monotonic()) - start < seconds:
-                samples.append((now - start, rss_bytes(term.proc.pid)))
+                samples.append((now - start, rss_bytes(term.proc.pid), term.cpu_seconds()))
                 if now >= next_replace:
                     stop_group(procs[victim])
                     procs[victim] = start_group(binary, count // groups)
@@ -330,7 +333,7 @@ def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dic
         finally:
             term.close()
     five_min = min(300.0, seconds / 2)
-    after = [rss for t, rss in samples if t >= five_min]
+    after = [rss for t, rss, _cpu in samples if t >= five_min]
     return {
         "processes": count,
         "seconds": seconds,
@@ -340,8 +343,21 @@ def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dic
         "rss_at_end_bytes": samples[-1][1] if samples else None,
         "growth_after_settle_bytes": (max(after) - after[0]) if after else None,
         "settle_s": five_min,
+        "cpu_pct_windows": cpu_windows(samples, five_min),
         "samples": samples,
     }
+
+
+def cpu_windows(samples: list[tuple[float, int, float]], window: float) -> list[tuple[float, float]]:
+    """(window start s, memtop CPU % of one core over it) for each whole `window` of the samples."""
+    out: list[tuple[float, float]] = []
+    begin = 0
+    for i, (t, _rss, cpu) in enumerate(samples):
+        t0, _, cpu0 = samples[begin]
+        if t - t0 >= window:
+            out.append((t0, 100.0 * (cpu - cpu0) / (t - t0)))
+            begin = i
+    return out
 
 
 # -- main --------------------------------------------------------------------------------
@@ -446,6 +462,8 @@ def bench(args: argparse.Namespace) -> int:
             f"{r['rss_at_end_bytes'] * mib:.1f} MiB at the end (growth after settling: "
             f"{r['growth_after_settle_bytes'] * mib:.1f} MiB)"
         )
+        windows = ", ".join(f"{t / 60:.0f} min: {pct:.1f} %" for t, pct in r["cpu_pct_windows"])
+        print(f"memtop CPU per window (start: % of a core): {windows}")
     if args.json:
         args.json.write_text(
             json.dumps(
