@@ -684,3 +684,24 @@ def test_aggregates_sum_every_cpus_copy(monkeypatch, cpus: int) -> None:  # type
     assert expected[AGG_KEY.pack(1, 100, 0, 0)] == (64, 1)
     monkeypatch.setattr(probe, "_entries", lambda name: (b"", b"", 0))
     assert probe._aggregates() == {}
+
+
+def test_names_go_once_a_process_has_no_aggregate_left_empty_or_not(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The BPF program writes a process's name when it creates one of its aggregates. A process whose tracked
+    allocations were all freed keeps only empty aggregates: its name must still go once those are pruned
+    (counting only non-empty aggregates left such names in the map until it was full: 15,648 of 16,384
+    after 20 minutes of 5,000 busy processes, 10 % replaced a minute)."""
+    from memtop.probes.leaks import AGG_KEY, COUNTER_NAMES, KernelLeakProbe, _Ages
+
+    probe = KernelLeakProbe(sample_every=1)
+    seen: list[set[int]] = []
+    monkeypatch.setattr(probe, "counters", lambda: dict.fromkeys(COUNTER_NAMES, 0))
+    monkeypatch.setattr(probe, "_read_ages", lambda now_ns: _Ages(now_ns))
+    monkeypatch.setattr(probe, "_prune_empty", lambda aggregates: None)
+    monkeypatch.setattr(probe, "comm", lambda tgid: "x")
+    monkeypatch.setattr(probe, "stack_frames", lambda stack_id: ("f",))
+    monkeypatch.setattr(probe, "_prune", lambda referenced, tgids: seen.append(tgids))
+    live, freed = AGG_KEY.pack(1, 100, 0, 0), AGG_KEY.pack(2, 200, 0, 0)
+    reading = probe._read("kernel", {live: (64, 1), freed: (0, 0)})
+    assert [s.pid for s in reading.stacks] == [100]  # the empty one is not shown...
+    assert seen == [{100, 200}]  # ...but its process still has an aggregate: its name stays for now

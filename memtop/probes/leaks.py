@@ -54,6 +54,7 @@ COUNTER_NAMES = (
 )
 
 ALLOC_INFO = struct.Struct("<QQIiII")  # struct alloc_info: size, ts_ns, tgid, stack_id, weight, source
+ALLOC_SOURCE_WORD = 7  # the source field's index in an alloc_info record read as 32-bit words
 AGG_KEY = struct.Struct("<iIII")  # struct agg_key: stack_id, tgid, source, pad
 AGG_VALUE = struct.Struct("<qq")  # struct agg_value (one per possible CPU): bytes, allocations
 
@@ -262,13 +263,15 @@ class _LeakProbe(Probe):
         ages = self._read_ages(now_ns)
         stacks = []
         referenced: set[int] = set()
-        tgids: set[int] = set()
+        # Every process with an aggregate in the map, empty ones too: the BPF program writes a name when it
+        # creates an aggregate, so a name whose process has none left can go (counting only the non-empty
+        # ones left the names of processes whose allocations were all freed in the map for ever).
+        tgids = {tgid for _stack, tgid, _source, _pad in map(AGG_KEY.unpack, aggregates)}
         for raw_key, (outstanding, allocations) in aggregates.items():
             if outstanding == 0 and allocations == 0:
                 continue
             stack_id, tgid, source, _pad = AGG_KEY.unpack(raw_key)
             referenced.add(stack_id)
-            tgids.add(tgid)
             age_key = (stack_id, tgid, source)
             bins = ages.bins.get(age_key)
             stacks.append(
@@ -312,8 +315,9 @@ class _LeakProbe(Probe):
         self._zero_before = empty
 
     def _prune(self, referenced: set[int], tgids: set[int]) -> None:
-        """Delete the names of processes no aggregate shows any more, and (now and then) stacks that no
-        aggregate has referenced over two reads.
+        """Delete the names of processes that had an aggregate at the previous read and have none now
+        (`tgids`: those with one, empty or not), and (now and then) stacks that no aggregate has referenced
+        over two reads.
 
         A stack is only swept if it was already in the map at the previous sweep: one stored after this
         read's aggregates were taken is referenced by an allocation they do not show yet."""
@@ -627,14 +631,19 @@ class KernelLeakProbe(_LeakProbe):
             return aggregates
         keys, values, count = self._entries(b"allocs")
         key_size = len(keys) // count if count else 0
+        # The source field of every record at once (a u32 at ALLOC_SOURCE_WORD of each): a map of 100k
+        # tracked allocations is scanned in C, and only the records of caches over their count unpacked.
+        sources = memoryview(values[: count * ALLOC_INFO.size]).cast("I")[
+            ALLOC_SOURCE_WORD :: ALLOC_INFO.size // 4
+        ]
+        over = {source for source in set(sources) if source >> CACHE_SHIFT in excess}
         candidates: dict[int, list[tuple[int, bytes, int, int, int, int, int]]] = {}
-        for i, (size, ts_ns, tgid, stack_id, weight, source) in enumerate(
-            ALLOC_INFO.iter_unpack(values[: count * ALLOC_INFO.size])
-        ):
-            cid = source >> CACHE_SHIFT
-            if cid in excess:
-                raw = keys[i * key_size : (i + 1) * key_size]
-                candidates.setdefault(cid, []).append((ts_ns, raw, size, tgid, stack_id, weight, source))
+        for i in [i for i, source in enumerate(sources) if source in over]:
+            size, ts_ns, tgid, stack_id, weight, source = ALLOC_INFO.unpack_from(values, i * ALLOC_INFO.size)
+            raw = keys[i * key_size : (i + 1) * key_size]
+            candidates.setdefault(source >> CACHE_SHIFT, []).append(
+                (ts_ns, raw, size, tgid, stack_id, weight, source)
+            )
         chosen: list[tuple[bytes, int, int, int, int, int, int]] = []  # the oldest of each, up to its excess
         for cid, entries in candidates.items():
             entries.sort()
