@@ -120,3 +120,4 @@ def test_tick_profile_times_every_phase_of_a_live_tick(tmp_path: Path, leaks_vis
         else set()
     )
     assert {"kmalloc.read", "procs.scan", "store.ingest", "store.snapshot"} <= result["phases_ms"].keys()
+    assert "leak_aggregate_missing" in result["leak_drops"]  # the pruning race is counted and printed
