@@ -266,11 +266,12 @@ class _LeakProbe(Probe):
         # Every process with an aggregate in the map, empty ones too: the BPF program writes a name when it
         # creates an aggregate, so a name whose process has none left can go (counting only the non-empty
         # ones left the names of processes whose allocations were all freed in the map for ever).
-        tgids = {tgid for _stack, tgid, _source, _pad in map(AGG_KEY.unpack, aggregates)}
+        tgids: set[int] = set()
         for raw_key, (outstanding, allocations) in aggregates.items():
+            stack_id, tgid, source, _pad = AGG_KEY.unpack(raw_key)
+            tgids.add(tgid)
             if outstanding == 0 and allocations == 0:
                 continue
-            stack_id, tgid, source, _pad = AGG_KEY.unpack(raw_key)
             referenced.add(stack_id)
             age_key = (stack_id, tgid, source)
             bins = ages.bins.get(age_key)
