@@ -8,7 +8,6 @@ Rates are a pure function of (previous totals, current totals, elapsed). Each pr
 from __future__ import annotations
 
 import operator
-import struct
 import time
 from array import array
 from collections import deque
@@ -43,7 +42,6 @@ OOM_LOG_MAX = 1000  # kills kept in the log (newest kept)
 PRE_KILL_S = 60.0  # history kept with each kill
 RECENT_S = 120.0  # histories keep every tick this far back, then one sample per COARSE_STEP_S
 COARSE_STEP_S = 10.0
-AGE_BATCH_S = 10.0  # recent samples move to the coarse part this many at a time (see History.append)
 
 
 class ProcessKey(NamedTuple):
@@ -223,61 +221,97 @@ class Snapshot:
         return None
 
 
-_pack_sample = struct.Struct("=4d").pack  # a History sample's bytes (array.frombytes: the cheapest append)
+class _Column:
+    """One tick's samples of every row of a HistoryTable, indexed by slot."""
+
+    __slots__ = ("t", "serial", "bytes_per_s", "calls_per_s", "memory")
+
+    def __init__(self, capacity: int) -> None:
+        self.t = 0.0
+        self.serial = 0
+        self.bytes_per_s = array("d", bytes(8 * capacity))
+        self.calls_per_s = array("d", bytes(8 * capacity))
+        self.memory = array("d", bytes(8 * capacity))  # bytes, or -1: unknown
+
+    def grow(self, extra: int) -> None:
+        zeros = bytes(8 * extra)
+        for values in (self.bytes_per_s, self.calls_per_s, self.memory):
+            values.frombytes(zeros)
 
 
-class History:
-    """One row's samples, small enough to keep for thousands of rows: every tick for the last
-    `RECENT_S`, then one sample per `COARSE_STEP_S` back to the horizon. Each part is one flat array of
-    (time, bytes/s, calls/s, memory or -1) per sample, 32 bytes, rather than an object per sample: an
-    append is one call (a busy host appends to thousands of histories a tick)."""
+class HistoryTable:
+    """The samples of many rows (processes, containers), one column per tick rather than an array per
+    row: every tick for the last `RECENT_S`, then one tick per `COARSE_STEP_S` back to `history_s` (one
+    at or before that horizon is kept, so a history spans at least back to it).
 
-    __slots__ = ("_r", "_k")
+    A row is a slot number; a tick writes each live row's sample into the columns `start_tick` returns
+    (three array stores per row: a busy host writes thousands a tick). Columns that age out are reused
+    for new ticks, so a steady host allocates nothing here: per-row arrays that grew, aged and were
+    freed as processes came and went fragmented both allocators (RSS that crept up for an hour)."""
 
-    def __init__(self) -> None:
-        self._r = array("d")  # recent samples, oldest first
-        self._k = array("d")  # coarse samples, oldest first
+    __slots__ = ("history_s", "_capacity", "_born", "_free", "_recent", "_coarse", "_spare", "_serial")
 
-    def __len__(self) -> int:
-        return (len(self._r) + len(self._k)) // 4
+    def __init__(self, history_s: float, capacity: int = 64) -> None:
+        self.history_s = history_s
+        self._capacity = capacity
+        self._born = array("q", bytes(8 * capacity))  # per slot: the serial of its row's first tick
+        self._free = list(range(capacity - 1, -1, -1))  # slots to hand out, lowest last
+        self._recent: deque[_Column] = deque()  # oldest first
+        self._coarse: deque[_Column] = deque()
+        self._spare: list[_Column] = []
+        self._serial = 0
 
-    def append(
-        self, t_now: float, bytes_per_s: float, calls_per_s: float, memory: int | None, horizon: float
-    ) -> None:
-        """Add a sample (a HistoryPoint's fields), then drop what is older than `horizon` (one coarse
-        sample at or before it is kept, so the history spans at least back to the horizon)."""
-        r = self._r
-        r.frombytes(_pack_sample(t_now, bytes_per_s, calls_per_s, -1.0 if memory is None else memory))
-        oldest, k = r[0], self._k
-        # Aged in batches of AGE_BATCH_S (the recent part spans up to that much more than RECENT_S):
-        # a sample leaving it every tick cost each row a slice a tick.
-        if (
-            oldest < t_now - RECENT_S - AGE_BATCH_S
-            or (oldest < horizon and not k)
-            or (len(k) > 4 and k[4] <= horizon)
-        ):
-            self._age(t_now - RECENT_S, horizon)
+    def add_row(self) -> int:
+        """A slot for a new row, whose history starts with the current tick (call it within a tick)."""
+        if not self._free:  # a quarter more (not double: every column grows)
+            extra = max(64, self._capacity // 4)
+            for column in (*self._recent, *self._coarse, *self._spare):
+                column.grow(extra)
+            self._born.frombytes(bytes(8 * extra))
+            self._free = list(range(self._capacity + extra - 1, self._capacity - 1, -1))
+            self._capacity += extra
+        slot = self._free.pop()
+        self._born[slot] = self._serial
+        return slot
 
-    def _age(self, recent: float, horizon: float) -> None:
-        r, k = self._r, self._k
-        while r and r[0] < recent:
-            old = r[:4]
-            del r[:4]
-            if old[0] >= horizon and (not k or old[0] - k[-4] >= COARSE_STEP_S):
-                k.extend(old)
-        while len(k) > 4 and k[4] <= horizon:
-            del k[:4]
-        if not k:
-            while r and r[0] < horizon:
-                del r[:4]
+    def drop_row(self, slot: int) -> None:
+        """The row is gone: its slot goes to a later row (whose history starts after this one's)."""
+        self._free.append(slot)
 
-    def points(self) -> tuple[HistoryPoint, ...]:
-        values = self._k + self._r
+    def start_tick(self, now: float) -> tuple[array[float], array[float], array[float]]:
+        """Open the column of the tick at `now` and age the old ones. Returns its (bytes/s, calls/s,
+        memory bytes or -1) arrays: every live row's slot must be written before the next tick."""
+        recent, coarse, spare = self._recent, self._coarse, self._spare
+        horizon = now - self.history_s
+        while recent and recent[0].t < now - RECENT_S:
+            column = recent.popleft()
+            if column.t >= horizon and (not coarse or column.t - coarse[-1].t >= COARSE_STEP_S):
+                coarse.append(column)
+            else:
+                spare.append(column)
+        while len(coarse) > 1 and coarse[1].t <= horizon:
+            spare.append(coarse.popleft())
+        if not coarse:
+            while recent and recent[0].t < horizon:
+                spare.append(recent.popleft())
+        column = spare.pop() if spare else _Column(self._capacity)
+        self._serial += 1
+        column.t, column.serial = now, self._serial
+        recent.append(column)
+        return column.bytes_per_s, column.calls_per_s, column.memory
+
+    def points(self, slot: int) -> tuple[HistoryPoint, ...]:
+        """The row's samples, oldest first."""
+        born = self._born[slot]
         return tuple(
             HistoryPoint(
-                values[i], values[i + 1], values[i + 2], None if values[i + 3] < 0 else int(values[i + 3])
+                column.t,
+                column.bytes_per_s[slot],
+                column.calls_per_s[slot],
+                None if column.memory[slot] < 0 else int(column.memory[slot]),
             )
-            for i in range(0, len(values), 4)
+            for column in (*self._coarse, *self._recent)
+            if column.serial >= born
         )
 
 
@@ -287,7 +321,7 @@ class _ProcState:
     kernel_calls: int = 0  # the kernel's cumulative counters at the last tick (baseline for deltas)
     kernel_bytes: int = 0
     kernel_bytes_req: int = 0
-    history: History = field(default_factory=History)
+    slot: int = -1  # its row in the store's HistoryTable
     info: ProcInfo | None = None  # what /proc said at the last tick (the row is rebuilt when it changes)
 
 
@@ -332,7 +366,9 @@ class Store:
         self._refs: dict[str, ContainerRef] = {}  # every container any row has been attributed to
         self._container_totals: dict[str, list[float]] = {}  # id -> [bytes/s, calls/s, bytes, calls]
         self._container_states: dict[str, ContainerState] = {}
-        self._container_history: dict[str, History] = {}
+        self._histories = HistoryTable(history_s)  # every process row's, by _ProcState.slot
+        self._container_histories = HistoryTable(history_s)
+        self._container_slot: dict[str, int] = {}  # container id -> its slot there
         self.focus_container: str | None = None  # its history goes in every snapshot
         self._oom: deque[OomEvent] = deque(maxlen=OOM_LOG_MAX)  # oldest first
         self._oom_seen = 0
@@ -385,7 +421,7 @@ class Store:
             )
         else:
             elapsed = 0.0
-        horizon = now - self.history_s
+        history_bytes, history_calls, history_memory = self._histories.start_tick(now)
         forget: list[int] = []
         total_bytes = total_calls = 0.0
         seen: set[ProcessKey] = set()
@@ -401,8 +437,15 @@ class Store:
             for state in states.values():
                 state.info = None
         for retired in reading.retired if reading is not None else ():  # before the newcomers now
-            key, bytes_per_s, calls_per_s = self._ingest_retired(retired, elapsed, now)  # holding the PIDs
-            seen.add(key)
+            state = self._ingest_retired(retired, elapsed, now)  # holding the PIDs
+            row = state.row
+            bytes_per_s, calls_per_s = row.kmalloc_bytes_per_s, row.kmalloc_calls_per_s
+            history_bytes[state.slot], history_calls[state.slot], history_memory[state.slot] = (
+                bytes_per_s,
+                calls_per_s,
+                -1.0,
+            )
+            seen.add(row.key)
             total_bytes += bytes_per_s
             total_calls += calls_per_s
         new_object, set_attribute = _new_object, _set_attribute
@@ -465,7 +508,11 @@ class Store:
                 state.row = row
             if (d_calls or d_bytes) and row.container_id is not None:
                 self._count_for_container(row, bytes_per_s, calls_per_s, d_bytes, d_calls)
-            state.history.append(now, bytes_per_s, calls_per_s, row.rss_bytes, horizon)
+            slot = state.slot
+            history_bytes[slot] = bytes_per_s
+            history_calls[slot] = calls_per_s
+            rss = row.rss_bytes
+            history_memory[slot] = -1.0 if rss is None else rss
 
         for key, state in list(self._states.items()):
             if key in seen:
@@ -473,6 +520,7 @@ class Store:
             row = state.row
             if row.exited and row.exited_at is not None and now - row.exited_at > self.exited_keep_s:
                 del self._states[key]
+                self._histories.drop_row(state.slot)
                 continue
             if not row.exited:  # its PID was listed no more and its kernel entry is gone: it exited
                 state.row = row = replace(row, exited=True, exited_at=now)
@@ -481,23 +529,27 @@ class Store:
             # No kernel entry any more (forgotten after exit): no allocations this tick.
             if row.kmalloc_bytes_per_s or row.kmalloc_calls_per_s:
                 state.row = replace(row, kmalloc_bytes_per_s=0.0, kmalloc_calls_per_s=0.0)
-            state.history.append(now, 0.0, 0.0, None, horizon)
+            history_bytes[state.slot] = history_calls[state.slot] = 0.0
+            history_memory[state.slot] = -1.0
         self._totals = (total_bytes, total_calls)
         if reading is not None:  # the attach baseline served the first reading; a later PID owner is new
             self._kmalloc_baseline.clear()
+        container_bytes, container_calls, container_memory = self._container_histories.start_tick(now)
         for container_id in self._refs:
             totals = self._container_totals.setdefault(container_id, [0.0, 0.0, 0, 0])
             cstate = self._container_states.get(container_id)
-            history = self._container_history.setdefault(container_id, History())
+            cslot = self._container_slot.get(container_id)
+            if cslot is None:
+                cslot = self._container_slot[container_id] = self._container_histories.add_row()
             memory = cstate.memory_bytes if cstate else None
-            history.append(now, totals[0], totals[1], memory, horizon)
+            container_bytes[cslot], container_calls[cslot] = totals[0], totals[1]
+            container_memory[cslot] = -1.0 if memory is None else memory
         return forget
 
-    def _ingest_retired(
-        self, retired: RetiredCounters, elapsed: float, now: float
-    ) -> tuple[ProcessKey, float, float]:
+    def _ingest_retired(self, retired: RetiredCounters, elapsed: float, now: float) -> _ProcState:
         """Charge a dead process's final kernel totals (its PID now belongs to another process) to its
-        own row, marked exited, and stop mapping the PID to it. Returns its key and last rates."""
+        own row, marked exited, and stop mapping the PID to it. Returns its state (the row has its last
+        rates; the caller writes its history)."""
         tgid, counters = retired.tgid, retired.counters
         key = self._live_key.get(tgid)
         state = self._states.get(key) if key is not None else None
@@ -505,7 +557,9 @@ class Store:
             cgroup = counters.cgroup_path
             placement = _placement(cgroup, parse_cgroup_path(cgroup) if cgroup else None)
             row = ProcessRow(pid=tgid, start_time=-retired.first_seen, comm=counters.comm or "?", **placement)  # type: ignore[arg-type]
-            state = self._states.setdefault(row.key, _ProcState(row=row))
+            state = self._states.get(row.key)
+            if state is None:
+                state = self._states[row.key] = _ProcState(row=row, slot=self._histories.add_row())
         elif self._live_key.get(tgid) == key:
             del self._live_key[tgid]
         d_calls = counter_delta(state.kernel_calls, counters.calls)
@@ -527,8 +581,7 @@ class Store:
             exited_at=row.exited_at if row.exited_at is not None else now,
         )
         self._count_for_container(state.row, bytes_per_s, calls_per_s, d_bytes, d_calls)
-        state.history.append(now, bytes_per_s, calls_per_s, None, now - self.history_s)
-        return state.row.key, bytes_per_s, calls_per_s
+        return state
 
     def _count_for_container(
         self, row: ProcessRow, bytes_per_s: float, calls_per_s: float, d_bytes: int, d_calls: int
@@ -593,7 +646,7 @@ class Store:
             if info is not None or tgid == IRQ_TGID:
                 self._live_key[tgid] = row.key
             return existing
-        state = _ProcState(row=row, info=info)
+        state = _ProcState(row=row, info=info, slot=self._histories.add_row())
         if info is not None and info.container is not None:
             self._refs.setdefault(info.container.container_id, info.container)
         base = self._kmalloc_baseline.pop(tgid, None)
@@ -652,12 +705,13 @@ class Store:
         victim: tuple[HistoryPoint, ...] = ()
         for state in self._states.values():
             if state.row.pid == event.victim_pid and state.row.start_time <= event.time:
-                victim = before_kill(state.history.points())
+                victim = before_kill(self._histories.points(state.slot))
                 if victim:
                     break
         container: tuple[HistoryPoint, ...] = ()
-        if event.container_id and event.container_id in self._container_history:
-            container = before_kill(self._container_history[event.container_id].points())
+        slot = self._container_slot.get(event.container_id) if event.container_id else None
+        if slot is not None:
+            container = before_kill(self._container_histories.points(slot))
         if container:  # the container's memory is what hit the limit; the victim's RSS goes alongside
             return replace(event, history=container, history_of="container", victim_history=victim)
         if victim:
@@ -746,8 +800,11 @@ class Store:
         live_ids = {r.row.container_id for r in self._states.values() if r.row.container_id}
         for container_id in list(self._refs):
             if container_id not in states and container_id not in live_ids:
-                for table in (self._refs, self._container_totals, self._container_history):
-                    table.pop(container_id, None)  # type: ignore[attr-defined]
+                self._refs.pop(container_id, None)
+                self._container_totals.pop(container_id, None)
+                slot = self._container_slot.pop(container_id, None)
+                if slot is not None:
+                    self._container_histories.drop_row(slot)
         self._container_states = dict(states)
 
     def container_rows(self) -> tuple[ContainerRow, ...]:
@@ -794,7 +851,7 @@ class Store:
 
     def history(self, key: ProcessKey) -> tuple[HistoryPoint, ...]:
         state = self._states.get(key)
-        return state.history.points() if state else ()
+        return self._histories.points(state.slot) if state else ()
 
     def snapshot(self, now: float | None = None, include_histories: bool = False) -> Snapshot:
         now = time.time() if now is None else now
@@ -806,7 +863,9 @@ class Store:
                 self._focus_reading,
                 self.leaks.rows(older_than_s=self.leak_older_s, pid=self.focus_key.pid),
             )
-        histories = {k: s.history.points() for k, s in self._states.items()} if include_histories else {}
+        histories = (
+            {k: self._histories.points(s.slot) for k, s in self._states.items()} if include_histories else {}
+        )
         containers = self.container_rows()
         labels = {c.id: c.label for c in containers}
         for s in self._states.values():  # a container's name, once known, is kept on its rows
@@ -839,8 +898,8 @@ class Store:
             leak_older_s=self.leak_older_s,
             leak_user_pid=self.leak_user_pid,
             container_histories={
-                k: v.points()
-                for k, v in self._container_history.items()
+                k: self._container_histories.points(slot)
+                for k, slot in self._container_slot.items()
                 if include_histories or k == self.focus_container
             },
         )

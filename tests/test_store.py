@@ -2,6 +2,9 @@ from dataclasses import replace
 
 from memtop.model import IRQ_TGID, KmallocCounters, KmallocReading, ProcInfo
 from memtop.store import (
+    COARSE_STEP_S,
+    RECENT_S,
+    HistoryTable,
     HostInfo,
     ProcessKey,
     ProcessRow,
@@ -107,6 +110,78 @@ def test_ten_minutes_of_history_at_the_fastest_interval() -> None:
         store.ingest(1000.0 + i * 0.25, reading(p1=(i, i, i)), {1: info(1)})
     history = store.history(ProcessKey(1, 100.0))
     assert history[-1].t - history[0].t >= 600.0 - 0.25
+
+
+def test_history_table_keeps_every_tick_then_one_per_coarse_step() -> None:
+    table = HistoryTable(history_s=600.0)
+    slot = table.add_row()
+    for t in range(1, 1001):
+        b, c, m = table.start_tick(float(t))
+        b[slot], c[slot], m[slot] = t * 2.0, t * 1.0, -1.0 if t % 2 else t * 4096.0
+    points = table.points(slot)
+    times = [p.t for p in points]
+    assert times == sorted(times) and times[-1] == 1000.0
+    assert times[0] <= 400.0 < times[1]  # one at or before the horizon, then nothing older
+    recent = [t for t in times if t >= 1000.0 - RECENT_S]
+    assert recent == [float(t) for t in range(int(1000 - RECENT_S), 1001)]
+    coarse = [t for t in times if t < 1000.0 - RECENT_S]
+    assert all(b - a >= COARSE_STEP_S for a, b in zip(coarse, coarse[1:], strict=False))
+    last = points[-1]
+    assert (last.kmalloc_bytes_per_s, last.kmalloc_calls_per_s, last.memory_bytes) == (
+        2000.0,
+        1000.0,
+        4096000,
+    )
+    assert points[-2].memory_bytes is None  # -1 in the column: unknown
+
+
+def test_history_table_reuses_its_columns() -> None:
+    """A steady host allocates no new columns once the history is full (aged ones are reused)."""
+    table = HistoryTable(history_s=600.0)
+    slot = table.add_row()
+    columns = set()
+    for t in range(1, 3001):
+        b, c, m = table.start_tick(float(t))
+        b[slot] = c[slot] = m[slot] = 0.0
+        if t > 1000:
+            columns.add(id(b))
+    assert len(columns) <= len(table.points(slot)) + 1
+
+
+def test_history_table_slot_reuse_and_growth() -> None:
+    """A slot given to a new row after its row went shows none of the old row's samples; growing past
+    the capacity keeps every row's samples."""
+    table = HistoryTable(history_s=600.0, capacity=4)
+    first = [table.add_row() for _ in range(4)]
+    for t in (1.0, 2.0):
+        b, c, m = table.start_tick(t)
+        for slot in first:
+            b[slot], c[slot], m[slot] = slot + t, 0.0, -1.0
+    table.drop_row(first[0])
+    b, c, m = table.start_tick(3.0)
+    more = [table.add_row() for _ in range(100)]  # the first reuses first[0]'s slot, then it grows
+    assert more[0] == first[0]
+    for slot in first[1:] + more:
+        b[slot], c[slot], m[slot] = 1000.0 + slot, 0.0, -1.0
+    assert [p.t for p in table.points(more[0])] == [3.0]
+    assert [p.kmalloc_bytes_per_s for p in table.points(first[1])] == [
+        first[1] + 1.0,
+        first[1] + 2.0,
+        1000.0 + first[1],
+    ]
+    assert [p.kmalloc_bytes_per_s for p in table.points(more[-1])] == [1000.0 + more[-1]]
+
+
+def test_pid_churn_keeps_histories_apart() -> None:
+    """Processes that come and go (slots reused) each show only their own samples."""
+    store = new_store(exited_keep_s=2.0)
+    for t in range(1, 40):
+        pid = 10 + t // 5  # a new process every 5 ticks, the old one exits
+        store.ingest(
+            1000.0 + t, reading(**{f"p{pid}": (t, t * 100, t * 100)}), {pid: info(pid, start=float(pid))}
+        )
+    history = store.history(ProcessKey(17, 17.0))
+    assert [p.t for p in history] == [1035.0, 1036.0, 1037.0, 1038.0, 1039.0]
 
 
 def test_sort_on_raw_values_with_unknowns_last() -> None:
