@@ -514,9 +514,8 @@ class Store:
             rss = row.rss_bytes
             history_memory[slot] = -1.0 if rss is None else rss
 
-        for key, state in list(self._states.items()):
-            if key in seen:
-                continue
+        for key in self._states.keys() - seen:  # a C-level difference: nearly every row was seen
+            state = self._states[key]
             row = state.row
             if row.exited and row.exited_at is not None and now - row.exited_at > self.exited_keep_s:
                 del self._states[key]

@@ -705,3 +705,53 @@ def test_names_go_once_a_process_has_no_aggregate_left_empty_or_not(monkeypatch)
     reading = probe._read("kernel", {live: (64, 1), freed: (0, 0)})
     assert [s.pid for s in reading.stacks] == [100]  # the empty one is not shown...
     assert seen == [{100, 200}]  # ...but its process still has an aggregate: its name stays for now
+
+
+def test_reconcile_and_the_age_scan_share_one_read_of_the_address_map(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """reconcile() retires the oldest records of a cache over its live count; the age scan of the same read
+    uses that read of the address map (one batch lookup of up to 100k records, not two), without the
+    records just retired: their ages must not show as the oldest."""
+    import ctypes
+
+    import memtop.probes.leaks as probes_leaks
+    from memtop.probes.leaks import AGG_KEY, ALLOC_INFO, CACHE_SHIFT, KernelLeakProbe
+
+    cid = 5
+    source = cid << CACHE_SHIFT
+    now = 1000 * S
+    records = [(256, now - (10 - i) * S, 7, 3, 1, source) for i in range(6)]  # oldest first
+    records.append((64, now - 50 * S, 8, 4, 1, 0))  # another process, no cache: never retired
+    keys = b"".join(struct.pack("<Q", 0x1000 + i) for i in range(len(records)))
+    values = b"".join(ALLOC_INFO.pack(*r) for r in records)
+    reads: list[bytes] = []
+
+    def entries(name: bytes) -> tuple[bytes, bytes, int]:
+        reads.append(name)
+        assert name == b"allocs"
+        return keys, values, len(records)
+
+    class Value(ctypes.Structure):
+        _fields_ = [("bytes", ctypes.c_int64), ("allocations", ctypes.c_int64)]
+
+    agg = AGG_KEY.pack(3, 7, source, 0)
+
+    class Outstanding(dict):  # type: ignore[type-arg]
+        class Key:
+            @staticmethod
+            def from_buffer_copy(raw: bytes) -> bytes:
+                return raw
+
+    outstanding = Outstanding({agg: [Value(6 * 256, 6)]})
+    probe = KernelLeakProbe(sample_every=1)
+    probe.bpf = {b"outstanding": outstanding}
+    monkeypatch.setattr(probe, "_entries", entries)
+    monkeypatch.setattr(probe, "_delete", lambda name, keys: [])
+    monkeypatch.setattr(probes_leaks, "slab_active_objects", lambda: {})
+    monkeypatch.setattr(probes_leaks, "cache_limits", lambda active: {cid: ("skbuff_head_cache", 2)})
+    corrected = probe.reconcile({agg: (6 * 256, 6)})
+    assert corrected[agg] == (2 * 256, 2) and probe.freed_untraced == {"skbuff_head_cache": 4}
+    ages = probe._read_ages(now)
+    assert reads == [b"allocs"]  # read once, by reconcile
+    assert ages.entries == 3 and ages.oldest[(3, 7, source)] == now - 6 * S  # the two newest are left
+    assert ages.oldest[(4, 8, 0)] == now - 50 * S
+    assert probe._allocs_read is None  # used once: a later read reads the map itself
