@@ -13,6 +13,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from itertools import compress
 from typing import Any, NamedTuple, TypeVar
 
 from memtop.containers import (
@@ -796,7 +797,7 @@ class Store:
         and with no process rows left are forgotten."""
         for container_id, cstate in states.items():
             self._refs.setdefault(container_id, cstate.ref)
-        live_ids = {r.row.container_id for r in self._states.values() if r.row.container_id}
+        live_ids = set(map(_container_id, map(_state_row, self._states.values())))
         for container_id in list(self._refs):
             if container_id not in states and container_id not in live_ids:
                 self._refs.pop(container_id, None)
@@ -809,10 +810,10 @@ class Store:
     def container_rows(self) -> tuple[ContainerRow, ...]:
         rows = []
         live_pids: dict[str, list[int]] = {}
-        for state in self._states.values():
+        for state in self._in_containers():
             row = state.row
-            if row.container_id and not row.exited:
-                live_pids.setdefault(row.container_id, []).append(row.pid)
+            if not row.exited:
+                live_pids.setdefault(row.container_id, []).append(row.pid)  # type: ignore[arg-type]
         kills: dict[str, int] = {}
         for event in self._oom:
             if event.container_id:
@@ -846,6 +847,12 @@ class Store:
             )
         return tuple(rows)
 
+    def _in_containers(self) -> Iterable[_ProcState]:
+        """The states of rows placed in a container, picked in C (a busy host's rows are mostly the
+        host's, and several passes a tick look only at these)."""
+        states = self._states.values()
+        return compress(states, map(_container_id, map(_state_row, states)))
+
     # -- output ---------------------------------------------------------------------------------------
 
     def history(self, key: ProcessKey) -> tuple[HistoryPoint, ...]:
@@ -867,10 +874,10 @@ class Store:
         )
         containers = self.container_rows()
         labels = {c.id: c.label for c in containers}
-        for s in self._states.values():  # a container's name, once known, is kept on its rows
-            if s.row.container_id and s.row.container != labels.get(s.row.container_id, ""):
-                s.row = _evolve(s.row, {"container": labels.get(s.row.container_id, "")})
-        processes = tuple(s.row for s in self._states.values())
+        for s in self._in_containers():  # a container's name, once known, is kept on its rows
+            if s.row.container != labels.get(s.row.container_id, ""):  # type: ignore[arg-type]
+                s.row = _evolve(s.row, {"container": labels.get(s.row.container_id, "")})  # type: ignore[arg-type]
+        processes = tuple(map(_state_row, self._states.values()))
         return Snapshot(
             taken_at=now,
             duration_s=max(0.0, now - (self.kmalloc_since or self.started_at)),
@@ -904,6 +911,8 @@ class Store:
         )
 
 
+_state_row = operator.attrgetter("row")
+_container_id = operator.attrgetter("container_id")
 _new_object = object.__new__
 _set_attribute = object.__setattr__  # the frozen class's own __setattr__ refuses
 
