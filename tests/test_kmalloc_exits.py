@@ -9,6 +9,8 @@ import ctypes
 import struct
 import weakref
 
+import pytest
+
 from memtop.probes.kmalloc import KmallocProbe
 
 
@@ -83,3 +85,30 @@ def test_a_failing_exits_map_reads_as_no_exits() -> None:
             raise OSError("gone")
 
     assert probe_with(Broken([5]), batch=False)._read_exits() == frozenset()
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4])
+def test_pid_stats_sum_every_cpus_copy(monkeypatch, cpus: int) -> None:  # type: ignore[no-untyped-def]
+    """pid_stats is per-CPU: an entry's (calls, bytes_alloc, bytes_req) is the sum of every CPU's copy, for
+    any number of CPUs (two take a path of their own, summed column by column)."""
+    entries = {(100 + i, i % 2): [(i + c, 64 * (i + c), 60 * (i + c)) for c in range(cpus)] for i in range(5)}
+    keys = b"".join(struct.pack("=II", *key) for key in entries)
+    values = b"".join(struct.pack("=3Q", *copy) for per_cpu in entries.values() for copy in per_cpu)
+
+    class Leaf(ctypes.Structure):
+        _fields_ = [("v", ctypes.c_uint64 * (3 * cpus))]
+
+    class PidStats:
+        pass
+
+    PidStats.Leaf = Leaf  # type: ignore[attr-defined]
+    probe = KmallocProbe()
+    probe.bpf = {b"pid_stats": PidStats}
+    monkeypatch.setattr(probe, "_entries", lambda name: (keys, values, len(entries)))
+    expected = [
+        (key, tuple(sum(copy[f] for copy in per_cpu) for f in range(3))) for key, per_cpu in entries.items()
+    ]
+    assert probe._read_pid_stats() == expected
+    monkeypatch.setattr(probe, "_entries", lambda name: (keys, values[:-8], len(entries)))
+    with pytest.raises((ValueError, TypeError, struct.error)):
+        probe._read_pid_stats()  # a short buffer is an error, not silently fewer entries

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import operator
 import struct
 import time
 from collections.abc import Callable
@@ -391,13 +392,21 @@ class KmallocProbe(Probe):
                 slow.append(((key.tgid, key.gen), (calls, bytes_alloc, bytes_req)))
             return slow
         per_entry = ctypes.sizeof(self.bpf[b"pid_stats"].Leaf) // 8  # each CPU's (calls, bytes, req)
+        if per_entry == 6:  # two CPUs: the sums column by column, in C (thousands of entries a tick)
+            q = memoryview(values).cast("Q")
+            add = operator.add
+            totals = zip(
+                map(add, q[0::6], q[3::6]),
+                map(add, q[1::6], q[4::6]),
+                map(add, q[2::6], q[5::6]),
+                strict=True,
+            )
+            return list(zip(struct.iter_unpack("=II", keys), totals, strict=True))
         entries = zip(
             struct.iter_unpack("=II", keys), struct.iter_unpack(f"={per_entry}Q", values), strict=True
         )
         if per_entry == 3:
             return list(entries)
-        if per_entry == 6:  # two CPUs
-            return [(key, (v[0] + v[3], v[1] + v[4], v[2] + v[5])) for key, v in entries]
         return [(key, (sum(v[0::3]), sum(v[1::3]), sum(v[2::3]))) for key, v in entries]
 
     def _cgroup_path(self, cgroup_id: int, memcg_id: int) -> str:
