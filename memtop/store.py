@@ -7,6 +7,7 @@ Rates are a pure function of (previous totals, current totals, elapsed). Each pr
 
 from __future__ import annotations
 
+import math
 import operator
 import time
 from array import array
@@ -43,6 +44,9 @@ OOM_LOG_MAX = 1000  # kills kept in the log (newest kept)
 PRE_KILL_S = 60.0  # history kept with each kill
 RECENT_S = 120.0  # histories keep every tick this far back, then one sample per COARSE_STEP_S
 COARSE_STEP_S = 10.0
+# The tick at which a store allocates its whole process history (HistoryTable.reserve): by then the host's
+# processes have been found, so the columns are made at about their final size.
+RESERVE_AT_TICK = 10
 
 
 class ProcessKey(NamedTuple):
@@ -222,6 +226,14 @@ class Snapshot:
         return None
 
 
+def history_columns(interval_s: float, history_s: float) -> int:
+    """Ticks a HistoryTable holds at most at this interval: every tick of the last RECENT_S (and the
+    one at its start), one per COARSE_STEP_S back to the horizon and one at or before it, and the
+    column being written."""
+    recent = math.ceil(min(RECENT_S, history_s) / interval_s) + 1
+    return recent + math.ceil(max(0.0, history_s - RECENT_S) / COARSE_STEP_S) + 2
+
+
 class _Column:
     """One tick's samples of every row of a HistoryTable, indexed by slot."""
 
@@ -274,6 +286,12 @@ class HistoryTable:
         slot = self._free.pop()
         self._born[slot] = self._serial
         return slot
+
+    def reserve(self, columns: int) -> None:
+        """Allocate now the columns for `columns` ticks in all (a full history at the current interval),
+        so that the table's memory reaches its plateau early rather than over the first `history_s`."""
+        made = len(self._recent) + len(self._coarse) + len(self._spare)
+        self._spare.extend(_Column(self._capacity) for _ in range(columns - made))
 
     def drop_row(self, slot: int) -> None:
         """The row is gone: its slot goes to a later row (whose history starts after this one's)."""
@@ -368,6 +386,7 @@ class Store:
         self._container_totals: dict[str, list[float]] = {}  # id -> [bytes/s, calls/s, bytes, calls]
         self._container_states: dict[str, ContainerState] = {}
         self._histories = HistoryTable(history_s)  # every process row's, by _ProcState.slot
+        self._ticks = 0
         self._container_histories = HistoryTable(history_s)
         self._container_slot: dict[str, int] = {}  # container id -> its slot there
         self.focus_container: str | None = None  # its history goes in every snapshot
@@ -422,6 +441,9 @@ class Store:
             )
         else:
             elapsed = 0.0
+        self._ticks += 1
+        if self._ticks == RESERVE_AT_TICK:
+            self._histories.reserve(history_columns(self.interval_s, self.history_s))
         history_bytes, history_calls, history_memory = self._histories.start_tick(now)
         forget: list[int] = []
         total_bytes = total_calls = 0.0

@@ -1,5 +1,7 @@
 from dataclasses import replace
 
+import pytest
+
 from memtop.model import IRQ_TGID, KmallocCounters, KmallocReading, ProcInfo
 from memtop.store import (
     COARSE_STEP_S,
@@ -12,6 +14,7 @@ from memtop.store import (
     Store,
     counter_delta,
     filter_rows,
+    history_columns,
     sort_rows,
     whole_window_rates,
 )
@@ -146,6 +149,26 @@ def test_history_table_reuses_its_columns() -> None:
         if t > 1000:
             columns.add(id(b))
     assert len(columns) <= len(table.points(slot)) + 1
+
+
+@pytest.mark.parametrize("interval", [0.25, 1.0, 3.0, 10.0])
+def test_a_reserved_history_table_allocates_no_column_later(interval: float) -> None:
+    """reserve(history_columns(...)) makes every column a full history at that interval needs: ticks after
+    it only reuse them (the store's memory reaches its plateau in seconds, not over ten minutes)."""
+    table = HistoryTable(history_s=600.0)
+    slot = table.add_row()
+    made: set[int] = set()
+    ticks = int(1800 / interval)
+    for i in range(1, ticks + 1):
+        if i == 10:
+            table.reserve(history_columns(interval, 600.0))
+            made |= {id(c.bytes_per_s) for c in (*table._recent, *table._coarse, *table._spare)}
+        b, c, m = table.start_tick(i * interval)
+        b[slot] = c[slot] = m[slot] = 0.0
+        if i >= 10:
+            assert id(b) in made, f"a new column at tick {i}"
+    points = table.points(slot)
+    assert points[-1].t - points[0].t >= 600.0 - interval
 
 
 def test_history_table_slot_reuse_and_growth() -> None:
