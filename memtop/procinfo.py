@@ -137,7 +137,8 @@ class _Proc:
     )
     statm: bytes = b""  # the last /proc/PID/statm read: unchanged bytes mean an unchanged process
     quiet: int = 0  # reads in a row that found statm unchanged
-    skip: int = 0  # ticks left before statm is read again (a quiet process is read less often)
+    skip: int = 0  # ticks to leave out before statm is read again (a quiet process is read less often)
+    read_at: int = 0  # the scan (ProcScanner._tick) that reads it next
 
 
 class ProcScanner:
@@ -158,6 +159,10 @@ class ProcScanner:
         limit = raise_fd_limit(65536) if max_fds is None else max_fds + FD_RESERVE
         self._fd_budget = max(0, limit - FD_RESERVE)
         self._fds_open = 0
+        self._out: dict[int, ProcInfo] = {}  # what the last scan returned
+        self._tick = 0  # scans made
+        self._due: dict[int, list[int]] = {}  # scan number -> PIDs to read then (stale entries are skipped)
+        self._kernel_last: Mapping[int, KernelIdentity] = {}  # the kernel's word at the last scan
         # Counters of the work done, for tests and the benchmark (the cost per tick must stay flat).
         self.files_opened = 0
 
@@ -169,6 +174,8 @@ class ProcScanner:
         for proc in self._procs.values():
             self._drop_fd(proc)
         self._procs.clear()
+        self._out.clear()
+        self._due.clear()
 
     def __del__(self) -> None:  # pragma: no cover - a safety net; close() is the API
         with contextlib.suppress(Exception):
@@ -201,29 +208,35 @@ class ProcScanner:
         except OSError:
             return {}
         pids = list(map(int, filter(str.isdigit, names)))  # C-level loops: thousands of names a tick
-        out: dict[int, ProcInfo] = {}
-        procs = self._procs
+        listed = set(pids)
+        procs, out = self._procs, self._out
+        for pid in procs.keys() - listed:  # listed no more: exited and reaped
+            self._forget(pid)
+        self._tick += 1
+        # Only some processes need a look this tick, picked with set operations in C: the new ones, those
+        # due for a read (read_at, see _schedule), those the kernel says something of that it did not say
+        # at the last scan, and those asked for. The others (most of a busy host) keep their last reading.
+        news = {pid for pid, _identity in kernel.items() - self._kernel_last.items()}
+        self._kernel_last = kernel
+        look = (listed - procs.keys()) | news | forced
+        look.update(self._due.pop(self._tick, ()))
         ids: tuple[int, int] | None
         kname: tuple[int, str] | None
         info: ProcInfo | None
-        for pid in pids:
+        for pid in filter(look.__contains__, pids):  # in listing order (a first scan's budget cuts it)
             proc = procs.get(pid)
             seen = kernel.get(pid)
             if proc is not None:
                 if seen is None or seen is proc.kernel_seen:  # nothing new from the kernel
                     ids = kname = None
-                    news = False
+                    has_news = False
                 else:
                     proc.kernel_seen = seen
                     ids, kname = (seen[1], seen[3]), (seen[4] | seen[5] << 32, seen[0])
-                    news = kname != proc.kernel_name or (ids != proc.kernel_ids and any(ids))
-                if proc.skip > 0 and not news and not (forced and pid in forced):
-                    proc.skip -= 1  # quiet, and the kernel says nothing new of it: its last reading
-                    info = proc.info
-                    if not (info.kernel_thread or info.rss_bytes or info.vms_bytes):  # _alive, inlined
-                        info = None
-                else:
-                    info = self._refresh(pid, proc, ids, kname)
+                    has_news = kname != proc.kernel_name or (ids != proc.kernel_ids and any(ids))
+                if proc.read_at > self._tick and not has_news and pid not in forced:
+                    continue  # quiet, and the kernel says nothing new of it: its last reading stays
+                info = self._refresh(pid, proc, ids, kname)
             elif deadline is not None and time.monotonic() > deadline:
                 continue
             else:
@@ -231,18 +244,30 @@ class ProcScanner:
                 if seen is not None:
                     ids, kname = (seen[1], seen[3]), (seen[4] | seen[5] << 32, seen[0])
                 info = self._discover(pid, ids, kname)
-            if info is not None:
+            proc = procs.get(pid)
+            if proc is not None:  # a zombie too (read again now and then until it is reaped)
+                self._schedule(pid, proc)
+            if info is None:
+                out.pop(pid, None)
+            else:
                 out[pid] = info
-        for pid in procs.keys() - set(pids):  # listed no more: exited and reaped
-            self._forget(pid)
-        return out
+        return dict(out)
+
+    def _schedule(self, pid: int, proc: _Proc) -> None:
+        """Read `pid` again at the tick after next `proc.skip` ticks (a quiet process less often)."""
+        proc.read_at = self._tick + 1 + proc.skip
+        self._due.setdefault(proc.read_at, []).append(pid)
 
     def read(self, pid: int) -> ProcInfo | None:
         """One process now (for a PID asked for by a user); None if it does not exist."""
         proc = self._procs.get(pid)
-        if proc is not None:
-            return self._refresh(pid, proc, None, None)
-        return self._discover(pid, None, None)
+        info = self._refresh(pid, proc, None, None) if proc is not None else self._discover(pid, None, None)
+        proc = self._procs.get(pid)
+        if proc is not None:  # known now: the scans look at it from the next on (a new one is not "new" then)
+            self._schedule(pid, proc)
+            if info is not None:
+                self._out[pid] = info
+        return info
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -401,6 +426,7 @@ class ProcScanner:
         return info
 
     def _forget(self, pid: int) -> None:
+        self._out.pop(pid, None)
         proc = self._procs.pop(pid, None)
         if proc is not None:
             self._drop_fd(proc)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from memtop.model import KernelIdentity
-from memtop.procinfo import QUIET_MAX_SKIP, ProcScanner, parse_stat, parse_statm
+from memtop.procinfo import PAGE_SIZE, QUIET_MAX_SKIP, ProcScanner, parse_stat, parse_statm
 
 
 def exec_sleep(proc: subprocess.Popen[str]) -> None:
@@ -179,4 +179,63 @@ def test_a_live_process_with_no_resident_pages_stays_listed(tmp_path: Path) -> N
         seen = [4242 in scanner.scan() for _ in range(QUIET_MAX_SKIP + 3)]
         assert not any(seen[QUIET_MAX_SKIP + 1 :]), seen
     finally:
+        scanner.close()
+
+
+def test_quiet_processes_are_not_looked_at_between_their_reads(tmp_path: Path) -> None:
+    """Quiet processes are each read once in QUIET_MAX_SKIP + 1 scans (a scan looks only at those due, the
+    new ones and those the kernel or the caller names), yet every scan lists them all with their last
+    reading, and a change of RSS is seen by the time the quiet skip ends."""
+    count = 50
+    for pid in range(1000, 1000 + count):
+        proc_dir = tmp_path / str(pid)
+        proc_dir.mkdir()
+        stat = f"{pid} (quiet) S 1 {pid} {pid} 0 -1 4194560" + " 0" * 11 + " 20 0 1 0 12345" + " 0" * 30
+        (proc_dir / "stat").write_text(stat)
+        (proc_dir / "cmdline").write_bytes(b"quiet\0")
+        (proc_dir / "cgroup").write_text("0::/quiet.slice\n")
+        (proc_dir / "statm").write_text("100 10 0 1 0 50 0\n")
+    (tmp_path / "stat").write_text("btime 1700000000\n")
+    scanner = ProcScanner(proc_root=tmp_path)
+    visited: list[int] = []
+    refresh = scanner._refresh
+
+    def counted(pid, *args):  # type: ignore[no-untyped-def]
+        visited.append(pid)
+        return refresh(pid, *args)
+
+    scanner._refresh = counted  # type: ignore[method-assign]
+    try:
+        for _ in range(30):
+            assert len(scanner.scan()) == count
+        visited.clear()
+        for _ in range(QUIET_MAX_SKIP + 1):
+            listed = scanner.scan()
+            assert len(listed) == count and listed[1000].rss_bytes == 10 * PAGE_SIZE
+        assert len(visited) == count  # each read once in QUIET_MAX_SKIP + 1 scans, no more
+        (tmp_path / "1007" / "statm").write_text("100 20 0 1 0 50 0\n")
+        seen = [scanner.scan()[1007].rss_bytes for _ in range(QUIET_MAX_SKIP + 1)]
+        assert seen[-1] == 20 * PAGE_SIZE, seen
+    finally:
+        scanner.close()
+
+
+def test_a_process_read_on_request_is_listed_by_the_next_scans() -> None:
+    """read(pid) (a PID a user asked for) makes the process known between scans: the scans that follow
+    must still list it, and see it exit."""
+    scanner = ProcScanner()
+    scanner.scan()
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        info = scanner.read(child.pid)
+        assert info is not None and info.pid == child.pid
+        for _ in range(QUIET_MAX_SKIP + 3):
+            assert child.pid in scanner.scan()
+        child.kill()
+        child.wait()
+        assert child.pid not in scanner.scan()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
         scanner.close()
