@@ -220,6 +220,22 @@ class ProcScanner:
         self._kernel_last = kernel
         look = (listed - procs.keys()) | news | forced
         look.update(self._due.pop(self._tick, ()))
+        try:
+            self._look(pids, look, kernel, forced, deadline)
+        except BaseException:  # what was due and not read yet is due at the next scan
+            self._due.setdefault(self._tick + 1, []).extend(look)
+            raise
+        return dict(out)
+
+    def _look(
+        self,
+        pids: list[int],
+        look: set[int],
+        kernel: Mapping[int, KernelIdentity],
+        forced: set[int],
+        deadline: float | None,
+    ) -> None:
+        procs, out = self._procs, self._out
         ids: tuple[int, int] | None
         kname: tuple[int, str] | None
         info: ProcInfo | None
@@ -251,7 +267,6 @@ class ProcScanner:
                 out.pop(pid, None)
             else:
                 out[pid] = info
-        return dict(out)
 
     def _schedule(self, pid: int, proc: _Proc) -> None:
         """Read `pid` again at the tick after next `proc.skip` ticks (a quiet process less often)."""

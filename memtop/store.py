@@ -231,7 +231,7 @@ def history_columns(interval_s: float, history_s: float) -> int:
     one at its start), one per COARSE_STEP_S back to the horizon and one at or before it, and the
     column being written."""
     recent = math.ceil(min(RECENT_S, history_s) / interval_s) + 1
-    return recent + math.ceil(max(0.0, history_s - RECENT_S) / COARSE_STEP_S) + 2
+    return recent + math.ceil(max(0.0, history_s - RECENT_S) / max(COARSE_STEP_S, interval_s)) + 2
 
 
 class _Column:
@@ -262,7 +262,17 @@ class HistoryTable:
     for new ticks, so a steady host allocates nothing here: per-row arrays that grew, aged and were
     freed as processes came and went fragmented both allocators (RSS that crept up for an hour)."""
 
-    __slots__ = ("history_s", "_capacity", "_born", "_free", "_recent", "_coarse", "_spare", "_serial")
+    __slots__ = (
+        "history_s",
+        "_capacity",
+        "_born",
+        "_free",
+        "_recent",
+        "_coarse",
+        "_spare",
+        "_serial",
+        "_limit",
+    )
 
     def __init__(self, history_s: float, capacity: int = 64) -> None:
         self.history_s = history_s
@@ -273,6 +283,7 @@ class HistoryTable:
         self._coarse: deque[_Column] = deque()
         self._spare: list[_Column] = []
         self._serial = 0
+        self._limit = 0  # columns to hold at most, once reserve() said (0: no limit)
 
     def add_row(self) -> int:
         """A slot for a new row, whose history starts with the current tick (call it within a tick)."""
@@ -288,8 +299,10 @@ class HistoryTable:
         return slot
 
     def reserve(self, columns: int) -> None:
-        """Allocate now the columns for `columns` ticks in all (a full history at the current interval),
-        so that the table's memory reaches its plateau early rather than over the first `history_s`."""
+        """Hold the columns for `columns` ticks in all (a full history at the current interval): made now,
+        so that the table's memory reaches its plateau early rather than over the first `history_s`; from
+        then on, columns beyond that are freed as they age out (the interval grew)."""
+        self._limit = columns
         made = len(self._recent) + len(self._coarse) + len(self._spare)
         self._spare.extend(_Column(self._capacity) for _ in range(columns - made))
 
@@ -313,6 +326,8 @@ class HistoryTable:
         if not coarse:
             while recent and recent[0].t < horizon:
                 spare.append(recent.popleft())
+        if self._limit and len(spare) > 1 and len(recent) + len(coarse) + len(spare) > self._limit:
+            del spare[: len(recent) + len(coarse) + len(spare) - self._limit]  # the interval grew
         column = spare.pop() if spare else _Column(self._capacity)
         self._serial += 1
         column.t, column.serial = now, self._serial
@@ -387,6 +402,7 @@ class Store:
         self._container_states: dict[str, ContainerState] = {}
         self._histories = HistoryTable(history_s)  # every process row's, by _ProcState.slot
         self._ticks = 0
+        self._reserved_for = 0.0  # the interval the history's columns were last reserved for
         self._container_histories = HistoryTable(history_s)
         self._container_slot: dict[str, int] = {}  # container id -> its slot there
         self.focus_container: str | None = None  # its history goes in every snapshot
@@ -442,7 +458,9 @@ class Store:
         else:
             elapsed = 0.0
         self._ticks += 1
-        if self._ticks == RESERVE_AT_TICK:
+        # Once the host's processes are known, and again whenever the interval changes.
+        if self._ticks >= RESERVE_AT_TICK and self._reserved_for != self.interval_s:
+            self._reserved_for = self.interval_s
             self._histories.reserve(history_columns(self.interval_s, self.history_s))
         history_bytes, history_calls, history_memory = self._histories.start_tick(now)
         forget: list[int] = []

@@ -3,6 +3,7 @@ through the kept statm descriptor, names after exec."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -182,40 +183,78 @@ def test_a_live_process_with_no_resident_pages_stays_listed(tmp_path: Path) -> N
         scanner.close()
 
 
-def test_quiet_processes_are_not_looked_at_between_their_reads(tmp_path: Path) -> None:
-    """Quiet processes are each read once in QUIET_MAX_SKIP + 1 scans (a scan looks only at those due, the
-    new ones and those the kernel or the caller names), yet every scan lists them all with their last
-    reading, and a change of RSS is seen by the time the quiet skip ends."""
-    count = 50
-    for pid in range(1000, 1000 + count):
-        proc_dir = tmp_path / str(pid)
+def fake_proc(root: Path, pids: range) -> None:
+    for pid in pids:
+        proc_dir = root / str(pid)
         proc_dir.mkdir()
         stat = f"{pid} (quiet) S 1 {pid} {pid} 0 -1 4194560" + " 0" * 11 + " 20 0 1 0 12345" + " 0" * 30
         (proc_dir / "stat").write_text(stat)
         (proc_dir / "cmdline").write_bytes(b"quiet\0")
         (proc_dir / "cgroup").write_text("0::/quiet.slice\n")
         (proc_dir / "statm").write_text("100 10 0 1 0 50 0\n")
-    (tmp_path / "stat").write_text("btime 1700000000\n")
+    (root / "stat").write_text("btime 1700000000\n")
+
+
+class CountingDict(dict):  # type: ignore[type-arg]
+    """The scanner's process table, counting the lookups a scan makes (one per process it looks at)."""
+
+    gets = 0
+
+    def get(self, key, default=None):  # type: ignore[no-untyped-def]
+        CountingDict.gets += 1
+        return super().get(key, default)
+
+
+def test_quiet_processes_are_not_looked_at_between_their_reads(tmp_path: Path) -> None:
+    """A scan looks only at the processes due for a read (each quiet one once in QUIET_MAX_SKIP + 1 scans),
+    not at every listed one (5,000 Python iterations a tick on a busy host), yet lists them all with their
+    last reading; a change of RSS is seen by the time the quiet skip ends."""
+    count = 50
+    fake_proc(tmp_path, range(1000, 1000 + count))
     scanner = ProcScanner(proc_root=tmp_path)
-    visited: list[int] = []
-    refresh = scanner._refresh
-
-    def counted(pid, *args):  # type: ignore[no-untyped-def]
-        visited.append(pid)
-        return refresh(pid, *args)
-
-    scanner._refresh = counted  # type: ignore[method-assign]
     try:
         for _ in range(30):
             assert len(scanner.scan()) == count
-        visited.clear()
+        scanner._procs = CountingDict(scanner._procs)
+        CountingDict.gets = 0
         for _ in range(QUIET_MAX_SKIP + 1):
             listed = scanner.scan()
             assert len(listed) == count and listed[1000].rss_bytes == 10 * PAGE_SIZE
-        assert len(visited) == count  # each read once in QUIET_MAX_SKIP + 1 scans, no more
+        # Each looked at once (twice: the lookup after its read) in QUIET_MAX_SKIP + 1 scans, no more.
+        assert CountingDict.gets <= 2 * count, CountingDict.gets
         (tmp_path / "1007" / "statm").write_text("100 20 0 1 0 50 0\n")
         seen = [scanner.scan()[1007].rss_bytes for _ in range(QUIET_MAX_SKIP + 1)]
         assert seen[-1] == 20 * PAGE_SIZE, seen
+    finally:
+        scanner.close()
+
+
+def test_a_scan_that_fails_leaves_nothing_unread(tmp_path: Path) -> None:
+    """An error part-way through a scan (an unexpected errno from a read) must not leave the processes it
+    had not reached without a schedule: the next scan reads them."""
+    count = 20
+    fake_proc(tmp_path, range(1000, 1000 + count))
+    scanner = ProcScanner(proc_root=tmp_path)
+    try:
+        for _ in range(30):
+            scanner.scan()
+        for pid in range(1000, 1000 + count):
+            (tmp_path / str(pid) / "statm").write_text("100 30 0 1 0 50 0\n")
+        refresh = scanner._refresh
+        calls = [0]
+
+        def failing(pid, *args):  # type: ignore[no-untyped-def]
+            calls[0] += 1
+            if calls[0] == 2:
+                raise OSError(5, "unexpected")
+            return refresh(pid, *args)
+
+        scanner._refresh = failing  # type: ignore[method-assign]
+        for _ in range(QUIET_MAX_SKIP + 2):
+            with contextlib.suppress(OSError):
+                scanner.scan()
+        listed = scanner.scan()
+        assert {info.rss_bytes for info in listed.values()} == {30 * PAGE_SIZE}
     finally:
         scanner.close()
 

@@ -151,7 +151,7 @@ def test_history_table_reuses_its_columns() -> None:
     assert len(columns) <= len(table.points(slot)) + 1
 
 
-@pytest.mark.parametrize("interval", [0.25, 1.0, 3.0, 10.0])
+@pytest.mark.parametrize("interval", [0.25, 1.0, 3.0, 10.0, 30.0, 60.0])
 def test_a_reserved_history_table_allocates_no_column_later(interval: float) -> None:
     """reserve(history_columns(...)) makes every column a full history at that interval needs: ticks after
     it only reuse them (the store's memory reaches its plateau in seconds, not over ten minutes)."""
@@ -169,6 +169,37 @@ def test_a_reserved_history_table_allocates_no_column_later(interval: float) -> 
             assert id(b) in made, f"a new column at tick {i}"
     points = table.points(slot)
     assert points[-1].t - points[0].t >= 600.0 - interval
+
+
+@pytest.mark.parametrize("interval", [1.0, 10.0, 30.0, 60.0])
+def test_history_columns_are_not_over_reserved(interval: float) -> None:
+    """history_columns() asks for about what a full history uses at that interval (a tick every 30 s
+    cannot give a coarse column every 10 s)."""
+    table = HistoryTable(history_s=600.0)
+    slot = table.add_row()
+    most = 0
+    for i in range(1, int(1800 / interval) + 1):
+        b, c, m = table.start_tick(i * interval)
+        b[slot] = c[slot] = m[slot] = 0.0
+        most = max(most, len(table._recent) + len(table._coarse))
+    assert most <= history_columns(interval, 600.0) <= most + 3
+
+
+def test_a_longer_interval_frees_the_spare_columns() -> None:
+    """The store reserves the history again when the interval changes: columns a shorter interval needed
+    are freed when it grows."""
+    store = new_store()
+    store.interval_s = 0.25
+    for i in range(1, 481):
+        store.ingest(1000.0 + i * 0.25, reading(p1=(i, i, i)), {1: info(1)})
+    table = store._histories
+    assert len(table._recent) + len(table._coarse) + len(table._spare) >= history_columns(0.25, 600.0)
+    for i in range(1, 200):  # at 0.25 s the first 2 minutes were 480 ticks: they age out at 5 s
+        store.interval_s = 5.0
+        store.ingest(1120.0 + i * 5.0, reading(p1=(1000 + i, 1000 + i, 1000 + i)), {1: info(1)})
+    assert len(table._recent) + len(table._coarse) + len(table._spare) <= history_columns(5.0, 600.0)
+    history = store.history(ProcessKey(1, 100.0))
+    assert history[-1].t == 1120.0 + 199 * 5.0 and history[-1].t - history[0].t >= 600.0
 
 
 def test_history_table_slot_reuse_and_growth() -> None:

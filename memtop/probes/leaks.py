@@ -125,8 +125,7 @@ ADAPT_FRESH_S = 0.5  # a read this soon after adapt() leaves the sampler alone
 
 
 def _without_records(values: bytes, count: int, indices: list[int]) -> bytes:
-    """The first `count` alloc_info records of `values` (a copy: the reader's buffer is reused) but
-    those at `indices`."""
+    """The first `count` alloc_info records of `values` but those at `indices`."""
     size = ALLOC_INFO.size
     view = memoryview(values)
     parts = []
@@ -175,9 +174,9 @@ class _LeakProbe(Probe):
         self._last_sweep = 0.0
         self._ages = _Ages()
         self._last_age_scan = 0.0
-        # The address map as this read's reconcile() read it (records it retired left out): the age scan
-        # uses it instead of reading the map again.
-        self._allocs_read: tuple[bytes, int] | None = None
+        # The address map as this read's reconcile() read it, with the records it retired: the age scan
+        # uses it (those left out) instead of reading the map again.
+        self._allocs_read: tuple[bytes, int, list[int]] | None = None  # (records, count, indices retired)
         self._comms: dict[int, str] = {}
 
     def cflags(self) -> list[str]:
@@ -231,7 +230,8 @@ class _LeakProbe(Probe):
         if self._last_age_scan and now - self._last_age_scan < wait:
             return self._ages
         if shared is not None:
-            values, count = shared
+            values, count, taken = shared
+            values, count = _without_records(values, count, taken), count - len(taken)
         else:
             _keys, values, count = self._entries(b"allocs")
         self._ages = scan_ages(values, count, now_ns)
@@ -680,7 +680,7 @@ class KernelLeakProbe(_LeakProbe):
                 left -= weight
                 chosen.append((raw, size, tgid, stack_id, weight, source, cid))
                 taken.append(i)
-        self._allocs_read = (_without_records(values, count, taken), count - len(taken))
+        self._allocs_read = (values, count, taken)
         # One batch; an allocation freed meanwhile is skipped (its free took it off its aggregate already).
         missing = set(self._delete(b"allocs", [entry[0] for entry in chosen]))
         adjust: dict[bytes, list[int]] = {}
