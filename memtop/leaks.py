@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -303,15 +302,23 @@ _GroupKey = tuple[str, int]  # (kind, stack_id)
 
 
 class _History:
-    """(time, bytes) samples of one series, trimmed to the growth window plus one baseline sample."""
+    """(time, bytes) samples of one series, trimmed to the growth window plus one baseline sample. A list,
+    not a deque: a deque's first block is 528 bytes (glibc's heap, not Python's small-object arenas), and a
+    busy host holds thousands of these, one per stack and process."""
+
+    __slots__ = ("samples",)
 
     def __init__(self) -> None:
-        self.samples: deque[tuple[float, int]] = deque()
+        self.samples: list[tuple[float, int]] = []
 
     def add(self, now: float, value: int, window_s: float) -> None:
-        self.samples.append((now, value))
-        while len(self.samples) >= 2 and self.samples[1][0] <= now - window_s:
-            self.samples.popleft()
+        samples = self.samples
+        samples.append((now, value))
+        old = 0
+        while len(samples) - old >= 2 and samples[old + 1][0] <= now - window_s:
+            old += 1
+        if old:
+            del samples[:old]
 
     def growth(self) -> float:
         if len(self.samples) < 2:

@@ -755,3 +755,17 @@ def test_reconcile_and_the_age_scan_share_one_read_of_the_address_map(monkeypatc
     assert ages.entries == 3 and ages.oldest[(3, 7, source)] == now - 6 * S  # the two newest are left
     assert ages.oldest[(4, 8, 0)] == now - 50 * S
     assert probe._allocs_read is None  # used once: a later read reads the map itself
+
+
+def test_growth_history_keeps_the_window_and_one_baseline_sample() -> None:
+    from memtop.leaks import _History
+
+    history = _History()
+    for t in range(0, 100, 5):
+        history.add(float(t), t * 10, window_s=60.0)
+    times = [t for t, _ in history.samples]
+    assert times[0] <= 95 - 60 < times[1] and times[-1] == 95.0  # one sample at or before the window
+    assert history.growth() == 10.0 and not history.idle()
+    for t in range(100, 200, 5):
+        history.add(float(t), 0, window_s=60.0)
+    assert history.idle() and len(history.samples) <= 60 // 5 + 1
