@@ -306,18 +306,36 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dict[str, Any]:
-    """memtop's RSS and CPU over `seconds` with `count` processes, a tenth of them replaced every
-    `replace_every`: samples of (seconds since the first row, RSS bytes, CPU seconds used so far), and the
-    CPU per 5-minute window (a cost that grows with the run shows there, not in the short runs)."""
+@contextlib.contextmanager
+def soak_terminal(tool: str) -> Iterator[Terminal]:
+    """memtop's TUI, or htop with default settings, at a 1 s interval, once it shows its first rows."""
+    with tempfile.TemporaryDirectory() as home:
+        if tool == "htop":
+            term = Terminal(["/usr/bin/htop", "-d", "10"], env={"HOME": home, "XDG_CONFIG_HOME": home})
+            first = b"PID"
+        else:
+            term = Terminal([sys.executable, "-m", "memtop", "--interval", "1"])
+            first = MEMTOP_FIRST_ROW
+        try:
+            if term.wait_for(first, timeout=60.0) is None:
+                raise harness.BenchError(f"{tool} drew no process row within 60 s")
+            yield term
+        finally:
+            term.close()
+
+
+def soak(
+    workdir: Path, count: int, seconds: float, replace_every: float, tool: str = "memtop"
+) -> dict[str, Any]:
+    """`tool`'s (memtop's, or htop's as the peer) RSS and CPU over `seconds` with `count` processes, a tenth
+    of them replaced every `replace_every`: samples of (seconds since the first row, RSS bytes, CPU seconds
+    used so far), and the CPU per 5-minute window (a cost that grows with the run shows there, not in the
+    short runs)."""
     groups = 10
     samples: list[tuple[float, int, float]] = []
     with busy_processes(workdir, count, groups=groups) as procs:
         binary = workdir / "busy_children"
-        term = Terminal([sys.executable, "-m", "memtop", "--interval", "1"])
-        try:
-            if term.wait_for(MEMTOP_FIRST_ROW, timeout=60.0) is None:
-                raise harness.BenchError("memtop drew no process row within 60 s")
+        with soak_terminal(tool) as term:
             start = time.monotonic()
             next_replace = start + replace_every
             victim = 0
@@ -330,11 +348,10 @@ def soak(workdir: Path, count: int, seconds: float, replace_every: float) -> dic
                     next_replace += replace_every
                 time.sleep(min(10.0, max(1.0, seconds / 60)))
             term.quit()
-        finally:
-            term.close()
     five_min = min(300.0, seconds / 2)
     after = [rss for t, rss, _cpu in samples if t >= five_min]
     return {
+        "tool": tool,
         "processes": count,
         "seconds": seconds,
         "replaced_every_s": replace_every,
@@ -375,6 +392,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--presses", type=harness.int_in(1, 1000), default=20, help="sort keys pressed per tool"
     )
     parser.add_argument("--soak", type=harness.positive_float, metavar="SECONDS", help="also the RSS soak")
+    parser.add_argument(
+        "--soak-peer",
+        type=harness.positive_float,
+        metavar="SECONDS",
+        help="after the soak, htop under the same churn for this long (its CPU per window)",
+    )
     parser.add_argument("--quick", action="store_true", help="short everything (300,1000; 8 s; soak 120 s)")
     parser.add_argument("--no-htop", action="store_true", help="leave the peer out")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every result here")
@@ -393,6 +416,7 @@ def bench(args: argparse.Namespace) -> int:
     info = harness.machine()
     results: list[Result] = []
     soak_result: dict[str, Any] | None = None
+    peer_soak: dict[str, Any] | None = None
     meter = KmallocMeter()
     try:
         with tempfile.TemporaryDirectory(prefix="memtop-ui-bench-") as tmp:
@@ -413,6 +437,12 @@ def bench(args: argparse.Namespace) -> int:
                 replace_every = 60.0 if args.soak >= 600 else max(10.0, args.soak / 10)
                 harness.log(f"{NAME}: soak, {count} processes, {args.soak:g} s")
                 soak_result = soak(workdir, count, args.soak, replace_every)
+                if args.soak_peer and not args.no_htop and Path("/usr/bin/htop").exists():
+                    harness.log(f"{NAME}: htop under the same churn, {args.soak_peer:g} s")
+                    try:
+                        peer_soak = soak(workdir, count, args.soak_peer, replace_every, tool="htop")
+                    except Exception as exc:  # memtop's hour is kept and printed whatever the peer does
+                        harness.log(f"  htop soak failed: {exc}")
     finally:
         meter.close()
 
@@ -462,12 +492,26 @@ def bench(args: argparse.Namespace) -> int:
             f"{r['rss_at_end_bytes'] * mib:.1f} MiB at the end (growth after settling: "
             f"{r['growth_after_settle_bytes'] * mib:.1f} MiB)"
         )
-        windows = ", ".join(f"{t / 60:.0f} min: {pct:.1f} %" for t, pct in r["cpu_pct_windows"])
-        print(f"memtop CPU per window (start: % of a core): {windows}")
+        for result in (r, peer_soak):
+            if result is None:
+                continue
+            windows = ", ".join(f"{t / 60:.0f} min: {pct:.1f} %" for t, pct in result["cpu_pct_windows"])
+            print(f"{result['tool']} CPU per window (start: % of a core): {windows or 'no whole window'}")
+            if result is peer_soak and result["samples"]:
+                first, last = result["samples"][0], result["samples"][-1]
+                overall = 100.0 * (last[2] - first[2]) / max(1e-9, last[0] - first[0])
+                length = result["seconds"]
+                print(f"htop CPU over its {length:g} s under the same churn: {overall:.1f} % of a core")
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"machine": info, "results": [asdict(r) for r in results], "soak": soak_result}, indent=2
+                {
+                    "machine": info,
+                    "results": [asdict(r) for r in results],
+                    "soak": soak_result,
+                    "peer_soak": peer_soak,
+                },
+                indent=2,
             )
         )
     return 1 if left else 0
