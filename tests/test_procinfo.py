@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from memtop.model import KernelIdentity
@@ -124,22 +125,35 @@ def test_descriptors_over_the_budget_fall_back_to_open_and_close() -> None:
         scanner.close()
 
 
-def test_a_quiet_process_is_read_less_often_but_its_exit_is_seen_at_once() -> None:
+@contextlib.contextmanager
+def sleeping_child(scan_first: bool = False) -> Iterator[tuple[ProcScanner, subprocess.Popen[bytes]]]:
+    """A scanner (that has scanned once, if asked) and a `sleep 60` child, both cleaned up after."""
     scanner = ProcScanner()
+    if scan_first:
+        scanner.scan()
     child = subprocess.Popen(["sleep", "60"])
     try:
-        for _ in range(8):
-            assert child.pid in scanner.scan()
-        proc = scanner._procs[child.pid]
-        assert proc.quiet >= 3 and proc.skip >= 1  # its statm read the same again and again
-        child.kill()
-        child.wait()  # reaped: gone from the /proc listing, seen by the very next scan
-        assert child.pid not in scanner.scan()
+        yield scanner, child
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
         scanner.close()
+
+
+def reap_and_check_gone(scanner: ProcScanner, child: subprocess.Popen[bytes]) -> None:
+    child.kill()
+    child.wait()  # reaped: gone from the /proc listing, seen by the very next scan
+    assert child.pid not in scanner.scan()
+
+
+def test_a_quiet_process_is_read_less_often_but_its_exit_is_seen_at_once() -> None:
+    with sleeping_child() as (scanner, child):
+        for _ in range(8):
+            assert child.pid in scanner.scan()
+        proc = scanner._procs[child.pid]
+        assert proc.quiet >= 3 and proc.skip >= 1  # its statm read the same again and again
+        reap_and_check_gone(scanner, child)
 
 
 def test_word_from_the_kernel_forces_a_read_of_a_quiet_process() -> None:
@@ -262,19 +276,9 @@ def test_a_scan_that_fails_leaves_nothing_unread(tmp_path: Path) -> None:
 def test_a_process_read_on_request_is_listed_by_the_next_scans() -> None:
     """read(pid) (a PID a user asked for) makes the process known between scans: the scans that follow
     must still list it, and see it exit."""
-    scanner = ProcScanner()
-    scanner.scan()
-    child = subprocess.Popen(["sleep", "60"])
-    try:
+    with sleeping_child(scan_first=True) as (scanner, child):
         info = scanner.read(child.pid)
         assert info is not None and info.pid == child.pid
         for _ in range(QUIET_MAX_SKIP + 3):
             assert child.pid in scanner.scan()
-        child.kill()
-        child.wait()
-        assert child.pid not in scanner.scan()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        scanner.close()
+        reap_and_check_gone(scanner, child)
