@@ -142,12 +142,12 @@ def test_history_table_reuses_its_columns() -> None:
     """A steady host allocates no new columns once the history is full (aged ones are reused)."""
     table = HistoryTable(history_s=600.0)
     slot = table.add_row()
-    columns = set()
+    columns: dict[int, object] = {}  # the arrays themselves kept: a freed one's id could come back
     for t in range(1, 3001):
         b, c, m = table.start_tick(float(t))
         b[slot] = c[slot] = m[slot] = 0.0
         if t > 1000:
-            columns.add(id(b))
+            columns[id(b)] = b
     assert len(columns) <= len(table.points(slot)) + 1
 
 
@@ -157,16 +157,18 @@ def test_a_reserved_history_table_allocates_no_column_later(interval: float) -> 
     it only reuse them (the store's memory reaches its plateau in seconds, not over ten minutes)."""
     table = HistoryTable(history_s=600.0)
     slot = table.add_row()
-    made: set[int] = set()
+    made: dict[int, object] = {}  # the arrays themselves kept: a freed one's id could come back
     ticks = int(1800 / interval)
     for i in range(1, ticks + 1):
         if i == 10:
             table.reserve(history_columns(interval, 600.0))
-            made |= {id(c.bytes_per_s) for c in (*table._recent, *table._coarse, *table._spare)}
+            made.update(
+                (id(c.bytes_per_s), c.bytes_per_s) for c in (*table._recent, *table._coarse, *table._spare)
+            )
         b, c, m = table.start_tick(i * interval)
         b[slot] = c[slot] = m[slot] = 0.0
         if i >= 10:
-            assert id(b) in made, f"a new column at tick {i}"
+            assert made.get(id(b)) is b, f"a new column at tick {i}"
     points = table.points(slot)
     assert points[-1].t - points[0].t >= 600.0 - interval
 
