@@ -331,7 +331,11 @@ class _History:
 
 
 class LeakTracker:
-    """The latest reading of each probe kind, and the history that growth is computed from."""
+    """The latest reading of each probe kind, and the history that growth is computed from.
+
+    Growth per stack is kept for every stack; growth per stack *and process* only for the watched process
+    (`watch`, the drill-down's): a busy host's map holds thousands of (stack, process) aggregates, most of
+    them of processes that have exited, and a history for each held megabytes that nothing showed."""
 
     def __init__(self, growth_window_s: float = 60.0) -> None:
         if not growth_window_s > 0:
@@ -341,6 +345,14 @@ class LeakTracker:
         self._stack_history: dict[_GroupKey, _History] = {}
         self._pid_history: dict[tuple[str, int, int], _History] = {}
         self._frames: dict[_GroupKey, tuple[str, ...]] = {}
+        self.watched_pid: int | None = None
+
+    def watch(self, pid: int | None) -> None:
+        """Keep per-process growth for `pid` (tgid) from the next reading on; None for no process. Watching
+        another process drops the previous one's histories."""
+        if pid != self.watched_pid:
+            self.watched_pid = pid
+            self._pid_history.clear()
 
     @property
     def sample_rate(self) -> int:
@@ -371,14 +383,16 @@ class LeakTracker:
         window = self.growth_window_s
         stack_totals: dict[_GroupKey, int] = {}
         pid_totals: dict[tuple[str, int, int], int] = {}
+        watched = self.watched_pid
         for s in reading.stacks:
             group = (s.kind, s.stack_id)
             if self._frames.get(group, s.frames) != s.frames:  # the id now names another stack
                 self._forget_group(group)
             self._frames[group] = s.frames
             stack_totals[group] = stack_totals.get(group, 0) + s.outstanding_bytes
-            pid_key = (s.kind, s.stack_id, s.pid)
-            pid_totals[pid_key] = pid_totals.get(pid_key, 0) + s.outstanding_bytes
+            if s.pid == watched:
+                pid_key = (s.kind, s.stack_id, s.pid)
+                pid_totals[pid_key] = pid_totals.get(pid_key, 0) + s.outstanding_bytes
 
         kinds_in_reading = {reading.kind} | {s.kind for s in reading.stacks}
         if reading.kind == KIND_KERNEL:
@@ -406,7 +420,7 @@ class LeakTracker:
         """One row per stack with something outstanding, by growth then bytes (largest first).
 
         `older_than_s` hides allocations younger than that (at age-bin precision, see AGE_EDGES_S);
-        `pid` keeps only that process's share.
+        `pid` keeps only that process's share (its growth is 0 unless it is the watched process).
         """
         groups: dict[_GroupKey, list[tuple[StackOutstanding, int, int]]] = {}
         now_ns_by_kind: dict[str, int] = {}

@@ -709,6 +709,7 @@ class Store:
 
     def set_focus(self, key: ProcessKey | None) -> None:
         self.focus_key = key
+        self.leaks.watch(key.pid if key is not None else None)
         self._focus_reading = None
 
     def set_focus_reading(self, reading: FocusReading | None) -> None:

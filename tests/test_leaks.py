@@ -253,11 +253,32 @@ def test_freed_stack_disappears_and_its_history_goes_negative_then_away() -> Non
 
 def test_per_process_growth() -> None:
     tracker = LeakTracker()
+    tracker.watch(1)
     tracker.ingest(0.0, reading(stack(pid=1, outstanding=0, allocations=1), stack(pid=2, outstanding=100)))
     tracker.ingest(10.0, reading(stack(pid=1, outstanding=1000), stack(pid=2, outstanding=100)))
     assert tracker.rows(pid=1)[0].growth_bytes_per_s == pytest.approx(100.0)
     assert tracker.rows(pid=2)[0].growth_bytes_per_s == pytest.approx(0.0)
     assert tracker.rows()[0].growth_bytes_per_s == pytest.approx(100.0)
+
+
+def test_per_process_histories_only_for_the_watched_process() -> None:
+    tracker = LeakTracker()
+    tracker.ingest(0.0, reading(stack(pid=1, outstanding=0, allocations=1), stack(pid=2, outstanding=100)))
+    tracker.ingest(10.0, reading(stack(pid=1, outstanding=1000), stack(pid=2, outstanding=100)))
+    assert tracker._pid_history == {}  # nothing watched: no per-process history kept
+    assert tracker.rows(pid=1)[0].growth_bytes_per_s == 0.0
+    assert tracker.rows()[0].growth_bytes_per_s == pytest.approx(100.0)  # per stack: kept for all
+    tracker.watch(2)
+    tracker.ingest(20.0, reading(stack(pid=1, outstanding=2000), stack(pid=2, outstanding=300)))
+    tracker.ingest(30.0, reading(stack(pid=1, outstanding=3000), stack(pid=2, outstanding=500)))
+    assert {key[2] for key in tracker._pid_history} == {2}
+    assert tracker.rows(pid=2)[0].growth_bytes_per_s == pytest.approx(20.0)
+    tracker.watch(1)  # another process: the previous one's histories go, growth starts from its next reading
+    assert tracker._pid_history == {}
+    tracker.ingest(40.0, reading(stack(pid=1, outstanding=4000), stack(pid=2, outstanding=500)))
+    tracker.ingest(50.0, reading(stack(pid=1, outstanding=4500), stack(pid=2, outstanding=500)))
+    assert tracker.rows(pid=1)[0].growth_bytes_per_s == pytest.approx(50.0)
+    assert {key[2] for key in tracker._pid_history} == {1}
 
 
 def test_a_stack_id_naming_another_stack_restarts_its_history() -> None:

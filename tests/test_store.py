@@ -436,3 +436,11 @@ def test_filter_finds_host_processes_by_their_systemd_unit() -> None:
         ProcessRow(pid=2, start_time=0.0, comm="cron", unit="cron.service"),
     ]
     assert [r.pid for r in filter_rows(rows, "ssh.serv")] == [1]
+
+
+def test_focus_is_the_process_whose_per_process_leak_growth_is_kept() -> None:
+    store = new_store()
+    store.set_focus(ProcessKey(42, 1.0))
+    assert store.leaks.watched_pid == 42
+    store.set_focus(None)
+    assert store.leaks.watched_pid is None
