@@ -3,7 +3,13 @@ MALLOC_TRIM_EVERY_S, not on every tick. No BPF: a stand-in for malloc_trim."""
 
 from __future__ import annotations
 
-from memtop.sources import MALLOC_TRIM_EVERY_S, HeapTrimmer, _libc_malloc_trim
+from memtop.sources import (
+    MALLOC_MMAP_THRESHOLD_BYTES,
+    MALLOC_TRIM_EVERY_S,
+    HeapTrimmer,
+    _libc_malloc_trim,
+    fix_mmap_threshold,
+)
 
 
 def test_trims_at_most_every_interval() -> None:
@@ -26,3 +32,29 @@ def test_no_malloc_trim_means_no_trimming() -> None:
     trimmer = HeapTrimmer(every_s=0.0)
     trimmer._trim = None
     assert not trimmer.maybe_trim(now=trimmer._last + 100.0)
+
+
+def test_fixed_mmap_threshold_gives_big_blocks_their_own_mapping() -> None:
+    """After fix_mmap_threshold, a block over the threshold freed and allocated again is mmapped each time
+    (mallinfo2's hblks counts them): glibc's dynamic threshold would have moved it into the arena."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks")
+            + ("fordblks", "keepcost")
+        ]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    assert fix_mmap_threshold(MALLOC_MMAP_THRESHOLD_BYTES)
+    size = 4 * MALLOC_MMAP_THRESHOLD_BYTES
+    for _ in range(3):
+        before = libc.mallinfo2().hblks
+        block = libc.malloc(size)
+        assert libc.mallinfo2().hblks == before + 1
+        libc.free(block)
