@@ -36,9 +36,10 @@ DROP_NAMES = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StackOutstanding:
-    """One (stack, process) aggregate read from the kernel, already scaled by the sample rate."""
+    """One (stack, process) aggregate read from the kernel, already scaled by the sample rate. Slotted: a
+    busy host's reading holds tens of thousands."""
 
     kind: str
     stack_id: int

@@ -55,6 +55,8 @@ COUNTER_NAMES = (
 
 ALLOC_INFO = struct.Struct("<QQIiII")  # struct alloc_info: size, ts_ns, tgid, stack_id, weight, source
 ALLOC_SOURCE_WORD = 7  # the source field's index in an alloc_info record read as 32-bit words
+ALLOC_WEIGHT_WORD = 6  # the weight field's, likewise
+ALLOC_TS_QWORD = 1  # the ts_ns field's index in a record read as 64-bit words
 AGG_KEY = struct.Struct("<iIII")  # struct agg_key: stack_id, tgid, source, pad
 AGG_VALUE = struct.Struct("<qq")  # struct agg_value (one per possible CPU): bytes, allocations
 
@@ -86,37 +88,38 @@ class _Ages:
 
 def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
     """Oldest timestamps and age bins of the tracked allocations (raw alloc_info records). About half a
-    microsecond per record: the loop does no more than two dict lookups and a bisect each."""
+    microsecond per record: the loop does no more than two dict lookups and a bisect each. One running
+    sum list per (stack, process, source), no object per record or bin: the scan's temporaries grow with
+    the map (100k records), and a burst of them left Python's allocator holding megabytes after it."""
     started = time.perf_counter()
     ages = _Ages(now_ns)
     ages.entries = count
     edges = _edges_ns()
     oldest = ages.oldest
-    binned: dict[tuple[int, int, int, int], list[int]] = {}
+    sums: dict[AgeKey, list[int]] = {}  # per key: allocations, bytes, allocations, bytes, ... per bin
+    zeros = [0] * (2 * len(edges))
     bisect_right = bisect.bisect_right
     for size, ts_ns, tgid, stack_id, weight, source in ALLOC_INFO.iter_unpack(
-        values[: count * ALLOC_INFO.size]
+        memoryview(values)[: count * ALLOC_INFO.size]  # not a copy of the records
     ):
         key = (stack_id, tgid, source)
-        if ts_ns < oldest.get(key, ts_ns + 1):
+        acc = sums.get(key)
+        if acc is None:
+            acc = sums[key] = zeros.copy()
+            oldest[key] = ts_ns
+        elif ts_ns < oldest[key]:
             oldest[key] = ts_ns
         # bisect_right(...) - 1 is the bin; an allocation stamped after now_ns gives 0 -> bin 0 too.
-        bin_key = (stack_id, tgid, source, bisect_right(edges, now_ns - ts_ns))
-        sums = binned.get(bin_key)
-        if sums is None:
-            binned[bin_key] = [weight, size * weight]
-        else:
-            sums[0] += weight
-            sums[1] += size * weight
-    per_key: dict[AgeKey, list[tuple[int, int]]] = {}
+        at = 2 * bisect_right(edges, now_ns - ts_ns) - 2
+        if at < 0:
+            at = 0
+        acc[at] += weight
+        acc[at + 1] += size * weight
     empty = (0, 0)
-    for (stack_id, tgid, source, after), (allocations, total) in binned.items():
-        bins = per_key.get((stack_id, tgid, source))
-        if bins is None:
-            bins = per_key[(stack_id, tgid, source)] = [empty] * len(edges)
-        index = max(0, after - 1)
-        bins[index] = (bins[index][0] + allocations, bins[index][1] + total)
-    ages.bins = {key: tuple(bins) for key, bins in per_key.items()}
+    ages.bins = {
+        key: tuple((a, b) if a or b else empty for a, b in zip(acc[0::2], acc[1::2], strict=True))
+        for key, acc in sums.items()
+    }
     ages.seconds = time.perf_counter() - started
     return ages
 
@@ -658,27 +661,33 @@ class KernelLeakProbe(_LeakProbe):
         key_size = len(keys) // count if count else 0
         # The source field of every record at once (a u32 at ALLOC_SOURCE_WORD of each): a map of 100k
         # tracked allocations is scanned in C, and only the records of caches over their count unpacked.
-        sources = memoryview(values[: count * ALLOC_INFO.size]).cast("I")[
-            ALLOC_SOURCE_WORD :: ALLOC_INFO.size // 4
-        ]
+        records = memoryview(values)[: count * ALLOC_INFO.size]
+        words = records.cast("I")
+        sources = words[ALLOC_SOURCE_WORD :: ALLOC_INFO.size // 4]
         over = {source for source in set(sources) if source >> CACHE_SHIFT in excess}
-        candidates: dict[int, list[tuple[int, int, bytes, int, int, int, int, int]]] = {}
+        # Per cache over its count, its records' indices oldest first: plain ints, no object per record
+        # (a cache can have tens of thousands tracked, and a burst of tuples for each left Python's
+        # allocator holding megabytes after the read).
+        stamps = records.cast("Q")[ALLOC_TS_QWORD :: ALLOC_INFO.size // 8]
+        weights = words[ALLOC_WEIGHT_WORD :: ALLOC_INFO.size // 4]
+        candidates: dict[int, list[int]] = {}
         for i in [i for i, source in enumerate(sources) if source in over]:
-            size, ts_ns, tgid, stack_id, weight, source = ALLOC_INFO.unpack_from(values, i * ALLOC_INFO.size)
-            raw = keys[i * key_size : (i + 1) * key_size]
-            candidates.setdefault(source >> CACHE_SHIFT, []).append(
-                (ts_ns, i, raw, size, tgid, stack_id, weight, source)
-            )
+            candidates.setdefault(sources[i] >> CACHE_SHIFT, []).append(i)
         chosen: list[tuple[bytes, int, int, int, int, int, int]] = []  # the oldest of each, up to its excess
         taken: list[int] = []  # their records' indices
-        for cid, entries in candidates.items():
-            entries.sort()
+        for cid, indices in candidates.items():
+            indices.sort(key=stamps.__getitem__)
             left = excess[cid]
-            for _ts, i, raw, size, tgid, stack_id, weight, source in entries:
+            for i in indices:
                 if left <= 0:
                     break
-                left -= weight
-                chosen.append((raw, size, tgid, stack_id, weight, source, cid))
+                left -= weights[i]
+                size, _ts_ns, tgid, stack_id, weight, source = ALLOC_INFO.unpack_from(
+                    values, i * ALLOC_INFO.size
+                )
+                chosen.append(
+                    (keys[i * key_size : (i + 1) * key_size], size, tgid, stack_id, weight, source, cid)
+                )
                 taken.append(i)
         self._allocs_read = (values, count, taken)
         # One batch; an allocation freed meanwhile is skipped (its free took it off its aggregate already).
