@@ -778,6 +778,56 @@ def test_reconcile_and_the_age_scan_share_one_read_of_the_address_map(monkeypatc
     assert probe._allocs_read is None  # used once: a later read reads the map itself
 
 
+def test_reconcile_retires_the_oldest_records_of_each_cache_by_weight(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Records in map order (not age order), two with the same timestamp, one of weight 3: reconcile()
+    retires the oldest first (ties in map order) until their weights cover the cache's excess, and never a
+    record of a cache within its count."""
+    import ctypes
+
+    import memtop.probes.leaks as probes_leaks
+    from memtop.probes.leaks import AGG_KEY, ALLOC_INFO, CACHE_SHIFT, KernelLeakProbe
+
+    over, within = 5 << CACHE_SHIFT, 6 << CACHE_SHIFT
+    now = 1000 * S
+    records = [
+        (128, now - 3 * S, 7, 3, 1, over),  # 0
+        (128, now - 9 * S, 7, 3, 1, over),  # 1: the oldest
+        (128, now - 5 * S, 7, 3, 3, over),  # 2: weight 3
+        (128, now - 7 * S, 7, 3, 1, over),  # 3: same age as 4, first in the map
+        (128, now - 7 * S, 7, 3, 1, over),  # 4
+        (64, now - 90 * S, 8, 4, 1, within),  # 5: older than all, but its cache is within its count
+    ]
+    keys = b"".join(struct.pack("<Q", 0x1000 + i) for i in range(len(records)))
+    values = b"".join(ALLOC_INFO.pack(*r) for r in records)
+    deleted: list[list[bytes]] = []
+
+    class Value(ctypes.Structure):
+        _fields_ = [("bytes", ctypes.c_int64), ("allocations", ctypes.c_int64)]
+
+    agg_over, agg_within = AGG_KEY.pack(3, 7, over, 0), AGG_KEY.pack(4, 8, within, 0)
+
+    class Outstanding(dict):  # type: ignore[type-arg]
+        class Key:
+            @staticmethod
+            def from_buffer_copy(raw: bytes) -> bytes:
+                return raw
+
+    outstanding = Outstanding({agg_over: [Value(7 * 128, 7)], agg_within: [Value(64, 1)]})
+    probe = KernelLeakProbe(sample_every=1)
+    probe.bpf = {b"outstanding": outstanding}
+    monkeypatch.setattr(probe, "_entries", lambda name: (keys, values, len(records)))
+    monkeypatch.setattr(probe, "_delete", lambda name, batch: deleted.append(list(batch)) or [])
+    monkeypatch.setattr(probes_leaks, "slab_active_objects", lambda: {})
+    limits = {5: ("kmalloc-128", 3), 6: ("dentry", 1)}  # cache 5: 7 tracked, 3 live: 4 to retire
+    monkeypatch.setattr(probes_leaks, "cache_limits", lambda active: limits)
+    corrected = probe.reconcile({agg_over: (7 * 128, 7), agg_within: (64, 1)})
+    # Oldest first: 1 (9 s), then 3 and 4 (7 s, map order), then 2 (5 s, weight 3): 1+1+1+3 = 6 >= 4.
+    retired = [struct.unpack("<Q", raw)[0] - 0x1000 for raw in deleted[0]]
+    assert retired == [1, 3, 4, 2]
+    assert probe.freed_untraced == {"kmalloc-128": 6}
+    assert corrected[agg_over] == (128, 1) and corrected[agg_within] == (64, 1)
+
+
 def test_growth_history_keeps_the_window_and_one_baseline_sample() -> None:
     from memtop.leaks import _History
 

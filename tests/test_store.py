@@ -438,9 +438,35 @@ def test_filter_finds_host_processes_by_their_systemd_unit() -> None:
     assert [r.pid for r in filter_rows(rows, "ssh.serv")] == [1]
 
 
-def test_focus_is_the_process_whose_per_process_leak_growth_is_kept() -> None:
+def test_the_drilled_in_process_gets_its_own_leak_growth_from_its_second_reading_on() -> None:
+    """Per-process leak growth is kept for the focused process only: the drill-down shows its growth once
+    two readings were taken with it in focus; another process in focus starts again from none."""
+    from .test_leaks import reading as leak_reading
+    from .test_leaks import stack
+
     store = new_store()
-    store.set_focus(ProcessKey(42, 1.0))
-    assert store.leaks.watched_pid == 42
+    store.ingest(1001.0, reading(p100=(1, 100, 100), p200=(1, 100, 100)), {100: info(100), 200: info(200)})
+
+    def leaks_at(t: float, own_100: int, own_200: int) -> None:
+        store.ingest_leaks(
+            t, leak_reading(stack(pid=100, outstanding=own_100), stack(pid=200, outstanding=own_200))
+        )
+
+    def focus_growth(t: float) -> float:
+        snap = store.snapshot(t)
+        assert snap.focus is not None and snap.focus.leaks is not None
+        (own,) = snap.focus.leaks
+        return own.growth_bytes_per_s
+
+    store.set_focus(ProcessKey(100, 100.0))
+    leaks_at(1001.0, 1000, 5000)
+    assert focus_growth(1001.0) == 0.0  # one reading: nothing to compare yet
+    leaks_at(1011.0, 2000, 5000)
+    assert focus_growth(1011.0) == pytest.approx(100.0)
+    store.set_focus(ProcessKey(200, 100.0))
+    leaks_at(1021.0, 3000, 6000)
+    assert focus_growth(1021.0) == 0.0  # 200's history starts now
+    leaks_at(1031.0, 4000, 8000)
+    assert focus_growth(1031.0) == pytest.approx(200.0)
     store.set_focus(None)
-    assert store.leaks.watched_pid is None
+    assert store.leaks.watched_pid is None and not store.leaks._pid_history
