@@ -121,3 +121,31 @@ def test_tick_profile_times_every_phase_of_a_live_tick(tmp_path: Path, leaks_vis
     )
     assert {"kmalloc.read", "procs.scan", "store.ingest", "store.snapshot"} <= result["phases_ms"].keys()
     assert "leak_aggregate_missing" in result["leak_drops"]  # the pruning race is counted and printed
+
+
+def _load_alloc_stats() -> ModuleType:
+    path = BENCH.parent / "alloc_stats" / "sitecustomize.py"
+    spec = importlib.util.spec_from_file_location("alloc_stats", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # in the test process: not `-m memtop`, so it starts no thread
+    return module
+
+
+def test_alloc_stats_samples_both_allocators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/alloc_stats: one sample reads glibc's mallinfo2 and pymalloc's arena figures of this process
+    (a renamed label in Python's dump would silently drop them), and it only switches itself on in a
+    `-m memtop` process with MEMTOP_ALLOC_STATS set."""
+    stats = _load_alloc_stats()
+    sample = stats.sample()
+    assert sample["rss_bytes"] > 0 and sample["arena"] > 0 and sample["uordblks"] > 0
+    assert sample["pymalloc_arenas"] > 0 and sample["pymalloc_allocated_bytes"] > 0
+    assert "pymalloc_available_bytes" in sample
+    monkeypatch.setenv("MEMTOP_ALLOC_STATS", "/tmp/x")
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "memtop", "--interval", "1"])
+    assert stats._wanted()
+    monkeypatch.setattr(sys, "orig_argv", ["python", "bench/ui_bench.py", "--counts", "memtop"])
+    assert not stats._wanted()
+    monkeypatch.delenv("MEMTOP_ALLOC_STATS")
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "memtop"])
+    assert not stats._wanted()
