@@ -67,7 +67,7 @@ MALLOC_TRIM_EVERY_S = 30.0
 # probe's map reads are such blocks (megabytes each, a little bigger at every read while its maps fill).
 # In a 15-minute soak at 5,000 processes the arenas grew 3.1 MiB in the 3.5 minutes after the fifth, of
 # which 2.2 MiB free (mallinfo2); with the threshold fixed (which also turns the raising off) they stayed
-# within 0.8 MiB from the fifth minute to the fifteenth. Fixed once the probes are attached (see _start).
+# within 0.8 MiB from the fifth minute to the fifteenth.
 MALLOC_MMAP_THRESHOLD_BYTES = 256 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt()'s parameter number (malloc.h)
 
@@ -175,6 +175,7 @@ class LiveSource:
 
         self.config = config
         tune_gc()
+        fix_mmap_threshold()
         self.heap = HeapTrimmer()
         layout = current_layout()
         self.cgroup_ids = CgroupIdResolver(layout.v2_root)
@@ -277,10 +278,6 @@ class LiveSource:
         if user_leaks is not None:
             self._track_user_leaks(user_leaks)
         tune_gc(freeze=True)  # what startup made (BCC, the UI) lives as long as memtop
-        # Not before: BCC's compile (LLVM) frees and reallocates many big blocks, and with the threshold
-        # fixed each got a fresh mapping; memtop's first row on screen came about 0.2 s later (0.85 s
-        # against 0.65-0.69 at 5,000 processes, two runs each).
-        fix_mmap_threshold()
 
     def _attach_done(self, probe: Probe) -> None:
         """A probe finished starting: from now on ticks read it, and its counts start now."""
