@@ -84,8 +84,10 @@ def _libc_malloc_trim() -> Callable[[], object] | None:
 
 
 def fix_mmap_threshold(threshold: int = MALLOC_MMAP_THRESHOLD_BYTES) -> bool:
-    """mallopt(M_MMAP_THRESHOLD, threshold): blocks of `threshold` bytes or more get their own mapping, for
-    good (see MALLOC_MMAP_THRESHOLD_BYTES). False where the C library has no mallopt (musl) or refuses."""
+    """mallopt(M_MMAP_THRESHOLD, threshold): a block of `threshold` bytes or more that no arena has free
+    space for gets a mapping of its own instead of growing the arena, from now on (glibc no longer raises
+    the threshold; see MALLOC_MMAP_THRESHOLD_BYTES). False where the C library has no mallopt (musl) or
+    refuses."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
