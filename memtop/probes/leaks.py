@@ -89,7 +89,7 @@ class _Ages:
 def scan_ages(values: bytes, count: int, now_ns: int) -> _Ages:
     """Oldest timestamps and age bins of the tracked allocations (raw alloc_info records). About half a
     microsecond per record: the loop does no more than two dict lookups and a bisect each. One running
-    sum list per (stack, process, source), no object per record or bin: the scan's temporaries grow with
+    sum list per (stack, process, source), nothing kept per record or bin: the scan's temporaries grow with
     the map (100k records), and a burst of them left Python's allocator holding megabytes after it."""
     started = time.perf_counter()
     ages = _Ages(now_ns)
@@ -665,7 +665,7 @@ class KernelLeakProbe(_LeakProbe):
         words = records.cast("I")
         sources = words[ALLOC_SOURCE_WORD :: ALLOC_INFO.size // 4]
         over = {source for source in set(sources) if source >> CACHE_SHIFT in excess}
-        # Per cache over its count, its records' indices oldest first: plain ints, no object per record
+        # Per cache over its count, its records' indices oldest first: an int per record, not a tuple
         # (a cache can have tens of thousands tracked, and a burst of tuples for each left Python's
         # allocator holding megabytes after the read).
         stamps = records.cast("Q")[ALLOC_TS_QWORD :: ALLOC_INFO.size // 8]
