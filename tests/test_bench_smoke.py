@@ -1,5 +1,5 @@
 """Smoke tests of bench/: kmalloc_bench.py (the workload builds, a short run prints the results table),
-and tick_profile.py.
+attach_cost.py, and tick_profile.py.
 
 No timing is asserted: this only checks that the benchmark still runs end to end against the real probe.
 """
@@ -88,6 +88,35 @@ def test_bench_builds_workload_and_prints_table(tmp_path: Path) -> None:
     assert float(gross) > 0 and float(net.replace("−", "-")) < float(gross)  # net: less the stats' own floor
     assert "remain loaded" in proc.stdout
     assert result_json.exists()
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(120)
+def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        _cannot_run("not running as root")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("attach_cost.py needs two CPUs")
+    result_json = tmp_path / "cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.with_name("attach_cost.py")), "--rotations", "3", "--slice", "0.05"]
+        + ["--json", str(result_json)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(result_json.read_text())
+    sets = {s["name"]: s for s in doc["sets"]}
+    assert len(sets) == 6 and all(len(s["ns_per_iteration"]) == 3 for s in sets.values())
+    assert sets["memtop, every panel"]["tracepoints"] == [
+        "kfree (raw)",
+        "kmalloc (raw)",
+        "kmem:kmem_cache_alloc (classic)",
+        "kmem_cache_free (raw)",
+    ]
+    assert _table_cell(proc.stdout, "memtop kmalloc counters alone", "slices") == "3"
+    assert "issue #11's goal ≤ 2x" in proc.stdout and "remain loaded" in proc.stdout
 
 
 @pytest.mark.bpf

@@ -13,6 +13,10 @@
 // guard, so it is not skipped because another tracing program runs on the CPU (classic tracepoint
 // programs share one guard: an interrupt's event during any of them is lost), and it fills no record.
 //
+// CPU_SLOT: a process's run of kmallocs on a CPU is counted in a per-CPU array slot (km_slot) and added to
+// its per-process per-CPU hash entry only when another process kmallocs on that CPU, or when user space
+// runs km_flush there before each read: the hot path is an array add, as cheap as a bare counter.
+//
 // WITH_LEAKS: the kernel leak tracking of leaks_kernel.h is compiled in, and the kmalloc program feeds it
 // too (one program per tracepoint for both panels); its maps keep their own names.
 //
@@ -69,6 +73,9 @@
 #ifndef WITH_LEAKS
 #define WITH_LEAKS 0
 #endif
+#ifndef CPU_SLOT
+#define CPU_SLOT 1  // count a CPU's run of kmallocs by one process in km_slot (needs km_flush: BPF_PROG_TEST_RUN)
+#endif
 
 #if WITH_LEAKS
 #include "leaks_kernel.h"
@@ -90,7 +97,8 @@
 #define KM_MEMCG_MAP_FULL 5
 #define KM_PIDS_REUSED 6
 #define KM_NAMES_WRITTEN 7  // proc_comms entries made or changed (exec): user space re-reads them only then
-#define KM_N_COUNTERS 8
+#define KM_SLOT_ORPHANED 8  // slot flushes whose pid_stats entry was gone (deleted by user space): re-made
+#define KM_N_COUNTERS 9
 
 #define CLONE_THREAD_FLAG 0x00010000ULL  // CLONE_THREAD, from the uapi (stable ABI)
 
@@ -198,6 +206,12 @@ static __always_inline void km_count(int idx) {
     u64 *c = km_counters.lookup(&idx);
     if (c)
         (*c)++;
+}
+
+static __always_inline void km_add(int idx, u64 n) {
+    u64 *c = km_counters.lookup(&idx);
+    if (c)
+        *c += n;
 }
 
 static __always_inline void irq_enter(void) {
@@ -333,6 +347,76 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 }
 #endif
 
+#if CPU_SLOT
+// Each CPU's run of kmallocs by one process: counted here, a per-CPU array (what a minimal counter costs),
+// and added to the process's pid_stats entry when another process kmallocs on that CPU, or when user
+// space runs km_flush on the CPU before it reads pid_stats (each tick, BPF_PROG_TEST_RUN on each CPU):
+// every count is in exactly one of the two places, and a read after the flush sees them all.
+// `busy` is set while a program changes the slot; the one program that can run in the middle of
+// another's change on the same CPU (km_flush from an IPI, or a kmalloc in an interrupt during
+// km_flush) leaves the slot alone then. A kmalloc program cannot interrupt a kmalloc program (the
+// kernel's per-program recursion guard).
+struct km_slot_t {
+    u32 busy;
+    u32 pad;
+    struct pid_key key;
+    u64 calls;  // 0: empty
+    u64 bytes_alloc;
+    u64 bytes_req;
+};
+BPF_PERCPU_ARRAY(km_slot, struct km_slot_t, 1);
+
+#define km_barrier() asm volatile("" ::: "memory")
+
+// Move the slot's counts to its process's entry (this CPU's share of it). `atomic` in km_flush: a kmalloc in
+// an interrupt may count straight into the same entry meanwhile (it finds the slot busy); the kmalloc
+// program itself cannot be interrupted by another that writes there. An entry deleted meanwhile (the
+// process exited and was read, or its generation was retired) is made again, and counted.
+static __always_inline void slot_flush(struct km_slot_t *slot, int atomic) {
+    if (!slot->calls)
+        return;
+    struct pid_stats *st = pid_stats.lookup(&slot->key);
+    if (!st) {
+        struct pid_stats init = {};
+        pid_stats.insert(&slot->key, &init);
+        st = pid_stats.lookup(&slot->key);
+        if (!st) {
+            km_add(KM_PID_MAP_FULL, slot->calls);
+            slot->calls = 0;
+            return;
+        }
+        km_count(KM_SLOT_ORPHANED);
+    }
+    if (atomic) {
+        __sync_fetch_and_add(&st->calls, slot->calls);
+        __sync_fetch_and_add(&st->bytes_alloc, slot->bytes_alloc);
+        __sync_fetch_and_add(&st->bytes_req, slot->bytes_req);
+    } else {
+        st->calls += slot->calls;
+        st->bytes_alloc += slot->bytes_alloc;
+        st->bytes_req += slot->bytes_req;
+    }
+    slot->calls = 0;
+}
+
+// Run by user space on each CPU (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU) before it reads pid_stats.
+// Returns 1 when the slot was busy (this ran in the middle of a kmalloc program's change: run it again).
+int km_flush(struct bpf_raw_tracepoint_args *ctx) {
+    int zero = 0;
+    struct km_slot_t *slot = km_slot.lookup(&zero);
+    if (!slot)
+        return 0;
+    if (slot->busy)
+        return 1;
+    slot->busy = 1;
+    km_barrier();
+    slot_flush(slot, 1);
+    km_barrier();
+    slot->busy = 0;
+    return 0;
+}
+#endif
+
 static __always_inline u32 log2_bucket(u64 v) {
     u32 b = bpf_log2l(v);
     return b < SIZE_BUCKETS ? b : SIZE_BUCKETS - 1;
@@ -402,8 +486,24 @@ counters:;
 #endif
 
     struct pid_key key = {.tgid = tgid, .gen = 0};
+#if CPU_SLOT
+    struct km_slot_t *slot = 0;
+    if (tgid != IRQ_TGID) {
+        key = key_of(tgid);
+        slot = km_slot.lookup(&zero);
+        // The fast path: this CPU's last kmalloc was this process's too (a task makes its kmallocs in
+        // runs: a syscall, a time slice), so the counts go to a per-CPU array, not the per-CPU hash.
+        if (slot && !slot->busy && slot->calls && slot->key.tgid == key.tgid && slot->key.gen == key.gen) {
+            slot->calls++;
+            slot->bytes_alloc += bytes_alloc;
+            slot->bytes_req += bytes_req;
+            return;
+        }
+    }
+#else
     if (tgid != IRQ_TGID)
         key = key_of(tgid);
+#endif
     struct pid_stats *st = pid_stats.lookup(&key);
     if (!st) {
         struct pid_stats init = {};
@@ -424,6 +524,22 @@ counters:;
             return;
         }
     }
+#if CPU_SLOT
+    // Another process's run begins on this CPU: the last one's counts go to its entry, this one's run
+    // starts in the slot. (busy: this program interrupted km_flush on this CPU; count straight in st.)
+    if (slot && !slot->busy) {
+        slot->busy = 1;
+        km_barrier();
+        slot_flush(slot, 0);
+        slot->key = key;
+        slot->calls = 1;
+        slot->bytes_alloc = bytes_alloc;
+        slot->bytes_req = bytes_req;
+        km_barrier();
+        slot->busy = 0;
+        return;
+    }
+#endif
     st->calls++;
     st->bytes_alloc += bytes_alloc;
     st->bytes_req += bytes_req;

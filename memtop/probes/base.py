@@ -157,6 +157,50 @@ def _prog_info(fd: int) -> _ProgInfo | None:
 
 
 BPF_PROG_GET_FD_BY_ID = 13
+BPF_PROG_TEST_RUN = 10
+BPF_F_TEST_RUN_ON_CPU = 1
+
+
+class _TestRunAttr(ctypes.Structure):
+    """union bpf_attr's `test` member (linux/bpf.h), up to batch_size (5.18+; older kernels read less)."""
+
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+def run_on_cpu(fd: int, cpu: int) -> int:
+    """Run the raw tracepoint program behind `fd` once on `cpu` (BPF_PROG_TEST_RUN with
+    BPF_F_TEST_RUN_ON_CPU, Linux 5.10+; on another CPU it runs in an IPI there) with no arguments, and
+    return its return value. Raises OSError (ENXIO: the CPU is offline; EINVAL or ENOTSUPP: the kernel
+    cannot run it so)."""
+    global _libc
+    number = SYS_BPF.get(platform.machine())
+    if number is None:
+        raise OSError(errno.ENOSYS, f"no bpf() syscall number known for {platform.machine()}")
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    attr = _TestRunAttr(prog_fd=fd, flags=BPF_F_TEST_RUN_ON_CPU, cpu=cpu)
+    cmd = ctypes.c_int(BPF_PROG_TEST_RUN)
+    if _libc.syscall(ctypes.c_long(number), cmd, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_PROG_TEST_RUN on CPU {cpu}: {os.strerror(err)}")
+    return int(attr.retval)
 
 
 def prog_loaded(prog_id: int) -> bool:

@@ -9,6 +9,7 @@ import struct
 import time
 from collections.abc import Callable
 from operator import itemgetter
+from pathlib import Path
 from typing import Any
 
 from memtop import tracefs
@@ -25,7 +26,7 @@ from memtop.model import (
     RetiredCounters,
     TailEvent,
 )
-from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match
+from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match, run_on_cpu
 
 SIZE_BUCKETS = 64
 (
@@ -37,7 +38,9 @@ SIZE_BUCKETS = 64
     CTR_MEMCG_MAP_FULL,
     CTR_PIDS_REUSED,
     CTR_NAMES_WRITTEN,
-) = range(8)
+    CTR_SLOT_ORPHANED,
+) = range(9)
+FLUSH_TRIES = 20  # km_flush found a CPU's slot busy: tries on that CPU before leaving it to the next read
 # What following cgroup v1 memory cgroups takes (see memcg_of in kmalloc.c).
 MEMCG_TRACEPOINTS = (
     ("cgroup", "cgroup_attach_task"),
@@ -48,6 +51,23 @@ MAX_SAMPLE_EVERY = 1_000_000
 # The raw tracepoint kmalloc(call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node) of 6.1+: the classic
 # record carries the same values in the same order.
 KMALLOC_RAW_ARGS = ("call_site", "ptr", "bytes_req", "bytes_alloc", "gfp_flags", "node")
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """CPU numbers from the kernel's list format ("0-3,6\n"), in order."""
+    cpus: list[int] = []
+    for part in filter(None, text.strip().split(",")):
+        low, _, high = part.partition("-")
+        cpus.extend(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def online_cpus() -> list[int]:
+    """The online CPUs, from /sys/devices/system/cpu/online; [0] if it cannot be read."""
+    try:
+        return parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()) or [0]
+    except (OSError, ValueError):
+        return [0]
 
 
 def raw_kmalloc() -> bool:
@@ -135,6 +155,12 @@ class KmallocProbe(Probe):
         self._names_written = -1
         self._identities: dict[tuple[int, int], KernelIdentity] = {}  # built from _names, kept while it is
         self.raw = False  # kmem:kmalloc is attached as a raw tracepoint (set with the cflags)
+        # Per-CPU slots (CPU_SLOT in kmalloc.c): on until km_flush cannot be run on a CPU at start
+        self.cpu_slot = True
+        self.cpu_slot_off_reason = ""
+        self._flush_fd = -1
+        self._online_cpus: list[int] = []
+        self.flushes_deferred = 0  # reads at which some CPU's slot stayed busy through FLUSH_TRIES runs
 
     def cflags(self) -> list[str]:
         self.raw = raw_kmalloc()
@@ -156,6 +182,7 @@ class KmallocProbe(Probe):
             int_cflag("RAW_IRQ", 1, 0, 1),
             int_cflag("HAVE_NEWTASK_TP", int(tracefs.tracepoint_exists("task", "task_newtask")), 0, 1),
             int_cflag("HAVE_EXIT_TP", int(self._exit_tp), 0, 1),
+            int_cflag("CPU_SLOT", int(self.cpu_slot), 0, 1),
             *(["-DWITH_LEAKS=1", *self.leaks.cflags()] if self._with_leaks else []),
         ]
 
@@ -190,12 +217,63 @@ class KmallocProbe(Probe):
                 self._with_leaks = False
         if not self._with_leaks:
             super().start()
-        elif self.leaks is not None:
+        if self.cpu_slot and not self._start_flush():
+            self._restart_without_slot()
+        if self._with_leaks and self.leaks is not None:
             self.leaks.adopt(self.bpf)
         self._reset_irq_depth()
         if self._track_memcg():
             self._seed_memcg()
         self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
+
+    def _start_flush(self) -> bool:
+        """Load km_flush and run it once on every online CPU; False (and the reason kept) if the kernel
+        cannot run it so: then the slots cannot be read, and the probe is compiled without them."""
+        import bcc
+
+        try:
+            self._flush_fd = self.bpf.load_func(b"km_flush", bcc.BPF.RAW_TRACEPOINT).fd
+            self._online_cpus = online_cpus()
+            for cpu in self._online_cpus:
+                run_on_cpu(self._flush_fd, cpu)
+        except Exception as exc:  # BCC raises bare Exception; OSError from the syscall
+            text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip() or repr(exc)
+            self.cpu_slot_off_reason = text.splitlines()[-1]
+            return False
+        return True
+
+    def _restart_without_slot(self) -> None:
+        """Compile and attach again with CPU_SLOT=0 (every count straight into pid_stats)."""
+        from memtop.probes.detach import detach_all
+
+        bpf, self.bpf = self.bpf, None
+        detach_all([bpf])
+        self.cpu_slot = False
+        self._flush_fd = -1
+        super().start()  # the leak part was compiled in the first time: it is again
+
+    def flush(self) -> bool:
+        """Move every CPU's slot into pid_stats (run km_flush on each online CPU). False when a CPU's
+        slot stayed busy through FLUSH_TRIES runs (its counts are read at a later flush, not lost)."""
+        if self._flush_fd < 0:
+            return True
+        complete = True
+        for cpu in list(self._online_cpus):
+            for attempt in range(FLUSH_TRIES):
+                try:
+                    busy = run_on_cpu(self._flush_fd, cpu)
+                except OSError:  # went offline (its slot waits for it), or another CPU came online
+                    self._online_cpus = online_cpus()
+                    break
+                if not busy:
+                    break
+                if attempt:
+                    time.sleep(0.0002)  # a preempted kmalloc program holds it: let it finish
+            else:
+                complete = False
+        if not complete:
+            self.flushes_deferred += 1
+        return complete
 
     def _reset_irq_depth(self) -> None:
         """Zero the per-CPU interrupt depth now that every program is attached.
@@ -244,6 +322,8 @@ class KmallocProbe(Probe):
         text = f"kmem:kmalloc ({kind}), {sampling}, irq split: {self.irq_tracking}"
         if self._with_leaks:
             text += ", shared with kernel leaks"
+        if not self.cpu_slot and self.cpu_slot_off_reason:
+            text += f", no per-CPU slots ({self.cpu_slot_off_reason})"
         return f"{text}, v1 memory cgroups: {self.memcg_tracking}" if self.memcg_hierarchy else text
 
     # -- the per-process counters ------------------------------------------------------------------
@@ -255,6 +335,7 @@ class KmallocProbe(Probe):
         Names and cgroups (proc_comms) are read again only when the kernel wrote some since the last
         read (a new entry, an exec: its KM_NAMES_WRITTEN counter) or a counted key has none cached: on a
         busy host the per-process counters are the only map read every tick."""
+        complete = self.flush()  # every CPU's slot into pid_stats: the read below sees every count
         counters = self.bpf[b"km_counters"]
         sums = [sum(counters.getvalue(i)) for i in range(CTR_NAMES_WRITTEN + 1)]  # before the maps below
         stats = self._read_pid_stats()
@@ -296,6 +377,8 @@ class KmallocProbe(Probe):
                 totals = (totals[0] * scale, totals[1] * scale, totals[2] * scale)
             counters = make(totals + identity)
             if gens and gen < gens.get(tgid, 0):
+                if not complete:  # a slot not flushed may still hold some of its counts: final next time
+                    continue
                 named = names.get(key)
                 first_ns = named[4] if named is not None else 0
                 retired.append(RetiredCounters(tgid, self._boot_offset + first_ns / 1e9, counters))
