@@ -63,6 +63,8 @@ class KmallocReading:
     tail_lost: int = 0  # ring buffer full
     tail_rate_limited: int = 0  # over the tail's per-second budget: counted, not sent
     memcg_map_full_drops: int = 0  # tasks whose cgroup v1 memory cgroup could not be followed
+    # kmallocs a CPU's slot still held when their process's entry had been read and dropped (it exited)
+    after_exit_calls: int = 0
     recursion_misses: int = 0  # kmallocs (and irq entries/exits) the kernel did not run the programs for
     retired: tuple[RetiredCounters, ...] = ()  # dead processes' totals whose PID was reused (see above)
     identities: Mapping[int, KernelIdentity] = field(default_factory=dict)  # tgid -> its per_tgid's identity

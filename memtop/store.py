@@ -453,6 +453,7 @@ class Store:
                 tail_lost=reading.tail_lost,
                 tail_rate_limited=reading.tail_rate_limited,
                 memcg_map_full=reading.memcg_map_full_drops,
+                kmalloc_after_exit=reading.after_exit_calls,
                 kmalloc_recursion_misses=reading.recursion_misses,
             )
         else:

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 
 import pytest
 
 from memtop.probes import kmalloc as kmalloc_module
-from memtop.probes.kmalloc import FLUSH_TRIES, KmallocProbe, parse_cpu_list
+from memtop.probes.base import _TestRunAttr
+from memtop.probes.kmalloc import FLUSH_TRIES, KmallocProbe, slots_supported
 
 
-@pytest.mark.parametrize(
-    ("text", "cpus"),
-    [("0\n", [0]), ("0-3\n", [0, 1, 2, 3]), ("0-1,4,6-7\n", [0, 1, 4, 6, 7]), ("", [])],
-)
-def test_cpu_lists_in_the_kernels_format(text: str, cpus: list[int]) -> None:
-    assert parse_cpu_list(text) == cpus
+class _Slot:
+    def __init__(self, calls: int) -> None:
+        self.calls = calls
 
 
-def flushing_probe(monkeypatch, answers):  # type: ignore[no-untyped-def]
-    """A probe whose km_flush runs answer from `answers[cpu]` (a list of return values or exceptions)."""
+class _Slots:
+    """km_slot: one value per possible CPU."""
+
+    def __init__(self, calls: list[int]) -> None:
+        self.calls = calls
+
+    def getvalue(self, _index: int) -> list[_Slot]:
+        return [_Slot(c) for c in self.calls]
+
+
+def flushing_probe(monkeypatch, answers, pending=None):  # type: ignore[no-untyped-def]
+    """A probe whose km_flush runs answer from `answers[cpu]` (return values or exceptions, the last one
+    repeated); `pending`: each CPU's slot calls (default: every CPU of `answers` holds some)."""
     runs: list[int] = []
 
     def run_on_cpu(fd: int, cpu: int) -> int:
@@ -33,7 +43,7 @@ def flushing_probe(monkeypatch, answers):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(kmalloc_module.time, "sleep", lambda _s: None)
     probe = KmallocProbe()
     probe._flush_fd = 7
-    probe._online_cpus = sorted(answers)
+    probe.bpf = {b"km_slot": _Slots(pending if pending is not None else [5] * len(answers))}
     return probe, runs
 
 
@@ -44,27 +54,47 @@ def test_a_busy_slot_is_flushed_again_until_it_is_free(monkeypatch) -> None:  # 
     assert probe.flushes_deferred == 0
 
 
+def test_only_cpus_whose_slot_holds_counts_are_flushed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    probe, runs = flushing_probe(monkeypatch, {0: [0], 1: [0], 2: [0], 3: [0]}, pending=[0, 9, 0, 1])
+    assert probe.flush() is True
+    assert runs == [1, 3]
+
+
 def test_a_slot_busy_through_every_try_is_left_to_the_next_read(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     probe, runs = flushing_probe(monkeypatch, {0: [1], 1: [0]})
     assert probe.flush() is False
     assert runs == [0] * FLUSH_TRIES + [1]
     assert probe.flushes_deferred == 1
+    assert "1 reads left a CPU's slot for later: busy" in probe.describe()
 
 
-def test_a_cpu_gone_offline_makes_the_flush_read_the_online_list_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_offline_cpu_waits_but_any_other_failure_makes_the_flush_incomplete(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     probe, runs = flushing_probe(monkeypatch, {0: [0], 1: [OSError(errno.ENXIO, "offline")]})
-    monkeypatch.setattr(kmalloc_module, "online_cpus", lambda: [0])
-    assert probe.flush() is True  # nothing of an offline CPU can be read: not a deferral
-    assert probe._online_cpus == [0]
-    runs.clear()
-    probe.flush()
-    assert runs == [0]
+    assert probe.flush() is True  # nothing of an offline CPU can be read: it waits for the CPU
+    probe, runs = flushing_probe(monkeypatch, {0: [OSError(errno.EPERM, "BPF_PROG_TEST_RUN: denied")]})
+    assert probe.flush() is False and probe.flushes_deferred == 1
+    assert "left a CPU's slot for later: BPF_PROG_TEST_RUN: denied" in probe.describe()
 
 
 def test_without_slots_nothing_is_run(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     probe, runs = flushing_probe(monkeypatch, {0: [0]})
     probe._flush_fd = -1
     assert probe.flush() is True and runs == []
+
+
+@pytest.mark.parametrize(
+    ("release", "supported"),
+    [("6.18.44-fc-v657", True), ("5.10.0-28-amd64", True), ("5.4.0-150-generic", False), ("weird", True)],
+)
+def test_slots_need_linux_5_10(release: str, supported: bool) -> None:
+    assert slots_supported(release) is supported
+
+
+def test_the_test_run_attr_matches_linux_bpf_h() -> None:
+    attr = _TestRunAttr
+    offsets = {name: getattr(attr, name).offset for name in ("prog_fd", "ctx_size_in", "flags", "cpu")}
+    assert offsets == {"prog_fd": 0, "ctx_size_in": 40, "flags": 64, "cpu": 68}
+    assert attr.batch_size.offset == 72 and ctypes.sizeof(attr) == 80
 
 
 class _Table:

@@ -36,7 +36,7 @@ for line in sys.stdin:
 @pytest.fixture
 def cpus() -> Iterator[tuple[int, int]]:
     """(the workload's CPU, this test's CPU); this process is pinned for the test and set free after."""
-    online = kmalloc_module.online_cpus()
+    online = sorted(os.sched_getaffinity(0))
     if len(online) < 2:
         pytest.skip("needs two online CPUs")
     before = os.sched_getaffinity(0)
@@ -50,6 +50,12 @@ def cpus() -> Iterator[tuple[int, int]]:
 def _calls(probe: KmallocProbe, pid: int) -> int:
     counters = probe.read().per_tgid.get(pid)
     return counters.calls if counters is not None else 0
+
+
+def _slot(probe: KmallocProbe, cpu: int) -> tuple[int, int]:
+    """(tgid, calls) of what `cpu`'s slot holds now."""
+    value = probe.bpf[b"km_slot"].getvalue(0)[cpu]
+    return int(value.key.tgid), int(value.calls)
 
 
 @pytest.mark.parametrize("mode", ["slots", "no slots (km_flush cannot run)"])
@@ -87,10 +93,92 @@ def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
             proc.stdin.flush()
             assert proc.stdout.readline() == "done\n"
             after = _calls(probe, proc.pid)
+            if mode == "slots":  # the read flushed the workload's run out of its CPU's slot
+                assert _slot(probe, work_cpu)[0] != proc.pid or _slot(probe, work_cpu)[1] == 0
             # one kmalloc per listxattr, plus a few for the pipe writes
             assert CALLS <= after - before <= CALLS + 50, (round_no, after - before)
             before = after
         assert probe.flushes_deferred == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        probe.close()
+
+
+def test_reads_in_a_tight_loop_beside_a_pinned_kmalloc_loop_count_every_call_once(
+    cpus: tuple[int, int],
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Every read runs km_flush on the workload's CPU (an IPI there) while its kmalloc program runs: a flush
+    landing inside the program's update of the slot must neither count a run twice nor lose one."""
+    probe = KmallocProbe()
+    probe.start()
+    work_cpu, _ = cpus
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD.replace(str(CALLS), str(STRESS_CALLS)), str(tmp_path / "target")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {work_cpu}),
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        before = _calls(probe, proc.pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        reads = 0
+        os.set_blocking(proc.stdout.fileno(), False)
+        while not proc.stdout.readline():
+            probe.read()
+            reads += 1
+        after = _calls(probe, proc.pid)
+        assert reads > 50  # the flushes really ran during the loop
+        assert STRESS_CALLS <= after - before <= STRESS_CALLS + 50, (after - before, reads)
+    finally:
+        proc.kill()
+        proc.wait()
+        probe.close()
+
+
+STRESS_CALLS = 400_000
+
+
+def test_counts_a_slot_held_for_a_process_whose_entry_was_dropped_go_to_no_row(
+    cpus: tuple[int, int],
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The read after a process's last one drops its entry (forget); kmallocs its CPU's slot still held are
+    then counted as kmalloc_after_exit, and the entry is not made again (a later owner of the PID must not
+    inherit it)."""
+    probe = KmallocProbe()
+    probe.start()
+    work_cpu, _ = cpus
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD, str(tmp_path / "target")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {work_cpu}),
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        assert _calls(probe, proc.pid) > 0
+        for _attempt in range(5):  # until nothing else kmalloc'd on that CPU before the slot is looked at
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == "done\n"
+            tgid, held = _slot(probe, work_cpu)
+            if tgid == proc.pid:
+                break
+            probe.read()
+        assert tgid == proc.pid and held >= CALLS  # not flushed yet: no read since
+        probe.forget([proc.pid])  # as the store does once the process is gone
+        reading = probe.read()
+        assert proc.pid not in reading.per_tgid
+        assert reading.after_exit_calls >= held
+        assert proc.pid not in probe.read().per_tgid
     finally:
         proc.kill()
         proc.wait()

@@ -97,7 +97,7 @@
 #define KM_MEMCG_MAP_FULL 5
 #define KM_PIDS_REUSED 6
 #define KM_NAMES_WRITTEN 7  // proc_comms entries made or changed (exec): user space re-reads them only then
-#define KM_SLOT_ORPHANED 8  // slot flushes whose pid_stats entry was gone (deleted by user space): re-made
+#define KM_SLOT_ORPHANED 8  // kmallocs a slot held for an entry user space had deleted (the process exited)
 #define KM_N_COUNTERS 9
 
 #define CLONE_THREAD_FLAG 0x00010000ULL  // CLONE_THREAD, from the uapi (stable ABI)
@@ -370,24 +370,16 @@ BPF_PERCPU_ARRAY(km_slot, struct km_slot_t, 1);
 
 // Move the slot's counts to its process's entry (this CPU's share of it). `atomic` in km_flush: a kmalloc in
 // an interrupt may count straight into the same entry meanwhile (it finds the slot busy); the kmalloc
-// program itself cannot be interrupted by another that writes there. An entry deleted meanwhile (the
-// process exited and was read, or its generation was retired) is made again, and counted.
+// program itself cannot be interrupted by another that writes there. An entry that is gone was deleted by
+// user space after the process exited (or its generation was retired): it is not made again (a PID's
+// next owner must not inherit it, and nothing would name it); its counts are counted as orphaned.
 static __always_inline void slot_flush(struct km_slot_t *slot, int atomic) {
     if (!slot->calls)
         return;
     struct pid_stats *st = pid_stats.lookup(&slot->key);
     if (!st) {
-        struct pid_stats init = {};
-        pid_stats.insert(&slot->key, &init);
-        st = pid_stats.lookup(&slot->key);
-        if (!st) {
-            km_add(KM_PID_MAP_FULL, slot->calls);
-            slot->calls = 0;
-            return;
-        }
-        km_count(KM_SLOT_ORPHANED);
-    }
-    if (atomic) {
+        km_add(KM_SLOT_ORPHANED, slot->calls);
+    } else if (atomic) {
         __sync_fetch_and_add(&st->calls, slot->calls);
         __sync_fetch_and_add(&st->bytes_alloc, slot->bytes_alloc);
         __sync_fetch_and_add(&st->bytes_req, slot->bytes_req);
@@ -397,6 +389,8 @@ static __always_inline void slot_flush(struct km_slot_t *slot, int atomic) {
         st->bytes_req += slot->bytes_req;
     }
     slot->calls = 0;
+    slot->bytes_alloc = 0;
+    slot->bytes_req = 0;
 }
 
 // Run by user space on each CPU (BPF_PROG_TEST_RUN with BPF_F_TEST_RUN_ON_CPU) before it reads pid_stats.
@@ -493,11 +487,21 @@ counters:;
         slot = km_slot.lookup(&zero);
         // The fast path: this CPU's last kmalloc was this process's too (a task makes its kmallocs in
         // runs: a syscall, a time slice), so the counts go to a per-CPU array, not the per-CPU hash.
-        if (slot && !slot->busy && slot->calls && slot->key.tgid == key.tgid && slot->key.gen == key.gen) {
-            slot->calls++;
-            slot->bytes_alloc += bytes_alloc;
-            slot->bytes_req += bytes_req;
-            return;
+        // busy around every change, this one too: the adds are loads and stores, and km_flush from an IPI
+        // between a load and its store would see the old value and count it once more.
+        if (slot && !slot->busy) {
+            slot->busy = 1;
+            km_barrier();
+            if (slot->calls && slot->key.tgid == key.tgid && slot->key.gen == key.gen) {
+                slot->calls++;
+                slot->bytes_alloc += bytes_alloc;
+                slot->bytes_req += bytes_req;
+                km_barrier();
+                slot->busy = 0;
+                return;
+            }
+            km_barrier();
+            slot->busy = 0;
         }
     }
 #else

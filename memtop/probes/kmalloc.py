@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import operator
+import os
+import platform
 import struct
 import time
 from collections.abc import Callable
 from operator import itemgetter
-from pathlib import Path
 from typing import Any
 
 from memtop import tracefs
@@ -40,6 +42,7 @@ SIZE_BUCKETS = 64
     CTR_NAMES_WRITTEN,
     CTR_SLOT_ORPHANED,
 ) = range(9)
+ENOTSUPP = 524  # the kernel's internal "operation not supported"
 FLUSH_TRIES = 20  # km_flush found a CPU's slot busy: tries on that CPU before leaving it to the next read
 # What following cgroup v1 memory cgroups takes (see memcg_of in kmalloc.c).
 MEMCG_TRACEPOINTS = (
@@ -53,21 +56,22 @@ MAX_SAMPLE_EVERY = 1_000_000
 KMALLOC_RAW_ARGS = ("call_site", "ptr", "bytes_req", "bytes_alloc", "gfp_flags", "node")
 
 
-def parse_cpu_list(text: str) -> list[int]:
-    """CPU numbers from the kernel's list format ("0-3,6\n"), in order."""
-    cpus: list[int] = []
-    for part in filter(None, text.strip().split(",")):
-        low, _, high = part.partition("-")
-        cpus.extend(range(int(low), int(high or low) + 1))
-    return cpus
+def _reason(exc: BaseException) -> str:
+    """One line saying why km_flush could not run (ENOTSUPP, 524, has no text in libc)."""
+    if isinstance(exc, OSError) and exc.errno == ENOTSUPP:
+        return "BPF_PROG_TEST_RUN on a CPU is not supported by this kernel (Linux 5.10+)"
+    text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip() or repr(exc)
+    return text.splitlines()[-1]
 
 
-def online_cpus() -> list[int]:
-    """The online CPUs, from /sys/devices/system/cpu/online; [0] if it cannot be read."""
+def slots_supported(release: str) -> bool:
+    """Whether a kernel of this `uname -r` can run km_flush on a given CPU (BPF_PROG_TEST_RUN of a raw
+    tracepoint program with BPF_F_TEST_RUN_ON_CPU: Linux 5.10). Unparsable: try it."""
     try:
-        return parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()) or [0]
-    except (OSError, ValueError):
-        return [0]
+        major, minor = (int(part) for part in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (5, 10)
 
 
 def raw_kmalloc() -> bool:
@@ -156,11 +160,11 @@ class KmallocProbe(Probe):
         self._identities: dict[tuple[int, int], KernelIdentity] = {}  # built from _names, kept while it is
         self.raw = False  # kmem:kmalloc is attached as a raw tracepoint (set with the cflags)
         # Per-CPU slots (CPU_SLOT in kmalloc.c): on until km_flush cannot be run on a CPU at start
-        self.cpu_slot = True
-        self.cpu_slot_off_reason = ""
+        self.cpu_slot = slots_supported(platform.release())
+        self.cpu_slot_off_reason = "" if self.cpu_slot else "km_flush needs Linux 5.10+"
         self._flush_fd = -1
-        self._online_cpus: list[int] = []
-        self.flushes_deferred = 0  # reads at which some CPU's slot stayed busy through FLUSH_TRIES runs
+        self.flushes_deferred = 0  # reads at which some CPU's slot could not be flushed (see flush)
+        self.flush_error = ""  # the last reason km_flush failed on a CPU, if it ever did
 
     def cflags(self) -> list[str]:
         self.raw = raw_kmalloc()
@@ -227,18 +231,15 @@ class KmallocProbe(Probe):
         self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
 
     def _start_flush(self) -> bool:
-        """Load km_flush and run it once on every online CPU; False (and the reason kept) if the kernel
-        cannot run it so: then the slots cannot be read, and the probe is compiled without them."""
+        """Load km_flush and run it once on a CPU of this process's; False (and the reason kept) if the
+        kernel cannot run it so: then the slots cannot be read, and the probe is compiled without them."""
         import bcc
 
         try:
             self._flush_fd = self.bpf.load_func(b"km_flush", bcc.BPF.RAW_TRACEPOINT).fd
-            self._online_cpus = online_cpus()
-            for cpu in self._online_cpus:
-                run_on_cpu(self._flush_fd, cpu)
+            run_on_cpu(self._flush_fd, min(os.sched_getaffinity(0)))
         except Exception as exc:  # BCC raises bare Exception; OSError from the syscall
-            text = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip() or repr(exc)
-            self.cpu_slot_off_reason = text.splitlines()[-1]
+            self.cpu_slot_off_reason = _reason(exc)
             return False
         return True
 
@@ -253,17 +254,24 @@ class KmallocProbe(Probe):
         super().start()  # the leak part was compiled in the first time: it is again
 
     def flush(self) -> bool:
-        """Move every CPU's slot into pid_stats (run km_flush on each online CPU). False when a CPU's
-        slot stayed busy through FLUSH_TRIES runs (its counts are read at a later flush, not lost)."""
+        """Move every CPU's slot into pid_stats: km_flush runs on each CPU whose slot holds counts (one
+        read of the per-CPU slots says which: idle CPUs get no IPI). False when a CPU's slot stayed busy
+        through FLUSH_TRIES runs, or km_flush failed there for a reason other than the CPU being offline
+        (kept in flush_error): those counts are read at a later flush, not lost. An offline CPU's slot
+        waits for it to come back."""
         if self._flush_fd < 0:
             return True
         complete = True
-        for cpu in list(self._online_cpus):
+        for cpu, pending in enumerate(self.bpf[b"km_slot"].getvalue(0)):
+            if not pending.calls:
+                continue
             for attempt in range(FLUSH_TRIES):
                 try:
                     busy = run_on_cpu(self._flush_fd, cpu)
-                except OSError:  # went offline (its slot waits for it), or another CPU came online
-                    self._online_cpus = online_cpus()
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:
+                        self.flush_error = _reason(exc)
+                        complete = False
                     break
                 if not busy:
                     break
@@ -324,6 +332,9 @@ class KmallocProbe(Probe):
             text += ", shared with kernel leaks"
         if not self.cpu_slot and self.cpu_slot_off_reason:
             text += f", no per-CPU slots ({self.cpu_slot_off_reason})"
+        if self.flushes_deferred:
+            why = f": {self.flush_error}" if self.flush_error else ": busy"
+            text += f", {self.flushes_deferred:,} reads left a CPU's slot for later{why}"
         return f"{text}, v1 memory cgroups: {self.memcg_tracking}" if self.memcg_hierarchy else text
 
     # -- the per-process counters ------------------------------------------------------------------
@@ -337,7 +348,7 @@ class KmallocProbe(Probe):
         busy host the per-process counters are the only map read every tick."""
         complete = self.flush()  # every CPU's slot into pid_stats: the read below sees every count
         counters = self.bpf[b"km_counters"]
-        sums = [sum(counters.getvalue(i)) for i in range(CTR_NAMES_WRITTEN + 1)]  # before the maps below
+        sums = [sum(counters.getvalue(i)) for i in range(CTR_SLOT_ORPHANED + 1)]  # before the maps below
         stats = self._read_pid_stats()
         names, identities_known = self._names, self._identities
         # A key with no identity yet: its name was written after the counter was read (or it has none,
@@ -403,6 +414,7 @@ class KmallocProbe(Probe):
             tail_lost=sums[CTR_TAIL_LOST],
             tail_rate_limited=sums[CTR_TAIL_RATE_LIMITED],
             memcg_map_full_drops=sums[CTR_MEMCG_MAP_FULL],
+            after_exit_calls=sums[CTR_SLOT_ORPHANED] * self.sample_every,
             recursion_misses=misses,
             retired=tuple(retired),
             identities=identities,
