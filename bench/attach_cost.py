@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import (
+    MINIMAL_COUNTER_C,
     BenchError,
     PeriodicReader,
     check_unloaded,
@@ -105,16 +106,6 @@ int main(int argc, char **argv) {
 }
 """
 
-MINIMAL_COUNTER_C = r"""
-BPF_PERCPU_ARRAY(hits, u64, 1);
-TRACEPOINT_PROBE(kmem, kmalloc) {
-    int zero = 0;
-    u64 *c = hits.lookup(&zero);
-    if (c)
-        (*c)++;
-    return 0;
-}
-"""
 EMPTY_RAW_C = "RAW_TRACEPOINT_PROBE(kmalloc) { return 0; }\n"
 
 HOT_RAW = (b"kmalloc", b"kfree", b"kmem_cache_free", b"kmem_cache_alloc")

@@ -5,6 +5,7 @@ The scripts in bench/ import it as a sibling module (`import harness`); it impor
 
 - `main_wrapper(name, parse_args, bench)`: runs `bench(args)` as a script: root and bpftool checks, SIGTERM
   unwinds like Ctrl-C (so probes are closed), `BenchError` and memtop's `MemtopError` become one line.
+- `MINIMAL_COUNTER_C`: the yardstick of issue #11 (a classic kmem:kmalloc program, one per-CPU add).
 - `compile_c(workdir, name, source)` -> binary path (gcc -O2); `build_workload(workdir)` -> the listxattr
   loop (`Workload`: one kmalloc and one kfree per iteration on 6.18).
 - `start_process(argv)` / `finish_workload(proc, seconds)` -> (count, elapsed s) of a program printing
@@ -119,6 +120,19 @@ int main(int argc, char **argv) {
             break;
     }
     printf("%llu %.9f\n", iterations, t - start);
+    return 0;
+}
+"""
+
+
+# The yardstick: the least a BPF program on kmem:kmalloc can do (a classic tracepoint, one per-CPU add).
+MINIMAL_COUNTER_C = r"""
+BPF_PERCPU_ARRAY(hits, u64, 1);
+TRACEPOINT_PROBE(kmem, kmalloc) {
+    int zero = 0;
+    u64 *c = hits.lookup(&zero);
+    if (c)
+        (*c)++;
     return 0;
 }
 """

@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402  (the sibling module, found through the path set just above)
+    MINIMAL_COUNTER_C,
     STATS_ELSEWHERE,
     BenchError,
     PeriodicReader,
@@ -184,19 +185,6 @@ def run_probe(
 
 
 # -- every panel on, beside a minimal counter -----------------------------------------------------------
-
-# The yardstick: the least a BPF program on kmem:kmalloc can do (a classic tracepoint, one per-CPU add).
-MINIMAL_COUNTER_C = r"""
-BPF_PERCPU_ARRAY(hits, u64, 1);
-TRACEPOINT_PROBE(kmem, kmalloc) {
-    int zero = 0;
-    u64 *c = hits.lookup(&zero);
-    if (c)
-        (*c)++;
-    return 0;
-}
-"""
-
 
 # The measurement floor. With the run-time statistics on, the kernel wraps every program run in two
 # clock reads and a per-CPU add, and counts them in that program's run_time_ns; an empty program's

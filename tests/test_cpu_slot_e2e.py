@@ -8,10 +8,12 @@ only the read's flush can. Each read must show exactly what the workload did by 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -58,12 +60,42 @@ def _slot(probe: KmallocProbe, cpu: int) -> tuple[int, int]:
     return int(value.key.tgid), int(value.calls)
 
 
+@contextlib.contextmanager
+def pinned(
+    tmp_path: Path, cpu: int, calls: int = CALLS
+) -> Iterator[tuple[KmallocProbe, subprocess.Popen[str]]]:
+    """A started KmallocProbe and the workload (ready, pinned to `cpu`); both stopped after."""
+    probe = KmallocProbe()
+    probe.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKLOAD.replace(str(CALLS), str(calls)), str(tmp_path / "target")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        yield probe, proc
+    finally:
+        proc.kill()
+        proc.wait()
+        probe.close()
+
+
+def go(proc: subprocess.Popen[str], wait: bool = True) -> None:
+    """One round of the workload's calls; `wait`: until it says it is done."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    if wait:
+        assert proc.stdout.readline() == "done\n"
+
+
 @pytest.mark.parametrize("mode", ["slots", "no slots (km_flush cannot run)"])
 def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
-    mode: str,
-    cpus: tuple[int, int],
-    tmp_path,
-    monkeypatch,  # type: ignore[no-untyped-def]
+    mode: str, cpus: tuple[int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if mode != "slots":
 
@@ -71,27 +103,14 @@ def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
             raise OSError(22, "BPF_PROG_TEST_RUN: Invalid argument")
 
         monkeypatch.setattr(kmalloc_module, "run_on_cpu", refuse)
-    probe = KmallocProbe()
-    probe.start()
     work_cpu, _ = cpus
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WORKLOAD, str(tmp_path / "target")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {work_cpu}),
-    )
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
+    with pinned(tmp_path, work_cpu) as (probe, proc):
         assert probe.cpu_slot == (mode == "slots")
         if mode != "slots":
             assert "no per-CPU slots (BPF_PROG_TEST_RUN: Invalid argument)" in probe.status.detail
         before = _calls(probe, proc.pid)
         for round_no in range(3):
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            assert proc.stdout.readline() == "done\n"
+            go(proc)
             after = _calls(probe, proc.pid)
             if mode == "slots":  # the read flushed the workload's run out of its CPU's slot
                 assert _slot(probe, work_cpu)[0] != proc.pid or _slot(probe, work_cpu)[1] == 0
@@ -99,34 +118,22 @@ def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
             assert CALLS <= after - before <= CALLS + 50, (round_no, after - before)
             before = after
         assert probe.flushes_deferred == 0
-    finally:
-        proc.kill()
-        proc.wait()
-        probe.close()
+
+
+STRESS_CALLS = 400_000
 
 
 def test_reads_in_a_tight_loop_beside_a_pinned_kmalloc_loop_count_every_call_once(
-    cpus: tuple[int, int],
-    tmp_path,  # type: ignore[no-untyped-def]
+    cpus: tuple[int, int], tmp_path: Path
 ) -> None:
     """Every read runs km_flush on the workload's CPU (an IPI there) while its kmalloc program runs: a flush
-    landing inside the program's update of the slot must neither count a run twice nor lose one."""
-    probe = KmallocProbe()
-    probe.start()
+    landing inside the program's update of the slot must neither count a run twice nor lose one (it did
+    count runs twice when the fast path's adds were not marked busy: +119 to +655 calls)."""
     work_cpu, _ = cpus
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WORKLOAD.replace(str(CALLS), str(STRESS_CALLS)), str(tmp_path / "target")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {work_cpu}),
-    )
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
+    with pinned(tmp_path, work_cpu, STRESS_CALLS) as (probe, proc):
+        assert proc.stdout is not None
         before = _calls(probe, proc.pid)
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
+        go(proc, wait=False)
         reads = 0
         os.set_blocking(proc.stdout.fileno(), False)
         while not proc.stdout.readline():
@@ -135,40 +142,19 @@ def test_reads_in_a_tight_loop_beside_a_pinned_kmalloc_loop_count_every_call_onc
         after = _calls(probe, proc.pid)
         assert reads > 50  # the flushes really ran during the loop
         assert STRESS_CALLS <= after - before <= STRESS_CALLS + 50, (after - before, reads)
-    finally:
-        proc.kill()
-        proc.wait()
-        probe.close()
-
-
-STRESS_CALLS = 400_000
 
 
 def test_counts_a_slot_held_for_a_process_whose_entry_was_dropped_go_to_no_row(
-    cpus: tuple[int, int],
-    tmp_path,  # type: ignore[no-untyped-def]
+    cpus: tuple[int, int], tmp_path: Path
 ) -> None:
     """The read after a process's last one drops its entry (forget); kmallocs its CPU's slot still held are
     then counted as kmalloc_after_exit, and the entry is not made again (a later owner of the PID must not
     inherit it)."""
-    probe = KmallocProbe()
-    probe.start()
     work_cpu, _ = cpus
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WORKLOAD, str(tmp_path / "target")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: os.sched_setaffinity(0, {work_cpu}),
-    )
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        assert proc.stdout.readline() == "ready\n"
+    with pinned(tmp_path, work_cpu) as (probe, proc):
         assert _calls(probe, proc.pid) > 0
         for _attempt in range(5):  # until nothing else kmalloc'd on that CPU before the slot is looked at
-            proc.stdin.write("go\n")
-            proc.stdin.flush()
-            assert proc.stdout.readline() == "done\n"
+            go(proc)
             tgid, held = _slot(probe, work_cpu)
             if tgid == proc.pid:
                 break
@@ -179,7 +165,3 @@ def test_counts_a_slot_held_for_a_process_whose_entry_was_dropped_go_to_no_row(
         assert proc.pid not in reading.per_tgid
         assert reading.after_exit_calls >= held
         assert proc.pid not in probe.read().per_tgid
-    finally:
-        proc.kill()
-        proc.wait()
-        probe.close()
