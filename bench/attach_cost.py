@@ -22,7 +22,7 @@ counters alone (KmallocProbe without the leak part) with its per-CPU slots and w
 programs (irq entry/exit, task and sched events) stay attached in every slice alike; all probes are read
 once a second on a thread, as the app does.
 
-    sudo .venv/bin/python bench/attach_cost.py [--rotations 60] [--slice 0.2] [--json FILE]
+    sudo .venv/bin/python bench/attach_cost.py [--rotations 60] [--slice 0.2] [--switching] [--json FILE]
 """
 
 from __future__ import annotations
@@ -64,17 +64,20 @@ from harness import (
 
 LOOP_C = r"""
 /* listxattr(path, buf, 256) in a tight loop; every 1024 calls it publishes (iterations, its thread's CPU
- * ns) to the shared file argv[2] under a sequence word (odd while writing). Stops when word 3 is set. */
+ * ns) to the shared file argv[2] under a sequence word (odd while writing). Stops when word 3 is set.
+ * With a third argument it yields the CPU after every call (two of them on one CPU: every kmalloc is
+ * another process's than the last one on that CPU). */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/xattr.h>
 #include <time.h>
 
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: %s FILE SHARED\n", argv[0]);
+    if (argc != 3 && argc != 4) {
+        fprintf(stderr, "usage: %s FILE SHARED [yield]\n", argv[0]);
         return 2;
     }
     int fd = open(argv[2], O_RDWR);
@@ -84,6 +87,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     char buf[256];
+    int yield = argc == 4;
     unsigned long long iterations = 0;
     struct timespec ts;
     while (!shared[3]) {
@@ -92,6 +96,8 @@ int main(int argc, char **argv) {
                 perror("listxattr");
                 return 1;
             }
+            if (yield)
+                sched_yield();
         }
         iterations += 1024;
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -276,22 +282,36 @@ def measure(args: argparse.Namespace) -> int:
         binary = compile_c(Path(tmp), "listxattr_shared", LOOP_C)
         target = Path(tmp) / "target"
         target.write_bytes(b"")
-        counter = SharedCounter(Path(tmp) / "shared")
+        loops = 2 if args.switching else 1
+        counters = [SharedCounter(Path(tmp) / f"shared{i}") for i in range(loops)]
         sets, things = load_sets(bcc)
         probes = [t for t in things if hasattr(t, "read")]
         all_ids |= prog_ids(things)
         for name, switch in sets.items():
             results[name].tracepoints = switch.tracepoints
         reader = PeriodicReader(ReadAll(probes))
-        loop = subprocess.Popen(
-            [str(binary), str(target), str(Path(tmp) / "shared")],
-            preexec_fn=lambda: os.sched_setaffinity(0, {loop_cpu}),
-        )
+        procs = [
+            subprocess.Popen(
+                [
+                    str(binary),
+                    str(target),
+                    str(Path(tmp) / f"shared{i}"),
+                    *(["yield"] if args.switching else []),
+                ],
+                preexec_fn=lambda: os.sched_setaffinity(0, {loop_cpu}),
+            )
+            for i in range(loops)
+        ]
+
+        def read_all() -> tuple[int, int]:
+            values = [c.read() for c in counters]
+            return sum(v[0] for v in values), sum(v[1] for v in values)
+
         try:
             reader.start()
-            counter.read()
-            log(f"loop on CPU {loop_cpu}, this process on CPU {own_cpu}; {args.rotations} rotations of "
-                f"{len(SETS)} slices of {args.slice:g} s")  # fmt: skip
+            read_all()
+            log(f"{loops} loop(s) on CPU {loop_cpu}, this process on CPU {own_cpu}; "
+                f"{args.rotations} rotations of {len(SETS)} slices of {args.slice:g} s")  # fmt: skip
             foreign += foreign_attachments(WATCHED_TRACEPOINTS)
             for rotation in range(args.rotations):
                 order = list(SETS)
@@ -303,9 +323,9 @@ def measure(args: argparse.Namespace) -> int:
                         switch.on()
                     try:
                         time.sleep(SETTLE_S)
-                        i0, c0 = counter.read()
+                        i0, c0 = read_all()
                         time.sleep(args.slice)
-                        i1, c1 = counter.read()
+                        i1, c1 = read_all()
                     finally:
                         if switch is not None:
                             switch.off()
@@ -324,20 +344,25 @@ def measure(args: argparse.Namespace) -> int:
             reader.stop()
             reader.check()
         finally:
-            counter.stop()
-            try:
-                loop.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                loop.kill()
-                loop.wait()
+            for counter in counters:
+                counter.stop()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
             reader.stop()
             close_all(things)
-            counter.close()
+            for counter in counters:
+                counter.close()
     check_unloaded(all_ids)
     print(result_table(results))
     print()
     print(goal_lines(results))
     print()
+    if args.switching:
+        print("Workload: two loops on one CPU, each yielding after every call (the slots' worst case).")
     print(machine_line(info))
     print(f"1-minute load average before: {load_before}.")
     print(f"bpftool: none of the {len(all_ids)} program IDs loaded for the sets remain loaded.")
@@ -348,7 +373,7 @@ def measure(args: argparse.Namespace) -> int:
         doc = {
             "schema": "memtop.bench.attach_cost/1",
             "machine": info,
-            "config": {"rotations": args.rotations, "slice_s": args.slice},
+            "config": {"rotations": args.rotations, "slice_s": args.slice, "switching": args.switching},
             "sets": [asdict(r) for r in results.values()],
             "load_average_before": load_before,
             "foreign": foreign,
@@ -426,6 +451,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=positive_float,
         default=0.2,
         help="seconds each set is attached per rotation (default 0.2)",
+    )
+    parser.add_argument(
+        "--switching",
+        action="store_true",
+        help="the slots' worst case: two loops on the loop CPU, each yielding after every call, so that "
+        "every kmalloc there is another process's than the last one",
     )
     parser.add_argument(
         "--json", type=Path, metavar="FILE", help="also write every slice and the summary here"

@@ -92,7 +92,8 @@ def test_bench_builds_workload_and_prints_table(tmp_path: Path) -> None:
 
 @pytest.mark.bpf
 @pytest.mark.timeout(120)
-def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path) -> None:
+@pytest.mark.parametrize("switching", [False, True])
+def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path, switching: bool) -> None:
     if os.geteuid() != 0:
         _cannot_run("not running as root")
     if len(os.sched_getaffinity(0)) < 2:
@@ -100,13 +101,16 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
     result_json = tmp_path / "cost.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH.with_name("attach_cost.py")), "--rotations", "3", "--slice", "0.05"]
-        + ["--json", str(result_json)],
+        + ["--json", str(result_json)]
+        + (["--switching"] if switching else []),
         capture_output=True,
         text=True,
         timeout=110,
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(result_json.read_text())
+    assert doc["config"]["switching"] is switching
+    assert ("two loops on one CPU" in proc.stdout) is switching
     sets = {s["name"]: s for s in doc["sets"]}
     assert len(sets) == 6 and all(len(s["ns_per_iteration"]) == 3 for s in sets.values())
     assert sets["memtop, every panel"]["tracepoints"] == [

@@ -165,3 +165,45 @@ def test_counts_a_slot_held_for_a_process_whose_entry_was_dropped_go_to_no_row(
         assert proc.pid not in reading.per_tgid
         assert reading.after_exit_calls >= held
         assert proc.pid not in probe.read().per_tgid
+
+
+def test_two_processes_taking_turns_on_one_cpu_are_each_counted_exactly(
+    cpus: tuple[int, int], tmp_path: Path
+) -> None:
+    """Two processes yielding to each other after every call on one CPU: most kmallocs there are not the
+    slot's process's (counted straight into their entry), and the slot changes hands when one runs longer
+    (SLOT_TAKE_AFTER in a row). Each must end with exactly its own calls."""
+    work_cpu, _ = cpus
+    turns = WORKLOAD.replace("os.listxattr(path)", "os.listxattr(path); os.sched_yield()")
+    probe = KmallocProbe()
+    probe.start()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", turns, str(tmp_path / f"target{i}")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, {work_cpu}),
+        )
+        for i in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        before = {proc.pid: _calls(probe, proc.pid) for proc in procs}
+        for _round in range(2):
+            for proc in procs:
+                go(proc, wait=False)
+            for proc in procs:
+                assert proc.stdout is not None and proc.stdout.readline() == "done\n"
+            reading = probe.read()
+            for proc in procs:
+                counters = reading.per_tgid.get(proc.pid)
+                made = (counters.calls if counters is not None else 0) - before[proc.pid]
+                assert CALLS <= made <= CALLS + 50, (proc.pid, made)
+                before[proc.pid] += made
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        probe.close()

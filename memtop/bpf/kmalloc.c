@@ -76,6 +76,9 @@
 #ifndef CPU_SLOT
 #define CPU_SLOT 1  // count a CPU's run of kmallocs by one process in km_slot (needs km_flush: BPF_PROG_TEST_RUN)
 #endif
+#ifndef SLOT_TAKE_AFTER
+#define SLOT_TAKE_AFTER 16  // another process takes a CPU's slot after this many kmallocs in a row there
+#endif
 
 #if WITH_LEAKS
 #include "leaks_kernel.h"
@@ -358,7 +361,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 // kernel's per-program recursion guard).
 struct km_slot_t {
     u32 busy;
-    u32 pad;
+    u32 misses;  // kmallocs by other processes since the slot's process last kmalloc'd on this CPU
     struct pid_key key;
     u64 calls;  // 0: empty
     u64 bytes_alloc;
@@ -482,6 +485,7 @@ counters:;
     struct pid_key key = {.tgid = tgid, .gen = 0};
 #if CPU_SLOT
     struct km_slot_t *slot = 0;
+    int take = 0;
     if (tgid != IRQ_TGID) {
         key = key_of(tgid);
         slot = km_slot.lookup(&zero);
@@ -496,10 +500,18 @@ counters:;
                 slot->calls++;
                 slot->bytes_alloc += bytes_alloc;
                 slot->bytes_req += bytes_req;
+                slot->misses = 0;
                 km_barrier();
                 slot->busy = 0;
                 return;
             }
+            // Another process's kmalloc. It takes the slot only once it has made SLOT_TAKE_AFTER in a row
+            // (or the slot is empty): two processes that take turns kmallocing on a CPU (a request and its
+            // reply over loopback) would otherwise move the slot at every kmalloc, two hash lookups each,
+            // where now one keeps the slot and the other counts straight into its entry, one lookup.
+            take = !slot->calls || slot->misses >= SLOT_TAKE_AFTER;
+            if (!take)
+                slot->misses++;
             km_barrier();
             slot->busy = 0;
         }
@@ -529,12 +541,13 @@ counters:;
         }
     }
 #if CPU_SLOT
-    // Another process's run begins on this CPU: the last one's counts go to its entry, this one's run
+    // Another process's run takes this CPU's slot: the last one's counts go to its entry, this one's run
     // starts in the slot. (busy: this program interrupted km_flush on this CPU; count straight in st.)
-    if (slot && !slot->busy) {
+    if (slot && take && !slot->busy) {
         slot->busy = 1;
         km_barrier();
         slot_flush(slot, 0);
+        slot->misses = 0;
         slot->key = key;
         slot->calls = 1;
         slot->bytes_alloc = bytes_alloc;
