@@ -207,3 +207,32 @@ def test_two_processes_taking_turns_on_one_cpu_are_each_counted_exactly(
             proc.kill()
             proc.wait()
         probe.close()
+
+
+def test_without_slots_the_leak_part_stays_compiled_in_and_attached_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """km_flush cannot run: the probe is compiled again without slots, still with the kernel leak tracking
+    in the same object (one program per hot tracepoint), and the first object is gone."""
+    from memtop.probes.leaks import KernelLeakProbe
+
+    from .test_misses_e2e import attachments_of
+
+    def refuse(fd: int, cpu: int) -> int:
+        raise OSError(95, "BPF_PROG_TEST_RUN: Operation not supported")
+
+    monkeypatch.setattr(kmalloc_module, "run_on_cpu", refuse)
+    leaks = KernelLeakProbe(sample_every=1)
+    kmalloc = KmallocProbe(leaks=leaks)
+    kmalloc.start()
+    leaks.start()
+    try:
+        assert not kmalloc.cpu_slot and kmalloc.running and leaks.running and leaks.shared
+        assert leaks.bpf is kmalloc.bpf
+        events = [a["tracepoint"] for a in attachments_of(os.getpid())]
+        for hot in ("kmalloc", "kfree", "kmem_cache_free", "kmem_cache_alloc"):
+            assert events.count(hot) == 1, events
+        assert "no per-CPU slots (BPF_PROG_TEST_RUN: Operation not supported)" in kmalloc.status.detail
+    finally:
+        kmalloc.close()
+        leaks.close()

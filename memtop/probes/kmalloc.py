@@ -213,14 +213,7 @@ class KmallocProbe(Probe):
         self._gfp_table = parse_gfp_table(fmt)
         self._boot_offset = time.time() - time.monotonic()
         self._with_leaks = self.leaks is not None and self.leaks.can_embed()
-        if self._with_leaks:
-            try:
-                super().start()
-            except MemtopError as exc:  # the leak part must not take the kmalloc counters down
-                self.leaks.embed_error = str(exc)
-                self._with_leaks = False
-        if not self._with_leaks:
-            super().start()
+        self._compile()
         if self.cpu_slot and not self._start_flush():
             self._restart_without_slot()
         if self._with_leaks and self.leaks is not None:
@@ -229,6 +222,18 @@ class KmallocProbe(Probe):
         if self._track_memcg():
             self._seed_memcg()
         self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
+
+    def _compile(self) -> None:
+        """Compile, load and attach (Probe.start), with the leak part when asked; if that fails, without it
+        (the leak part must not take the kmalloc counters down: the leak probe then starts on its own)."""
+        if self._with_leaks and self.leaks is not None:
+            try:
+                super().start()
+                return
+            except MemtopError as exc:
+                self.leaks.embed_error = str(exc)
+                self._with_leaks = False
+        super().start()
 
     def _start_flush(self) -> bool:
         """Load km_flush and run it once on a CPU of this process's; False (and the reason kept) if the
@@ -251,7 +256,7 @@ class KmallocProbe(Probe):
         detach_all([bpf])
         self.cpu_slot = False
         self._flush_fd = -1
-        super().start()  # the leak part was compiled in the first time: it is again
+        self._compile()
 
     def flush(self) -> bool:
         """Move every CPU's slot into pid_stats: km_flush runs on each CPU whose slot holds counts (one
