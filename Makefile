@@ -41,6 +41,7 @@ screenshots: venv-exists
 bench: setup
 	$(PY) bench/kmalloc_bench.py
 	$(PY) bench/attach_cost.py
+	$(PY) bench/flush_cost.py
 	$(PY) bench/leaks_bench.py
 	$(PY) bench/tcp_bench.py
 	$(PY) bench/ui_bench.py

@@ -1,5 +1,5 @@
 """Smoke tests of bench/: kmalloc_bench.py (the workload builds, a short run prints the results table),
-attach_cost.py, and tick_profile.py.
+attach_cost.py, flush_cost.py and tick_profile.py.
 
 No timing is asserted: this only checks that the benchmark still runs end to end against the real probe.
 """
@@ -121,6 +121,24 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
     ]
     assert _table_cell(proc.stdout, "memtop kmalloc counters alone", "slices") == "3"
     assert "issue #11's goal ≤ 2x" in proc.stdout and "remain loaded" in proc.stdout
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(60)
+def test_flush_cost_times_the_flush_busy_and_idle() -> None:
+    if os.geteuid() != 0:
+        _cannot_run("not running as root")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.with_name("flush_cost.py")), "--reads", "10"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert proc.returncode == 0, proc.stderr
+    busy = _table_cell(proc.stdout, "a kmallocing process on every CPU", "µs, median")
+    idle = _table_cell(proc.stdout, "those stopped", "µs, median")
+    assert float(busy) > 0 and float(idle) > 0
+    assert "Flushes that left a slot for later: 0." in proc.stdout
 
 
 @pytest.mark.bpf

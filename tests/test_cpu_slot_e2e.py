@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -97,6 +98,8 @@ def go(proc: subprocess.Popen[str], wait: bool = True) -> None:
 def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
     mode: str, cpus: tuple[int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if mode == "slots" and not kmalloc_module.slots_supported(platform.release()):
+        pytest.skip("per-CPU slots need Linux 5.10+")
     if mode != "slots":
 
         def refuse(fd: int, cpu: int) -> int:
@@ -109,15 +112,21 @@ def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
         if mode != "slots":
             assert "no per-CPU slots (BPF_PROG_TEST_RUN: Invalid argument)" in probe.status.detail
         before = _calls(probe, proc.pid)
-        for round_no in range(3):
+        held_rounds = 0
+        for round_no in range(5):
             go(proc)
+            # Only the read's flush can move the run when the slot still holds it (on a busy host another
+            # process may take the slot over first: then that round shows nothing about the flush).
+            tgid, held = _slot(probe, work_cpu) if mode == "slots" else (0, 0)
             after = _calls(probe, proc.pid)
-            if mode == "slots":  # the read flushed the workload's run out of its CPU's slot
+            if mode == "slots" and tgid == proc.pid and held >= CALLS:
+                held_rounds += 1
                 assert _slot(probe, work_cpu)[0] != proc.pid or _slot(probe, work_cpu)[1] == 0
             # one kmalloc per listxattr, plus a few for the pipe writes
             assert CALLS <= after - before <= CALLS + 50, (round_no, after - before)
             before = after
         assert probe.flushes_deferred == 0
+        assert held_rounds > 0 or mode != "slots"
 
 
 STRESS_CALLS = 400_000
@@ -140,7 +149,7 @@ def test_reads_in_a_tight_loop_beside_a_pinned_kmalloc_loop_count_every_call_onc
             probe.read()
             reads += 1
         after = _calls(probe, proc.pid)
-        assert reads > 50  # the flushes really ran during the loop
+        assert reads > 10  # the flushes really ran during the loop
         assert STRESS_CALLS <= after - before <= STRESS_CALLS + 50, (after - before, reads)
 
 
@@ -153,17 +162,23 @@ def test_counts_a_slot_held_for_a_process_whose_entry_was_dropped_go_to_no_row(
     work_cpu, _ = cpus
     with pinned(tmp_path, work_cpu) as (probe, proc):
         assert _calls(probe, proc.pid) > 0
-        for _attempt in range(5):  # until nothing else kmalloc'd on that CPU before the slot is looked at
+        for _attempt in range(5):  # until nothing else took the slot over between the look and forget()
             go(proc)
             tgid, held = _slot(probe, work_cpu)
-            if tgid == proc.pid:
+            if tgid != proc.pid or held < CALLS:
+                probe.read()
+                continue
+            orphans_before = probe.bpf[b"km_counters"].getvalue(8)
+            probe.forget([proc.pid])  # as the store does once the process is gone; it flushes the slots
+            orphaned = sum(probe.bpf[b"km_counters"].getvalue(8)) - sum(orphans_before)
+            reading = probe.read()
+            assert proc.pid not in reading.per_tgid  # not made again
+            if orphaned >= held:
+                assert reading.after_exit_calls >= held
                 break
-            probe.read()
-        assert tgid == proc.pid and held >= CALLS  # not flushed yet: no read since
-        probe.forget([proc.pid])  # as the store does once the process is gone
-        reading = probe.read()
-        assert proc.pid not in reading.per_tgid
-        assert reading.after_exit_calls >= held
+            _calls(probe, proc.pid)  # the slot moved before forget(): the PID has an entry again; again
+        else:
+            pytest.fail("the workload's run never stayed in its CPU's slot until forget()")
         assert proc.pid not in probe.read().per_tgid
 
 

@@ -77,7 +77,7 @@
 #define CPU_SLOT 1  // count a CPU's run of kmallocs by one process in km_slot (needs km_flush: BPF_PROG_TEST_RUN)
 #endif
 #ifndef SLOT_TAKE_AFTER
-#define SLOT_TAKE_AFTER 16  // another process takes a CPU's slot after this many kmallocs in a row there
+#define SLOT_TAKE_AFTER 16  // a slot changes hands after this many kmallocs there by others, none by its own
 #endif
 
 #if WITH_LEAKS
@@ -505,10 +505,11 @@ counters:;
                 slot->busy = 0;
                 return;
             }
-            // Another process's kmalloc. It takes the slot only once it has made SLOT_TAKE_AFTER in a row
-            // (or the slot is empty): two processes that take turns kmallocing on a CPU (a request and its
-            // reply over loopback) would otherwise move the slot at every kmalloc, two hash lookups each,
-            // where now one keeps the slot and the other counts straight into its entry, one lookup.
+            // Another process's kmalloc. It takes the slot only when the slot is empty or its process has
+            // made none of the last SLOT_TAKE_AFTER kmallocs on this CPU: two processes that take turns
+            // kmallocing on a CPU (a request and its reply over loopback) would otherwise move the slot at
+            // every kmalloc, two hash lookups each, where now one keeps the slot and the other counts
+            // straight into its entry, one lookup.
             take = !slot->calls || slot->misses >= SLOT_TAKE_AFTER;
             if (!take)
                 slot->misses++;

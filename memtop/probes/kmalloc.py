@@ -236,13 +236,14 @@ class KmallocProbe(Probe):
         super().start()
 
     def _start_flush(self) -> bool:
-        """Load km_flush and run it once on a CPU of this process's; False (and the reason kept) if the
-        kernel cannot run it so: then the slots cannot be read, and the probe is compiled without them."""
+        """Load km_flush and run it once on each CPU this process may run on; False (and the reason kept) if
+        the kernel cannot run it so: then the slots cannot be read, and the probe is compiled without them."""
         import bcc
 
         try:
             self._flush_fd = self.bpf.load_func(b"km_flush", bcc.BPF.RAW_TRACEPOINT).fd
-            run_on_cpu(self._flush_fd, min(os.sched_getaffinity(0)))
+            for cpu in sorted(os.sched_getaffinity(0)):  # the own CPU runs it directly, the others by IPI
+                run_on_cpu(self._flush_fd, cpu)
         except Exception as exc:  # BCC raises bare Exception; OSError from the syscall
             self.cpu_slot_off_reason = _reason(exc)
             return False
@@ -536,6 +537,11 @@ class KmallocProbe(Probe):
             with contextlib.suppress(KeyError):
                 if gens[gens.Key(tgid)].value == gen:
                     del gens[gens.Key(tgid)]
+        # A CPU's slot may hold kmallocs such a process made after the read's flush (its exit path). Flushed
+        # now, they find no entry and are counted as kmalloc_after_exit; left there, a new process given the
+        # PID (same key: nothing raised its generation) would add its own to them on that CPU.
+        if tgids:
+            self.flush()
 
     # -- the drilled-in process ------------------------------------------------------------------------
 
