@@ -15,7 +15,7 @@
 //
 // CPU_SLOT: a process's run of kmallocs on a CPU is counted in a per-CPU array slot (km_slot) and added to
 // its per-process per-CPU hash entry only when another process kmallocs on that CPU, or when user space
-// runs km_flush there before each read: the hot path is an array add, as cheap as a bare counter.
+// runs km_flush there before each read: a kmalloc adds to a per-CPU array instead of updating the hash.
 //
 // WITH_LEAKS: the kernel leak tracking of leaks_kernel.h is compiled in, and the kmalloc program feeds it
 // too (one program per tracepoint for both panels); its maps keep their own names.
@@ -351,7 +351,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 #endif
 
 #if CPU_SLOT
-// Each CPU's run of kmallocs by one process: counted here, a per-CPU array (what a minimal counter costs),
+// Each CPU's run of kmallocs by one process: counted here, in a per-CPU array (as a minimal counter counts),
 // and added to the process's pid_stats entry when another process kmallocs on that CPU, or when user
 // space runs km_flush on the CPU before it reads pid_stats (each tick, BPF_PROG_TEST_RUN on each CPU):
 // every count is in exactly one of the two places, and a read after the flush sees them all.
