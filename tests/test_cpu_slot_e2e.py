@@ -113,7 +113,7 @@ def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
             assert "no per-CPU slots (BPF_PROG_TEST_RUN: Invalid argument)" in probe.status.detail
         before = _calls(probe, proc.pid)
         held_rounds = 0
-        for round_no in range(5):
+        for round_no in range(10):
             go(proc)
             # Only the read's flush can move the run when the slot still holds it (on a busy host another
             # process may take the slot over first: then that round shows nothing about the flush).
@@ -126,6 +126,8 @@ def test_every_kmalloc_of_a_pinned_process_is_in_the_next_read(
             assert CALLS <= after - before <= CALLS + 50, (round_no, after - before)
             before = after
         assert probe.flushes_deferred == 0
+        # A CPU where other processes kmalloc without pause (as a stress run does, not CI) may never leave a
+        # run in its slot long enough: then this check cannot be made, and fails.
         assert held_rounds > 0 or mode != "slots"
 
 
@@ -162,7 +164,7 @@ def test_counts_a_slot_held_for_a_process_whose_entry_was_dropped_go_to_no_row(
     work_cpu, _ = cpus
     with pinned(tmp_path, work_cpu) as (probe, proc):
         assert _calls(probe, proc.pid) > 0
-        for _attempt in range(5):  # until nothing else took the slot over between the look and forget()
+        for _attempt in range(10):  # until nothing else took the slot over between the look and forget()
             go(proc)
             tgid, held = _slot(probe, work_cpu)
             if tgid != proc.pid or held < CALLS:
