@@ -124,7 +124,6 @@ EMPTY_RAW = "empty raw tracepoint program on kmalloc"
 KMALLOC = "memtop kmalloc counters alone"
 KMALLOC_NO_SLOTS = "memtop kmalloc counters alone, no per-CPU slots"
 PANELS = "memtop, every panel"
-SETS = (UNTRACED, MINIMAL, EMPTY_RAW, KMALLOC, KMALLOC_NO_SLOTS, PANELS)
 SETTLE_S = 0.03  # after an attach, before the slice starts
 
 
@@ -145,6 +144,13 @@ class Switch:
                     bpf.detach_tracepoint(tp)
         if not self.attached:
             raise BenchError("a set has no program on the loop's tracepoints")
+
+    @classmethod
+    def only(cls, switch: Switch, tracepoint: bytes) -> Switch:
+        """The part of `switch` on one tracepoint (its programs already taken off)."""
+        part = cls.__new__(cls)
+        part.attached = [entry for entry in switch.attached if entry[2] == tracepoint]
+        return part
 
     @property
     def tracepoints(self) -> list[str]:
@@ -207,8 +213,9 @@ class SetResult:
         return statistics.mean(self.added_ns), statistics.stdev(self.added_ns) / len(self.added_ns) ** 0.5
 
 
-def load_sets(bcc: Any) -> tuple[dict[str, Switch], list[Any]]:
-    """Every set's objects loaded and their hot programs detached; also the probes to read and close."""
+def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], list[Any]]:
+    """Every set's objects loaded and their hot programs detached; also the probes to read and close.
+    per_program: also every panel's program on each of the loop's tracepoints on its own."""
     kmalloc_class = import_memtop("probes.kmalloc", "KmallocProbe")
     leaks = import_memtop("probes.leaks", "KernelLeakProbe")()
     alone = kmalloc_class(sample_every=1)
@@ -239,6 +246,9 @@ def load_sets(bcc: Any) -> tuple[dict[str, Switch], list[Any]]:
             KMALLOC_NO_SLOTS: Switch([no_slots.bpf]),
             PANELS: Switch(panel_objects),
         }
+        if per_program:
+            for tp in sorted({entry[2] for entry in sets[PANELS].attached}):
+                sets[f"{PANELS}: only {tp.decode()}"] = Switch.only(sets[PANELS], tp)
     except BaseException:
         for probe in reversed(probes):
             probe.close()
@@ -275,7 +285,6 @@ def measure(args: argparse.Namespace) -> int:
     loop_cpu, own_cpu = cpus[-1], cpus[0]
     os.sched_setaffinity(0, {own_cpu})  # before any thread starts: the reader stays off the loop's CPU
     load_before = load_average()
-    results = {name: SetResult(name, []) for name in SETS}
     all_ids: set[int] = set()
     foreign: list[str] = []
     with tempfile.TemporaryDirectory(prefix="memtop-attach-cost-") as tmp:
@@ -284,7 +293,9 @@ def measure(args: argparse.Namespace) -> int:
         target.write_bytes(b"")
         loops = 2 if args.switching else 1
         counters = [SharedCounter(Path(tmp) / f"shared{i}") for i in range(loops)]
-        sets, things = load_sets(bcc)
+        sets, things = load_sets(bcc, args.per_program)
+        names = [UNTRACED, *sets]
+        results = {name: SetResult(name, []) for name in names}
         probes = [t for t in things if hasattr(t, "read")]
         all_ids |= prog_ids(things)
         for name, switch in sets.items():
@@ -311,10 +322,10 @@ def measure(args: argparse.Namespace) -> int:
             reader.start()
             read_all()
             log(f"{loops} loop(s) on CPU {loop_cpu}, this process on CPU {own_cpu}; "
-                f"{args.rotations} rotations of {len(SETS)} slices of {args.slice:g} s")  # fmt: skip
+                f"{args.rotations} rotations of {len(names)} slices of {args.slice:g} s")  # fmt: skip
             foreign += foreign_attachments(WATCHED_TRACEPOINTS)
             for rotation in range(args.rotations):
-                order = list(SETS)
+                order = list(names)
                 random.shuffle(order)
                 slices: dict[str, float] = {}
                 for name in order:
@@ -338,7 +349,7 @@ def measure(args: argparse.Namespace) -> int:
                 if (rotation + 1) % 10 == 0:
                     log(f"rotation {rotation + 1}: " + ", ".join(
                         f"{name.split(' (')[0]} {num(results[name].median_added(), '.1f')}"
-                        for name in SETS[1:]
+                        for name in names[1:]
                     ))  # fmt: skip
             foreign += foreign_attachments(WATCHED_TRACEPOINTS)
             reader.stop()
@@ -373,7 +384,12 @@ def measure(args: argparse.Namespace) -> int:
         doc = {
             "schema": "memtop.bench.attach_cost/1",
             "machine": info,
-            "config": {"rotations": args.rotations, "slice_s": args.slice, "switching": args.switching},
+            "config": {
+                "rotations": args.rotations,
+                "slice_s": args.slice,
+                "switching": args.switching,
+                "per_program": args.per_program,
+            },
             "sets": [asdict(r) for r in results.values()],
             "load_average_before": load_before,
             "foreign": foreign,
@@ -457,6 +473,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="the slots' worst case: two loops on the loop CPU, each yielding after every call, so that "
         "every kmalloc there is another process's than the last one",
+    )
+    parser.add_argument(
+        "--per-program",
+        action="store_true",
+        help="also every panel's program on each of the loop's tracepoints on its own (where the cost is)",
     )
     parser.add_argument(
         "--json", type=Path, metavar="FILE", help="also write every slice and the summary here"

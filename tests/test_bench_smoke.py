@@ -102,7 +102,7 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
     proc = subprocess.run(
         [sys.executable, str(BENCH.with_name("attach_cost.py")), "--rotations", "3", "--slice", "0.05"]
         + ["--json", str(result_json)]
-        + (["--switching"] if switching else []),
+        + (["--switching", "--per-program"] if switching else []),
         capture_output=True,
         text=True,
         timeout=110,
@@ -112,7 +112,13 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
     assert doc["config"]["switching"] is switching
     assert ("two loops on one CPU" in proc.stdout) is switching
     sets = {s["name"]: s for s in doc["sets"]}
-    assert len(sets) == 6 and all(len(s["ns_per_iteration"]) == 3 for s in sets.values())
+    assert len(sets) == (10 if switching else 6) and all(
+        len(s["ns_per_iteration"]) == 3 for s in sets.values()
+    )
+    if switching:  # --per-program: each of every panel's programs on its own
+        assert sets["memtop, every panel: only kmem:kmem_cache_alloc"]["tracepoints"] == [
+            "kmem:kmem_cache_alloc (classic)"
+        ]
     assert sets["memtop, every panel"]["tracepoints"] == [
         "kfree (raw)",
         "kmalloc (raw)",
