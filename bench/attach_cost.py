@@ -44,8 +44,8 @@ from typing import Any
 
 from harness import (
     MINIMAL_COUNTER_C,
+    AllReader,
     BenchError,
-    PeriodicReader,
     check_unloaded,
     compile_c,
     foreign_attachments,
@@ -59,6 +59,7 @@ from harness import (
     main_wrapper,
     markdown_table,
     num,
+    panel_probes,
     positive_float,
 )
 
@@ -217,16 +218,10 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
     """Every set's objects loaded and their hot programs detached; also the probes to read and close.
     per_program: also every panel's program on each of the loop's tracepoints on its own."""
     kmalloc_class = import_memtop("probes.kmalloc", "KmallocProbe")
-    leaks = import_memtop("probes.leaks", "KernelLeakProbe")()
     alone = kmalloc_class(sample_every=1)
     no_slots = kmalloc_class(sample_every=1)
     no_slots.cpu_slot = False
-    panels = [
-        kmalloc_class(leaks=leaks),
-        import_memtop("probes.oom", "OomProbe")(),
-        import_memtop("probes.tcp", "TcpProbe")(),
-        leaks,
-    ]
+    panels = panel_probes()
     probes: list[Any] = [alone, no_slots, *panels]
     objects: list[Any] = []
     try:
@@ -266,16 +261,6 @@ def close_all(things: list[Any]) -> None:
             thing.cleanup()
 
 
-class ReadAll:
-    def __init__(self, probes: list[Any]) -> None:
-        self.probes = probes
-
-    def read(self) -> None:
-        for probe in self.probes:
-            if probe.running:
-                probe.read()
-
-
 def measure(args: argparse.Namespace) -> int:
     bcc = import_memtop("probes.base", "import_bcc")()
     info = machine()
@@ -300,7 +285,7 @@ def measure(args: argparse.Namespace) -> int:
         all_ids |= prog_ids(things)
         for name, switch in sets.items():
             results[name].tracepoints = switch.tracepoints
-        reader = PeriodicReader(ReadAll(probes))
+        reader = AllReader(probes)
         procs = [
             subprocess.Popen(
                 [

@@ -17,7 +17,9 @@ The scripts in bench/ import it as a sibling module (`import harness`); it impor
   `prog_stats(ids)` -> {id: ProgStats(run_time_ns, run_cnt, recursion_misses)}; `stat_delta(...)`.
 - `foreign_attachments(watched, own_pids)` -> other processes' programs on the watched tracepoints, which
   skew every mode; `retry_while_foreign(run_once, attempts)` reruns a run that saw some.
-- `PeriodicReader(probe)`: calls probe.read() every second on a thread, as the app's collector does.
+- `PeriodicReader(probe)`: calls probe.read() every second on a thread, as the app's collector does;
+  `AllReader(probes)` reads each running probe of a list so; `panel_probes()`: every panel's probes, as
+  LiveSource builds them.
 - `markdown_table(columns, rows)`, `num(value, fmt)`, `machine()`, `machine_line(info)`, `log(message)`.
 - `check_unloaded(ids)`: raises when any of a run's program ids is still loaded.
 """
@@ -445,6 +447,36 @@ class PeriodicReader(threading.Thread):
     def check(self) -> None:
         if self.error is not None:
             raise BenchError(f"probe.read() failed on the reader thread: {self.error}")
+
+
+def panel_probes() -> list[Any]:
+    """memtop's live-mode probes as LiveSource builds them: kmalloc (with the kernel leak tracking
+    compiled in where the probe supports it), oom, tcp, kernel leaks (adaptive sampling)."""
+    kmalloc_probe = import_memtop("probes.kmalloc", "KmallocProbe")
+    leaks = import_memtop("probes.leaks", "KernelLeakProbe")()
+    try:
+        kmalloc = kmalloc_probe(leaks=leaks)
+    except TypeError:  # a memtop from before the shared object: each probe loads its own
+        kmalloc = kmalloc_probe()
+    return [
+        kmalloc,
+        import_memtop("probes.oom", "OomProbe")(),
+        import_memtop("probes.tcp", "TcpProbe")(),
+        leaks,
+    ]
+
+
+class AllReader(PeriodicReader):
+    """Reads every probe once a second, as the app's tick does."""
+
+    def __init__(self, probes: list[Any]) -> None:
+        self.probes = probes
+        super().__init__(self)
+
+    def read(self) -> None:
+        for probe in self.probes:
+            if probe.running:
+                probe.read()
 
 
 # -- output ----------------------------------------------------------------------------------------------

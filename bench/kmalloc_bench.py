@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402  (the sibling module, found through the path set just above)
     MINIMAL_COUNTER_C,
     STATS_ELSEWHERE,
+    AllReader,
     BenchError,
     PeriodicReader,
     ProgStats,
@@ -52,6 +53,7 @@ from harness import (  # noqa: E402  (the sibling module, found through the path
     markdown_table,
     maybe_stats,
     num,
+    panel_probes,
     prog_ids_of,
     prog_stats,
     retry_while_foreign,
@@ -272,36 +274,6 @@ def net_run_time(
 
 
 PANELS_WARMUP_S = 4.0
-
-
-def panel_probes() -> list[Any]:
-    """memtop's live-mode probes as LiveSource builds them: kmalloc (with the kernel leak tracking
-    compiled in where the probe supports it), oom, tcp, kernel leaks (adaptive sampling)."""
-    kmalloc_probe = probe_class()
-    leaks = import_memtop("probes.leaks", "KernelLeakProbe")()
-    try:
-        kmalloc = kmalloc_probe(leaks=leaks)
-    except TypeError:  # a memtop from before the shared object: each probe loads its own
-        kmalloc = kmalloc_probe()
-    return [
-        kmalloc,
-        import_memtop("probes.oom", "OomProbe")(),
-        import_memtop("probes.tcp", "TcpProbe")(),
-        leaks,
-    ]
-
-
-class AllReader(PeriodicReader):
-    """Reads every probe once a second, as the app's tick does."""
-
-    def __init__(self, probes: list[Any]) -> None:
-        self.probes = probes
-        super().__init__(self)
-
-    def read(self) -> None:
-        for probe in self.probes:
-            if probe.running:
-                probe.read()
 
 
 @dataclass
