@@ -33,6 +33,7 @@ DROP_NAMES = (
     "missed_frees",  # an address allocated again before its free was seen: treated as freed first
     "aggregate_missing",  # a free whose aggregate had already been pruned (a rare race)
     "pending_map_full",  # user mode: too many threads inside the allocator at once
+    "cache_unlearned",  # kernel: a sampled slab allocation untracked: its cache's size was not learned yet
 )
 
 

@@ -72,3 +72,89 @@ def test_the_longest_syn_retry_time() -> None:
     assert syn_timeout_s(6) == 127 + SYN_TIMEOUT_MARGIN_S  # 1+2+4+...+64 s
     assert syn_timeout_s(0) == 1 + SYN_TIMEOUT_MARGIN_S
     assert syn_timeout_s(8) == 1 + 2 + 4 + 8 + 16 + 32 + 64 + 120 + 120 + SYN_TIMEOUT_MARGIN_S  # capped RTO
+
+
+# -- the cache learner's windows (raw kmem_cache_alloc) ----------------------------------------------------
+
+
+class _FakeConfig:
+    def __init__(self) -> None:
+        self.value = type("Config", (), {"sample_every": 1, "learning": 0})()
+
+    def __getitem__(self, _key: object) -> object:
+        return self.value
+
+    def __setitem__(self, _key: object, value: object) -> None:
+        self.value = value
+
+
+class _FakeBpf:
+    """What the learner's window logic touches of a bcc.BPF: the config map, cache_info, (de)attach."""
+
+    def __init__(self) -> None:
+        self.maps = {b"config": _FakeConfig(), b"cache_info": {1: "learned"}}
+        self.attached: list[tuple[bytes, bytes]] = []
+
+    def __getitem__(self, name: bytes) -> object:
+        return self.maps[name]
+
+    def attach_tracepoint(self, tp: bytes, fn_name: bytes) -> None:
+        self.attached.append((tp, fn_name))
+
+    def detach_tracepoint(self, tp: bytes) -> None:
+        self.attached = [a for a in self.attached if a[0] != tp]
+
+
+def _learning_probe(monkeypatch: pytest.MonkeyPatch) -> tuple[object, _FakeBpf, list[float]]:
+    from memtop.probes import leaks
+
+    clock = [100.0]
+    monkeypatch.setattr(leaks.time, "monotonic", lambda: clock[0])
+    probe = leaks.KernelLeakProbe(sample_every=1)
+    probe.raw_cache_alloc = True
+    bpf = _FakeBpf()
+    probe.bpf = bpf
+    return probe, bpf, clock
+
+
+def test_the_learner_is_on_for_one_window_and_again_only_for_an_unknown_cache_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memtop.probes.leaks import LEARN_WINDOW_S, LEARNER
+
+    probe, bpf, clock = _learning_probe(monkeypatch)
+    probe._start_learning()  # as start() does
+    assert probe.learning and bpf.attached == [(b"kmem:kmem_cache_alloc", LEARNER)]
+    assert bpf.maps[b"config"].value.learning == 1
+    # The counter grows during the window (first allocations of caches): that does not extend it.
+    clock[0] += LEARN_WINDOW_S / 2
+    probe.tend_learning(5)
+    assert probe.learning
+    clock[0] += LEARN_WINDOW_S / 2
+    probe.tend_learning(7)  # the window is over: off, and the growth in it is not a reason to come back
+    assert not probe.learning and bpf.attached == [] and bpf.maps[b"config"].value.learning == 0
+    clock[0] += 1
+    probe.tend_learning(7)
+    assert not probe.learning and probe.learning_windows == 1
+    probe.tend_learning(8)  # a sampled allocation from an unknown cache, after the window
+    assert probe.learning and probe.learning_windows == 2 and len(bpf.attached) == 1
+
+
+def test_a_learner_that_cannot_attach_is_reported_and_the_destroyed_caches_clear_what_was_learned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe, bpf, _clock = _learning_probe(monkeypatch)
+
+    def refuse(tp: bytes, fn_name: bytes) -> None:
+        raise Exception("Failed to attach BPF program b'kmem_cache_alloc_learner' to tracepoint")
+
+    monkeypatch.setattr(bpf, "attach_tracepoint", refuse)
+    probe.tend_learning(1)
+    assert not probe.learning and probe.learner_error.startswith("Failed to attach")
+    assert "sizes not learned (Failed to attach" in probe.describe()
+
+    assert not probe.forget_destroyed_caches(frozenset({"filp", "dentry"}))  # the first look
+    assert not probe.forget_destroyed_caches(frozenset({"filp", "dentry", "new"}))  # one created: kept
+    assert bpf.maps[b"cache_info"] == {1: "learned"}
+    assert probe.forget_destroyed_caches(frozenset({"filp", "new"}))  # one destroyed: cleared
+    assert bpf.maps[b"cache_info"] == {} and probe.caches_forgotten == 1

@@ -7,8 +7,8 @@
 // (bound of `comms`), N_COUNTERS, and LEAK_STACK_FLAGS (0: kernel stacks; BPF_F_USER_STACK: user stacks).
 // Optional hooks (leaks_kernel.h uses them; empty by default): LEAK_MAY_BE_TRACKED(key) (0: `key` is
 // certainly not in `allocs`, skip the lookup), LEAK_TRACKED(key) / LEAK_UNTRACKED(key) after an entry is
-// added / deleted, and LEAK_TRACKED_SOURCE(ctx, source) (the source to record, computed only for an
-// allocation that is tracked).
+// added / deleted, and LEAK_RESOLVE(ctx, key, &size, &source) (run only for an allocation the sampling
+// chose: may fill in its size and source; 0 leaves it untracked, and the hook counts why).
 #ifndef LEAK_MAY_BE_TRACKED
 #define LEAK_MAY_BE_TRACKED(key) 1
 #endif
@@ -21,8 +21,8 @@
 #ifndef COUNT_FREE_EVENTS
 #define COUNT_FREE_EVENTS 1  // the kernel programs leave it out: a per-CPU add on every kfree that nothing reads
 #endif
-#ifndef LEAK_TRACKED_SOURCE
-#define LEAK_TRACKED_SOURCE(ctx, source) (source)
+#ifndef LEAK_RESOLVE
+#define LEAK_RESOLVE(ctx, key, size, source) 1
 #endif
 
 #define COMM_LEN 16
@@ -66,7 +66,7 @@ struct comm_t {
 
 struct leak_config {
     u32 sample_every;  // 1 = track every allocation
-    u32 pad;
+    u32 learning;      // kernel leaks: 1 while the cache learner is attached (leaks_kernel.h); else 0
 };
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);
@@ -164,6 +164,8 @@ static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 sou
     u32 weight = sample_weight(every);
     if (!weight)
         return;
+    if (!LEAK_RESOLVE(ctx, key, &size, &source))
+        return;
     count(CTR_TRACKED);
 
     struct alloc_info info = {};
@@ -171,7 +173,7 @@ static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 sou
     info.ts_ns = bpf_ktime_get_ns();
     info.tgid = bpf_get_current_pid_tgid() >> 32;
     info.weight = weight;
-    info.source = LEAK_TRACKED_SOURCE(ctx, source);
+    info.source = source;
     info.stack_id = stacks.get_stackid(ctx, LEAK_STACK_FLAGS);
     if (info.stack_id < 0)
         count(info.stack_id == -STACK_EXISTS ? CTR_STACK_COLLISIONS : CTR_STACK_LOST);

@@ -7,8 +7,9 @@
 // and BPF helpers, never kernel struct fields. kfree and kmem_cache_free are raw tracepoints where the
 // running kernel's prototype is (call_site, ptr[, cache]) (RAW_KFREE, RAW_CACHE_FREE): a raw tracepoint
 // has its own per-program recursion guard (a classic one is skipped whenever any classic tracing program
-// runs on the CPU) and no record to fill. kmem_cache_alloc stays classic: its size and cache name are
-// struct fields behind the raw tracepoint's kmem_cache pointer.
+// runs on the CPU) and no record to fill. kmem_cache_alloc is raw too where its prototype is (call_site,
+// ptr, cache, gfp_flags, node) (RAW_CACHE_ALLOC): its object size and cache name are struct fields behind
+// the cache pointer, so they are learned per cache pointer from the classic record (see cache_info below).
 //
 // Sampling: stack capture is the expensive part, so only 1 in N allocations is tracked, at random gaps
 // (sample_now in leaks_common.h). N lives in `config` and user space may change it while running (adaptive
@@ -56,6 +57,19 @@
 #ifndef RAW_CACHE_FREE
 #define RAW_CACHE_FREE 1
 #endif
+#ifndef RAW_CACHE_ALLOC
+#define RAW_CACHE_ALLOC 0
+#endif
+#ifndef MAX_CACHES
+#define MAX_CACHES 4096  // slab caches whose size and name are learned (a 6.x host has a few hundred)
+#endif
+// kmem:kmem_cache_alloc's record, from tracefs: where the learner reads ptr and bytes_alloc.
+#ifndef PTR_OFFSET
+#define PTR_OFFSET 16
+#endif
+#ifndef BYTES_ALLOC_OFFSET
+#define BYTES_ALLOC_OFFSET 40
+#endif
 
 #define SOURCE_SLAB 0
 #define SOURCE_PAGE 1
@@ -65,7 +79,8 @@
 // (cache_id), or for a kmalloc KMALLOC_CLASS | its bytes_alloc (the size class of the kmalloc-* caches).
 #define CACHE_SHIFT 8
 #define KMALLOC_CLASS (1U << 23)
-#define SOURCE_NAMED_CACHE 0xFEU  // a placeholder kind: tracked_source() replaces it by SOURCE_SLAB and the cache id
+#define SOURCE_NAMED_CACHE 0xFEU  // a placeholder kind: resolve() replaces it by SOURCE_SLAB and the cache id
+#define SOURCE_CACHE_POINTER 0xFDU  // likewise, from cache_info (the raw kmem_cache_alloc program)
 #ifndef NAME_LOC_OFFSET
 #define NAME_LOC_OFFSET 24  // kmem:kmem_cache_alloc's `name` field (its __data_loc word) in the record
 #endif
@@ -75,7 +90,8 @@
 #define PAGE_KEY_BASE (1ULL << 56)
 // kmalloc(0) returns ZERO_SIZE_PTR (16) to every caller: not an address worth tracking.
 #define MIN_TRACKED_ADDRESS 4096
-#define N_COUNTERS 10
+#define N_COUNTERS 11
+#define CTR_CACHE_UNLEARNED 10  // chosen by the sampling, not tracked: its cache's size was not learned yet
 #define LEAK_STACK_FLAGS 0
 
 // A counting filter over tracked addresses: `allocs` holds an address only if its slot here is non-zero,
@@ -103,11 +119,11 @@ static __always_inline void filter_add(u64 key, s32 delta) {
         __sync_fetch_and_add(n, delta);
 }
 
-static __always_inline u32 tracked_source(void *ctx, u32 source);
+static __always_inline int resolve(void *ctx, u64 key, u64 *size, u32 *source);
 #define LEAK_MAY_BE_TRACKED(key) may_be_tracked(key)
 #define LEAK_TRACKED(key) filter_add(key, 1)
 #define LEAK_UNTRACKED(key) filter_add(key, -1)
-#define LEAK_TRACKED_SOURCE(ctx, source) tracked_source(ctx, source)
+#define LEAK_RESOLVE(ctx, key, size, source) resolve(ctx, key, size, source)
 
 #define COUNT_FREE_EVENTS 0
 #include "leaks_common.h"
@@ -168,16 +184,104 @@ static __always_inline u32 cache_id(u64 lo, u64 hi) {
     return (u32)(h >> 41) & (KMALLOC_CLASS - 1);
 }
 
-// The source a tracked allocation records. kmem_cache_alloc passes SOURCE_NAMED_CACHE: its cache's name
-// is read from the record (kmem:kmem_cache_alloc's `name`, a __data_loc string at NAME_LOC_OFFSET, from
-// tracefs) only now, for the few allocations that are tracked.
-static __always_inline u32 tracked_source(void *ctx, u32 source) {
-    if (source != SOURCE_NAMED_CACHE)
-        return source;
+// The cache field of a source, from a slab cache's name: the name is read from kmem:kmem_cache_alloc's
+// record (its `name`, a __data_loc string at NAME_LOC_OFFSET, from tracefs).
+static __always_inline u32 named_cache_source(void *record) {
     u64 name[2] = {};
-    u32 loc = *(u32 *)((char *)ctx + NAME_LOC_OFFSET);
-    bpf_probe_read_kernel_str(name, sizeof(name), (char *)ctx + (loc & 0xFFFF));
+    u32 loc = *(u32 *)((char *)record + NAME_LOC_OFFSET);
+    bpf_probe_read_kernel_str(name, sizeof(name), (char *)record + (loc & 0xFFFF));
     return SOURCE_SLAB | (cache_id(name[0], name[1]) << CACHE_SHIFT);
+}
+
+#if RAW_CACHE_ALLOC
+// What the raw kmem_cache_alloc program cannot read itself: each cache's object size and name, which sit
+// behind its kmem_cache pointer. They are learned per pointer, by joining one allocation seen both by the
+// raw program (object address -> cache pointer) and by `cache_learner`, a classic program on the same
+// tracepoint whose record has them (object address -> bytes_alloc, name). User space attaches the learner
+// only while caches are being learned (at start, then whenever a sampled allocation's cache is unknown:
+// CTR_CACHE_UNLEARNED grows), and sets config.learning meanwhile. The two programs run back to back on the
+// same CPU for the same allocation, in an order that depends on which was attached first, so each leaves
+// its half in a per-CPU slot and the second one completes the join.
+struct cache_info_t {
+    u64 bytes_alloc;  // the object size the cache's allocations occupy
+    u32 source;       // SOURCE_SLAB | cache_id(name) << CACHE_SHIFT
+    u32 pad;
+};
+BPF_HASH(cache_info, u64, struct cache_info_t, MAX_CACHES);  // cache pointer -> what it allocates
+struct cache_half_t {
+    u64 object;  // the allocation's address (0: empty)
+    u64 cache;   // the raw program's half: the cache pointer
+    struct cache_info_t info;  // the learner's half
+};
+BPF_PERCPU_ARRAY(raw_half, struct cache_half_t, 1);      // the raw program's last unknown cache, this CPU
+BPF_PERCPU_ARRAY(learned_half, struct cache_half_t, 1);  // the learner's last record, this CPU
+
+// The raw program, for an allocation from a cache with no cache_info: complete the join if the learner
+// has already run for this allocation, else leave this half for it. Returns the entry, if learned now.
+static __always_inline struct cache_info_t *learn(u64 object, u64 cache) {
+    int zero = 0;
+    struct cache_half_t *l = learned_half.lookup(&zero);
+    if (l && l->object == object) {
+        cache_info.update(&cache, &l->info);
+        l->object = 0;
+        return cache_info.lookup(&cache);
+    }
+    struct cache_half_t *r = raw_half.lookup(&zero);
+    if (r) {
+        r->object = object;
+        r->cache = cache;
+    }
+    return 0;
+}
+
+// kmem:kmem_cache_alloc's record. Not attached at load: user space attaches it while learning.
+int kmem_cache_alloc_learner(void *record) {
+    u64 object = *(u64 *)((char *)record + PTR_OFFSET);
+    if (object < MIN_TRACKED_ADDRESS)
+        return 0;
+    struct cache_info_t info = {};
+    info.bytes_alloc = *(u64 *)((char *)record + BYTES_ALLOC_OFFSET);
+    info.source = named_cache_source(record);
+    int zero = 0;
+    struct cache_half_t *r = raw_half.lookup(&zero);
+    if (r && r->object == object) {
+        cache_info.update(&r->cache, &info);
+        r->object = 0;
+        return 0;
+    }
+    struct cache_half_t *l = learned_half.lookup(&zero);
+    if (l) {
+        l->object = object;
+        l->info = info;
+    }
+    return 0;
+}
+#endif
+
+// A sampled allocation's size and source. kmalloc passes them; a classic kmem_cache_alloc passes
+// SOURCE_NAMED_CACHE (its name is read from the record only now, for the few allocations tracked); a raw
+// one passes SOURCE_CACHE_POINTER and takes both from cache_info, or stays untracked (counted) while its
+// cache is not learned yet.
+static __always_inline int resolve(void *ctx, u64 key, u64 *size, u32 *source) {
+    if (*source == SOURCE_NAMED_CACHE) {
+        *source = named_cache_source(ctx);
+        return 1;
+    }
+#if RAW_CACHE_ALLOC
+    if (*source == SOURCE_CACHE_POINTER) {
+        u64 cache = ((struct bpf_raw_tracepoint_args *)ctx)->args[2];
+        struct cache_info_t *ci = cache_info.lookup(&cache);
+        if (!ci)
+            ci = learn(key, cache);
+        if (!ci) {
+            count(CTR_CACHE_UNLEARNED);
+            return 0;
+        }
+        *size = ci->bytes_alloc;
+        *source = ci->source;
+    }
+#endif
+    return 1;
 }
 
 static __always_inline void leak_free(u64 ptr) {
@@ -186,6 +290,26 @@ static __always_inline void leak_free(u64 ptr) {
     on_free(ptr);
 }
 
+#if RAW_CACHE_ALLOC
+RAW_TRACEPOINT_PROBE(kmem_cache_alloc) {  // (call_site, ptr, cache, gfp_flags, node)
+    u64 key = ctx->args[1];
+    if (key < MIN_TRACKED_ADDRESS)
+        return 0;
+    int zero = 0;
+    struct leak_config *cfg = config.lookup(&zero);
+    if (!cfg || !cfg->sample_every)
+        return 0;
+    // While learning, every allocation from a cache not learned yet offers its half of the join, not
+    // only the sampled ones: a learning window then learns every cache that allocates during it.
+    if (cfg->learning) {
+        u64 cache = ctx->args[2];
+        if (!cache_info.lookup(&cache))
+            learn(key, cache);
+    }
+    on_alloc_every(ctx, key, 0, SOURCE_CACHE_POINTER, cfg->sample_every);
+    return 0;
+}
+#else
 TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
     u64 key = (u64)args->ptr;
     if (key < MIN_TRACKED_ADDRESS)
@@ -196,6 +320,7 @@ TRACEPOINT_PROBE(kmem, kmem_cache_alloc) {
     on_alloc_every(args, key, args->bytes_alloc, HAVE_CACHE_NAME ? SOURCE_NAMED_CACHE : SOURCE_SLAB, every);
     return 0;
 }
+#endif
 
 #if RAW_KFREE
 RAW_TRACEPOINT_PROBE(kfree) {  // (call_site, ptr)

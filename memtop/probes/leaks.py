@@ -52,6 +52,7 @@ COUNTER_NAMES = (
     "aggregate_missing",
     "pending_map_full",  # user program only
 )
+KERNEL_COUNTER_NAMES = (*COUNTER_NAMES[:10], "cache_unlearned")  # leaks_kernel.h's CTR_CACHE_UNLEARNED
 
 ALLOC_INFO = struct.Struct("<QQIiII")  # struct alloc_info: size, ts_ns, tgid, stack_id, weight, source
 ALLOC_SOURCE_WORD = 7  # the source field's index in an alloc_info record read as 32-bit words
@@ -155,7 +156,7 @@ def _tracked_now(counters: dict[str, int]) -> int:
 class _LeakProbe(Probe):
     """What the kernel-wide and the per-process leak probes share: reading, symbolizing and pruning."""
 
-    counter_slots = 10
+    counter_names: tuple[str, ...] = COUNTER_NAMES[:10]
 
     def __init__(
         self, max_allocs: int, max_stacks: int, max_aggregates: int, age_scan_budget: float = AGE_SCAN_BUDGET
@@ -208,7 +209,7 @@ class _LeakProbe(Probe):
 
     def counters(self) -> dict[str, int]:
         table = self.bpf[b"counters"]
-        return {COUNTER_NAMES[i]: sum(table.getvalue(i)) for i in range(self.counter_slots)}
+        return {name: sum(table.getvalue(i)) for i, name in enumerate(self.counter_names)}
 
     def _aggregates(self) -> dict[bytes, tuple[int, int]]:
         """Summed (bytes, allocations) per raw agg_key."""
@@ -461,6 +462,22 @@ def cache_limits(active: dict[str, int]) -> dict[int, tuple[str, int]]:
     return limits
 
 
+# kmem:kmem_cache_alloc's record as Linux 6.1+ builds it from (call_site, ptr, cache, gfp_flags, node):
+# bytes_req, bytes_alloc and name come from the cache, node and accounted from the last two.
+CACHE_ALLOC_RECORD = (
+    *("call_site", "ptr", "name", "bytes_req", "bytes_alloc"),
+    *("gfp_flags", "node", "accounted"),
+)
+LEARNER = b"kmem_cache_alloc_learner"  # leaks_kernel.h's classic program that learns caches' sizes
+LEARN_WINDOW_S = 2.0  # how long the learner stays attached each time
+
+
+def raw_cache_alloc() -> bool:
+    """Whether kmem_cache_alloc's raw tracepoint takes (call_site, ptr, cache, gfp_flags, node) here, and
+    its record names the cache (what the learner reads): then its program can be a raw one."""
+    return raw_args_match("kmem", "kmem_cache_alloc", CACHE_ALLOC_RECORD)
+
+
 def raw_frees() -> tuple[bool, bool]:
     """Whether kfree's and kmem_cache_free's raw tracepoints take (call_site, ptr[, cache]) here."""
     kfree = raw_args_match("kmem", "kfree", ("call_site", "ptr"))
@@ -479,6 +496,7 @@ class KernelLeakProbe(_LeakProbe):
 
     name = "leaks"
     source = "leaks_kernel.c"
+    counter_names = KERNEL_COUNTER_NAMES
 
     def __init__(
         self,
@@ -506,6 +524,15 @@ class KernelLeakProbe(_LeakProbe):
             self.sample_rate = sample_every
         self.reconcile_caches = reconcile_caches
         self.freed_untraced: dict[str, int] = {}  # slab cache -> allocations retired by reconcile()
+        # The raw kmem_cache_alloc program and its cache learner (see leaks_kernel.h's cache_info).
+        self.raw_cache_alloc = False  # decided by cflags(), at compile
+        self.learning = False  # the learner is attached
+        self.learning_windows = 0  # times it was attached
+        self.learner_error = ""  # why it could not be attached (then caches stay unlearned, counted)
+        self.caches_forgotten = 0  # times the learned caches were cleared (a slab cache was destroyed)
+        self._learn_until = 0.0  # time.monotonic() when the learner comes off again
+        self._unlearned_seen = 0  # the cache_unlearned counter at the last look
+        self._cache_names: frozenset[str] = frozenset()  # /proc/slabinfo's caches at the last read
         self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
         self.shared = False  # running inside that object
         self.embed_error = ""  # why compiling into it failed (then this probe runs on its own)
@@ -513,11 +540,21 @@ class KernelLeakProbe(_LeakProbe):
     def cflags(self) -> list[str]:
         page_shift = resource.getpagesize().bit_length() - 1
         raw_kfree, raw_cache_free = raw_frees()
-        name = tracefs.tracepoint_fields("kmem", "kmem_cache_alloc").get("name")  # a __data_loc string
+        fields = tracefs.tracepoint_fields("kmem", "kmem_cache_alloc")
+        name = fields.get("name")  # a __data_loc string
+        self.raw_cache_alloc = raw_cache_alloc()
         from memtop.probes.kmalloc import raw_kmalloc
 
+        raw_alloc_flags = []
+        if self.raw_cache_alloc:
+            raw_alloc_flags = [
+                int_cflag("RAW_CACHE_ALLOC", 1, 0, 1),
+                int_cflag("PTR_OFFSET", fields["ptr"].offset, 0, 4096),
+                int_cflag("BYTES_ALLOC_OFFSET", fields["bytes_alloc"].offset, 0, 4096),
+            ]
         return [
             *super().cflags(),
+            *raw_alloc_flags,
             int_cflag("PAGE_LEVEL", int(self.page_level), 0, 1),
             int_cflag("PAGE_SHIFT_BITS", page_shift, 10, 20),
             int_cflag("RAW_KMALLOC", int(raw_kmalloc()), 0, 1),
@@ -577,6 +614,70 @@ class KernelLeakProbe(_LeakProbe):
         else:
             super().start()
         self._set_sample_rate(self.sample_rate)
+        if self.raw_cache_alloc:
+            self._cache_names = frozenset(slab_active_objects())
+            self._start_learning()
+            self.status = ProbeStatus("running", self.describe())
+
+    # -- learning the slab caches' sizes (raw kmem_cache_alloc) ---------------------------------------
+
+    def _set_learning(self, on: bool) -> None:
+        config = self.bpf[b"config"]
+        value = config[ctypes.c_int(0)]
+        value.learning = int(on)
+        config[ctypes.c_int(0)] = value
+
+    def _start_learning(self) -> None:
+        """Attach the learner for LEARN_WINDOW_S: every cache that allocates meanwhile is learned."""
+        if self.learning or self.bpf is None:
+            return
+        self._learn_until = time.monotonic() + LEARN_WINDOW_S
+        try:
+            self.bpf.attach_tracepoint(tp=b"kmem:kmem_cache_alloc", fn_name=LEARNER)
+        except Exception as exc:  # BCC raises bare Exception
+            self.learner_error = _one_line(exc)
+            return
+        self.learning = True
+        self.learning_windows += 1
+        self._set_learning(True)
+
+    def end_learning(self) -> None:
+        """Take the learner off (if it is on); a later unknown cache attaches it again."""
+        if not self.learning or self.bpf is None:
+            return
+        self.learning = False
+        with contextlib.suppress(Exception):
+            self._set_learning(False)
+        with contextlib.suppress(Exception):
+            self.bpf.detach_tracepoint(tp=b"kmem:kmem_cache_alloc")
+
+    def tend_learning(self, unlearned: int) -> None:
+        """Given the cache_unlearned counter: take the learner off when its window (LEARN_WINDOW_S) is over,
+        and attach it again when the counter grew since (a sampled allocation's cache is unknown). The
+        counter grows during a window too (a cache's first allocation there can reach the raw program
+        before the learner): that is the window's own, not a reason for another one."""
+        if not self.raw_cache_alloc or self.bpf is None:
+            return
+        if self.learning:
+            if time.monotonic() >= self._learn_until:
+                self.end_learning()
+            self._unlearned_seen = unlearned
+            return
+        grew, self._unlearned_seen = unlearned > self._unlearned_seen, unlearned
+        if grew:
+            self._start_learning()
+
+    def forget_destroyed_caches(self, names: frozenset[str]) -> bool:
+        """Given /proc/slabinfo's caches now: when one that was there is gone (destroyed), clear what was
+        learned, since a new cache may get a destroyed one's address; the caches still in use are learned
+        again. True when it cleared."""
+        gone = bool(self._cache_names - names)
+        self._cache_names = names
+        if not gone or not self.raw_cache_alloc or self.bpf is None:
+            return False
+        self.bpf[b"cache_info"].clear()
+        self.caches_forgotten += 1
+        return True
 
     def close(self) -> None:
         """Standalone: detach and unload. Inside the kmalloc probe's object: switch tracking off and detach
@@ -584,6 +685,7 @@ class KernelLeakProbe(_LeakProbe):
         if not self.shared:
             super().close()
             return
+        self.end_learning()
         bpf, self.bpf, self.shared = self.bpf, None, False
         if bpf is not None:
             with contextlib.suppress(Exception):
@@ -595,7 +697,7 @@ class KernelLeakProbe(_LeakProbe):
                 with contextlib.suppress(Exception):
                     if name.startswith(b"raw_tracepoint__"):
                         bpf.detach_raw_tracepoint(tp=name[len(b"raw_tracepoint__") :])
-                    else:
+                    elif name.startswith(b"tracepoint__"):
                         category, _, event = name[len(b"tracepoint__") :].partition(b"__")
                         bpf.detach_tracepoint(tp=category + b":" + event)
         if self.status.status == "running":
@@ -607,7 +709,12 @@ class KernelLeakProbe(_LeakProbe):
         where = ", in the kmalloc probe's programs" if self.shared else ""
         if self.embed_error:
             where = f", on its own (compiling it into the kmalloc probe failed: {self.embed_error})"
-        return f"kmem slab alloc/free{pages}, 1 in {self.sample_rate} tracked ({how}){where}"
+        caches = ""
+        if self.learner_error:
+            caches = f", slab caches' sizes not learned ({self.learner_error})"
+        elif self.raw_cache_alloc:
+            caches = ", slab caches' sizes learned from the classic tracepoint"
+        return f"kmem slab alloc/free{pages}, 1 in {self.sample_rate} tracked ({how}){where}{caches}"
 
     @property
     def effective_sample_rate(self) -> int:
@@ -734,6 +841,7 @@ class KernelLeakProbe(_LeakProbe):
         and the address map's fill every tick, from the counters alone (one per-CPU array). True when a
         full read (which also prunes) should come now: a map overflowed since the last look."""
         counters = self.counters()
+        self.tend_learning(counters.get("cache_unlearned", 0))
         full = counters["alloc_map_full"] + counters["aggregate_map_full"]
         growing, self._overflows_seen = full != self._overflows_seen, full
         # Only when overflows start: a map that stays full (live objects, more stacks than it holds) is read
@@ -764,6 +872,9 @@ class KernelLeakProbe(_LeakProbe):
         if self.page_level:  # the pages of a slab are the objects' memory, counted on their own rows
             kept = tuple(s for s in reading.stacks if not backs_slab(s))
             reading = dataclasses.replace(reading, stacks=kept)
+        if self.raw_cache_alloc:
+            self.forget_destroyed_caches(frozenset(slab_active_objects()))
+            self.tend_learning(reading.drops.get("cache_unlearned", 0))
         misses = self.recursion_misses()
         reading = dataclasses.replace(reading, drops={**reading.drops, "recursion_misses": misses})
         self._overflows_seen = reading.drops.get("alloc_map_full", 0) + reading.drops.get(
@@ -832,7 +943,7 @@ class UserLeakProbe(_LeakProbe):
 
     name = "leaks-user"
     source = "leaks_user.c"
-    counter_slots = 11
+    counter_names = COUNTER_NAMES
 
     def __init__(
         self,
