@@ -234,7 +234,7 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
         empty = bcc.BPF(text=EMPTY_RAW_C.encode())
         objects.append(empty)
         panel_objects = list({id(p.bpf): p.bpf for p in panels if p.bpf is not None}.values())
-        for probe in panels:  # the sets switch the steady state's programs: see learn_caches
+        for probe in panels:  # the sets switch the steady state's programs: see settle_leaks
             if hasattr(probe, "end_learning"):
                 probe.end_learning()
         sets = {
@@ -258,14 +258,16 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
 
 def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tuple[int, int]:
     """Every panel on, with the loop running, until the kernel leak probe is in its steady state, then held
-    there: returns (learning windows it took, the 1-in-N it settled at).
+    there: returns (learning windows it took, the 1-in-N it settled at). Runs before the reader thread
+    starts: this thread reads every probe once a second meanwhile, as the app's tick does.
 
-    - The slab caches' sizes: it learns them with a classic program that it attaches while a sampled
-      allocation's cache is unknown; here it learns the loop's caches and takes the learner off again.
-    - Its adaptive 1-in-N follows the allocation rate it counts, read once a second. Attached only in one
-      slice of every rotation, it would count a tenth of the loop's rate and track ten times as many
-      allocations (each a stack walk) as it does while it stays attached, as it does for a user. So the N it
-      settles at here, attached all along, is fixed for the rotations."""
+    - The slab caches' sizes: it learns them with a classic program that it attaches for a window while a
+      sampled allocation's cache is unknown; here it learns the loop's caches, then no new window may start
+      (hold_learning: a window would put the classic program in every set's slices alike).
+    - Its adaptive 1-in-N follows the allocation rate it counts. Attached only in one slice of every
+      rotation, it would count a tenth of the loop's rate and track ten times as many allocations (each a
+      stack walk) as it does while it stays attached, as it does for a user. So the N it settles at here,
+      attached all along, is fixed for the rotations."""
     learners = [p for p in probes if hasattr(p, "end_learning")]
     windows = sum(p.learning_windows for p in learners)
     panels.on()
@@ -273,7 +275,10 @@ def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tu
         deadline = time.monotonic() + limit_s
         rates: list[tuple[int, ...]] = []
         while time.monotonic() < deadline:
-            time.sleep(1.0)  # a read a second, as the app's tick
+            time.sleep(1.0)
+            for probe in probes:
+                if probe.running:
+                    probe.read()
             rates.append(tuple(p.sample_rate for p in learners))
             settled = len(rates) >= 5 and len(set(rates[-3:])) == 1
             if settled and not any(p.learning for p in learners):
@@ -281,6 +286,7 @@ def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tu
     finally:
         panels.off()
     for probe in learners:
+        probe.hold_learning = True
         probe.end_learning()
         probe.sampler = None  # the N it settled at, fixed
     rate = max((p.sample_rate for p in learners), default=0)
@@ -306,7 +312,7 @@ def measure(args: argparse.Namespace) -> int:
     load_before = load_average()
     all_ids: set[int] = set()
     foreign: list[str] = []
-    windows, leak_rate = 0, 0
+    windows, leak_rate, unlearned = 0, 0, 0
     with tempfile.TemporaryDirectory(prefix="memtop-attach-cost-") as tmp:
         binary = compile_c(Path(tmp), "listxattr_shared", LOOP_C)
         target = Path(tmp) / "target"
@@ -339,10 +345,12 @@ def measure(args: argparse.Namespace) -> int:
             return sum(v[0] for v in values), sum(v[1] for v in values)
 
         try:
-            reader.start()
             read_all()
             windows, leak_rate = settle_leaks(sets[PANELS], probes)
             log(f"kernel leaks: slab caches learned in {windows} window(s); 1 in {leak_rate} tracked")
+            learners = [p for p in probes if hasattr(p, "end_learning")]
+            unlearned_before = sum(p.counters()["cache_unlearned"] for p in learners)
+            reader.start()
             log(f"{loops} loop(s) on CPU {loop_cpu}, this process on CPU {own_cpu}; "
                 f"{args.rotations} rotations of {len(names)} slices of {args.slice:g} s")  # fmt: skip
             foreign += foreign_attachments(WATCHED_TRACEPOINTS)
@@ -376,6 +384,7 @@ def measure(args: argparse.Namespace) -> int:
             foreign += foreign_attachments(WATCHED_TRACEPOINTS)
             reader.stop()
             reader.check()
+            unlearned = sum(p.counters()["cache_unlearned"] for p in learners) - unlearned_before
         finally:
             for counter in counters:
                 counter.stop()
@@ -397,7 +406,8 @@ def measure(args: argparse.Namespace) -> int:
     if args.switching:
         print("Workload: two loops on one CPU, each yielding after every call (the slots' worst case).")
     print(f"Kernel leaks: 1 in {leak_rate} allocations tracked (the adaptive N it settled at with every "
-          f"panel attached); slab caches learned in {windows} window(s) before the rotations.")  # fmt: skip
+          f"panel attached); slab caches learned in {windows} window(s) before the rotations, no window "
+          f"during them; {unlearned} sampled allocations from caches not learned during them.")  # fmt: skip
     print(machine_line(info))
     print(f"1-minute load average before: {load_before}.")
     print(f"bpftool: none of the {len(all_ids)} program IDs loaded for the sets remain loaded.")
@@ -417,7 +427,11 @@ def measure(args: argparse.Namespace) -> int:
             "sets": [asdict(r) for r in results.values()],
             "load_average_before": load_before,
             "foreign": foreign,
-            "kernel_leaks": {"sample_every": leak_rate, "learning_windows": windows},
+            "kernel_leaks": {
+                "sample_every": leak_rate,
+                "learning_windows": windows,
+                "unlearned_during_rotations": unlearned,
+            },
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     return 0

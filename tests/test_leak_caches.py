@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from memtop.probes.leaks import KMALLOC_CLASS, cache_id, cache_limits, kmalloc_size_class, slab_active_objects
+from memtop.probes.leaks import (
+    CACHE_SHIFT,
+    KMALLOC_CLASS,
+    cache_id,
+    cache_limits,
+    kmalloc_size_class,
+    slab_active_objects,
+)
 from memtop.screens.leaks import untraced_text
 
 
@@ -89,10 +98,10 @@ class _FakeConfig:
 
 
 class _FakeBpf:
-    """What the learner's window logic touches of a bcc.BPF: the config map, cache_info, (de)attach."""
+    """What the learner's logic touches of a bcc.BPF: the config map, cache_info, (de)attach."""
 
     def __init__(self) -> None:
-        self.maps = {b"config": _FakeConfig(), b"cache_info": {1: "learned"}}
+        self.maps: dict[bytes, object] = {b"config": _FakeConfig(), b"cache_info": {}}
         self.attached: list[tuple[bytes, bytes]] = []
 
     def __getitem__(self, name: bytes) -> object:
@@ -105,11 +114,31 @@ class _FakeBpf:
         self.attached = [a for a in self.attached if a[0] != tp]
 
 
-def _learning_probe(monkeypatch: pytest.MonkeyPatch) -> tuple[object, _FakeBpf, list[float]]:
+class _FakeTimer:
+    """threading.Timer, fired by the test."""
+
+    made: list[_FakeTimer] = []
+
+    def __init__(self, interval: float, function: Callable[[], None]) -> None:
+        self.interval, self.function = interval, function
+        self.daemon = False
+        self.started = self.cancelled = False
+        _FakeTimer.made.append(self)
+
+    def start(self) -> None:
+        self.started = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _learning_probe(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, _FakeBpf, list[float]]:
     from memtop.probes import leaks
 
     clock = [100.0]
     monkeypatch.setattr(leaks.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(leaks.threading, "Timer", _FakeTimer)
+    _FakeTimer.made = []
     probe = leaks.KernelLeakProbe(sample_every=1)
     probe.raw_cache_alloc = True
     bpf = _FakeBpf()
@@ -117,33 +146,42 @@ def _learning_probe(monkeypatch: pytest.MonkeyPatch) -> tuple[object, _FakeBpf, 
     return probe, bpf, clock
 
 
-def test_the_learner_is_on_for_one_window_and_again_only_for_an_unknown_cache_after_it(
+def test_the_learner_is_on_for_one_timed_window_and_again_only_for_an_unknown_cache_after_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from memtop.probes.leaks import LEARN_WINDOW_S, LEARNER
 
-    probe, bpf, clock = _learning_probe(monkeypatch)
+    probe, bpf, _clock = _learning_probe(monkeypatch)
+    config = bpf.maps[b"config"]
     probe._start_learning()  # as start() does
     assert probe.learning and bpf.attached == [(b"kmem:kmem_cache_alloc", LEARNER)]
-    assert bpf.maps[b"config"].value.learning == 1
-    # The counter grows during the window (first allocations of caches): that does not extend it.
-    clock[0] += LEARN_WINDOW_S / 2
-    probe.tend_learning(5)
-    assert probe.learning
-    clock[0] += LEARN_WINDOW_S / 2
-    probe.tend_learning(7)  # the window is over: off, and the growth in it is not a reason to come back
-    assert not probe.learning and bpf.attached == [] and bpf.maps[b"config"].value.learning == 0
-    clock[0] += 1
+    assert config.value.learning == 1  # the window's number
+    (timer,) = _FakeTimer.made
+    assert timer.started and timer.daemon and timer.interval == LEARN_WINDOW_S  # ends it, ticks or not
+    probe.tend_learning(5)  # the counter grows during the window (caches' first allocations): no change
+    assert probe.learning and len(bpf.attached) == 1 and len(_FakeTimer.made) == 1
+    monkeypatch.setattr(probe, "counters", lambda: {"cache_unlearned": 7})
+    timer.function()  # the window is over
+    assert not probe.learning and bpf.attached == [] and config.value.learning == 0
+    probe.tend_learning(6)  # a read that began before the window ended: its growth was the window's
     probe.tend_learning(7)
     assert not probe.learning and probe.learning_windows == 1
     probe.tend_learning(8)  # a sampled allocation from an unknown cache, after the window
-    assert probe.learning and probe.learning_windows == 2 and len(bpf.attached) == 1
+    assert probe.learning and config.value.learning == 2 and len(bpf.attached) == 1
+    probe.end_learning()  # close() and the benchmarks: off at once, its timer cancelled
+    assert not probe.learning and bpf.attached == [] and _FakeTimer.made[-1].cancelled
+    probe.hold_learning = True
+    probe.tend_learning(9)
+    assert not probe.learning and probe.learning_windows == 2
 
 
-def test_a_learner_that_cannot_attach_is_reported_and_the_destroyed_caches_clear_what_was_learned(
+def test_a_learner_that_cannot_attach_is_reported_and_tried_again_later(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    probe, bpf, _clock = _learning_probe(monkeypatch)
+    from memtop.probes.leaks import LEARN_RETRY_S
+
+    probe, bpf, clock = _learning_probe(monkeypatch)
+    attach = bpf.attach_tracepoint
 
     def refuse(tp: bytes, fn_name: bytes) -> None:
         raise Exception("Failed to attach BPF program b'kmem_cache_alloc_learner' to tracepoint")
@@ -152,9 +190,27 @@ def test_a_learner_that_cannot_attach_is_reported_and_the_destroyed_caches_clear
     probe.tend_learning(1)
     assert not probe.learning and probe.learner_error.startswith("Failed to attach")
     assert "sizes not learned (Failed to attach" in probe.describe()
+    monkeypatch.setattr(bpf, "attach_tracepoint", attach)
+    probe.tend_learning(2)  # not on every tick
+    assert not probe.learning
+    clock[0] += LEARN_RETRY_S
+    probe.tend_learning(3)
+    assert probe.learning and probe.learner_error == "" and "learned from the classic" in probe.describe()
 
-    assert not probe.forget_destroyed_caches(frozenset({"filp", "dentry"}))  # the first look
-    assert not probe.forget_destroyed_caches(frozenset({"filp", "dentry", "new"}))  # one created: kept
-    assert bpf.maps[b"cache_info"] == {1: "learned"}
-    assert probe.forget_destroyed_caches(frozenset({"filp", "new"}))  # one destroyed: cleared
-    assert bpf.maps[b"cache_info"] == {} and probe.caches_forgotten == 1
+
+class _Learned:
+    def __init__(self, name: str, bytes_alloc: int) -> None:
+        self.source = cache_id(name) << CACHE_SHIFT
+        self.bytes_alloc = bytes_alloc
+
+
+def test_learned_caches_that_are_gone_or_of_another_size_are_dropped_to_be_learned_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe, bpf, _clock = _learning_probe(monkeypatch)
+    learned = {1: _Learned("filp", 192), 2: _Learned("gone_cache", 64), 3: _Learned("dentry", 200)}
+    bpf.maps[b"cache_info"] = learned
+    slabinfo = {"filp": (203, 192), "dentry": (100, 192)}
+    assert probe.check_learned(slabinfo) == 2  # destroyed; at a destroyed cache's address, another size
+    assert set(learned) == {1} and probe.caches_relearned == 2
+    assert probe.check_learned({}) == 0 and set(learned) == {1}  # slabinfo unreadable: nothing is dropped

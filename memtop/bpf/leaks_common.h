@@ -66,7 +66,7 @@ struct comm_t {
 
 struct leak_config {
     u32 sample_every;  // 1 = track every allocation
-    u32 learning;      // kernel leaks: 1 while the cache learner is attached (leaks_kernel.h); else 0
+    u32 learning;      // kernel leaks: the learning window's number while the cache learner is on, else 0
 };
 
 BPF_HASH(allocs, u64, struct alloc_info, MAX_ALLOCS);

@@ -63,12 +63,15 @@
 #ifndef MAX_CACHES
 #define MAX_CACHES 4096  // slab caches whose size and name are learned (a 6.x host has a few hundred)
 #endif
-// kmem:kmem_cache_alloc's record, from tracefs: where the learner reads ptr and bytes_alloc.
+// kmem:kmem_cache_alloc's record, from tracefs: where the learner reads ptr, bytes_alloc and call_site.
 #ifndef PTR_OFFSET
 #define PTR_OFFSET 16
 #endif
 #ifndef BYTES_ALLOC_OFFSET
 #define BYTES_ALLOC_OFFSET 40
+#endif
+#ifndef CALL_SITE_OFFSET
+#define CALL_SITE_OFFSET 8
 #endif
 
 #define SOURCE_SLAB 0
@@ -196,12 +199,15 @@ static __always_inline u32 named_cache_source(void *record) {
 #if RAW_CACHE_ALLOC
 // What the raw kmem_cache_alloc program cannot read itself: each cache's object size and name, which sit
 // behind its kmem_cache pointer. They are learned per pointer, by joining one allocation seen both by the
-// raw program (object address -> cache pointer) and by `cache_learner`, a classic program on the same
-// tracepoint whose record has them (object address -> bytes_alloc, name). User space attaches the learner
-// only while caches are being learned (at start, then whenever a sampled allocation's cache is unknown:
-// CTR_CACHE_UNLEARNED grows), and sets config.learning meanwhile. The two programs run back to back on the
-// same CPU for the same allocation, in an order that depends on which was attached first, so each leaves
-// its half in a per-CPU slot and the second one completes the join.
+// raw program (object address -> cache pointer) and by kmem_cache_alloc_learner, a classic program on the
+// same tracepoint whose record has them (object address -> bytes_alloc, name). User space attaches the
+// learner only for short learning windows (at start, then when a sampled allocation's cache is unknown:
+// CTR_CACHE_UNLEARNED grows) and sets config.learning to the window's number meanwhile (0: none). The
+// two programs run back to back on the same CPU for the same allocation, in an order that depends on
+// which was attached first, so the first leaves its half in a per-CPU slot and the second completes the
+// join. A half matches only one of the same window, object address and call site: a half left over (the
+// other program was skipped, or an interrupt's allocation came between) cannot pair with a later
+// allocation that reuses the address. User space also checks every learned size against /proc/slabinfo.
 struct cache_info_t {
     u64 bytes_alloc;  // the object size the cache's allocations occupy
     u32 source;       // SOURCE_SLAB | cache_id(name) << CACHE_SHIFT
@@ -209,50 +215,65 @@ struct cache_info_t {
 };
 BPF_HASH(cache_info, u64, struct cache_info_t, MAX_CACHES);  // cache pointer -> what it allocates
 struct cache_half_t {
-    u64 object;  // the allocation's address (0: empty)
-    u64 cache;   // the raw program's half: the cache pointer
+    u64 object;     // the allocation's address (0: empty)
+    u64 call_site;
+    u64 cache;      // the raw program's half: the cache pointer
     struct cache_info_t info;  // the learner's half
+    u32 window;     // config.learning when it was left
+    u32 pad;
 };
 BPF_PERCPU_ARRAY(raw_half, struct cache_half_t, 1);      // the raw program's last unknown cache, this CPU
 BPF_PERCPU_ARRAY(learned_half, struct cache_half_t, 1);  // the learner's last record, this CPU
 
-// The raw program, for an allocation from a cache with no cache_info: complete the join if the learner
-// has already run for this allocation, else leave this half for it. Returns the entry, if learned now.
-static __always_inline struct cache_info_t *learn(u64 object, u64 cache) {
+static __always_inline int same_allocation(struct cache_half_t *h, u64 object, u64 call_site, u32 window) {
+    return h->object == object && h->call_site == call_site && h->window == window;
+}
+
+// The raw program, in learning window `window`, for an allocation from a cache with no cache_info: complete
+// the join if the learner has already run for this allocation, else leave this half for it. Returns the
+// entry, if learned now.
+static __always_inline struct cache_info_t *learn(u64 object, u64 call_site, u64 cache, u32 window) {
     int zero = 0;
     struct cache_half_t *l = learned_half.lookup(&zero);
-    if (l && l->object == object) {
-        cache_info.update(&cache, &l->info);
+    if (l && same_allocation(l, object, call_site, window)) {
         l->object = 0;
+        cache_info.update(&cache, &l->info);
         return cache_info.lookup(&cache);
     }
     struct cache_half_t *r = raw_half.lookup(&zero);
     if (r) {
         r->object = object;
+        r->call_site = call_site;
         r->cache = cache;
+        r->window = window;
     }
     return 0;
 }
 
-// kmem:kmem_cache_alloc's record. Not attached at load: user space attaches it while learning.
+// kmem:kmem_cache_alloc's record. Not attached at load: user space attaches it for a learning window.
 int kmem_cache_alloc_learner(void *record) {
+    int zero = 0;
+    struct leak_config *cfg = config.lookup(&zero);
     u64 object = *(u64 *)((char *)record + PTR_OFFSET);
-    if (object < MIN_TRACKED_ADDRESS)
+    if (!cfg || !cfg->learning || object < MIN_TRACKED_ADDRESS)
         return 0;
+    u32 window = cfg->learning;
+    u64 call_site = *(u64 *)((char *)record + CALL_SITE_OFFSET);
+    struct cache_half_t *r = raw_half.lookup(&zero);
     struct cache_info_t info = {};
     info.bytes_alloc = *(u64 *)((char *)record + BYTES_ALLOC_OFFSET);
     info.source = named_cache_source(record);
-    int zero = 0;
-    struct cache_half_t *r = raw_half.lookup(&zero);
-    if (r && r->object == object) {
-        cache_info.update(&r->cache, &info);
+    if (r && same_allocation(r, object, call_site, window)) {
         r->object = 0;
+        cache_info.update(&r->cache, &info);
         return 0;
     }
     struct cache_half_t *l = learned_half.lookup(&zero);
     if (l) {
         l->object = object;
+        l->call_site = call_site;
         l->info = info;
+        l->window = window;
     }
     return 0;
 }
@@ -269,10 +290,15 @@ static __always_inline int resolve(void *ctx, u64 key, u64 *size, u32 *source) {
     }
 #if RAW_CACHE_ALLOC
     if (*source == SOURCE_CACHE_POINTER) {
-        u64 cache = ((struct bpf_raw_tracepoint_args *)ctx)->args[2];
+        struct bpf_raw_tracepoint_args *raw = ctx;
+        u64 cache = raw->args[2];
         struct cache_info_t *ci = cache_info.lookup(&cache);
-        if (!ci)
-            ci = learn(key, cache);
+        if (!ci) {
+            int zero = 0;
+            struct leak_config *cfg = config.lookup(&zero);
+            if (cfg && cfg->learning)
+                ci = learn(key, raw->args[0], cache, cfg->learning);
+        }
         if (!ci) {
             count(CTR_CACHE_UNLEARNED);
             return 0;
@@ -304,7 +330,7 @@ RAW_TRACEPOINT_PROBE(kmem_cache_alloc) {  // (call_site, ptr, cache, gfp_flags, 
     if (cfg->learning) {
         u64 cache = ctx->args[2];
         if (!cache_info.lookup(&cache))
-            learn(key, cache);
+            learn(key, ctx->args[0], cache, cfg->learning);
     }
     on_alloc_every(ctx, key, 0, SOURCE_CACHE_POINTER, cfg->sample_every);
     return 0;

@@ -14,6 +14,7 @@ import os
 import random
 import resource
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -416,8 +417,9 @@ def cache_id(name: str) -> int:
     return (h >> 41) & (KMALLOC_CLASS - 1)
 
 
-def slab_active_objects(path: Path = SLABINFO) -> dict[str, int]:
-    """Active objects per slab cache, from /proc/slabinfo (empty when unreadable)."""
+def read_slabinfo(path: Path = SLABINFO) -> dict[str, tuple[int, int]]:
+    """Per slab cache, (active objects, object size in bytes: the cache's `size`, what the kmem_cache_alloc
+    tracepoint reports as bytes_alloc), from /proc/slabinfo; empty when unreadable."""
     try:
         lines = path.read_text().splitlines()
     except OSError:
@@ -425,9 +427,14 @@ def slab_active_objects(path: Path = SLABINFO) -> dict[str, int]:
     out = {}
     for line in lines[2:]:
         fields = line.split()
-        if len(fields) >= 2 and fields[1].isdigit():
-            out[fields[0]] = int(fields[1])
+        if len(fields) >= 4 and fields[1].isdigit() and fields[3].isdigit():
+            out[fields[0]] = (int(fields[1]), int(fields[3]))
     return out
+
+
+def slab_active_objects(path: Path = SLABINFO) -> dict[str, int]:
+    """Active objects per slab cache, from /proc/slabinfo (empty when unreadable)."""
+    return {name: active for name, (active, _size) in read_slabinfo(path).items()}
 
 
 def kmalloc_size_class(name: str) -> int | None:
@@ -470,6 +477,7 @@ CACHE_ALLOC_RECORD = (
 )
 LEARNER = b"kmem_cache_alloc_learner"  # leaks_kernel.h's classic program that learns caches' sizes
 LEARN_WINDOW_S = 2.0  # how long the learner stays attached each time
+LEARN_RETRY_S = 30.0  # after the learner failed to attach, how long before it is tried again
 
 
 def raw_cache_alloc() -> bool:
@@ -529,10 +537,12 @@ class KernelLeakProbe(_LeakProbe):
         self.learning = False  # the learner is attached
         self.learning_windows = 0  # times it was attached
         self.learner_error = ""  # why it could not be attached (then caches stay unlearned, counted)
-        self.caches_forgotten = 0  # times the learned caches were cleared (a slab cache was destroyed)
-        self._learn_until = 0.0  # time.monotonic() when the learner comes off again
+        self.caches_relearned = 0  # learned entries dropped: their cache was gone or its size had changed
+        self.hold_learning = False  # no new learning window (benchmarks hold the steady state)
+        self._learn_lock = threading.RLock()  # the window's timer thread and the readers
+        self._learn_timer: threading.Timer | None = None
+        self._learner_retry_at = 0.0  # time.monotonic() before which a failed attach is not tried again
         self._unlearned_seen = 0  # the cache_unlearned counter at the last look
-        self._cache_names: frozenset[str] = frozenset()  # /proc/slabinfo's caches at the last read
         self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
         self.shared = False  # running inside that object
         self.embed_error = ""  # why compiling into it failed (then this probe runs on its own)
@@ -580,6 +590,8 @@ class KernelLeakProbe(_LeakProbe):
 
     def host_closed(self, bpf: Any) -> None:
         """The kmalloc probe is detaching the object this probe runs in."""
+        if self.bpf is bpf:
+            self.end_learning()
         if self.shared and self.bpf is bpf:
             self.bpf = None
             self.shared = False
@@ -615,77 +627,109 @@ class KernelLeakProbe(_LeakProbe):
             super().start()
         self._set_sample_rate(self.sample_rate)
         if self.raw_cache_alloc:
-            self._cache_names = frozenset(slab_active_objects())
+            self._unlearned_seen = 0
             self._start_learning()
             self.status = ProbeStatus("running", self.describe())
 
     # -- learning the slab caches' sizes (raw kmem_cache_alloc) ---------------------------------------
 
-    def _set_learning(self, on: bool) -> None:
+    def _set_learning(self, window: int) -> None:
         config = self.bpf[b"config"]
         value = config[ctypes.c_int(0)]
-        value.learning = int(on)
+        value.learning = window
         config[ctypes.c_int(0)] = value
 
     def _start_learning(self) -> None:
-        """Attach the learner for LEARN_WINDOW_S: every cache that allocates meanwhile is learned."""
-        if self.learning or self.bpf is None:
-            return
-        self._learn_until = time.monotonic() + LEARN_WINDOW_S
-        try:
-            self.bpf.attach_tracepoint(tp=b"kmem:kmem_cache_alloc", fn_name=LEARNER)
-        except Exception as exc:  # BCC raises bare Exception
-            self.learner_error = _one_line(exc)
-            return
-        self.learning = True
-        self.learning_windows += 1
-        self._set_learning(True)
+        """Attach the learner for one window of LEARN_WINDOW_S (a timer takes it off, ticking or not):
+        every cache that allocates meanwhile is learned."""
+        with self._learn_lock:
+            if self.learning or self.bpf is None or self.hold_learning:
+                return
+            if time.monotonic() < self._learner_retry_at:
+                return
+            try:
+                self.bpf.attach_tracepoint(tp=b"kmem:kmem_cache_alloc", fn_name=LEARNER)
+            except Exception as exc:  # BCC raises bare Exception
+                self.learner_error = _one_line(exc)
+                self._learner_retry_at = time.monotonic() + LEARN_RETRY_S
+                return
+            self.learner_error = ""
+            self.learning = True
+            self.learning_windows += 1
+            self._set_learning(self.learning_windows)
+            timer = threading.Timer(LEARN_WINDOW_S, self._window_over)
+            timer.daemon = True
+            timer.start()
+            self._learn_timer = timer
+
+    def _window_over(self) -> None:
+        with self._learn_lock:
+            if not self.learning:
+                return
+            self._end_learning()
+            # The counter grows during a window too (a cache's first allocation there can reach the raw
+            # program before the learner): that is the window's own, not a reason for another one.
+            with contextlib.suppress(Exception):
+                self._unlearned_seen = max(self._unlearned_seen, self.counters()["cache_unlearned"])
 
     def end_learning(self) -> None:
-        """Take the learner off (if it is on); a later unknown cache attaches it again."""
-        if not self.learning or self.bpf is None:
+        """Take the learner off now (if it is on); a later unknown cache attaches it again."""
+        with self._learn_lock:
+            if self._learn_timer is not None:
+                self._learn_timer.cancel()
+                self._learn_timer = None
+            self._end_learning()
+
+    def _end_learning(self) -> None:
+        if not self.learning:
             return
-        self.learning = False
-        with contextlib.suppress(Exception):
-            self._set_learning(False)
-        with contextlib.suppress(Exception):
-            self.bpf.detach_tracepoint(tp=b"kmem:kmem_cache_alloc")
+        if self.bpf is not None:
+            with contextlib.suppress(Exception):
+                self._set_learning(0)
+            with contextlib.suppress(Exception):
+                self.bpf.detach_tracepoint(tp=b"kmem:kmem_cache_alloc")
+        self.learning = False  # after the detach: `learning` False means the learner is off
 
     def tend_learning(self, unlearned: int) -> None:
-        """Given the cache_unlearned counter: take the learner off when its window (LEARN_WINDOW_S) is over,
-        and attach it again when the counter grew since (a sampled allocation's cache is unknown). The
-        counter grows during a window too (a cache's first allocation there can reach the raw program
-        before the learner): that is the window's own, not a reason for another one."""
+        """Given the cache_unlearned counter (cumulative): attach the learner when it grew since the last
+        look outside a window (a sampled allocation's cache is unknown)."""
         if not self.raw_cache_alloc or self.bpf is None:
             return
-        if self.learning:
-            if time.monotonic() >= self._learn_until:
-                self.end_learning()
-            self._unlearned_seen = unlearned
-            return
-        grew, self._unlearned_seen = unlearned > self._unlearned_seen, unlearned
-        if grew:
-            self._start_learning()
+        with self._learn_lock:
+            grew = unlearned > self._unlearned_seen
+            self._unlearned_seen = max(self._unlearned_seen, unlearned)
+            if grew and not self.learning:
+                self._start_learning()
 
-    def forget_destroyed_caches(self, names: frozenset[str]) -> bool:
-        """Given /proc/slabinfo's caches now: when one that was there is gone (destroyed), clear what was
-        learned, since a new cache may get a destroyed one's address; the caches still in use are learned
-        again. True when it cleared."""
-        gone = bool(self._cache_names - names)
-        self._cache_names = names
-        if not gone or not self.raw_cache_alloc or self.bpf is None:
-            return False
-        self.bpf[b"cache_info"].clear()
-        self.caches_forgotten += 1
-        return True
+    def check_learned(self, slabinfo: dict[str, tuple[int, int]]) -> int:
+        """Given /proc/slabinfo (read_slabinfo): drop each learned cache whose name is no longer there (it
+        was destroyed: a new cache may get its address) or whose size is not the kernel's; they are learned
+        again when they allocate. Returns how many were dropped."""
+        if not slabinfo or not self.raw_cache_alloc or self.bpf is None:
+            return 0
+        sizes: dict[int, int | None] = {}  # cache id -> its object size (None: two names share the id)
+        for name, (_active, size) in slabinfo.items():
+            cid = cache_id(name)
+            sizes[cid] = None if cid in sizes else size
+        table = self.bpf[b"cache_info"]
+        stale = []
+        for key, info in table.items():
+            cid = info.source >> CACHE_SHIFT
+            if cid not in sizes or sizes[cid] not in (None, info.bytes_alloc):
+                stale.append(key)
+        for key in stale:
+            with contextlib.suppress(KeyError):
+                del table[key]
+        self.caches_relearned += len(stale)
+        return len(stale)
 
     def close(self) -> None:
         """Standalone: detach and unload. Inside the kmalloc probe's object: switch tracking off and detach
         this probe's own programs (kfree, kmem_cache_*, pages); the shared kmalloc program stays."""
+        self.end_learning()
         if not self.shared:
             super().close()
             return
-        self.end_learning()
         bpf, self.bpf, self.shared = self.bpf, None, False
         if bpf is not None:
             with contextlib.suppress(Exception):
@@ -738,7 +782,9 @@ class KernelLeakProbe(_LeakProbe):
 
     # -- frees no tracepoint reports ------------------------------------------------------------------
 
-    def reconcile(self, aggregates: dict[bytes, tuple[int, int]]) -> dict[bytes, tuple[int, int]]:
+    def reconcile(
+        self, aggregates: dict[bytes, tuple[int, int]], active: dict[str, int] | None = None
+    ) -> dict[bytes, tuple[int, int]]:
         """Hold each slab cache's outstanding count to what the kernel says is live in it; `aggregates`
         (`_aggregates()`) with what was retired taken off, as the map holds them now.
 
@@ -758,7 +804,7 @@ class KernelLeakProbe(_LeakProbe):
                 per_cache[cid] = per_cache.get(cid, 0) + allocations
         if not per_cache:
             return aggregates
-        limits = cache_limits(slab_active_objects())
+        limits = cache_limits(slab_active_objects() if active is None else active)
         excess = {
             cid: n - limits[cid][1] for cid, n in per_cache.items() if cid in limits and n > limits[cid][1]
         }
@@ -860,8 +906,10 @@ class KernelLeakProbe(_LeakProbe):
         self._allocs_read = None
         aggregates = self._aggregates()  # read once: reconcile() and the reading share it
         self._prune_empty(aggregates)  # at once: see its docstring
+        slabinfo = read_slabinfo() if self.reconcile_caches or self.raw_cache_alloc else {}
         if self.reconcile_caches:
-            aggregates = self.reconcile(aggregates)
+            active = {name: objects for name, (objects, _size) in slabinfo.items()}
+            aggregates = self.reconcile(aggregates, active)
         reading = self._read(KIND_KERNEL, aggregates)
         if self.freed_untraced:
             untraced = {f"freed_untraced:{name}": n for name, n in sorted(self.freed_untraced.items())}
@@ -873,7 +921,7 @@ class KernelLeakProbe(_LeakProbe):
             kept = tuple(s for s in reading.stacks if not backs_slab(s))
             reading = dataclasses.replace(reading, stacks=kept)
         if self.raw_cache_alloc:
-            self.forget_destroyed_caches(frozenset(slab_active_objects()))
+            self.check_learned(slabinfo)
             self.tend_learning(reading.drops.get("cache_unlearned", 0))
         misses = self.recursion_misses()
         reading = dataclasses.replace(reading, drops={**reading.drops, "recursion_misses": misses})
