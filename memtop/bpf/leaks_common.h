@@ -95,6 +95,9 @@ static __always_inline void count(int idx) {
 struct sample_gap_t {
     u32 left;   // allocations to go in this CPU's gap, this one included
     u32 every;  // the N the gap was drawn with (0: no gap yet)
+    u64 allocations;  // allocations seen on this CPU: alloc_events is these plus counters[CTR_ALLOC_EVENTS]
+                      // (at 1 in 1 the gap is not looked up); here, every allocation touches one per-CPU
+                      // value, not two
 };
 BPF_PERCPU_ARRAY(sample_gap, struct sample_gap_t, 1);
 
@@ -103,13 +106,19 @@ static __always_inline u32 draw_gap(u32 every) {
 }
 
 // The weight to track this allocation with (the allocations it stands for), or 0: not tracked.
+// Counts the allocation (alloc_events).
 static __always_inline u32 sample_weight(u32 every) {
-    if (every <= 1)
+    if (every <= 1) {
+        count(CTR_ALLOC_EVENTS);
         return 1;
+    }
     int zero = 0;
     struct sample_gap_t *g = sample_gap.lookup(&zero);
-    if (!g)
+    if (!g) {
+        count(CTR_ALLOC_EVENTS);
         return bpf_get_prandom_u32() % every == 0 ? every : 0;
+    }
+    g->allocations++;
     if (!g->every) {  // this CPU's first allocation since tracking began: a gap starts here
         g->every = every;
         g->left = draw_gap(every);
@@ -156,7 +165,6 @@ static __always_inline int forget(u64 key) {
 
 // `every`: the configured 1-in-N (config's sample_every), looked up once by the caller.
 static __always_inline void on_alloc_every(void *ctx, u64 key, u64 size, u32 source, u32 every) {
-    count(CTR_ALLOC_EVENTS);
     // Still tracked: its free was never seen. Treat it as freed before this allocation.
     if (forget(key))
         count(CTR_MISSED_FREES);

@@ -210,7 +210,10 @@ class _LeakProbe(Probe):
 
     def counters(self) -> dict[str, int]:
         table = self.bpf[b"counters"]
-        return {name: sum(table.getvalue(i)) for i, name in enumerate(self.counter_names)}
+        counters = {name: sum(table.getvalue(i)) for i, name in enumerate(self.counter_names)}
+        # Most allocations are counted in the sampling countdown's per-CPU value (see sample_gap_t).
+        counters["alloc_events"] += sum(gap.allocations for gap in self.bpf[b"sample_gap"].getvalue(0))
+        return counters
 
     def _aggregates(self) -> dict[bytes, tuple[int, int]]:
         """Summed (bytes, allocations) per raw agg_key."""
