@@ -258,8 +258,8 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
 
 def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tuple[int, int]:
     """Every panel on, with the loop running, until the kernel leak probe is in its steady state, then held
-    there: returns (learning windows it took, the 1-in-N it settled at). Runs before the reader thread
-    starts: this thread reads every probe once a second meanwhile, as the app's tick does.
+    there: returns (learning windows since the probe started, the 1-in-N it settled at). Runs before the
+    reader thread starts: this thread reads every probe once a second meanwhile, as the app's tick does.
 
     - The slab caches' sizes: it learns them with a classic program that it attaches for a window while a
       sampled allocation's cache is unknown; here it learns the loop's caches, then no new window may start
@@ -269,7 +269,6 @@ def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tu
       stack walk) as it does while it stays attached, as it does for a user. So the N it settles at here,
       attached all along, is fixed for the rotations."""
     learners = [p for p in probes if hasattr(p, "end_learning")]
-    windows = sum(p.learning_windows for p in learners)
     panels.on()
     try:
         deadline = time.monotonic() + limit_s
@@ -290,7 +289,7 @@ def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tu
         probe.end_learning()
         probe.sampler = None  # the N it settled at, fixed
     rate = max((p.sample_rate for p in learners), default=0)
-    return sum(p.learning_windows for p in learners) - windows, rate
+    return sum(p.learning_windows for p in learners), rate
 
 
 def close_all(things: list[Any]) -> None:
@@ -347,7 +346,7 @@ def measure(args: argparse.Namespace) -> int:
         try:
             read_all()
             windows, leak_rate = settle_leaks(sets[PANELS], probes)
-            log(f"kernel leaks: slab caches learned in {windows} window(s); 1 in {leak_rate} tracked")
+            log(f"kernel leaks: {windows} learning window(s) since start; 1 in {leak_rate} tracked")
             learners = [p for p in probes if hasattr(p, "end_learning")]
             unlearned_before = sum(p.counters()["cache_unlearned"] for p in learners)
             reader.start()
@@ -406,8 +405,8 @@ def measure(args: argparse.Namespace) -> int:
     if args.switching:
         print("Workload: two loops on one CPU, each yielding after every call (the slots' worst case).")
     print(f"Kernel leaks: 1 in {leak_rate} allocations tracked (the adaptive N it settled at with every "
-          f"panel attached); slab caches learned in {windows} window(s) before the rotations, no window "
-          f"during them; {unlearned} sampled allocations from caches not learned during them.")  # fmt: skip
+          f"panel attached); {windows} learning window(s) from its start to the rotations, none during "
+          f"them; {unlearned} sampled allocations from caches not learned during them.")  # fmt: skip
     print(machine_line(info))
     print(f"1-minute load average before: {load_before}.")
     print(f"bpftool: none of the {len(all_ids)} program IDs loaded for the sets remain loaded.")
