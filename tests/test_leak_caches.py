@@ -173,6 +173,10 @@ def test_the_learner_is_on_for_one_timed_window_and_again_only_for_an_unknown_ca
     probe.hold_learning = True
     probe.tend_learning(9)
     assert not probe.learning and probe.learning_windows == 2
+    probe.hold_learning = False
+    probe.end_learning(closing=True)  # close(): a tick still running cannot start a window after it
+    probe.tend_learning(10)
+    assert not probe.learning and bpf.attached == [] and probe.learning_windows == 2
 
 
 def test_a_learner_that_cannot_attach_is_reported_and_tried_again_later(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -75,8 +76,8 @@ def test_a_udp_flood_leaves_no_more_outstanding_skbs_than_the_cache_holds(
     if CACHE not in slab_active_objects():
         pytest.fail(f"/proc/slabinfo has no {CACHE}")
 
-    def capped() -> dict[str, tuple[int, int]]:
-        slabinfo = read_slabinfo()
+    def capped(path: Path = leaks.SLABINFO) -> dict[str, tuple[int, int]]:
+        slabinfo = read_slabinfo(path)
         active, size = slabinfo[CACHE]
         slabinfo[CACHE] = (min(active, CAPPED_LIVE), size)
         return slabinfo

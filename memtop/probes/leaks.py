@@ -544,6 +544,7 @@ class KernelLeakProbe(_LeakProbe):
         self.hold_learning = False  # no new learning window (benchmarks hold the steady state)
         self._learn_lock = threading.RLock()  # the window's timer thread and the readers
         self._learn_timer: threading.Timer | None = None
+        self._learning_closed = False  # close() began: no new window
         self._learner_retry_at = 0.0  # time.monotonic() before which a failed attach is not tried again
         self._unlearned_seen = 0  # the cache_unlearned counter at the last look
         self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
@@ -594,7 +595,7 @@ class KernelLeakProbe(_LeakProbe):
     def host_closed(self, bpf: Any) -> None:
         """The kmalloc probe is detaching the object this probe runs in."""
         if self.bpf is bpf:
-            self.end_learning()
+            self.end_learning(closing=True)
         if self.shared and self.bpf is bpf:
             self.bpf = None
             self.shared = False
@@ -631,6 +632,7 @@ class KernelLeakProbe(_LeakProbe):
         self._set_sample_rate(self.sample_rate)
         if self.raw_cache_alloc:
             self._unlearned_seen = 0
+            self._learning_closed = False
             self._start_learning()
             self.status = ProbeStatus("running", self.describe())
 
@@ -646,7 +648,7 @@ class KernelLeakProbe(_LeakProbe):
         """Attach the learner for one window of LEARN_WINDOW_S (a timer takes it off, ticking or not):
         every cache that allocates meanwhile is learned."""
         with self._learn_lock:
-            if self.learning or self.bpf is None or self.hold_learning:
+            if self.learning or self.bpf is None or self.hold_learning or self._learning_closed:
                 return
             if time.monotonic() < self._learner_retry_at:
                 return
@@ -675,9 +677,13 @@ class KernelLeakProbe(_LeakProbe):
             with contextlib.suppress(Exception):
                 self._unlearned_seen = max(self._unlearned_seen, self.counters()["cache_unlearned"])
 
-    def end_learning(self) -> None:
-        """Take the learner off now (if it is on); a later unknown cache attaches it again."""
+    def end_learning(self, closing: bool = False) -> None:
+        """Take the learner off now (if it is on); a later unknown cache attaches it again, unless `closing`
+        (the probe is being closed: a tick still running cannot attach it after the detach; start() allows
+        it again)."""
         with self._learn_lock:
+            if closing:
+                self._learning_closed = True
             if self._learn_timer is not None:
                 self._learn_timer.cancel()
                 self._learn_timer = None
@@ -729,7 +735,7 @@ class KernelLeakProbe(_LeakProbe):
     def close(self) -> None:
         """Standalone: detach and unload. Inside the kmalloc probe's object: switch tracking off and detach
         this probe's own programs (kfree, kmem_cache_*, pages); the shared kmalloc program stays."""
-        self.end_learning()
+        self.end_learning(closing=True)
         if not self.shared:
             super().close()
             return
