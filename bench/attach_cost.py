@@ -282,6 +282,8 @@ def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tu
             settled = len(rates) >= 5 and len(set(rates[-3:])) == 1
             if settled and not any(p.learning for p in learners):
                 break
+        else:
+            log(f"kernel leaks: not settled after {limit_s:g} s (1 in N: {rates[-3:]}); holding it as it is")
     finally:
         panels.off()
     for probe in learners:

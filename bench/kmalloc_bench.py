@@ -193,10 +193,9 @@ def run_probe(
 # ns/run is that floor alone. One on each tracepoint a listxattr iteration hits, of the kind memtop
 # attaches there (raw: kmalloc, kfree, kmem_cache_alloc, kmem_cache_free), and a classic one on kmalloc
 # beside the minimal counter. (The kernel leak probe's classic cache learner on kmem_cache_alloc is on only
-# for 2 s windows: the one at start ends in the warm-up; one it opens during a measurement is counted in
-# memtop's BPF time, net of the classic floor, as a user pays it.) A classic tracepoint also fills its
-# record before any program runs; the statistics do not see that (the added ns/iteration with the
-# statistics off do).
+# for 2 s windows: the one at start ends in the warm-up, and none begins during the measurements, so the
+# per-tracepoint figures are the raw programs' alone.) A classic tracepoint also fills its record before
+# any program runs; the statistics do not see that (the added ns/iteration with the statistics off do).
 FLOOR_C = r"""
 RAW_TRACEPOINT_PROBE(kmalloc) { return 0; }
 TRACEPOINT_PROBE(kmem, kmalloc) { return 0; }
@@ -321,6 +320,10 @@ def run_panels(
         foreign = foreign_attachments(WATCHED_TRACEPOINTS)
         reader.start()
         run_workload(workload, PANELS_WARMUP_S)  # the leak probe's adaptive 1-in-N settles meanwhile
+        for probe in probes:  # and its cache learner's window at start ends: no other during the windows
+            if hasattr(probe, "hold_learning"):
+                probe.hold_learning = True
+                probe.end_learning()
         with RunTimeStats():
             before = prog_stats(ids | sticks.ids)
             iterations, elapsed = run_workload(workload, seconds)
@@ -471,6 +474,10 @@ def run_cost(workload: Workload, seconds: float, round_no: int, mode: str, all_i
             reader.start()
         if mode == COST_PANELS:
             run_workload(workload, PANELS_WARMUP_S)  # the leak probe's adaptive 1-in-N settles meanwhile
+        for probe in probes:  # and its cache learner's window at start ends: no other during the windows
+            if hasattr(probe, "hold_learning"):
+                probe.hold_learning = True
+                probe.end_learning()
         before = prog_stats(ids)
         cpu_before = children_cpu_s()
         iterations, elapsed = run_workload(workload, seconds)

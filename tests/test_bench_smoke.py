@@ -124,7 +124,8 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
         "kmem_cache_alloc (raw)",
         "kmem_cache_free (raw)",
     ]
-    assert doc["kernel_leaks"]["sample_every"] >= 1 and "allocations tracked" in proc.stdout
+    # The leak probe learned its caches at start (one window at least) and was held for the rotations.
+    assert doc["kernel_leaks"]["sample_every"] >= 1 and doc["kernel_leaks"]["learning_windows"] >= 1
     assert _table_cell(proc.stdout, "memtop kmalloc counters alone", "slices") == "3"
     assert "issue #11's goal ≤ 2x" in proc.stdout and "remain loaded" in proc.stdout
 

@@ -119,8 +119,8 @@ class _FakeTimer:
 
     made: list[_FakeTimer] = []
 
-    def __init__(self, interval: float, function: Callable[[], None]) -> None:
-        self.interval, self.function = interval, function
+    def __init__(self, interval: float, function: Callable[..., None], args: tuple[object, ...] = ()) -> None:
+        self.interval, self.function, self.args = interval, function, args
         self.daemon = False
         self.started = self.cancelled = False
         _FakeTimer.made.append(self)
@@ -161,7 +161,7 @@ def test_the_learner_is_on_for_one_timed_window_and_again_only_for_an_unknown_ca
     probe.tend_learning(5)  # the counter grows during the window (caches' first allocations): no change
     assert probe.learning and len(bpf.attached) == 1 and len(_FakeTimer.made) == 1
     monkeypatch.setattr(probe, "counters", lambda: {"cache_unlearned": 7})
-    timer.function()  # the window is over
+    timer.function(*timer.args)  # the window is over
     assert not probe.learning and bpf.attached == [] and config.value.learning == 0
     probe.tend_learning(6)  # a read that began before the window ended: its growth was the window's
     probe.tend_learning(7)
@@ -170,13 +170,21 @@ def test_the_learner_is_on_for_one_timed_window_and_again_only_for_an_unknown_ca
     assert probe.learning and config.value.learning == 2 and len(bpf.attached) == 1
     probe.end_learning()  # close() and the benchmarks: off at once, its timer cancelled
     assert not probe.learning and bpf.attached == [] and _FakeTimer.made[-1].cancelled
+    # A timer that had already fired (its callback waiting for the lock) when it was cancelled must not
+    # end the window that began since.
+    late = _FakeTimer.made[-1]
+    probe.tend_learning(20)
+    assert probe.learning and config.value.learning == 3
+    late.function(*late.args)
+    assert probe.learning and len(bpf.attached) == 1
+    probe.end_learning()
     probe.hold_learning = True
-    probe.tend_learning(9)
-    assert not probe.learning and probe.learning_windows == 2
+    probe.tend_learning(25)
+    assert not probe.learning and probe.learning_windows == 3
     probe.hold_learning = False
     probe.end_learning(closing=True)  # close(): a tick still running cannot start a window after it
-    probe.tend_learning(10)
-    assert not probe.learning and bpf.attached == [] and probe.learning_windows == 2
+    probe.tend_learning(30)
+    assert not probe.learning and bpf.attached == [] and probe.learning_windows == 3
 
 
 def test_a_learner_that_cannot_attach_is_reported_and_tried_again_later(
@@ -218,3 +226,16 @@ def test_learned_caches_that_are_gone_or_of_another_size_are_dropped_to_be_learn
     assert probe.check_learned(slabinfo) == 2  # destroyed; at a destroyed cache's address, another size
     assert set(learned) == {1} and probe.caches_relearned == 2
     assert probe.check_learned({}) == 0 and set(learned) == {1}  # slabinfo unreadable: nothing is dropped
+
+
+def test_a_window_whose_config_write_fails_takes_the_learner_off_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe, bpf, _clock = _learning_probe(monkeypatch)
+
+    def broken(window: int) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(probe, "_set_learning", broken)
+    probe._start_learning()
+    assert not probe.learning and bpf.attached == [] and "Operation not permitted" in probe.learner_error

@@ -229,6 +229,13 @@ static __always_inline int same_allocation(struct cache_half_t *h, u64 object, u
     return h->object == object && h->call_site == call_site && h->window == window;
 }
 
+// Leave this program's half of an allocation for the other program (the caller adds its part).
+static __always_inline void leave_half(struct cache_half_t *h, u64 object, u64 call_site, u32 window) {
+    h->object = object;
+    h->call_site = call_site;
+    h->window = window;
+}
+
 // The raw program, in learning window `window`, for an allocation from a cache with no cache_info: complete
 // the join if the learner has already run for this allocation, else leave this half for it. Returns the
 // entry, if learned now.
@@ -242,10 +249,8 @@ static __always_inline struct cache_info_t *learn(u64 object, u64 call_site, u64
     }
     struct cache_half_t *r = raw_half.lookup(&zero);
     if (r) {
-        r->object = object;
-        r->call_site = call_site;
+        leave_half(r, object, call_site, window);
         r->cache = cache;
-        r->window = window;
     }
     return 0;
 }
@@ -270,10 +275,8 @@ int kmem_cache_alloc_learner(void *record) {
     }
     struct cache_half_t *l = learned_half.lookup(&zero);
     if (l) {
-        l->object = object;
-        l->call_site = call_site;
+        leave_half(l, object, call_site, window);
         l->info = info;
-        l->window = window;
     }
     return 0;
 }

@@ -472,8 +472,10 @@ def cache_limits(active: dict[str, int]) -> dict[int, tuple[str, int]]:
     return limits
 
 
-# kmem:kmem_cache_alloc's record as Linux 6.1+ builds it from (call_site, ptr, cache, gfp_flags, node):
-# bytes_req, bytes_alloc and name come from the cache, node and accounted from the last two.
+# kmem:kmem_cache_alloc's record as recent kernels (6.x, with the cache's name in it) build it from
+# (call_site, ptr, cache, gfp_flags, node): bytes_req, bytes_alloc and name come from the cache, node and
+# accounted from the last two. (Not one field per argument, as raw_args_match's other uses are: this exact
+# list is the layout whose prototype is that one.)
 CACHE_ALLOC_RECORD = (
     *("call_site", "ptr", "name", "bytes_req", "bytes_alloc"),
     *("gfp_flags", "node", "accounted"),
@@ -565,6 +567,7 @@ class KernelLeakProbe(_LeakProbe):
                 int_cflag("RAW_CACHE_ALLOC", 1, 0, 1),
                 int_cflag("PTR_OFFSET", fields["ptr"].offset, 0, 4096),
                 int_cflag("BYTES_ALLOC_OFFSET", fields["bytes_alloc"].offset, 0, 4096),
+                int_cflag("CALL_SITE_OFFSET", fields["call_site"].offset, 0, 4096),
             ]
         return [
             *super().cflags(),
@@ -644,6 +647,10 @@ class KernelLeakProbe(_LeakProbe):
         value.learning = window
         config[ctypes.c_int(0)] = value
 
+    def _set_sample_rate(self, rate: int) -> None:
+        with self._learn_lock:  # config holds the learning window too: one writer at a time
+            super()._set_sample_rate(rate)
+
     def _start_learning(self) -> None:
         """Attach the learner for one window of LEARN_WINDOW_S (a timer takes it off, ticking or not):
         every cache that allocates meanwhile is learned."""
@@ -652,25 +659,32 @@ class KernelLeakProbe(_LeakProbe):
                 return
             if time.monotonic() < self._learner_retry_at:
                 return
+            self.learning = True  # first: whatever interrupts what follows, end_learning() tries the detach
             try:
                 self.bpf.attach_tracepoint(tp=b"kmem:kmem_cache_alloc", fn_name=LEARNER)
             except Exception as exc:  # BCC raises bare Exception
+                self.learning = False
                 self.learner_error = _one_line(exc)
                 self._learner_retry_at = time.monotonic() + LEARN_RETRY_S
                 return
             self.learner_error = ""
-            self.learning = True
             self.learning_windows += 1
-            self._set_learning(self.learning_windows)
-            timer = threading.Timer(LEARN_WINDOW_S, self._window_over)
-            timer.daemon = True
-            timer.start()
+            window = self.learning_windows
+            try:
+                self._set_learning(window)
+                timer = threading.Timer(LEARN_WINDOW_S, self._window_over, args=(window,))
+                timer.daemon = True
+                timer.start()
+            except Exception as exc:
+                self.learner_error = _one_line(exc)
+                self._end_learning()
+                return
             self._learn_timer = timer
 
-    def _window_over(self) -> None:
+    def _window_over(self, window: int) -> None:
         with self._learn_lock:
-            if not self.learning:
-                return
+            if not self.learning or window != self.learning_windows:
+                return  # ended already, and maybe another one began
             self._end_learning()
             # The counter grows during a window too (a cache's first allocation there can reach the raw
             # program before the learner): that is the window's own, not a reason for another one.
@@ -713,7 +727,8 @@ class KernelLeakProbe(_LeakProbe):
     def check_learned(self, slabinfo: dict[str, tuple[int, int]]) -> int:
         """Given /proc/slabinfo (read_slabinfo): drop each learned cache whose name is no longer there (it
         was destroyed: a new cache may get its address) or whose size is not the kernel's; they are learned
-        again when they allocate. Returns how many were dropped."""
+        again when they allocate. Names that share their first 15 bytes share a cache id: those are only
+        checked for being there. Returns how many were dropped."""
         if not slabinfo or not self.raw_cache_alloc or self.bpf is None:
             return 0
         sizes: dict[int, int | None] = {}  # cache id -> its object size (None: two names share the id)
@@ -741,7 +756,7 @@ class KernelLeakProbe(_LeakProbe):
             return
         bpf, self.bpf, self.shared = self.bpf, None, False
         if bpf is not None:
-            with contextlib.suppress(Exception):
+            with self._learn_lock, contextlib.suppress(Exception):
                 config = bpf[b"config"]
                 value = config[ctypes.c_int(0)]
                 value.sample_every = 0
