@@ -161,16 +161,9 @@ def test_the_learner_comes_off_after_its_window_and_back_for_an_unknown_cache(
 def test_closing_either_probe_while_learning_detaches_the_learner(first: str) -> None:
     """In live mode the leak programs, the learner among them, are compiled into the kmalloc probe's object:
     closing the leak panel, or the kmalloc probe first, must take the learner off too."""
-    from memtop.probes.kmalloc import KmallocProbe
-    from memtop.probes.leaks import KernelLeakProbe
+    from .test_misses_e2e import attachments_of, kernel_panels
 
-    from .test_misses_e2e import attachments_of
-
-    leaks = KernelLeakProbe(sample_every=1)
-    kmalloc = KmallocProbe(leaks=leaks)
-    kmalloc.start()
-    leaks.start()
-    ours = prog_ids_held_by(os.getpid())
+    kmalloc, leaks, ours = kernel_panels()
     try:
         assert leaks.shared and leaks.learning
         mine = [a["fd_type"] for a in attachments_of(os.getpid()) if a["tracepoint"] == "kmem_cache_alloc"]

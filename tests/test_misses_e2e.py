@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -26,12 +27,9 @@ def attachments_of(pid: int) -> list[dict]:  # type: ignore[type-arg]
     return [a for a in json.loads(out.stdout or "[]") if a.get("pid") == pid]
 
 
-def misses_by_id() -> dict[int, int]:
-    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
-    return {int(p["id"]): int(p.get("recursion_misses", 0)) for p in json.loads(out.stdout or "[]")}
-
-
-def test_one_raw_tracepoint_program_per_hot_tracepoint_for_both_kernel_panels() -> None:
+def kernel_panels() -> tuple[Any, Any, set[int]]:
+    """The kmalloc probe with the kernel leak tracking compiled in, both started as live mode starts them:
+    (kmalloc, leaks, the program ids this process holds then)."""
     from memtop.probes.kmalloc import KmallocProbe
     from memtop.probes.leaks import KernelLeakProbe
 
@@ -39,7 +37,16 @@ def test_one_raw_tracepoint_program_per_hot_tracepoint_for_both_kernel_panels() 
     kmalloc = KmallocProbe(leaks=leaks)
     kmalloc.start()
     leaks.start()
-    ours = prog_ids_held_by(os.getpid())
+    return kmalloc, leaks, prog_ids_held_by(os.getpid())
+
+
+def misses_by_id() -> dict[int, int]:
+    out = subprocess.run(["bpftool", "prog", "show", "--json"], capture_output=True, text=True, check=True)
+    return {int(p["id"]): int(p.get("recursion_misses", 0)) for p in json.loads(out.stdout or "[]")}
+
+
+def test_one_raw_tracepoint_program_per_hot_tracepoint_for_both_kernel_panels() -> None:
+    kmalloc, leaks, ours = kernel_panels()
     try:
         assert kmalloc.running and leaks.running and leaks.shared
         mine = attachments_of(os.getpid())
