@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -219,13 +220,26 @@ class _Learned:
 def test_learned_caches_that_are_gone_or_of_another_size_are_dropped_to_be_learned_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    probe, bpf, _clock = _learning_probe(monkeypatch)
-    learned = {1: _Learned("filp", 192), 2: _Learned("gone_cache", 64), 3: _Learned("dentry", 200)}
-    bpf.maps[b"cache_info"] = learned
+    probe, _bpf, _clock = _learning_probe(monkeypatch)
+    learned = {
+        struct.pack("<Q", 1): _Learned("filp", 192),
+        struct.pack("<Q", 2): _Learned("gone_cache", 64),
+        struct.pack("<Q", 3): _Learned("dentry", 200),
+    }
+
+    def entries(name: bytes) -> list[tuple[bytes, _Learned]]:
+        assert name == b"cache_info"
+        return list(learned.items())
+
+    def delete(name: bytes, keys: list[bytes]) -> list[bytes]:
+        return [key for key in keys if learned.pop(key, None) is None]
+
+    monkeypatch.setattr(probe, "_struct_entries", entries)
+    monkeypatch.setattr(probe, "_delete", delete)
     slabinfo = {"filp": (203, 192), "dentry": (100, 192)}
     assert probe.check_learned(slabinfo) == 2  # destroyed; at a destroyed cache's address, another size
-    assert set(learned) == {1} and probe.caches_relearned == 2
-    assert probe.check_learned({}) == 0 and set(learned) == {1}  # slabinfo unreadable: nothing is dropped
+    assert set(learned) == {struct.pack("<Q", 1)} and probe.caches_relearned == 2
+    assert probe.check_learned({}) == 0 and len(learned) == 1  # slabinfo unreadable: nothing is dropped
 
 
 def test_a_window_whose_config_write_fails_takes_the_learner_off_again(

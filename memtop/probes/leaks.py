@@ -735,17 +735,14 @@ class KernelLeakProbe(_LeakProbe):
         for name, (_active, size) in slabinfo.items():
             cid = cache_id(name)
             sizes[cid] = None if cid in sizes else size
-        table = self.bpf[b"cache_info"]
         stale = []
-        for key, info in table.items():
+        for key, info in self._struct_entries(b"cache_info"):  # batched: this runs on every read
             cid = info.source >> CACHE_SHIFT
             if cid not in sizes or sizes[cid] not in (None, info.bytes_alloc):
-                stale.append(key)
-        for key in stale:
-            with contextlib.suppress(KeyError):
-                del table[key]
-        self.caches_relearned += len(stale)
-        return len(stale)
+                stale.append(bytes(key))
+        gone = self._delete(b"cache_info", stale)
+        self.caches_relearned += len(stale) - len(gone)
+        return len(stale) - len(gone)
 
     def close(self) -> None:
         """Standalone: detach and unload. Inside the kmalloc probe's object: switch tracking off and detach
