@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,7 @@ def test_the_learner_is_on_for_one_timed_window_and_again_only_for_an_unknown_ca
 
     probe, bpf, _clock = _learning_probe(monkeypatch)
     config = bpf.maps[b"config"]
+    monkeypatch.setattr(probe, "_count_learned", itertools.count().__next__)  # every window learns some
     probe._start_learning()  # as start() does
     assert probe.learning and bpf.attached == [(b"kmem:kmem_cache_alloc", LEARNER)]
     assert config.value.learning == 1  # the window's number
@@ -253,3 +255,47 @@ def test_a_window_whose_config_write_fails_takes_the_learner_off_again(
     monkeypatch.setattr(probe, "_set_learning", broken)
     probe._start_learning()
     assert not probe.learning and bpf.attached == [] and "Operation not permitted" in probe.learner_error
+
+
+def test_windows_that_learn_no_cache_wait_longer_each_time_and_a_full_table_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cache whose allocations never join (cache_info full, say) must not keep the classic learner on."""
+    from memtop.probes.leaks import LEARN_GAP_MAX_S, LEARN_WINDOW_S, MAX_CACHES
+
+    probe, _bpf, clock = _learning_probe(monkeypatch)
+    learned: dict[bytes, object] = {}
+    monkeypatch.setattr(probe, "_struct_entries", lambda name: list(learned.items()))
+    monkeypatch.setattr(probe, "counters", lambda: {"cache_unlearned": 0})
+    unlearned = [0]
+
+    def read() -> bool:  # a read that saw a sampled allocation from an unknown cache
+        unlearned[0] += 1
+        probe.tend_learning(unlearned[0])
+        return probe.learning
+
+    def window_ends() -> None:
+        timer = _FakeTimer.made[-1]
+        clock[0] += LEARN_WINDOW_S
+        timer.function(*timer.args)
+
+    probe._start_learning()
+    learned[b"a"] = object()
+    window_ends()  # it learned a cache: the next window may begin at once
+    assert read()
+    gaps = []
+    for _ in range(10):
+        window_ends()  # it learned nothing
+        start = clock[0]
+        while not read():
+            clock[0] += 0.5
+        gaps.append(clock[0] - start)
+    assert gaps == [2, 4, 8, 16, 32, 64, 128, 256, LEARN_GAP_MAX_S, LEARN_GAP_MAX_S]
+    learned[b"b"] = object()
+    window_ends()  # it learned one: no wait again
+    assert read()
+    window_ends()
+    assert "table is full" not in probe.describe()
+    learned.update({i.to_bytes(8, "little"): object() for i in range(MAX_CACHES)})
+    probe._count_learned()
+    assert f"table is full at {MAX_CACHES:,} caches" in probe.describe()

@@ -483,6 +483,8 @@ CACHE_ALLOC_RECORD = (
 LEARNER = b"kmem_cache_alloc_learner"  # leaks_kernel.h's classic program that learns caches' sizes
 LEARN_WINDOW_S = 2.0  # how long the learner stays attached each time
 LEARN_RETRY_S = 30.0  # after the learner failed to attach, how long before it is tried again
+LEARN_GAP_MAX_S = 300.0  # the longest wait after windows that learned nothing (the gap doubles up to it)
+MAX_CACHES = 4096  # leaks_kernel.h's MAX_CACHES: the slab caches cache_info can hold
 
 
 def raw_cache_alloc() -> bool:
@@ -549,6 +551,14 @@ class KernelLeakProbe(_LeakProbe):
         self._learning_closed = False  # close() began: no new window
         self._learner_retry_at = 0.0  # time.monotonic() before which a failed attach is not tried again
         self._unlearned_seen = 0  # the cache_unlearned counter at the last look
+        # A cache whose allocations never join (say cache_info is full) would start a window at every read
+        # that saw the counter grow, and keep the classic learner on most of the time: after a window that
+        # learned no cache, the next one waits _learn_gap_s (2 s, doubling to LEARN_GAP_MAX_S; back to 0
+        # after a window that learns one). Its sampled allocations stay counted as cache_unlearned.
+        self.caches_learned = 0  # cache_info's entries when last counted (window starts and ends, reads)
+        self._learned_before = 0  # ... when the current window began
+        self._learn_gap_s = 0.0
+        self._next_window_at = 0.0  # time.monotonic() before which no window begins
         self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
         self.shared = False  # running inside that object
         self.embed_error = ""  # why compiling into it failed (then this probe runs on its own)
@@ -657,8 +667,9 @@ class KernelLeakProbe(_LeakProbe):
         with self._learn_lock:
             if self.learning or self.bpf is None or self.hold_learning or self._learning_closed:
                 return
-            if time.monotonic() < self._learner_retry_at:
+            if time.monotonic() < max(self._learner_retry_at, self._next_window_at):
                 return
+            self._learned_before = self._count_learned()
             self.learning = True  # first: whatever interrupts what follows, end_learning() tries the detach
             try:
                 self.bpf.attach_tracepoint(tp=b"kmem:kmem_cache_alloc", fn_name=LEARNER)
@@ -686,10 +697,25 @@ class KernelLeakProbe(_LeakProbe):
             if not self.learning or window != self.learning_windows:
                 return  # ended already, and maybe another one began
             self._end_learning()
+            self._after_window()
             # The counter grows during a window too (a cache's first allocation there can reach the raw
             # program before the learner): that is the window's own, not a reason for another one.
             with contextlib.suppress(Exception):
                 self._unlearned_seen = max(self._unlearned_seen, self.counters()["cache_unlearned"])
+
+    def _count_learned(self) -> int:
+        """cache_info's entries now (kept in caches_learned); the last count if the map cannot be read."""
+        with contextlib.suppress(Exception):
+            self.caches_learned = len(self._struct_entries(b"cache_info"))
+        return self.caches_learned
+
+    def _after_window(self) -> None:
+        """A window's timer ended it: if it learned no cache, the next one waits (see _learn_gap_s)."""
+        if self._count_learned() > self._learned_before:
+            self._learn_gap_s = 0.0
+        else:
+            self._learn_gap_s = min(max(2 * self._learn_gap_s, LEARN_WINDOW_S), LEARN_GAP_MAX_S)
+        self._next_window_at = time.monotonic() + self._learn_gap_s
 
     def end_learning(self, closing: bool = False) -> None:
         """Take the learner off now (if it is on); a later unknown cache attaches it again, unless `closing`
@@ -736,13 +762,16 @@ class KernelLeakProbe(_LeakProbe):
             cid = cache_id(name)
             sizes[cid] = None if cid in sizes else size
         stale = []
-        for key, info in self._struct_entries(b"cache_info"):  # batched: this runs on every read
+        entries = self._struct_entries(b"cache_info")  # batched: this runs on every read
+        for key, info in entries:
             cid = info.source >> CACHE_SHIFT
             if cid not in sizes or sizes[cid] not in (None, info.bytes_alloc):
                 stale.append(bytes(key))
         gone = self._delete(b"cache_info", stale)
-        self.caches_relearned += len(stale) - len(gone)
-        return len(stale) - len(gone)
+        dropped = len(stale) - len(gone)
+        self.caches_relearned += dropped
+        self.caches_learned = len(entries) - dropped
+        return dropped
 
     def close(self) -> None:
         """Standalone: detach and unload. Inside the kmalloc probe's object: switch tracking off and detach
@@ -779,6 +808,8 @@ class KernelLeakProbe(_LeakProbe):
             caches = f", slab caches' sizes not learned ({self.learner_error})"
         elif self.raw_cache_alloc:
             caches = ", slab caches' sizes learned from the classic tracepoint"
+            if self.caches_learned >= MAX_CACHES:
+                caches += f" (its table is full at {MAX_CACHES:,} caches: others stay unlearned, counted)"
         return f"kmem slab alloc/free{pages}, 1 in {self.sample_rate} tracked ({how}){where}{caches}"
 
     @property
