@@ -16,9 +16,12 @@ VM's slow swings between a fast and a slow state. This script measures what a us
   table gives the median and mean (± standard error) of those differences over all rotations.
 
 The sets: untraced; the minimal counter (a classic kmem:kmalloc program doing one per-CPU add: the
-yardstick of issue #11); an empty raw tracepoint program on kmalloc (the dispatch alone); memtop's kmalloc
-counters alone (KmallocProbe without the leak part) with its per-CPU slots and without them; every panel
-(kmalloc with the kernel leak tracking compiled in, oom, tcp, as LiveSource builds them). memtop's other
+yardstick of issue #11); an empty raw tracepoint program on kmalloc (the dispatch alone); empty raw programs
+on all four tracepoints (the dispatch floor of any tracer that sees every allocation and free); memtop's
+kmalloc counters alone (KmallocProbe without the leak part) with its per-CPU slots and without them; every
+panel (kmalloc with the kernel leak tracking compiled in, oom, tcp, as LiveSource builds them); the kmalloc
+counters with empty programs on the other three tracepoints (every panel as it would cost were the leak
+tracking's own work free: the least it can cost beside these counters). memtop's other
 programs (irq entry/exit, task and sched events) stay attached in every slice alike; all probes are read
 once a second on a thread, as the app does.
 
@@ -114,6 +117,15 @@ int main(int argc, char **argv) {
 """
 
 EMPTY_RAW_C = "RAW_TRACEPOINT_PROBE(kmalloc) { return 0; }\n"
+# One empty raw program on each of the loop's four tracepoints: the dispatch floor of any tracer that sees
+# every kmalloc, kfree, slab allocation and slab free, as the kernel leak tracking must.
+EMPTY_OTHER_THREE_C = "".join(
+    f"RAW_TRACEPOINT_PROBE({tp}) {{ return 0; }}\n" for tp in ("kfree", "kmem_cache_alloc", "kmem_cache_free")
+)
+EMPTY_FOUR_C = "".join(
+    f"RAW_TRACEPOINT_PROBE({tp}) {{ return 0; }}\n"
+    for tp in ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free")
+)
 
 HOT_RAW = (b"kmalloc", b"kfree", b"kmem_cache_free", b"kmem_cache_alloc")
 HOT_CLASSIC = tuple(b"kmem:" + name for name in HOT_RAW)
@@ -122,6 +134,8 @@ WATCHED_TRACEPOINTS = [name.decode() for name in HOT_RAW]
 UNTRACED = "untraced"
 MINIMAL = "minimal counter (classic, one per-CPU add)"
 EMPTY_RAW = "empty raw tracepoint program on kmalloc"
+EMPTY_FOUR = "empty raw tracepoint programs on all four (the dispatch floor)"
+KMALLOC_FLOOR = "memtop kmalloc counters + empty raw programs on the other three (leak tracking at no cost)"
 KMALLOC = "memtop kmalloc counters alone"
 KMALLOC_NO_SLOTS = "memtop kmalloc counters alone, no per-CPU slots"
 PANELS = "memtop, every panel"
@@ -152,6 +166,13 @@ class Switch:
         part = cls.__new__(cls)
         part.attached = [entry for entry in switch.attached if entry[2] == tracepoint]
         return part
+
+    @classmethod
+    def joined(cls, *switches: Switch) -> Switch:
+        """The programs of several switches together (their programs already taken off)."""
+        both = cls.__new__(cls)
+        both.attached = [entry for switch in switches for entry in switch.attached]
+        return both
 
     @property
     def tracepoints(self) -> list[str]:
@@ -233,6 +254,10 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
         objects.append(minimal)
         empty = bcc.BPF(text=EMPTY_RAW_C.encode())
         objects.append(empty)
+        empty_four = bcc.BPF(text=EMPTY_FOUR_C.encode())
+        objects.append(empty_four)
+        empty_other_three = bcc.BPF(text=EMPTY_OTHER_THREE_C.encode())
+        objects.append(empty_other_three)
         panel_objects = list({id(p.bpf): p.bpf for p in panels if p.bpf is not None}.values())
         for probe in panels:  # the sets switch the steady state's programs: see settle_leaks
             if hasattr(probe, "end_learning"):
@@ -240,10 +265,12 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
         sets = {
             MINIMAL: Switch([minimal]),
             EMPTY_RAW: Switch([empty]),
+            EMPTY_FOUR: Switch([empty_four]),
             KMALLOC: Switch([alone.bpf]),
             KMALLOC_NO_SLOTS: Switch([no_slots.bpf]),
             PANELS: Switch(panel_objects),
         }
+        sets[KMALLOC_FLOOR] = Switch.joined(sets[KMALLOC], Switch([empty_other_three]))
         if per_program:
             for tp in sorted({entry[2] for entry in sets[PANELS].attached}):
                 sets[f"{PANELS}: only {tp.decode()}"] = Switch.only(sets[PANELS], tp)
@@ -490,6 +517,17 @@ def goal_lines(results: dict[str, SetResult]) -> str:
         lines.append(
             f"- {name}: {num(value, '.2f')}x the minimal counter (issue #11's goal ≤ {goal:g}x): {verdict}"
         )
+    floor = results[EMPTY_FOUR].median_added()
+    panels = results[PANELS].median_added()
+    above = None if floor is None or panels is None else panels - floor
+    lines.append(
+        f"- the dispatch floor (four empty raw programs) is {num(ratio(floor, minimal), '.2f')}x the minimal "
+        f"counter; every panel's work above it {num(ratio(above, minimal), '.2f')}x"
+    )
+    lines.append(
+        f"- the kmalloc counters with empty programs on the other three tracepoints (every panel, were leak "
+        f"tracking's own work free): {num(ratio(results[KMALLOC_FLOOR].median_added(), minimal), '.2f')}x"
+    )
     return "\n".join(lines)
 
 

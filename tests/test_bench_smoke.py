@@ -112,7 +112,7 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
     assert doc["config"]["switching"] is switching
     assert ("two loops on one CPU" in proc.stdout) is switching
     sets = {s["name"]: s for s in doc["sets"]}
-    assert len(sets) == (10 if switching else 6) and all(
+    assert len(sets) == (12 if switching else 8) and all(
         len(s["ns_per_iteration"]) == 3 for s in sets.values()
     )
     if switching:  # --per-program: each of every panel's programs on its own
@@ -124,6 +124,14 @@ def test_attach_cost_measures_every_set_against_the_untraced_loop(tmp_path: Path
         "kmem_cache_alloc (raw)",
         "kmem_cache_free (raw)",
     ]
+    # The floors: empty raw programs on the four tracepoints; the kmalloc counters beside three of them.
+    four = ["kfree (raw)", "kmalloc (raw)", "kmem_cache_alloc (raw)", "kmem_cache_free (raw)"]
+    assert sets["empty raw tracepoint programs on all four (the dispatch floor)"]["tracepoints"] == four
+    counters_floor = (
+        "memtop kmalloc counters + empty raw programs on the other three (leak tracking at no cost)"
+    )
+    assert sets[counters_floor]["tracepoints"] == four
+    assert "the dispatch floor (four empty raw programs) is" in proc.stdout
     # The leak probe learned its caches at start (one window at least) and was held for the rotations.
     assert doc["kernel_leaks"]["sample_every"] >= 1 and doc["kernel_leaks"]["learning_windows"] >= 1
     assert _table_cell(proc.stdout, "memtop kmalloc counters alone", "slices") == "3"
