@@ -7,6 +7,7 @@ import errno
 
 import pytest
 
+from memtop.errors import MemtopError
 from memtop.probes import kmalloc as kmalloc_module
 from memtop.probes.base import _TestRunAttr
 from memtop.probes.kmalloc import FLUSH_TRIES, KmallocProbe, slots_supported
@@ -136,3 +137,55 @@ def test_a_retired_generation_is_final_only_after_a_complete_flush(complete: boo
         assert tables[b"pid_stats"].deleted == [(5, 0)] and tables[b"proc_comms"].deleted == [(5, 0)]
     else:
         assert reading.retired == () and tables[b"pid_stats"].deleted == []
+
+
+class _AttachRecorder:
+    """What KmallocProbe._attach_irq touches of a bcc.BPF: raw tracepoint attaches, in order."""
+
+    def __init__(self, refuse: bytes = b"") -> None:
+        self.refuse = refuse
+        self.raw_tracepoint_fds: dict[bytes, int] = {}
+        self.order: list[tuple[bytes, bytes]] = []
+        self.cleaned = False
+
+    def attach_raw_tracepoint(self, tp: bytes, fn_name: bytes) -> None:
+        if tp == self.refuse:
+            raise Exception(f"Failed to attach BPF to raw tracepoint {tp!r}")
+        self.order.append((tp, fn_name))
+        self.raw_tracepoint_fds[tp] = len(self.order)
+
+    def detach_raw_tracepoint(self, tp: bytes) -> None:
+        del self.raw_tracepoint_fds[tp]
+
+    def cleanup(self) -> None:
+        self.cleaned = True
+
+
+def test_the_interrupt_depth_programs_attach_every_exit_before_any_entry() -> None:
+    """An entry seen whose exit is not would leave its CPU's depth raised (every later kmallocs there
+    charged to [irq]); an exit first only saturates at 0. No reset of the depth follows the attach."""
+    probe = KmallocProbe()
+    probe._irq_tracepoints = [
+        (b"softirq_entry", b"softirq_exit"),
+        (b"irq_handler_entry", b"irq_handler_exit"),
+    ]
+    bpf = _AttachRecorder()
+    probe.bpf = bpf
+    probe._attach_irq()
+    assert bpf.order == [
+        (b"softirq_exit", b"km_irq_exit"),
+        (b"irq_handler_exit", b"km_irq_exit"),
+        (b"softirq_entry", b"km_irq_enter"),
+        (b"irq_handler_entry", b"km_irq_enter"),
+    ]
+
+
+def test_an_interrupt_program_that_cannot_attach_fails_the_probe_with_nothing_left_attached() -> None:
+    probe = KmallocProbe()
+    probe._irq_tracepoints = [(b"softirq_entry", b"softirq_exit")]
+    bpf = _AttachRecorder(refuse=b"softirq_entry")
+    probe.bpf = bpf
+    with pytest.raises(MemtopError, match="kmalloc probe failed to attach: Failed to attach"):
+        probe._attach_irq()
+    assert bpf.raw_tracepoint_fds == {} and bpf.cleaned and probe.bpf is None
+    assert probe.status.status == "error"

@@ -37,14 +37,8 @@
 #ifndef TAIL_MAX_PER_SEC
 #define TAIL_MAX_PER_SEC 200  // per CPU: a tail is read by a human; the rest is counted, not sent
 #endif
-#ifndef HAVE_SOFTIRQ_TP
-#define HAVE_SOFTIRQ_TP 1
-#endif
 #ifndef HAVE_EXEC_TP
 #define HAVE_EXEC_TP 1
-#endif
-#ifndef HAVE_HARDIRQ_TP
-#define HAVE_HARDIRQ_TP 1
 #endif
 #ifndef TRACK_V1_MEMCG
 #define TRACK_V1_MEMCG 0  // 1: follow each task's cgroup v1 memory cgroup (see memcg_of)
@@ -67,9 +61,6 @@
 #ifndef RAW_KMALLOC
 #define RAW_KMALLOC 1
 #endif
-#ifndef RAW_IRQ
-#define RAW_IRQ 1
-#endif
 #ifndef WITH_LEAKS
 #define WITH_LEAKS 0
 #endif
@@ -80,6 +71,13 @@
 #define SLOT_TAKE_AFTER 16  // a slot changes hands after this many kmallocs there by others, none by its own
 #endif
 
+#if WITH_LEAKS && CPU_SLOT
+// The leak sampling's per-CPU countdown lives in this CPU's km_slot_t (below), beside the interrupt depth
+// and the slot that every kmalloc touches anyway: one per-CPU value's cache lines instead of three maps'.
+struct sample_gap_t;
+static __always_inline struct sample_gap_t *km_sample_gap(void);
+#define LEAK_SAMPLE_GAP() km_sample_gap()
+#endif
 #if WITH_LEAKS
 #include "leaks_kernel.h"
 #endif
@@ -177,7 +175,6 @@ static __always_inline struct pid_key key_of(u32 tgid) {
     return key;
 }
 BPF_PERCPU_ARRAY(km_counters, u64, KM_N_COUNTERS);
-BPF_PERCPU_ARRAY(irq_depth, u32, 1);
 BPF_ARRAY(focus, struct focus_cfg, 1);
 BPF_PERCPU_HASH(focus_sites, u64, struct site_stats, MAX_CALL_SITES);
 BPF_PERCPU_ARRAY(focus_sizes, u64, SIZE_BUCKETS);
@@ -217,39 +214,80 @@ static __always_inline void km_add(int idx, u64 n) {
         *c += n;
 }
 
-static __always_inline void irq_enter(void) {
+#if CPU_SLOT
+// Each CPU's run of kmallocs by one process: counted here, in a per-CPU array (as a minimal counter counts),
+// and added to the process's pid_stats entry when another process kmallocs on that CPU, or when user
+// space runs km_flush on the CPU before it reads pid_stats (each tick, BPF_PROG_TEST_RUN on each CPU):
+// every count is in exactly one of the two places, and a read after the flush sees them all.
+// `busy` is set while a program changes the slot; the one program that can run in the middle of
+// another's change on the same CPU (km_flush from an IPI, or a kmalloc in an interrupt during
+// km_flush) leaves the slot alone then. A kmalloc program cannot interrupt a kmalloc program (the
+// kernel's per-program recursion guard).
+// The same per-CPU value holds what else every kmalloc reads or writes on its CPU: the interrupt depth
+// (irq_depth) and, with the leak tracking, its sampling countdown (gap). Each program writes only its own
+// fields, never the whole value, and user space only reads it.
+struct km_slot_t {
+    u32 busy;
+    u32 misses;  // kmallocs by other processes since the slot's process last kmalloc'd on this CPU
+    struct pid_key key;
+    u64 calls;  // 0: empty
+    u64 bytes_alloc;
+    u64 bytes_req;
+    u32 irq_depth;  // see irq_enter
+    u32 pad;
+#if WITH_LEAKS
+    struct sample_gap_t gap;
+#endif
+};
+BPF_PERCPU_ARRAY(km_slot, struct km_slot_t, 1);
+
+#if WITH_LEAKS
+static __always_inline struct sample_gap_t *km_sample_gap(void) {
     int zero = 0;
-    u32 *depth = irq_depth.lookup(&zero);
+    struct km_slot_t *slot = km_slot.lookup(&zero);
+    return slot ? &slot->gap : 0;
+}
+#endif
+
+static __always_inline u32 *irq_depth_here(void) {
+    int zero = 0;
+    struct km_slot_t *slot = km_slot.lookup(&zero);
+    return slot ? &slot->irq_depth : 0;
+}
+#else
+BPF_PERCPU_ARRAY(irq_depth, u32, 1);
+
+static __always_inline u32 *irq_depth_here(void) {
+    int zero = 0;
+    return irq_depth.lookup(&zero);
+}
+#endif
+
+// The interrupt depth: irq:softirq_entry / irq:irq_handler_entry raise it, the exits lower it. User space
+// attaches these programs, every exit before any entry: an exit whose entry came before the attach
+// saturates at 0, and every entry seen has its exit seen, so no depth is left raised by the attach.
+static __always_inline void irq_enter(void) {
+    u32 *depth = irq_depth_here();
     if (depth)
         (*depth)++;
 }
 
 static __always_inline void irq_leave(void) {
-    int zero = 0;
-    u32 *depth = irq_depth.lookup(&zero);
+    u32 *depth = irq_depth_here();
     if (depth && *depth)  // saturate: we may have attached between an entry and its exit
         (*depth)--;
 }
 
-#if RAW_IRQ
-#if HAVE_SOFTIRQ_TP
-RAW_TRACEPOINT_PROBE(softirq_entry) { irq_enter(); return 0; }
-RAW_TRACEPOINT_PROBE(softirq_exit) { irq_leave(); return 0; }
-#endif
-#if HAVE_HARDIRQ_TP
-RAW_TRACEPOINT_PROBE(irq_handler_entry) { irq_enter(); return 0; }
-RAW_TRACEPOINT_PROBE(irq_handler_exit) { irq_leave(); return 0; }
-#endif
-#else
-#if HAVE_SOFTIRQ_TP
-TRACEPOINT_PROBE(irq, softirq_entry) { irq_enter(); return 0; }
-TRACEPOINT_PROBE(irq, softirq_exit) { irq_leave(); return 0; }
-#endif
-#if HAVE_HARDIRQ_TP
-TRACEPOINT_PROBE(irq, irq_handler_entry) { irq_enter(); return 0; }
-TRACEPOINT_PROBE(irq, irq_handler_exit) { irq_leave(); return 0; }
-#endif
-#endif
+// Raw tracepoints (nothing of the record is read); attached by user space (irq_enter's order).
+int km_irq_enter(struct bpf_raw_tracepoint_args *ctx) {
+    irq_enter();
+    return 0;
+}
+
+int km_irq_exit(struct bpf_raw_tracepoint_args *ctx) {
+    irq_leave();
+    return 0;
+}
 
 #if TRACK_V1_MEMCG
 // cgroup v1 has no helper that tells the current task's memory cgroup (bpf_get_current_cgroup_id() is
@@ -351,24 +389,6 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 #endif
 
 #if CPU_SLOT
-// Each CPU's run of kmallocs by one process: counted here, in a per-CPU array (as a minimal counter counts),
-// and added to the process's pid_stats entry when another process kmallocs on that CPU, or when user
-// space runs km_flush on the CPU before it reads pid_stats (each tick, BPF_PROG_TEST_RUN on each CPU):
-// every count is in exactly one of the two places, and a read after the flush sees them all.
-// `busy` is set while a program changes the slot; the one program that can run in the middle of
-// another's change on the same CPU (km_flush from an IPI, or a kmalloc in an interrupt during
-// km_flush) leaves the slot alone then. A kmalloc program cannot interrupt a kmalloc program (the
-// kernel's per-program recursion guard).
-struct km_slot_t {
-    u32 busy;
-    u32 misses;  // kmallocs by other processes since the slot's process last kmalloc'd on this CPU
-    struct pid_key key;
-    u64 calls;  // 0: empty
-    u64 bytes_alloc;
-    u64 bytes_req;
-};
-BPF_PERCPU_ARRAY(km_slot, struct km_slot_t, 1);
-
 #define km_barrier() asm volatile("" ::: "memory")
 
 // Move the slot's counts to its process's entry (this CPU's share of it). `atomic` in km_flush: a kmalloc in
@@ -423,7 +443,12 @@ static __always_inline u32 log2_bucket(u64 v) {
 static __always_inline void on_kmalloc(void *ctx, u64 call_site, u64 ptr, u64 bytes_req, u64 bytes_alloc,
                                        u64 gfp_flags, s32 node) {
     int zero = 0;
+#if CPU_SLOT
+    struct km_slot_t *slot = km_slot.lookup(&zero);
+    u32 *depth = slot ? &slot->irq_depth : 0;
+#else
     u32 *depth = irq_depth.lookup(&zero);
+#endif
     u32 tgid;
     if (depth && *depth) {
         tgid = IRQ_TGID;
@@ -484,11 +509,9 @@ counters:;
 
     struct pid_key key = {.tgid = tgid, .gen = 0};
 #if CPU_SLOT
-    struct km_slot_t *slot = 0;
     int take = 0;
     if (tgid != IRQ_TGID) {
         key = key_of(tgid);
-        slot = km_slot.lookup(&zero);
         // The fast path: this CPU's last kmalloc was this process's too (a task makes its kmallocs in
         // runs: a syscall, a time slice), so the counts go to a per-CPU array, not the per-CPU hash.
         // busy around every change, this one too: the adds are loads and stores, and km_flush from an IPI

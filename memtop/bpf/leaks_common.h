@@ -7,8 +7,9 @@
 // (bound of `comms`), N_COUNTERS, and LEAK_STACK_FLAGS (0: kernel stacks; BPF_F_USER_STACK: user stacks).
 // Optional hooks (leaks_kernel.h uses them; empty by default): LEAK_MAY_BE_TRACKED(key) (0: `key` is
 // certainly not in `allocs`, skip the lookup), LEAK_TRACKED(key) / LEAK_UNTRACKED(key) after an entry is
-// added / deleted, and LEAK_RESOLVE(ctx, key, &size, &source) (run only for an allocation the sampling
-// chose: may fill in its size and source; 0 leaves it untracked, and the hook counts why).
+// added / deleted, LEAK_RESOLVE(ctx, key, &size, &source) (run only for an allocation the sampling
+// chose: may fill in its size and source; 0 leaves it untracked, and the hook counts why), and
+// LEAK_SAMPLE_GAP() (this CPU's struct sample_gap_t; by default in its own per-CPU array, sample_gap).
 #ifndef LEAK_MAY_BE_TRACKED
 #define LEAK_MAY_BE_TRACKED(key) 1
 #endif
@@ -99,7 +100,15 @@ struct sample_gap_t {
                       // (at 1 in 1 the gap is not looked up); here, every allocation touches one per-CPU
                       // value, not two
 };
+#ifndef LEAK_SAMPLE_GAP
 BPF_PERCPU_ARRAY(sample_gap, struct sample_gap_t, 1);
+
+static __always_inline struct sample_gap_t *sample_gap_here(void) {
+    int zero = 0;
+    return sample_gap.lookup(&zero);
+}
+#define LEAK_SAMPLE_GAP() sample_gap_here()
+#endif
 
 static __always_inline u32 draw_gap(u32 every) {
     return 1 + (u32)(bpf_get_prandom_u32() % (2ULL * every - 1));
@@ -112,8 +121,7 @@ static __always_inline u32 sample_weight(u32 every) {
         count(CTR_ALLOC_EVENTS);
         return 1;
     }
-    int zero = 0;
-    struct sample_gap_t *g = sample_gap.lookup(&zero);
+    struct sample_gap_t *g = LEAK_SAMPLE_GAP();
     if (!g) {
         count(CTR_ALLOC_EVENTS);
         return bpf_get_prandom_u32() % every == 0 ? every : 0;

@@ -28,7 +28,15 @@ from memtop.model import (
     RetiredCounters,
     TailEvent,
 )
-from memtop.probes.base import Probe, int_cflag, map_items, raw_args_match, run_on_cpu
+from memtop.probes.base import (
+    Probe,
+    ProbeStatus,
+    _one_line,
+    int_cflag,
+    map_items,
+    raw_args_match,
+    run_on_cpu,
+)
 
 SIZE_BUCKETS = 64
 (
@@ -151,6 +159,7 @@ class KmallocProbe(Probe):
         self._symbols: dict[int, str] = {}
         self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
         self.irq_tracking = ""
+        self._irq_tracepoints: list[tuple[bytes, bytes]] = []  # (entry, exit) pairs, set with the cflags
         self._identities_read: dict[int, KernelIdentity] = {}  # tgid -> its identity at the last read
         self._exit_tp = False  # sched:sched_process_exit followed (set with the cflags)
         # (tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), as proc_comms held them when
@@ -173,17 +182,18 @@ class KmallocProbe(Probe):
         self.irq_tracking = (
             "+".join(n for n, ok in (("softirq", softirq), ("hardirq", hardirq)) if ok) or "none"
         )
+        self._irq_tracepoints = [
+            *([(b"softirq_entry", b"softirq_exit")] if softirq else []),
+            *([(b"irq_handler_entry", b"irq_handler_exit")] if hardirq else []),
+        ]
         self._exit_tp = tracefs.tracepoint_exists("sched", "sched_process_exit")
         return [
             int_cflag("SAMPLE_EVERY", self.sample_every, 1, MAX_SAMPLE_EVERY),
             int_cflag("MAX_PIDS", self.max_pids, 64, 1 << 20),
-            int_cflag("HAVE_SOFTIRQ_TP", int(softirq), 0, 1),
-            int_cflag("HAVE_HARDIRQ_TP", int(hardirq), 0, 1),
             int_cflag("HAVE_EXEC_TP", int(tracefs.tracepoint_exists("sched", "sched_process_exec")), 0, 1),
             int_cflag("TRACK_V1_MEMCG", int(self._track_memcg()), 0, 1),
             int_cflag("V1_MEMCG_HIERARCHY", self.memcg_hierarchy, 0, 1 << 30),
             int_cflag("RAW_KMALLOC", int(self.raw), 0, 1),
-            int_cflag("RAW_IRQ", 1, 0, 1),
             int_cflag("HAVE_NEWTASK_TP", int(tracefs.tracepoint_exists("task", "task_newtask")), 0, 1),
             int_cflag("HAVE_EXIT_TP", int(self._exit_tp), 0, 1),
             int_cflag("CPU_SLOT", int(self.cpu_slot), 0, 1),
@@ -218,7 +228,6 @@ class KmallocProbe(Probe):
             self._restart_without_slot()
         if self._with_leaks and self.leaks is not None:
             self.leaks.adopt(self.bpf)
-        self._reset_irq_depth()
         if self._track_memcg():
             self._seed_memcg()
         self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
@@ -229,11 +238,29 @@ class KmallocProbe(Probe):
         if self._with_leaks and self.leaks is not None:
             try:
                 super().start()
-                return
             except MemtopError as exc:
                 self.leaks.embed_error = str(exc)
                 self._with_leaks = False
-        super().start()
+        if not self._with_leaks:
+            super().start()
+        self._attach_irq()
+
+    def _attach_irq(self) -> None:
+        """Attach the interrupt depth's programs (kmalloc.c's km_irq_enter / km_irq_exit), every exit before
+        any entry: an interrupt that began before its entry's program was attached then never leaves its
+        CPU's depth raised (its exit saturates at 0), so no reset is needed after the attach."""
+        try:
+            for _entry, exit_tp in self._irq_tracepoints:
+                self.bpf.attach_raw_tracepoint(tp=exit_tp, fn_name=b"km_irq_exit")
+            for entry_tp, _exit in self._irq_tracepoints:
+                self.bpf.attach_raw_tracepoint(tp=entry_tp, fn_name=b"km_irq_enter")
+        except Exception as exc:  # BCC raises bare Exception
+            from memtop.probes.detach import detach_all
+
+            bpf, self.bpf = self.bpf, None
+            detach_all([bpf])
+            self.status = ProbeStatus("error", _one_line(exc))
+            raise MemtopError(f"{self.name} probe failed to attach: {_one_line(exc)}") from None
 
     def _start_flush(self) -> bool:
         """Load km_flush and run it once on each CPU this process may run on; False (and the reason kept) if
@@ -288,16 +315,6 @@ class KmallocProbe(Probe):
         if not complete:
             self.flushes_deferred += 1
         return complete
-
-    def _reset_irq_depth(self) -> None:
-        """Zero the per-CPU interrupt depth now that every program is attached.
-
-        BCC attaches each *_entry program before its *_exit: an interrupt that began and ended in that gap
-        left its CPU's depth at 1, charging every later kmalloc there to [irq]. After this reset an exit
-        can only follow its own entry; one of a handler already running saturates at 0.
-        """
-        depth = self.bpf[b"irq_depth"]
-        depth[depth.Key(0)] = depth.Leaf()
 
     def _seed_memcg(self) -> None:
         """Enter the processes that were running before the attach: their memory cgroup from /proc.

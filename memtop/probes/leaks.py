@@ -212,8 +212,17 @@ class _LeakProbe(Probe):
         table = self.bpf[b"counters"]
         counters = {name: sum(table.getvalue(i)) for i, name in enumerate(self.counter_names)}
         # Most allocations are counted in the sampling countdown's per-CPU value (see sample_gap_t).
-        counters["alloc_events"] += sum(gap.allocations for gap in self.bpf[b"sample_gap"].getvalue(0))
+        counters["alloc_events"] += self._gap_allocations()
         return counters
+
+    def _gap_allocations(self) -> int:
+        """Allocations counted in the sampling countdowns: in their own per-CPU array (sample_gap) or, when
+        compiled into the kmalloc probe with its per-CPU slots, in each CPU's km_slot (LEAK_SAMPLE_GAP)."""
+        try:
+            table = self.bpf[b"sample_gap"]
+        except KeyError:
+            return sum(slot.gap.allocations for slot in self.bpf[b"km_slot"].getvalue(0))
+        return sum(gap.allocations for gap in table.getvalue(0))
 
     def _aggregates(self) -> dict[bytes, tuple[int, int]]:
         """Summed (bytes, allocations) per raw agg_key."""
