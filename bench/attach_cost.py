@@ -64,6 +64,7 @@ from harness import (
     num,
     panel_probes,
     positive_float,
+    settle_kernel_leaks,
 )
 
 LOOP_C = r"""
@@ -285,40 +286,13 @@ def load_sets(bcc: Any, per_program: bool = False) -> tuple[dict[str, Switch], l
 
 def settle_leaks(panels: Switch, probes: list[Any], limit_s: float = 30.0) -> tuple[int, int]:
     """Every panel on, with the loop running, until the kernel leak probe is in its steady state, then held
-    there: returns (learning windows since the probe started, the 1-in-N it settled at). Runs before the
-    reader thread starts: this thread reads every probe once a second meanwhile, as the app's tick does.
-
-    - The slab caches' sizes: it learns them with a classic program that it attaches for a window while a
-      sampled allocation's cache is unknown; here it learns the loop's caches, then no new window may start
-      (hold_learning: a window would put the classic program in every set's slices alike).
-    - Its adaptive 1-in-N follows the allocation rate it counts. Attached only in one slice of every
-      rotation, it would count a tenth of the loop's rate and track ten times as many allocations (each a
-      stack walk) as it does while it stays attached, as it does for a user. So the N it settles at here,
-      attached all along, is fixed for the rotations."""
-    learners = [p for p in probes if hasattr(p, "end_learning")]
+    there (harness.settle_kernel_leaks): returns (learning windows since the probe started, the 1-in-N it
+    settled at). Runs before the reader thread starts."""
     panels.on()
     try:
-        deadline = time.monotonic() + limit_s
-        rates: list[tuple[int, ...]] = []
-        while time.monotonic() < deadline:
-            time.sleep(1.0)
-            for probe in probes:
-                if probe.running:
-                    probe.read()
-            rates.append(tuple(p.sample_rate for p in learners))
-            settled = len(rates) >= 5 and len(set(rates[-3:])) == 1
-            if settled and not any(p.learning for p in learners):
-                break
-        else:
-            log(f"kernel leaks: not settled after {limit_s:g} s (1 in N: {rates[-3:]}); holding it as it is")
+        return settle_kernel_leaks(probes, limit_s)
     finally:
         panels.off()
-    for probe in learners:
-        probe.hold_learning = True
-        probe.end_learning()
-        probe.sampler = None  # the N it settled at, fixed
-    rate = max((p.sample_rate for p in learners), default=0)
-    return sum(p.learning_windows for p in learners), rate
 
 
 def close_all(things: list[Any]) -> None:

@@ -19,7 +19,7 @@ The scripts in bench/ import it as a sibling module (`import harness`); it impor
   skew every mode; `retry_while_foreign(run_once, attempts)` reruns a run that saw some.
 - `PeriodicReader(probe)`: calls probe.read() every second on a thread, as the app's collector does;
   `AllReader(probes)` reads each running probe of a list so; `panel_probes()`: every panel's probes, as
-  LiveSource builds them.
+  LiveSource builds them; `settle_kernel_leaks(probes)` holds their kernel leak probe in its steady state.
 - `markdown_table(columns, rows)`, `num(value, fmt)`, `machine()`, `machine_line(info)`, `log(message)`.
 - `check_unloaded(ids)`: raises when any of a run's program ids is still loaded.
 """
@@ -464,6 +464,39 @@ def panel_probes() -> list[Any]:
         import_memtop("probes.tcp", "TcpProbe")(),
         leaks,
     ]
+
+
+def settle_kernel_leaks(probes: list[Any], limit_s: float = 30.0) -> tuple[int, int]:
+    """With every panel attached and the workload running, read the probes once a second (as the app's
+    tick does) until the kernel leak probe is in its steady state, then hold it there; returns (learning
+    windows since the probe started, the 1-in-N it settled at). Call it before any reader thread starts.
+
+    - The slab caches' sizes: it learns them with a classic program that it attaches for a window while a
+      sampled allocation's cache is unknown; here it learns the workload's caches, then no new window may
+      start (hold_learning: a window would put the classic program in the measurement).
+    - Its adaptive 1-in-N follows the allocation rate it counts; the N it settles at while attached all
+      along, as it is for a user, is fixed from then on (a benchmark that attaches it only part of the
+      time would otherwise see it track more allocations than it does for a user)."""
+    learners = [p for p in probes if hasattr(p, "end_learning")]
+    deadline = time.monotonic() + limit_s
+    rates: list[tuple[int, ...]] = []
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        for probe in probes:
+            if probe.running:
+                probe.read()
+        rates.append(tuple(p.sample_rate for p in learners))
+        settled = len(rates) >= 5 and len(set(rates[-3:])) == 1
+        if settled and not any(p.learning for p in learners):
+            break
+    else:
+        log(f"kernel leaks: not settled after {limit_s:g} s (1 in N: {rates[-3:]}); holding it as it is")
+    for probe in learners:
+        probe.hold_learning = True
+        probe.end_learning()
+        probe.sampler = None  # the N it settled at, fixed
+    rate = max((p.sample_rate for p in learners), default=0)
+    return sum(p.learning_windows for p in learners), rate
 
 
 class AllReader(PeriodicReader):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Test-only dependencies of the metrics tests: Debian's `prometheus` package (the prometheus server, which
 # the engine test starts on 127.0.0.1 in a temp dir, and promtool, which lints the exposition and checks the
-# alert rules and dashboard queries), and debootstrap (the image test builds its Debian base with it).
+# alert rules and dashboard queries), debootstrap (the image test builds its Debian base with it), and perf
+# (bench/profile_programs.py's smoke test samples a CPU with it: Debian's linux-perf, Ubuntu's linux-tools).
 # `make run` never calls this; the test path does.
 #
 # It never leaves a system-wide Prometheus running: the package's service is kept from starting while it
@@ -11,8 +12,10 @@ set -euo pipefail
 
 say() { printf 'test-deps: %s\n' "$*"; }
 
-if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v debootstrap >/dev/null; then
-    say "already installed: prometheus, promtool ($(prometheus --version 2>&1 | head -n 1 | cut -d' ' -f3)), debootstrap"
+if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v debootstrap >/dev/null &&
+    command -v perf >/dev/null; then
+    say "already installed: prometheus, promtool ($(prometheus --version 2>&1 | head -n 1 | cut -d' ' -f3))," \
+        "debootstrap, perf"
     exit 0
 fi
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -31,9 +34,13 @@ cleanup() { if ((made_policy)); then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
-say "apt: installing prometheus (server and promtool; its service kept stopped) and debootstrap"
+say "apt: installing prometheus (server and promtool; its service kept stopped), debootstrap and perf"
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends prometheus debootstrap >/dev/null
+perf_pkgs=(linux-perf)
+if ! apt-cache show linux-perf >/dev/null 2>&1; then
+    perf_pkgs=(linux-tools-common "linux-tools-$(uname -r)")  # Ubuntu
+fi
+apt-get install -y -qq --no-install-recommends prometheus debootstrap "${perf_pkgs[@]}" >/dev/null
 
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then
     systemctl disable --now prometheus.service >/dev/null 2>&1 || true

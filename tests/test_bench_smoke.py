@@ -215,3 +215,35 @@ def test_alloc_stats_samples_both_allocators(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("MEMTOP_ALLOC_STATS")
     monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "memtop"])
     assert not stats._wanted()
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(120)
+def test_profile_programs_splits_the_loops_cpu_into_programs_dispatch_and_the_rest(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        _cannot_run("not running as root")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("profile_programs.py needs two CPUs")
+    if shutil.which("perf") is None:
+        _cannot_run("perf is not installed (setup installs linux-perf)")
+    result_json = tmp_path / "profile.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.with_name("profile_programs.py")), "--rounds", "1", "--seconds", "1"]
+        + ["--json", str(result_json)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(result_json.read_text())
+    windows = {w["name"]: w for w in doc["windows"]}
+    assert set(windows) == {"untraced", "minimal counter", "every panel"}
+    assert all(w["iterations"] > 0 and sum(w["symbols"].values()) > 0 for w in windows.values())
+    panels = windows["every panel"]["symbols"]
+    # Samples in the JIT images of every panel's four programs on the loop's path, and in their dispatch.
+    for program in ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free"):
+        assert any(s.endswith(f"_raw_tracepoint__{program}") for s in panels), program
+    assert any(s.startswith("bpf_trace_run") for s in panels)
+    assert not any(s.startswith("bpf_prog_") for s in windows["untraced"]["symbols"])
+    assert _table_cell(proc.stdout, "program: kmalloc", "every panel, %") not in ("–", "0.0")
+    assert "remain loaded" in proc.stdout
