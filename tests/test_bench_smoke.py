@@ -244,6 +244,8 @@ def test_profile_programs_splits_the_loops_cpu_into_programs_dispatch_and_the_re
     for program in ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free"):
         assert any(s.endswith(f"_raw_tracepoint__{program}") for s in panels), program
     assert any(s.startswith("bpf_trace_run") for s in panels)
-    assert not any(s.startswith("bpf_prog_") for s in windows["untraced"]["symbols"])
+    # Untraced: none of them (memtop's programs off the loop's path, on interrupts, stay attached).
+    hot = {f"_raw_tracepoint__{p}" for p in ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free")}
+    assert not any(s.startswith("bpf_prog_") and s[25:] in hot for s in windows["untraced"]["symbols"])
     assert _table_cell(proc.stdout, "program: kmalloc", "every panel, %") not in ("–", "0.0")
     assert "remain loaded" in proc.stdout

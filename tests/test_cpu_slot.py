@@ -166,23 +166,25 @@ def test_the_interrupt_depth_programs_attach_every_exit_before_any_entry() -> No
     charged to [irq]); an exit first only saturates at 0. No reset of the depth follows the attach."""
     probe = KmallocProbe()
     probe._irq_tracepoints = [
-        (b"softirq_entry", b"softirq_exit"),
-        (b"irq_handler_entry", b"irq_handler_exit"),
+        (b"softirq", b"softirq_entry", b"softirq_exit"),
+        (b"hardirq", b"irq_handler_entry", b"irq_handler_exit"),
     ]
     bpf = _AttachRecorder()
     probe.bpf = bpf
     probe._attach_irq()
+    # One program per tracepoint: a hardirq during a softirq's exit program must not find its own exit
+    # program already running (the kernel would skip it, and the depth would stay raised).
     assert bpf.order == [
-        (b"softirq_exit", b"km_irq_exit"),
-        (b"irq_handler_exit", b"km_irq_exit"),
-        (b"softirq_entry", b"km_irq_enter"),
-        (b"irq_handler_entry", b"km_irq_enter"),
+        (b"softirq_exit", b"km_softirq_exit"),
+        (b"irq_handler_exit", b"km_hardirq_exit"),
+        (b"softirq_entry", b"km_softirq_enter"),
+        (b"irq_handler_entry", b"km_hardirq_enter"),
     ]
 
 
 def test_an_interrupt_program_that_cannot_attach_fails_the_probe_with_nothing_left_attached() -> None:
     probe = KmallocProbe()
-    probe._irq_tracepoints = [(b"softirq_entry", b"softirq_exit")]
+    probe._irq_tracepoints = [(b"softirq", b"softirq_entry", b"softirq_exit")]
     bpf = _AttachRecorder(refuse=b"softirq_entry")
     probe.bpf = bpf
     with pytest.raises(MemtopError, match="kmalloc probe failed to attach: Failed to attach"):

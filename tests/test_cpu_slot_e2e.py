@@ -254,3 +254,27 @@ def test_without_slots_the_leak_part_stays_compiled_in_and_attached_once(
     finally:
         kmalloc.close()
         leaks.close()
+
+
+def test_each_interrupt_tracepoint_runs_a_program_of_its_own() -> None:
+    """The kernel skips a program that interrupts a running copy of itself: one program shared by softirq_exit
+    and irq_handler_exit would lose the exit of a hardirq that came during a softirq's exit, and leave the
+    CPU's depth raised (every later kmalloc there charged to [irq])."""
+    from memtop.probes.base import _prog_info
+
+    probe = KmallocProbe()
+    probe.start()
+    try:
+        attached = {tp.decode() for tp in probe.bpf.raw_tracepoint_fds}
+        irq = [f"km_{kind}_{end}" for kind in ("softirq", "hardirq") for end in ("enter", "exit")]
+        ids = set()
+        for name in irq:
+            info = _prog_info(probe.bpf.funcs[name.encode()].fd)
+            assert info is not None
+            ids.add(info.id)
+        assert len(ids) == 4
+        assert {"softirq_entry", "softirq_exit", "irq_handler_entry", "irq_handler_exit"} <= attached
+        value = probe.bpf[b"km_slot"].getvalue(0)[0]
+        assert value.irq_depth in (0, 1)  # the depth lives in the slot; at most one interrupt open now
+    finally:
+        probe.close()

@@ -278,13 +278,26 @@ static __always_inline void irq_leave(void) {
         (*depth)--;
 }
 
-// Raw tracepoints (nothing of the record is read); attached by user space (irq_enter's order).
-int km_irq_enter(struct bpf_raw_tracepoint_args *ctx) {
+// Raw tracepoints (nothing of the record is read); attached by user space (irq_enter's order). Four
+// programs, not one per direction: the kernel skips a program that interrupts a running copy of itself
+// (its per-program recursion guard), and a hardirq can come while a softirq's exit or entry program runs:
+// with one shared program, the hardirq's exit (or entry) would be skipped and the depth left off by one.
+int km_softirq_enter(struct bpf_raw_tracepoint_args *ctx) {
     irq_enter();
     return 0;
 }
 
-int km_irq_exit(struct bpf_raw_tracepoint_args *ctx) {
+int km_softirq_exit(struct bpf_raw_tracepoint_args *ctx) {
+    irq_leave();
+    return 0;
+}
+
+int km_hardirq_enter(struct bpf_raw_tracepoint_args *ctx) {
+    irq_enter();
+    return 0;
+}
+
+int km_hardirq_exit(struct bpf_raw_tracepoint_args *ctx) {
     irq_leave();
     return 0;
 }

@@ -159,7 +159,8 @@ class KmallocProbe(Probe):
         self._symbols: dict[int, str] = {}
         self._paths: dict[tuple[int, int], str] = {}  # (cgroup2 id, memcg id) -> path to attribute by
         self.irq_tracking = ""
-        self._irq_tracepoints: list[tuple[bytes, bytes]] = []  # (entry, exit) pairs, set with the cflags
+        # (kind, entry tracepoint, exit tracepoint), set with the cflags: kmalloc.c's km_<kind>_enter/_exit
+        self._irq_tracepoints: list[tuple[bytes, bytes, bytes]] = []
         self._identities_read: dict[int, KernelIdentity] = {}  # tgid -> its identity at the last read
         self._exit_tp = False  # sched:sched_process_exit followed (set with the cflags)
         # (tgid, generation) -> (name, cgroup2 id, memcg id, execs, first_ns), as proc_comms held them when
@@ -183,8 +184,8 @@ class KmallocProbe(Probe):
             "+".join(n for n, ok in (("softirq", softirq), ("hardirq", hardirq)) if ok) or "none"
         )
         self._irq_tracepoints = [
-            *([(b"softirq_entry", b"softirq_exit")] if softirq else []),
-            *([(b"irq_handler_entry", b"irq_handler_exit")] if hardirq else []),
+            *([(b"softirq", b"softirq_entry", b"softirq_exit")] if softirq else []),
+            *([(b"hardirq", b"irq_handler_entry", b"irq_handler_exit")] if hardirq else []),
         ]
         self._exit_tp = tracefs.tracepoint_exists("sched", "sched_process_exit")
         return [
@@ -246,14 +247,15 @@ class KmallocProbe(Probe):
         self._attach_irq()
 
     def _attach_irq(self) -> None:
-        """Attach the interrupt depth's programs (kmalloc.c's km_irq_enter / km_irq_exit), every exit before
-        any entry: an interrupt that began before its entry's program was attached then never leaves its
-        CPU's depth raised (its exit saturates at 0), so no reset is needed after the attach."""
+        """Attach the interrupt depth's programs (kmalloc.c's km_softirq_enter, km_softirq_exit,
+        km_hardirq_enter, km_hardirq_exit), every exit before any entry: an interrupt that began before its
+        entry's program was attached then never leaves its CPU's depth raised (its exit saturates at 0), so
+        no reset is needed after the attach."""
         try:
-            for _entry, exit_tp in self._irq_tracepoints:
-                self.bpf.attach_raw_tracepoint(tp=exit_tp, fn_name=b"km_irq_exit")
-            for entry_tp, _exit in self._irq_tracepoints:
-                self.bpf.attach_raw_tracepoint(tp=entry_tp, fn_name=b"km_irq_enter")
+            for kind, _entry, exit_tp in self._irq_tracepoints:
+                self.bpf.attach_raw_tracepoint(tp=exit_tp, fn_name=b"km_" + kind + b"_exit")
+            for kind, entry_tp, _exit in self._irq_tracepoints:
+                self.bpf.attach_raw_tracepoint(tp=entry_tp, fn_name=b"km_" + kind + b"_enter")
         except Exception as exc:  # BCC raises bare Exception
             from memtop.probes.detach import detach_all
 

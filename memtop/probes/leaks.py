@@ -655,6 +655,8 @@ class KernelLeakProbe(_LeakProbe):
         if self.raw_cache_alloc:
             self._unlearned_seen = 0
             self._learning_closed = False
+            self.caches_learned = 0  # a new object: its cache_info is empty, and no window has waited yet
+            self._learn_gap_s = self._next_window_at = 0.0
             self._start_learning()
             self.status = ProbeStatus("running", self.describe())
 
