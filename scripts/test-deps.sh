@@ -12,8 +12,10 @@ set -euo pipefail
 
 say() { printf 'test-deps: %s\n' "$*"; }
 
-if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v debootstrap >/dev/null &&
-    command -v perf >/dev/null; then
+have_base() { command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v debootstrap >/dev/null; }
+have_perf() { command -v perf >/dev/null && perf version >/dev/null 2>&1; }  # Ubuntu's wrapper alone fails
+
+if have_base && have_perf; then
     say "already installed: prometheus, promtool ($(prometheus --version 2>&1 | head -n 1 | cut -d' ' -f3))," \
         "debootstrap, perf"
     exit 0
@@ -34,18 +36,21 @@ cleanup() { if ((made_policy)); then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
-say "apt: installing prometheus (server and promtool; its service kept stopped), debootstrap and perf"
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends prometheus debootstrap >/dev/null
-# perf on its own: Ubuntu packages it per kernel (none for a mainline or custom one), and only the profile
-# benchmark's smoke test needs it (it fails, under MEMTOP_REQUIRE_BPF=1, when perf is missing).
-perf_pkgs=(linux-perf)
-if ! apt-cache show linux-perf >/dev/null 2>&1; then
-    perf_pkgs=(linux-tools-common "linux-tools-$(uname -r)")  # Ubuntu
+if ! have_base; then
+    say "apt: installing prometheus (server and promtool; its service kept stopped) and debootstrap"
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends prometheus debootstrap >/dev/null
 fi
-if ! command -v perf >/dev/null; then
-    apt-get install -y -qq --no-install-recommends "${perf_pkgs[@]}" >/dev/null ||
-        say "note: perf not installed (apt has no ${perf_pkgs[*]}); the profile benchmark's smoke test will fail"
+# perf on its own and best effort: Ubuntu packages it per kernel (none for a mainline or custom one), and only
+# the profile benchmark's smoke test needs it (under MEMTOP_REQUIRE_BPF=1 it fails when perf cannot run).
+if ! have_perf; then
+    perf_pkgs=(linux-perf)
+    if ! apt-cache show linux-perf >/dev/null 2>&1; then
+        perf_pkgs=(linux-tools-common "linux-tools-$(uname -r)")  # Ubuntu
+    fi
+    say "apt: installing perf (${perf_pkgs[*]})"
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${perf_pkgs[@]}" >/dev/null; } ||
+        say "note: perf not installed; the profile benchmark's smoke test will fail"
 fi
 
 if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null; then

@@ -218,21 +218,21 @@ def test_alloc_stats_samples_both_allocators(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.bpf
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_profile_programs_splits_the_loops_cpu_into_programs_dispatch_and_the_rest(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         _cannot_run("not running as root")
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("profile_programs.py needs two CPUs")
-    if shutil.which("perf") is None:
-        _cannot_run("perf is not installed (setup installs linux-perf)")
+    if shutil.which("perf") is None or subprocess.run(["perf", "version"], capture_output=True).returncode:
+        _cannot_run("perf does not run here (scripts/test-deps.sh installs linux-perf)")
     result_json = tmp_path / "profile.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH.with_name("profile_programs.py")), "--rounds", "1", "--seconds", "1"]
         + ["--json", str(result_json)],
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=190,
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(result_json.read_text())
@@ -246,6 +246,7 @@ def test_profile_programs_splits_the_loops_cpu_into_programs_dispatch_and_the_re
     assert any(s.startswith("bpf_trace_run") for s in panels)
     # Untraced: none of them (memtop's programs off the loop's path, on interrupts, stay attached).
     hot = {f"_raw_tracepoint__{p}" for p in ("kmalloc", "kfree", "kmem_cache_alloc", "kmem_cache_free")}
+    hot.add("_kmem__kmalloc")  # the minimal counter (classic: BCC shortens its name)
     assert not any(s.startswith("bpf_prog_") and s[25:] in hot for s in windows["untraced"]["symbols"])
     assert _table_cell(proc.stdout, "program: kmalloc", "every panel, %") not in ("–", "0.0")
     assert "remain loaded" in proc.stdout

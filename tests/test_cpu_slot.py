@@ -191,3 +191,24 @@ def test_an_interrupt_program_that_cannot_attach_fails_the_probe_with_nothing_le
         probe._attach_irq()
     assert bpf.raw_tracepoint_fds == {} and bpf.cleaned and probe.bpf is None
     assert probe.status.status == "error"
+
+
+def test_a_start_that_fails_after_the_attach_detaches_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever fails after the programs are attached (here the ring buffer), start() closes the probe and
+    says why in one line, never leaving the programs attached."""
+
+    class _Ring:
+        def open_ring_buffer(self, callback: object) -> None:
+            raise Exception("Could not open ring buffer")
+
+    probe = KmallocProbe()
+    probe.cpu_slot = False
+    closed: list[bool] = []
+    monkeypatch.setattr(kmalloc_module.tracefs, "tracepoint_exists", lambda *a: True)
+    monkeypatch.setattr(kmalloc_module.tracefs, "tracepoint_dir", lambda *a: None)
+    monkeypatch.setattr(probe, "_compile", lambda: setattr(probe, "bpf", {b"tail_events": _Ring()}))
+    monkeypatch.setattr(probe, "_track_memcg", lambda: False)
+    monkeypatch.setattr(probe, "close", lambda: closed.append(True))
+    with pytest.raises(MemtopError, match="kmalloc probe failed to start: Could not open ring buffer"):
+        probe.start()
+    assert closed == [True] and probe.status.status == "error"

@@ -155,7 +155,8 @@ def test_the_learner_is_on_for_one_timed_window_and_again_only_for_an_unknown_ca
 
     probe, bpf, _clock = _learning_probe(monkeypatch)
     config = bpf.maps[b"config"]
-    monkeypatch.setattr(probe, "_count_learned", itertools.count().__next__)  # every window learns some
+    new_key = itertools.count()
+    monkeypatch.setattr(probe, "_learned_keys", lambda: {next(new_key)})  # every window learns one more
     probe._start_learning()  # as start() does
     assert probe.learning and bpf.attached == [(b"kmem:kmem_cache_alloc", LEARNER)]
     assert config.value.learning == 1  # the window's number
@@ -296,6 +297,22 @@ def test_windows_that_learn_no_cache_wait_longer_each_time_and_a_full_table_is_r
     assert read()
     window_ends()
     assert "table is full" not in probe.describe()
+    # A window during which a read dropped a stale entry and the learner learned another one learned one.
+    clock[0] += LEARN_GAP_MAX_S  # past the last window's wait
+    assert read()
+    del learned[b"a"]
+    learned[b"c"] = object()
+    window_ends()
+    assert probe._learn_gap_s == 0 and read()
+    window_ends()
     learned.update({i.to_bytes(8, "little"): object() for i in range(MAX_CACHES)})
-    probe._count_learned()
+    probe._learned_keys()
     assert f"table is full at {MAX_CACHES:,} caches" in probe.describe()
+    # A probe started again (a new object) does not inherit the wait, nor the full table.
+    probe._learn_gap_s, probe._next_window_at = LEARN_GAP_MAX_S, clock[0] + LEARN_GAP_MAX_S
+    probe.end_learning(closing=True)
+    learned.clear()
+    monkeypatch.setattr(probe, "_missing", lambda: [])
+    probe._host_bpf = probe.bpf  # started inside the kmalloc probe's object: no compile here
+    probe.start()
+    assert probe.learning and "table is full" not in probe.describe()

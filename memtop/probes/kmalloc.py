@@ -225,13 +225,22 @@ class KmallocProbe(Probe):
         self._boot_offset = time.time() - time.monotonic()
         self._with_leaks = self.leaks is not None and self.leaks.can_embed()
         self._compile()
-        if self.cpu_slot and not self._start_flush():
-            self._restart_without_slot()
-        if self._with_leaks and self.leaks is not None:
-            self.leaks.adopt(self.bpf)
-        if self._track_memcg():
-            self._seed_memcg()
-        self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
+        try:
+            if self.cpu_slot and not self._start_flush():
+                self._restart_without_slot()
+            if self._with_leaks and self.leaks is not None:
+                self.leaks.adopt(self.bpf)
+            if self._track_memcg():
+                self._seed_memcg()
+            self.bpf[b"tail_events"].open_ring_buffer(self._on_tail_event)
+        except BaseException as exc:  # attached by now: a failed start must not leave its programs attached
+            self.close()
+            if not isinstance(exc, Exception):
+                raise
+            self.status = ProbeStatus("error", _one_line(exc))
+            if isinstance(exc, MemtopError):
+                raise
+            raise MemtopError(f"{self.name} probe failed to start: {_one_line(exc)}") from None
 
     def _compile(self) -> None:
         """Compile, load and attach (Probe.start), with the leak part when asked; if that fails, without it

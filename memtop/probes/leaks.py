@@ -565,7 +565,7 @@ class KernelLeakProbe(_LeakProbe):
         # learned no cache, the next one waits _learn_gap_s (2 s, doubling to LEARN_GAP_MAX_S; back to 0
         # after a window that learns one). Its sampled allocations stay counted as cache_unlearned.
         self.caches_learned = 0  # cache_info's entries when last counted (window starts and ends, reads)
-        self._learned_before = 0  # ... when the current window began
+        self._learned_before: set[bytes] = set()  # cache_info's keys when the current window began
         self._learn_gap_s = 0.0
         self._next_window_at = 0.0  # time.monotonic() before which no window begins
         self._host_bpf: Any = None  # the kmalloc probe's object this probe's programs were compiled into
@@ -680,7 +680,7 @@ class KernelLeakProbe(_LeakProbe):
                 return
             if time.monotonic() < max(self._learner_retry_at, self._next_window_at):
                 return
-            self._learned_before = self._count_learned()
+            self._learned_before = self._learned_keys()
             self.learning = True  # first: whatever interrupts what follows, end_learning() tries the detach
             try:
                 self.bpf.attach_tracepoint(tp=b"kmem:kmem_cache_alloc", fn_name=LEARNER)
@@ -714,15 +714,19 @@ class KernelLeakProbe(_LeakProbe):
             with contextlib.suppress(Exception):
                 self._unlearned_seen = max(self._unlearned_seen, self.counters()["cache_unlearned"])
 
-    def _count_learned(self) -> int:
-        """cache_info's entries now (kept in caches_learned); the last count if the map cannot be read."""
-        with contextlib.suppress(Exception):
-            self.caches_learned = len(self._struct_entries(b"cache_info"))
-        return self.caches_learned
+    def _learned_keys(self) -> set[bytes]:
+        """cache_info's keys now (their number kept in caches_learned); none if the map cannot be read."""
+        try:
+            keys = {bytes(key) for key, _info in self._struct_entries(b"cache_info")}
+        except Exception:  # BCC raises bare Exception
+            return set()
+        self.caches_learned = len(keys)
+        return keys
 
     def _after_window(self) -> None:
-        """A window's timer ended it: if it learned no cache, the next one waits (see _learn_gap_s)."""
-        if self._count_learned() > self._learned_before:
+        """A window's timer ended it: if it learned no cache (no key that was not there when it began: a
+        read may drop stale entries meanwhile), the next one waits (see _learn_gap_s)."""
+        if self._learned_keys() - self._learned_before:
             self._learn_gap_s = 0.0
         else:
             self._learn_gap_s = min(max(2 * self._learn_gap_s, LEARN_WINDOW_S), LEARN_GAP_MAX_S)
@@ -768,6 +772,10 @@ class KernelLeakProbe(_LeakProbe):
         checked for being there. Returns how many were dropped."""
         if not slabinfo or not self.raw_cache_alloc or self.bpf is None:
             return 0
+        with self._learn_lock:  # the window's timer reads cache_info too (the same batch buffers)
+            return self._check_learned(slabinfo)
+
+    def _check_learned(self, slabinfo: dict[str, tuple[int, int]]) -> int:
         sizes: dict[int, int | None] = {}  # cache id -> its object size (None: two names share the id)
         for name, (_active, size) in slabinfo.items():
             cid = cache_id(name)
