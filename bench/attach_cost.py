@@ -303,14 +303,43 @@ def close_all(things: list[Any]) -> None:
             thing.cleanup()
 
 
-def measure(args: argparse.Namespace) -> int:
-    bcc = import_memtop("probes.base", "import_bcc")()
-    info = machine()
+def pin_apart() -> tuple[int, int]:
+    """(the loop's CPU, this process's CPU): the last and the first this process may run on, and this
+    process pinned to its own. Call it before any thread starts, so the reader stays off the loop's CPU."""
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise BenchError("needs two CPUs: the loop on one, this process on another")
     loop_cpu, own_cpu = cpus[-1], cpus[0]
-    os.sched_setaffinity(0, {own_cpu})  # before any thread starts: the reader stays off the loop's CPU
+    os.sched_setaffinity(0, {own_cpu})
+    return loop_cpu, own_cpu
+
+
+def start_loop(
+    binary: Path, target: Path, shared: Path, cpu: int, yields: bool = False
+) -> subprocess.Popen[bytes]:
+    """LOOP_C's loop, pinned to `cpu`, publishing to `shared` (yields: after every call)."""
+    return subprocess.Popen(
+        [str(binary), str(target), str(shared), *(["yield"] if yields else [])],
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+
+
+def stop_loops(counters: list[SharedCounter], procs: list[subprocess.Popen[bytes]]) -> None:
+    """Tell the loops to stop (their shared word), and wait for them (killed after 10 s)."""
+    for counter in counters:
+        counter.stop()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def measure(args: argparse.Namespace) -> int:
+    bcc = import_memtop("probes.base", "import_bcc")()
+    info = machine()
+    loop_cpu, own_cpu = pin_apart()
     load_before = load_average()
     all_ids: set[int] = set()
     foreign: list[str] = []
@@ -329,18 +358,8 @@ def measure(args: argparse.Namespace) -> int:
         for name, switch in sets.items():
             results[name].tracepoints = switch.tracepoints
         reader = AllReader(probes)
-        procs = [
-            subprocess.Popen(
-                [
-                    str(binary),
-                    str(target),
-                    str(Path(tmp) / f"shared{i}"),
-                    *(["yield"] if args.switching else []),
-                ],
-                preexec_fn=lambda: os.sched_setaffinity(0, {loop_cpu}),
-            )
-            for i in range(loops)
-        ]
+        shared = [Path(tmp) / f"shared{i}" for i in range(loops)]
+        procs = [start_loop(binary, target, path, loop_cpu, args.switching) for path in shared]
 
         def read_all() -> tuple[int, int]:
             values = [c.read() for c in counters]
@@ -388,14 +407,7 @@ def measure(args: argparse.Namespace) -> int:
             reader.check()
             unlearned = sum(p.counters()["cache_unlearned"] for p in learners) - unlearned_before
         finally:
-            for counter in counters:
-                counter.stop()
-            for proc in procs:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_loops(counters, procs)
             reader.stop()
             close_all(things)
             for counter in counters:

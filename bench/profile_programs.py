@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
 import re
 import shutil
@@ -46,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attach_cost import LOOP_C, SharedCounter, Switch, close_all, prog_ids
+from attach_cost import LOOP_C, SharedCounter, Switch, close_all, pin_apart, prog_ids, start_loop, stop_loops
 from harness import (
     MINIMAL_COUNTER_C,
     AllReader,
@@ -215,11 +214,7 @@ def measure(args: argparse.Namespace) -> int:
         raise BenchError("needs perf (Debian: apt install linux-perf)")
     bcc = import_memtop("probes.base", "import_bcc")()
     info = machine()
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise BenchError("needs two CPUs: the loop on one, this process on another")
-    loop_cpu, own_cpu = cpus[-1], cpus[0]
-    os.sched_setaffinity(0, {own_cpu})
+    loop_cpu, _own_cpu = pin_apart()
     load_before = load_average()
     ids: set[int] = set()
     with tempfile.TemporaryDirectory(prefix="memtop-profile-") as name:
@@ -227,10 +222,7 @@ def measure(args: argparse.Namespace) -> int:
         binary = compile_c(tmp, LOOP_NAME, LOOP_C)
         (tmp / "target").write_bytes(b"")
         counter = SharedCounter(tmp / "shared")
-        loop = subprocess.Popen(
-            [str(binary), str(tmp / "target"), str(tmp / "shared")],
-            preexec_fn=lambda: os.sched_setaffinity(0, {loop_cpu}),
-        )
+        loop = start_loop(binary, tmp / "target", tmp / "shared", loop_cpu)
         probes: list[Any] = []
         things: list[Any] = []  # other BPF objects
         reader: AllReader | None = None
@@ -267,12 +259,7 @@ def measure(args: argparse.Namespace) -> int:
             reader.stop()
             reader.check()
         finally:
-            counter.stop()
-            try:
-                loop.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                loop.kill()
-                loop.wait()
+            stop_loops([counter], [loop])
             if reader is not None:
                 reader.stop()
             close_all([*probes, *things])
