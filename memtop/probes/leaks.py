@@ -16,6 +16,7 @@ import resource
 import struct
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,8 @@ class _LeakProbe(Probe):
         # uses it (those left out) instead of reading the map again.
         self._allocs_read: tuple[bytes, int, list[int]] | None = None  # (records, count, indices retired)
         self._comms: dict[int, str] = {}
+        # Where this object's sampling countdowns are (see _gap_allocations): (the object, map name).
+        self._gap_map: tuple[weakref.ref[Any], bytes] | None = None
 
     def cflags(self) -> list[str]:
         return [
@@ -217,12 +220,19 @@ class _LeakProbe(Probe):
 
     def _gap_allocations(self) -> int:
         """Allocations counted in the sampling countdowns: in their own per-CPU array (sample_gap) or, when
-        compiled into the kmalloc probe with its per-CPU slots, in each CPU's km_slot (LEAK_SAMPLE_GAP)."""
-        try:
-            table = self.bpf[b"sample_gap"]
-        except KeyError:
-            return sum(slot.gap.allocations for slot in self.bpf[b"km_slot"].getvalue(0))
-        return sum(gap.allocations for gap in table.getvalue(0))
+        compiled into the kmalloc probe with its per-CPU slots, in each CPU's km_slot (LEAK_SAMPLE_GAP).
+        Which of the two is decided once per BPF object (this runs every tick)."""
+        if self._gap_map is None or self._gap_map[0]() is not self.bpf:
+            try:
+                self.bpf[b"sample_gap"]
+                name = b"sample_gap"
+            except KeyError:  # BCC's answer for a map the object does not have
+                name = b"km_slot"
+            self._gap_map = (weakref.ref(self.bpf), name)
+        values = self.bpf[self._gap_map[1]].getvalue(0)
+        if self._gap_map[1] == b"km_slot":
+            return sum(slot.gap.allocations for slot in values)
+        return sum(gap.allocations for gap in values)
 
     def _aggregates(self) -> dict[bytes, tuple[int, int]]:
         """Summed (bytes, allocations) per raw agg_key."""
