@@ -182,13 +182,19 @@ def test_the_interrupt_depth_programs_attach_every_exit_before_any_entry() -> No
     ]
 
 
-def test_an_interrupt_program_that_cannot_attach_fails_the_probe_with_nothing_left_attached() -> None:
+def test_an_interrupt_program_that_cannot_attach_fails_the_probe_with_nothing_left_attached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     probe = KmallocProbe()
+    probe.cpu_slot = False
     probe._irq_tracepoints = [(b"softirq", b"softirq_entry", b"softirq_exit")]
     bpf = _AttachRecorder(refuse=b"softirq_entry")
-    probe.bpf = bpf
-    with pytest.raises(MemtopError, match="kmalloc probe failed to attach: Failed to attach"):
-        probe._attach_irq()
+    monkeypatch.setattr(kmalloc_module.tracefs, "tracepoint_exists", lambda *a: True)
+    monkeypatch.setattr(kmalloc_module.tracefs, "tracepoint_dir", lambda *a: None)
+    monkeypatch.setattr(probe, "_compile", lambda: setattr(probe, "bpf", bpf))
+    with pytest.raises(MemtopError, match="kmalloc probe failed to start: Failed to attach"):
+        probe.start()
+    assert bpf.order == [(b"softirq_exit", b"km_softirq_exit")]  # attached, then taken off again
     assert bpf.raw_tracepoint_fds == {} and bpf.cleaned and probe.bpf is None
     assert probe.status.status == "error"
 

@@ -12,7 +12,7 @@
 // the cache pointer, so they are learned per cache pointer from the classic record (see cache_info below).
 //
 // Sampling: stack capture is the expensive part, so only 1 in N allocations is tracked, at random gaps
-// (sample_now in leaks_common.h). N lives in `config` and user space may change it while running (adaptive
+// (sample_weight in leaks_common.h). N lives in `config` and user space may change it while running (adaptive
 // sampling); each tracked allocation remembers the N it was tracked with (its weight), and the
 // aggregates hold weighted bytes and counts, so changing N never corrupts the totals.
 //

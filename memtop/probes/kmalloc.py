@@ -226,6 +226,7 @@ class KmallocProbe(Probe):
         self._with_leaks = self.leaks is not None and self.leaks.can_embed()
         self._compile()
         try:
+            self._attach_irq()
             if self.cpu_slot and not self._start_flush():
                 self._restart_without_slot()
             if self._with_leaks and self.leaks is not None:
@@ -253,25 +254,16 @@ class KmallocProbe(Probe):
                 self._with_leaks = False
         if not self._with_leaks:
             super().start()
-        self._attach_irq()
 
     def _attach_irq(self) -> None:
         """Attach the interrupt depth's programs (kmalloc.c's km_softirq_enter, km_softirq_exit,
         km_hardirq_enter, km_hardirq_exit), every exit before any entry: an interrupt that began before its
         entry's program was attached then never leaves its CPU's depth raised (its exit saturates at 0), so
-        no reset is needed after the attach."""
-        try:
-            for kind, _entry, exit_tp in self._irq_tracepoints:
-                self.bpf.attach_raw_tracepoint(tp=exit_tp, fn_name=b"km_" + kind + b"_exit")
-            for kind, entry_tp, _exit in self._irq_tracepoints:
-                self.bpf.attach_raw_tracepoint(tp=entry_tp, fn_name=b"km_" + kind + b"_enter")
-        except Exception as exc:  # BCC raises bare Exception
-            from memtop.probes.detach import detach_all
-
-            bpf, self.bpf = self.bpf, None
-            detach_all([bpf])
-            self.status = ProbeStatus("error", _one_line(exc))
-            raise MemtopError(f"{self.name} probe failed to attach: {_one_line(exc)}") from None
+        no reset is needed after the attach. A failure is start()'s to clean up."""
+        for kind, _entry, exit_tp in self._irq_tracepoints:
+            self.bpf.attach_raw_tracepoint(tp=exit_tp, fn_name=b"km_" + kind + b"_exit")
+        for kind, entry_tp, _exit in self._irq_tracepoints:
+            self.bpf.attach_raw_tracepoint(tp=entry_tp, fn_name=b"km_" + kind + b"_enter")
 
     def _start_flush(self) -> bool:
         """Load km_flush and run it once on each CPU this process may run on; False (and the reason kept) if
@@ -296,6 +288,7 @@ class KmallocProbe(Probe):
         self.cpu_slot = False
         self._flush_fd = -1
         self._compile()
+        self._attach_irq()
 
     def flush(self) -> bool:
         """Move every CPU's slot into pid_stats: km_flush runs on each CPU whose slot holds counts (one

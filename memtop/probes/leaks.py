@@ -503,7 +503,7 @@ LEARNER = b"kmem_cache_alloc_learner"  # leaks_kernel.h's classic program that l
 LEARN_WINDOW_S = 2.0  # how long the learner stays attached each time
 LEARN_RETRY_S = 30.0  # after the learner failed to attach, how long before it is tried again
 LEARN_GAP_MAX_S = 300.0  # the longest wait after windows that learned nothing (the gap doubles up to it)
-MAX_CACHES = 4096  # leaks_kernel.h's MAX_CACHES: the slab caches cache_info can hold
+MAX_CACHES = 4096  # the slab caches cache_info holds (leaks_kernel.h's MAX_CACHES, set from here)
 
 
 def raw_cache_alloc() -> bool:
@@ -597,6 +597,7 @@ class KernelLeakProbe(_LeakProbe):
                 int_cflag("PTR_OFFSET", fields["ptr"].offset, 0, 4096),
                 int_cflag("BYTES_ALLOC_OFFSET", fields["bytes_alloc"].offset, 0, 4096),
                 int_cflag("CALL_SITE_OFFSET", fields["call_site"].offset, 0, 4096),
+                int_cflag("MAX_CACHES", MAX_CACHES, 1, 1 << 20),
             ]
         return [
             *super().cflags(),
